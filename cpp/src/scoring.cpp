@@ -1,0 +1,131 @@
+// token_scores: argument validation and CPU/CUDA dispatch.
+#include "scrimp/scoring.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "cuda_backend.h"
+#include "scoring_cpu.h"
+#include "scrimp/build_info.h"
+#include "scrimp/error.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace scrimp {
+
+namespace {
+
+bool is_float_logits(DType d) { return d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16; }
+
+void check_logits(const TensorView& t, const char* name) {
+  SCRIMP_CHECK(t.ndim() >= 1, name << ": expected logits of shape [..., V] with at least one dimension, got "
+                                   << describe(t));
+  SCRIMP_CHECK(static_cast<int64_t>(t.strides.size()) == t.ndim(),
+               name << ": strides and shape differ in length");
+  SCRIMP_CHECK_TYPE(is_float_logits(t.dtype),
+                    name << ": expected float32, float16 or bfloat16 logits, got " << describe(t));
+  const int64_t V = t.shape.back();
+  SCRIMP_CHECK(V >= 1, name << ": the vocabulary (last) dimension must be >= 1, got " << describe(t));
+  for (int64_t s : t.shape) SCRIMP_CHECK(s >= 0, name << ": negative dimension in " << describe(t));
+  SCRIMP_CHECK(t.numel() == 0 || t.strides.back() == 1 || V == 1,
+               name << ": the last (vocabulary) dimension must be contiguous (stride 1), got stride "
+                    << t.strides.back());
+  SCRIMP_CHECK(t.numel() == 0 || t.data != nullptr, name << ": null data pointer for " << describe(t));
+}
+
+std::vector<int64_t> leading(const std::vector<int64_t>& v, std::size_t n) {
+  return std::vector<int64_t>(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(n));
+}
+
+}  // namespace
+
+void token_scores(const TokenScoresArgs& args) {
+  const TensorView& s = args.student;
+  check_logits(s, "student_logits");
+  SCRIMP_CHECK(std::isfinite(args.temperature) && args.temperature > 0.0f,
+               "temperature: expected a finite value > 0, got " << args.temperature);
+  const std::size_t lead_ndim = s.shape.size() - 1;
+  const std::vector<int64_t> lead_shape = leading(s.shape, lead_ndim);
+
+  if (args.teacher) {
+    const TensorView& t = *args.teacher;
+    check_logits(t, "teacher_logits");
+    SCRIMP_CHECK(t.shape == s.shape, "teacher_logits: expected the student's shape " << describe(s) << ", got "
+                                                                                    << describe(t));
+    SCRIMP_CHECK_TYPE(t.dtype == s.dtype, "teacher_logits: expected the student's dtype "
+                                              << dtype_name(s.dtype) << ", got " << dtype_name(t.dtype));
+    SCRIMP_CHECK(t.device == s.device, "teacher_logits: expected the student's device "
+                                           << device_name(s.device) << ", got " << device_name(t.device));
+  }
+  SCRIMP_CHECK(!(args.teacher_entropy || args.kl_forward || args.kl_reverse || args.teacher_logprob) || args.teacher,
+               "teacher outputs were requested without teacher_logits");
+  SCRIMP_CHECK(!(args.student_logprob || args.teacher_logprob) || args.targets,
+               "log-probability outputs were requested without targets");
+  if (args.targets) {
+    const TensorView& g = *args.targets;
+    SCRIMP_CHECK_TYPE(g.dtype == DType::Int64, "targets: expected int64, got " << describe(g));
+    SCRIMP_CHECK(g.shape == lead_shape, "targets: expected the logits' leading shape (logits "
+                                            << describe(s) << "), got " << describe(g));
+    SCRIMP_CHECK(g.device == s.device, "targets: expected device " << device_name(s.device) << ", got "
+                                                                   << device_name(g.device));
+    SCRIMP_CHECK(g.numel() == 0 || g.data != nullptr, "targets: null data pointer");
+  }
+
+  const int64_t rows = s.numel() / (s.shape.back() > 0 ? s.shape.back() : 1);
+  if (s.numel() == 0 || rows == 0) return;
+
+  if (s.device.type == DeviceType::CUDA) {
+#if defined(SCRIMP_WITH_CUDA)
+    cuda::token_scores(args);
+    return;
+#else
+    SCRIMP_FAIL("student_logits is on " << device_name(s.device)
+                                        << " but this build of scrimp has no CUDA backend (rebuild with nvcc and "
+                                           "SCRIMP_CUDA=AUTO or ON)");
+#endif
+  }
+
+  cpu::ScoreRowsJob job;
+  job.args = &args;
+  job.rows = rows;
+  job.vocab = s.shape.back();
+  job.inv_temperature = 1.0f / args.temperature;
+  job.lead_shape = lead_shape;
+  job.student_strides = leading(s.strides, lead_ndim);
+  if (args.teacher) job.teacher_strides = leading(args.teacher->strides, lead_ndim);
+  if (args.targets) {
+    job.target_strides = args.targets->strides;
+    // The CPU can check targets without a device sync, so out-of-range is an error, not a NaN.
+    const int64_t* tg = static_cast<const int64_t*>(args.targets->data);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t v = tg[job.offset(r, job.target_strides)];
+      SCRIMP_CHECK(v >= 0 && v < job.vocab,
+                   "targets: expected values in [0, " << job.vocab << "), got " << v << " at flat index " << r);
+    }
+  }
+
+  void (*kernel)(const cpu::ScoreRowsJob&, int64_t, int64_t) = cpu::score_rows_generic;
+#if defined(SCRIMP_X86_SIMD)
+  const char* level = cpu_simd_level();
+  if (std::strcmp(level, "avx512") == 0) kernel = cpu::score_rows_avx512;
+  else if (std::strcmp(level, "avx2") == 0) kernel = cpu::score_rows_avx2;
+#endif
+
+#ifdef _OPENMP
+  // Contiguous row ranges per thread; one row is already ~V/16 vector iterations of work.
+#pragma omp parallel if (rows > 1)
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t id = omp_get_thread_num();
+    const int64_t begin = rows * id / nt;
+    const int64_t end = rows * (id + 1) / nt;
+    if (begin < end) kernel(job, begin, end);
+  }
+#else
+  kernel(job, 0, rows);
+#endif
+}
+
+}  // namespace scrimp

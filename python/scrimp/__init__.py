@@ -1,0 +1,30 @@
+"""scrimp: cheaper LLM pipelines without making them worse.
+
+One C++/CUDA core (``scrimp._C``) with a slim Python layer:
+
+- :func:`token_scores` - fused per-token entropy / KL / log-prob scoring (CPU and CUDA).
+- :mod:`scrimp.testbed` - small real Hugging Face models and tasks every method is measured on.
+"""
+from __future__ import annotations
+
+from . import _C
+from .scoring import TokenScores, token_scores
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info() -> dict:
+    """What this build contains and what this machine offers.
+
+    Returns
+    -------
+    dict
+        ``version``, ``cuda_compiled`` (CUDA kernels are in the binary), ``cuda_architectures``,
+        ``cuda_device_usable`` (a driver and a device are present now), ``cuda_device_count``,
+        ``cuda_status``, ``cpu_simd`` (the CPU kernel path: avx512 / avx2 / generic) and
+        ``openmp_threads``.
+    """
+    return dict(_C.build_info())
+
+
+__all__ = ["TokenScores", "token_scores", "build_info", "__version__"]

@@ -1,0 +1,351 @@
+"""Synthetic task generators of the testbed: ``recall`` and ``arith``.
+
+Both generators are pure Python and deterministic per seed. Every example carries
+its prompt text, the prompt token ids (already tokenized with the testbed
+tokenizer, or with the tokenizer passed in), and the expected answer.
+
+``recall`` (long context; KV Packet, IceCache)::
+
+    <bos><doc>\\nQK=481\\nZA=907\\n...</doc>\\n<doc>\\n...</doc>\\nQuery: ZA=   ->  907
+
+  Keys are two upper-case letters (unique within one context), values three
+  digits. Each document is a separable span ``<doc>\\n ... </doc>\\n`` (token
+  spans in :attr:`RecallExample.doc_spans`); the question comes after all of them.
+
+``arith`` (reasoning; TIP, TESSY)::
+
+    <bos>user: Compute ((12 + 7) * 3) - 5\\nassistant:
+    <think> First, 12 + 7 = 19. Then 19 * 3 = 57. Finally, 57 - 5 = 52. </think> 52<eos>
+
+  The same reasoning in two writing styles, ``teacher`` and ``student``. Every
+  completion token is labelled ``"style"`` (connectives, fillers, tone) or
+  ``"capability"`` (numbers, operators, results, the think markers and the
+  answer); :attr:`ArithExample.labels` is aligned with
+  :attr:`ArithExample.completion_ids`.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+__all__ = [
+    "RecallExample", "ArithExample", "recall", "arith", "STYLES", "STYLE", "CAPABILITY",
+    "recall_records_for_context", "MAX_RECALL_RECORDS",
+]
+
+STYLES = ("teacher", "student")
+STYLE = "style"
+CAPABILITY = "capability"
+
+KEYS = [a + b for a in string.ascii_uppercase for b in string.ascii_uppercase]
+MAX_RECALL_RECORDS = len(KEYS)  # 676 unique keys per context
+RECORD_TOKENS = 7               # "QK=481\n"
+DOC_OVERHEAD_TOKENS = 4         # "<doc>" "\n" ... "</doc>" "\n"
+PREFIX_TOKENS = 1               # "<bos>"
+QUERY_TOKENS = 6                # "Query" ":" " " K K "="
+VALUE_DIGITS = 3
+
+
+def _tokenizer(tokenizer):
+    if tokenizer is None:
+        from .tokenizer import get_tokenizer
+        return get_tokenizer()
+    return tokenizer
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_int(name, value, minimum, maximum=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {rng}, got {value}")
+
+
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+
+
+# ----------------------------------------------------------------------------- recall
+
+@dataclass
+class RecallExample:
+    """One ``recall`` problem.
+
+    ``doc_spans[i] = (start, end)`` are token indices (end exclusive) into
+    ``prompt_ids`` of document ``i`` including its ``<doc>``/``</doc>`` markers and
+    trailing newline; ``prefix_span`` is the ``<bos>`` before them and
+    ``question_span`` the query after them. ``answer_ids`` excludes ``<eos>``.
+    """
+    prompt: str
+    prompt_ids: List[int]
+    answer: str
+    answer_ids: List[int]
+    key: str
+    target_doc: int
+    doc_spans: List[Tuple[int, int]]
+    prefix_span: Tuple[int, int]
+    question_span: Tuple[int, int]
+    documents: List[str]
+    records: List[List[Tuple[str, str]]] = field(repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+def recall_records_for_context(context_tokens: int, records_per_doc: int = 16) -> List[int]:
+    """Records per document so that a ``recall`` prompt has about ``context_tokens``
+    tokens (never more, at most 6 fewer). Returns one count per document."""
+    _check_int("context_tokens", context_tokens, 32)
+    _check_int("records_per_doc", records_per_doc, 1)
+    budget = context_tokens - PREFIX_TOKENS - QUERY_TOKENS
+    per_doc = DOC_OVERHEAD_TOKENS + RECORD_TOKENS * records_per_doc
+    n_docs = max(1, budget // per_doc)
+    budget -= n_docs * DOC_OVERHEAD_TOKENS
+    total = budget // RECORD_TOKENS
+    if total < n_docs:
+        raise ValueError(f"context_tokens={context_tokens} is too short for one record per document")
+    if total > MAX_RECALL_RECORDS:
+        raise ValueError(
+            f"context_tokens={context_tokens} needs {total} records, more than the "
+            f"{MAX_RECALL_RECORDS} unique keys (max context ~{recall_max_context()} tokens)")
+    counts = [total // n_docs] * n_docs
+    for i in range(total - sum(counts)):
+        counts[i] += 1
+    return counts
+
+
+def recall_max_context() -> int:
+    return PREFIX_TOKENS + QUERY_TOKENS + MAX_RECALL_RECORDS * RECORD_TOKENS + 43 * DOC_OVERHEAD_TOKENS
+
+
+def _recall_layout(rng: random.Random, counts: Sequence[int]):
+    total = sum(counts)
+    if total > MAX_RECALL_RECORDS:
+        raise ValueError(f"{total} records exceed the {MAX_RECALL_RECORDS} unique keys")
+    keys = rng.sample(KEYS, total)
+    records, k = [], 0
+    for c in counts:
+        records.append([(keys[k + j], "%03d" % rng.randrange(1000)) for j in range(c)])
+        k += c
+    return records
+
+
+def _recall_context_text(records) -> Tuple[List[str], str]:
+    docs = ["<doc>\n" + "".join(f"{k}={v}\n" for k, v in recs) + "</doc>\n" for recs in records]
+    return docs, "<bos>" + "".join(docs)
+
+
+def recall(n_docs: int = 8, records_per_doc: int = 16, seed: int = 0,
+           context_tokens: Optional[int] = None, tokenizer=None) -> RecallExample:
+    """Generate one ``recall`` example.
+
+    ``n_docs`` documents of ``records_per_doc`` key/value records each, then one
+    query for a random record. With ``context_tokens`` the number of documents
+    (and a few extra records) is chosen instead so that the prompt is about that
+    many tokens long (``n_docs`` is then ignored).
+    """
+    _check_seed(seed)
+    _check_int("records_per_doc", records_per_doc, 1)
+    if context_tokens is not None:
+        counts = recall_records_for_context(context_tokens, records_per_doc)
+    else:
+        _check_int("n_docs", n_docs, 1)
+        if n_docs * records_per_doc > MAX_RECALL_RECORDS:
+            raise ValueError(
+                f"n_docs * records_per_doc = {n_docs * records_per_doc} exceeds the "
+                f"{MAX_RECALL_RECORDS} unique keys")
+        counts = [records_per_doc] * n_docs
+    tok = _tokenizer(tokenizer)
+    rng = random.Random(f"recall:{seed}")
+    records = _recall_layout(rng, counts)
+    target_doc = rng.randrange(len(records))
+    key, value = rng.choice(records[target_doc])
+    docs, context = _recall_context_text(records)
+    question = f"Query: {key}="
+    prompt = context + question
+
+    ids = _encode(tok, "<bos>")
+    prefix_span = (0, len(ids))
+    spans = []
+    for d in docs:
+        start = len(ids)
+        ids += _encode(tok, d)
+        spans.append((start, len(ids)))
+    q_start = len(ids)
+    ids += _encode(tok, question)
+    return RecallExample(
+        prompt=prompt, prompt_ids=ids, answer=value, answer_ids=_encode(tok, value),
+        key=key, target_doc=target_doc, doc_spans=spans, prefix_span=prefix_span,
+        question_span=(q_start, len(ids)), documents=docs, records=records)
+
+
+def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int,
+                         records_per_doc: int = 16) -> Tuple[str, List[Tuple[int, int]]]:
+    """A training sequence: a recall context followed by ``n_queries`` answered
+    queries ``Query: K=VVV<eos>\\n``. Returns the text and the character spans of
+    every answer (value digits plus ``<eos>``), on which the loss is taken."""
+    counts = recall_records_for_context(context_tokens - (n_queries - 1) * 12, records_per_doc)
+    records = _recall_layout(rng, counts)
+    _, text = _recall_context_text(records)
+    flat = [kv for recs in records for kv in recs]
+    spans = []
+    for q in range(n_queries):
+        k, v = rng.choice(flat)
+        if q:
+            text += "\n"
+        text += f"Query: {k}="
+        spans.append((len(text), len(text) + len(v) + len("<eos>")))
+        text += v + "<eos>"
+    return text, spans
+
+
+# ----------------------------------------------------------------------------- arith
+
+@dataclass
+class ArithExample:
+    """One ``arith`` problem written in one style.
+
+    ``completion`` is the assistant turn ``<think> ... </think> ANSWER`` (without
+    ``<eos>``); ``completion_ids`` its tokens and ``labels`` one of ``"style"`` /
+    ``"capability"`` per completion token. ``segments`` are the labelled text pieces
+    the completion was built from. ``steps`` are ``(a, op, b, result)`` tuples.
+    """
+    problem: str
+    prompt: str
+    prompt_ids: List[int]
+    completion: str
+    completion_ids: List[int]
+    labels: List[str]
+    answer: str
+    answer_ids: List[int]
+    style: str
+    steps: List[Tuple[int, str, int, int]]
+    segments: List[Tuple[str, str]] = field(repr=False)
+
+    @property
+    def label_ids(self) -> List[int]:
+        """Labels as ints: 1 = style, 0 = capability."""
+        return [1 if lab == STYLE else 0 for lab in self.labels]
+
+
+_OP_WORD = {"+": "plus", "-": "minus", "*": "times"}
+MAX_VALUE = 99
+
+
+def _arith_steps(rng: random.Random, n_steps: int):
+    cur = rng.randint(2, 20)
+    steps = []
+    for _ in range(n_steps):
+        ops = ["+"]
+        if cur >= 2:
+            ops.append("-")
+        if cur * 2 <= MAX_VALUE:
+            ops.append("*")
+        op = rng.choice(ops)
+        if op == "+":
+            b = rng.randint(1, min(20, MAX_VALUE - cur)) if cur < MAX_VALUE else None
+            if b is None:
+                op, b = "-", rng.randint(1, 20)
+        if op == "-":
+            b = rng.randint(1, min(20, cur))
+        elif op == "*":
+            b = rng.randint(2, min(9, MAX_VALUE // cur))
+        r = cur + b if op == "+" else cur - b if op == "-" else cur * b
+        steps.append((cur, op, b, r))
+        cur = r
+    return steps
+
+
+def _problem_text(steps) -> str:
+    expr = str(steps[0][0])
+    for i, (_, op, b, _) in enumerate(steps):
+        expr = f"{expr} {op} {b}"
+        if i < len(steps) - 1:
+            expr = f"({expr})"
+    return expr
+
+
+def _teacher_segments(rng, steps):
+    S, C = STYLE, CAPABILITY
+    segs = [("<think>", C)]
+    n = len(steps)
+    for i, (a, op, b, r) in enumerate(steps):
+        if i == 0:
+            conn = rng.choice(["First, ", "First, "])
+        elif i == n - 1:
+            conn = rng.choice(["Finally, ", "Finally, "])
+        else:
+            conn = rng.choice(["Then ", "Next, "])
+        segs.append((" " + conn, S))
+        segs.append((f"{a} {op} {b} = {r}.", C))
+    segs.append((" ", S))
+    segs.append(("</think> " + str(steps[-1][3]), C))
+    return segs
+
+
+def _student_segments(rng, steps):
+    S, C = STYLE, CAPABILITY
+    segs = [("<think>", C)]
+    n = len(steps)
+    for i, (a, op, b, r) in enumerate(steps):
+        if i == 0:
+            segs.append((" " + rng.choice(["Okay so ", "Okay, let me see, ", "Alright so "]), S))
+            segs.append((f"{a} {_OP_WORD[op]} {b}", C))
+            segs.append(("... " + rng.choice(["hmm, ", "um, ", "so "]), S))
+        else:
+            segs.append((" " + rng.choice(["Wait, next ", "Hmm, then ", "Um, now ", "Okay and "]), S))
+        segs.append((f"{a} {op} {b} = {r}.", C))
+    segs.append((" " + rng.choice(["Done.", "Yeah.", "Right."]) + " ", S))
+    segs.append(("</think> " + str(steps[-1][3]), C))
+    return segs
+
+
+def arith(seed: int = 0, style: str = "teacher", n_steps: Optional[int] = None,
+          tokenizer=None) -> ArithExample:
+    """Generate one ``arith`` example: a chain of ``n_steps`` (default: 2-4 at
+    random) additions/subtractions/multiplications of small numbers, evaluated left
+    to right with every intermediate value in [0, 99], written in ``style``."""
+    _check_seed(seed)
+    if not isinstance(style, str):
+        raise TypeError(f"style must be a str, got {type(style).__name__}")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; valid styles: {', '.join(STYLES)}")
+    rng = random.Random(f"arith:{seed}")
+    if n_steps is None:
+        n_steps = rng.randint(2, 4)
+    _check_int("n_steps", n_steps, 1, 8)
+    steps = _arith_steps(rng, n_steps)
+    srng = random.Random(f"arith-style:{style}:{seed}")
+    segs = (_teacher_segments if style == "teacher" else _student_segments)(srng, steps)
+    return _arith_build(_tokenizer(tokenizer), steps, segs, style)
+
+
+def _arith_build(tok, steps, segs, style) -> ArithExample:
+    problem = "Compute " + _problem_text(steps)
+    prompt = f"<bos>user: {problem}\nassistant: "
+    completion = "".join(t for t, _ in segs)
+    enc = tok(completion, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    # label of every character, then of every token (all chars of a token share one label)
+    char_lab = []
+    for text, lab in segs:
+        char_lab += [lab] * len(text)
+    labels = []
+    for (s, e) in enc["offset_mapping"]:
+        labs = set(char_lab[s:e])
+        if len(labs) != 1:  # a token straddling two segments: generator bug
+            raise AssertionError(f"token {completion[s:e]!r} straddles style/capability segments")
+        labels.append(labs.pop())
+    answer = str(steps[-1][3])
+    return ArithExample(
+        problem=problem, prompt=prompt, prompt_ids=_encode(tok, prompt), completion=completion,
+        completion_ids=ids, labels=labels, answer=answer, answer_ids=_encode(tok, answer),
+        style=style, steps=steps, segments=segs)
