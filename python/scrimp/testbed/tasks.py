@@ -115,15 +115,18 @@ def recall_records_for_context(context_tokens: int, records_per_doc: int = 16) -
     if total > MAX_RECALL_RECORDS:
         raise ValueError(
             f"context_tokens={context_tokens} needs {total} records, more than the "
-            f"{MAX_RECALL_RECORDS} unique keys (max context ~{recall_max_context()} tokens)")
+            f"{MAX_RECALL_RECORDS} unique keys (max context ~{recall_max_context(records_per_doc)} tokens)")
     counts = [total // n_docs] * n_docs
     for i in range(total - sum(counts)):
         counts[i] += 1
     return counts
 
 
-def recall_max_context() -> int:
-    return PREFIX_TOKENS + QUERY_TOKENS + MAX_RECALL_RECORDS * RECORD_TOKENS + 43 * DOC_OVERHEAD_TOKENS
+def recall_max_context(records_per_doc: int = 16) -> int:
+    """Longest context (tokens) ``recall`` can fill with unique keys."""
+    n_docs = -(-MAX_RECALL_RECORDS // records_per_doc)
+    return (PREFIX_TOKENS + QUERY_TOKENS + MAX_RECALL_RECORDS * RECORD_TOKENS
+            + n_docs * DOC_OVERHEAD_TOKENS)
 
 
 def _recall_layout(rng: random.Random, counts: Sequence[int]):
@@ -244,19 +247,19 @@ def _arith_steps(rng: random.Random, n_steps: int):
     cur = rng.randint(2, 20)
     steps = []
     for _ in range(n_steps):
-        ops = ["+"]
-        if cur >= 2:
+        ops = []
+        if cur < MAX_VALUE:
+            ops.append("+")
+        if cur >= 1:
             ops.append("-")
-        if cur * 2 <= MAX_VALUE:
+        if 2 <= cur <= MAX_VALUE // 2:
             ops.append("*")
         op = rng.choice(ops)
         if op == "+":
-            b = rng.randint(1, min(20, MAX_VALUE - cur)) if cur < MAX_VALUE else None
-            if b is None:
-                op, b = "-", rng.randint(1, 20)
-        if op == "-":
+            b = rng.randint(1, min(20, MAX_VALUE - cur))
+        elif op == "-":
             b = rng.randint(1, min(20, cur))
-        elif op == "*":
+        else:
             b = rng.randint(2, min(9, MAX_VALUE // cur))
         r = cur + b if op == "+" else cur - b if op == "-" else cur * b
         steps.append((cur, op, b, r))

@@ -1,0 +1,241 @@
+"""Train a testbed model from a seed on CPU.
+
+    python -m scrimp.testbed.train --task recall --seed 0 --out DIR
+    python -m scrimp.testbed.train --task arith --role teacher --seed 0 --out DIR
+    python -m scrimp.testbed.train --task arith --role student --seed 0 --out DIR
+
+Writes ``model.safetensors``, ``config.json``, ``generation_config.json``, the
+tokenizer files and ``metrics.json`` into ``--out`` and prints a final
+``METRICS {...}`` line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+# Recipes: model shape + optimisation defaults per (task, role).
+RECIPES = {
+    ("recall", "teacher"): dict(
+        arch="llama", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
+        max_pos=8192, steps=1200, lr=2e-3, warmup=100, tokens_per_step=4096,
+        min_len=128, max_len=2048, ramp=0.5, p_max=0.25),
+    ("arith", "teacher"): dict(
+        arch="qwen3", hidden=192, intermediate=512, layers=4, heads=6, kv_heads=2,
+        max_pos=512, steps=2000, lr=2e-3, warmup=100, batch=48),
+    ("arith", "student"): dict(
+        arch="qwen3", hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2,
+        max_pos=512, steps=300, lr=2e-3, warmup=30, batch=32),
+}
+
+
+def build_model(recipe, tokenizer, seed):
+    import torch
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=recipe["hidden"],
+        intermediate_size=recipe["intermediate"], num_hidden_layers=recipe["layers"],
+        num_attention_heads=recipe["heads"], num_key_value_heads=recipe["kv_heads"],
+        max_position_embeddings=recipe["max_pos"], rope_theta=10000.0,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.02, attention_dropout=0.0,
+    )
+    if recipe["arch"] == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(**common, head_dim=recipe["hidden"] // recipe["heads"])
+        return LlamaForCausalLM(cfg)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cfg = Qwen3Config(**common, head_dim=recipe["hidden"] // recipe["heads"])
+    return Qwen3ForCausalLM(cfg)
+
+
+def _lr_at(step, steps, lr, warmup):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _encode_with_mask(tok, text, spans):
+    """Token ids of ``text`` and a 0/1 loss mask: 1 on tokens inside ``spans`` (chars)."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = []
+    j = 0
+    for (s, e) in enc["offset_mapping"]:
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        mask.append(1 if j < len(spans) and spans[j][0] <= s < spans[j][1] else 0)
+    return list(enc["input_ids"]), mask
+
+
+def recall_batch(tok, rng, step, steps, r):
+    from . import tasks
+    frac = step / max(1, steps)
+    cur_max = int(r["min_len"] + (r["max_len"] - r["min_len"]) * min(1.0, frac / r["ramp"]))
+    cur_max = max(r["min_len"], cur_max)
+    # a share p_max of the batches at the current maximum length, the rest anywhere below
+    L = cur_max if rng.random() < r["p_max"] else rng.randint(r["min_len"], cur_max)
+    bs = max(1, r["tokens_per_step"] // L)
+    ids, masks = [], []
+    for _ in range(bs):
+        nq = rng.randint(1, max(1, min(16, L // 48)))
+        text, spans = tasks.recall_training_text(rng, L, nq)
+        i, m = _encode_with_mask(tok, text, spans)
+        ids.append(i)
+        masks.append(m)
+    return ids, masks
+
+
+def arith_batch(tok, rng, bs, style):
+    from . import tasks
+    ids, masks = [], []
+    for _ in range(bs):
+        ex = tasks.arith(seed=rng.getrandbits(62) + 10**19, style=style, tokenizer=tok)
+        seq = ex.prompt_ids + ex.completion_ids + [tok.eos_token_id]
+        ids.append(seq)
+        masks.append([0] * len(ex.prompt_ids) + [1] * (len(ex.completion_ids) + 1))
+    return ids, masks
+
+
+def _collate(ids, masks, pad_id):
+    import torch
+    n = max(len(x) for x in ids)
+    inp = torch.full((len(ids), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(ids), n), -100, dtype=torch.long)
+    att = torch.zeros((len(ids), n), dtype=torch.long)
+    for b, (x, m) in enumerate(zip(ids, masks)):
+        inp[b, :len(x)] = torch.tensor(x)
+        att[b, :len(x)] = 1
+        t = torch.tensor(x)
+        t[torch.tensor(m) == 0] = -100
+        lab[b, :len(x)] = t
+    return inp, att, lab
+
+
+def final_eval(model, tok, task, role, quick=False):
+    from .evaluate import evaluate
+    out = {}
+    if task == "recall":
+        lengths = [512, 2048] if quick else [512, 1024, 2048, 3072, 4096]
+        for L in lengths:
+            n = 20 if quick else 100
+            out[f"accuracy@{L}"] = evaluate(model, tok, "recall", n=n, seed=0, context_tokens=L)["accuracy"]
+    else:
+        style = "teacher" if role == "teacher" else "student"
+        out["accuracy"] = evaluate(model, tok, "arith", n=30 if quick else 200, seed=0,
+                                   style=style)["accuracy"]
+    return out
+
+
+def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
+          final_eval_quick=False, progress=True):
+    import torch
+    from tqdm.auto import tqdm
+    from .tokenizer import get_tokenizer
+
+    if task not in ("recall", "arith"):
+        raise ValueError(f"unknown task {task!r}; valid: recall, arith")
+    if role not in ("teacher", "student"):
+        raise ValueError(f"unknown role {role!r}; valid: teacher, student")
+    if (task, role) not in RECIPES:
+        raise ValueError(f"no recipe for task={task!r} role={role!r}; recall has only role 'teacher'")
+    r = dict(RECIPES[(task, role)])
+    if steps is not None:
+        r["steps"] = steps
+        r["warmup"] = min(r["warmup"], max(1, steps // 10))
+    if lr is not None:
+        r["lr"] = lr
+    torch.set_num_threads(threads)
+    tok = get_tokenizer()
+    model = build_model(r, tok, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    rng = random.Random(f"train:{task}:{role}:{seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    t0 = time.time()
+    n_tok = 0
+    ema = None
+    bar = tqdm(range(r["steps"]), desc=f"train {task}-{role}", disable=not progress,
+               mininterval=5.0, file=sys.stderr)
+    for step in bar:
+        if task == "recall":
+            ids, masks = recall_batch(tok, rng, step, r["steps"], r)
+        else:
+            ids, masks = arith_batch(tok, rng, r["batch"], role)
+        inp, att, lab = _collate(ids, masks, tok.pad_token_id)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, r["steps"], r["lr"], r["warmup"])
+        loss = model(input_ids=inp, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        n_tok += int(att.sum())
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", L=inp.shape[1], tok_s=int(n_tok / (time.time() - t0)))
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < r["steps"]:
+            m = final_eval(model, tok, task, role, quick=True)
+            model.train()
+            print(f"[step {step + 1}] loss={ema:.4f} " +
+                  " ".join(f"{k}={v:.3f}" for k, v in m.items()), file=sys.stderr, flush=True)
+    bar.close()
+    train_s = time.time() - t0
+    model.eval()
+    t1 = time.time()
+    metrics = final_eval(model, tok, task, role, quick=final_eval_quick)
+    metrics.update(
+        task=task, role=role, seed=seed, steps=r["steps"], lr=r["lr"], params=n_params,
+        final_loss=round(ema, 5), train_seconds=round(train_s, 1),
+        eval_seconds=round(time.time() - t1, 1), tokens_seen=n_tok,
+        recipe={k: v for k, v in r.items()})
+    os.makedirs(out, exist_ok=True)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    print("METRICS " + json.dumps({k: v for k, v in metrics.items() if k != "recipe"},
+                                  sort_keys=True), flush=True)
+    return metrics
+
+
+def build_parser(parser=None):
+    p = parser or argparse.ArgumentParser(prog="python -m scrimp.testbed.train",
+                                          description="Train a scrimp testbed model on CPU.")
+    p.add_argument("--task", required=True, choices=["recall", "arith"])
+    p.add_argument("--role", default="teacher", choices=["teacher", "student"],
+                   help="arith: teacher (larger, teacher-style traces) or student; recall: teacher only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=0, help="quick eval every N steps (0: never)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick-eval", action="store_true", help="small final evaluation (smoke tests)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run_from_args(args):
+    if args.task == "recall" and args.role != "teacher":
+        raise SystemExit("recall has a single model: use --role teacher (the default)")
+    return train(args.task, args.role, args.seed, args.out, steps=args.steps, lr=args.lr,
+                 eval_every=args.eval_every, threads=args.threads,
+                 final_eval_quick=args.quick_eval, progress=not args.no_progress)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    run_from_args(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
