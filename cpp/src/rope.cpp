@@ -47,11 +47,12 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 inline uint16_t float_to_bf16(float f) {
+  // Round to nearest even; NaN stays a (quiet) NaN. Branch-free so the loops vectorize.
   uint32_t x;
   std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet nan
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(x >> 16);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t nan = (x >> 16) | 0x40u;
+  return static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 template <typename T> struct Elem;
@@ -78,23 +79,35 @@ template <> struct Elem<BF16> {
   static void st(BF16* p, float v) { p->v = float_to_bf16(v); }
 };
 
-// Rotate one row of D elements: cs = [cos_0, sin_0, cos_1, sin_1, ...] for R/2 pairs.
+// Rotate one row of D elements. cs = [cos_0 .. cos_{R/2-1}, sin_0 .. sin_{R/2-1}] (split so the Half
+// layout's loop is a plain vectorizable stream).
 template <typename T>
-inline void rotate_row(const T* in, T* out, int64_t D, int64_t half_r, const typename Elem<T>::C* cs, RopeLayout layout) {
+inline void rotate_row(const T* in, T* out, int64_t D, int64_t half_r, const typename Elem<T>::C* cs,
+                       RopeLayout layout) {
   using C = typename Elem<T>::C;
+  const C* __restrict__ cosv = cs;
+  const C* __restrict__ sinv = cs + half_r;
   if (layout == RopeLayout::Half) {
-    for (int64_t i = 0; i < half_r; ++i) {
-      const C x = Elem<T>::ld(in + i), y = Elem<T>::ld(in + i + half_r);
-      const C c = cs[2 * i], s = cs[2 * i + 1];
-      Elem<T>::st(out + i, x * c - y * s);
-      Elem<T>::st(out + i + half_r, y * c + x * s);
+    if (out == in) {
+      for (int64_t i = 0; i < half_r; ++i) {
+        const C x = Elem<T>::ld(in + i), y = Elem<T>::ld(in + i + half_r);
+        Elem<T>::st(out + i, x * cosv[i] - y * sinv[i]);
+        Elem<T>::st(out + i + half_r, y * cosv[i] + x * sinv[i]);
+      }
+    } else {
+      // Distinct rows (the caller never passes partially overlapping rows).
+      T* __restrict__ o = out;
+      const T* __restrict__ x = in;
+      for (int64_t i = 0; i < half_r; ++i)
+        Elem<T>::st(o + i, Elem<T>::ld(x + i) * cosv[i] - Elem<T>::ld(x + i + half_r) * sinv[i]);
+      for (int64_t i = 0; i < half_r; ++i)
+        Elem<T>::st(o + i + half_r, Elem<T>::ld(x + i + half_r) * cosv[i] + Elem<T>::ld(x + i) * sinv[i]);
     }
   } else {
     for (int64_t i = 0; i < half_r; ++i) {
       const C x = Elem<T>::ld(in + 2 * i), y = Elem<T>::ld(in + 2 * i + 1);
-      const C c = cs[2 * i], s = cs[2 * i + 1];
-      Elem<T>::st(out + 2 * i, x * c - y * s);
-      Elem<T>::st(out + 2 * i + 1, y * c + x * s);
+      Elem<T>::st(out + 2 * i, x * cosv[i] - y * sinv[i]);
+      Elem<T>::st(out + 2 * i + 1, y * cosv[i] + x * sinv[i]);
     }
   }
   if (out != in)
@@ -103,10 +116,11 @@ inline void rotate_row(const T* in, T* out, int64_t D, int64_t half_r, const typ
 
 template <typename C>
 void fill_cs(C* cs, int64_t delta, const std::vector<double>& inv_freq) {
-  for (std::size_t i = 0; i < inv_freq.size(); ++i) {
+  const std::size_t h = inv_freq.size();
+  for (std::size_t i = 0; i < h; ++i) {
     const double a = static_cast<double>(delta) * inv_freq[i];
-    cs[2 * i] = static_cast<C>(std::cos(a));
-    cs[2 * i + 1] = static_cast<C>(std::sin(a));
+    cs[i] = static_cast<C>(std::cos(a));
+    cs[h + i] = static_cast<C>(std::sin(a));
   }
 }
 

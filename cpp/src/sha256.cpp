@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "scrimp/build_info.h"
 #include "scrimp/error.h"
 
 namespace scrimp {
@@ -112,7 +113,20 @@ std::string Sha256::hex(const Digest& d) {
   return s;
 }
 
+#if defined(SCRIMP_X86_SIMD)
+namespace detail {
+uint32_t crc32c_sse42(const void* data, std::size_t len, uint32_t crc);
+}
+#endif
+
 uint32_t crc32c(const void* data, std::size_t len, uint32_t crc) {
+#if defined(SCRIMP_X86_SIMD)
+  if (std::strcmp(cpu_simd_level(), "generic") != 0) return detail::crc32c_sse42(data, len, crc);
+#endif
+  return crc32c_portable(data, len, crc);
+}
+
+uint32_t crc32c_portable(const void* data, std::size_t len, uint32_t crc) {
   const auto& T = crc_tables().t;
   const uint8_t* p = static_cast<const uint8_t*>(data);
   crc = ~crc;

@@ -69,6 +69,18 @@ TEST(Crc32c, CheckValueAndChaining) {
   EXPECT_EQ(crc32c(f.data(), 32), 0x62A8AB43u);
 }
 
+TEST(Crc32c, HardwareAndPortablePathsAgree) {
+  std::mt19937 rng(5);
+  std::vector<uint8_t> d(5000);
+  for (auto& b : d) b = static_cast<uint8_t>(rng());
+  for (std::size_t n : {0, 1, 7, 8, 9, 63, 64, 1000, 4999, 5000})
+    for (std::size_t off : {0, 1, 3}) {
+      if (off + n > d.size()) continue;
+      EXPECT_EQ(crc32c(d.data() + off, n, 0x1234u), crc32c_portable(d.data() + off, n, 0x1234u)) << n << " " << off;
+    }
+  EXPECT_EQ(crc32c_portable("123456789", 9), 0xE3069283u);
+}
+
 // ---- helpers ----
 struct TmpDir {
   std::string path;
