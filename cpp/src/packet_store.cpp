@@ -315,6 +315,11 @@ using detail::Buffer;
 using detail::Entry;
 using detail::StoreState;
 
+namespace detail {
+PacketKey put_impl(const std::shared_ptr<StoreState>& state, const PacketMeta& meta, const void* payload, Device device,
+                   std::shared_ptr<Buffer> owned);
+}
+
 // ---------------------------------------------------------------------------- handle
 
 const PacketMeta& PacketHandle::meta() const {
@@ -420,20 +425,28 @@ PacketKey PacketStore::put(const PacketMeta& meta, const std::vector<TensorView>
   // Stage into one contiguous host buffer, then hand to put_payload (which moves it into a tier).
   const std::size_t elem = dtype_size(meta.dtype);
   const uint64_t per = static_cast<uint64_t>(meta.num_kv_heads) * meta.num_tokens * meta.head_dim * elem;
-  auto staging = detail::alloc_host(meta.payload_bytes(), false);
+  auto staging = detail::alloc_host(meta.payload_bytes(), state_->pinned_host);
   for (int l = 0; l < meta.num_layers; ++l) {
     detail::copy_kv_rows(static_cast<char*>(staging->ptr) + 2 * l * per, Device{}, ks[l], elem);
     detail::copy_kv_rows(static_cast<char*>(staging->ptr) + (2 * l + 1) * per, Device{}, vs[l], elem);
   }
-  return put_payload(meta, staging->ptr, Device{});
+  return detail::put_impl(state_, meta, staging->ptr, Device{}, staging);
 }
 
 PacketKey PacketStore::put_payload(const PacketMeta& meta_in, const void* payload, Device device) {
+  return detail::put_impl(state_, meta_in, payload, device, nullptr);
+}
+
+namespace detail {
+// `owned`: a host buffer already holding the payload (allocated with the host tier's pinning), used
+// as the tier buffer instead of a second copy.
+PacketKey put_impl(const std::shared_ptr<StoreState>& state, const PacketMeta& meta_in, const void* payload,
+                   Device device, std::shared_ptr<Buffer> owned) {
   meta_in.validate();
   SCRIMP_CHECK(payload != nullptr, "put_payload: null payload");
   const PacketKey key = packet_key(meta_in.model_fingerprint, meta_in.adapter_id, meta_in.token_ids.data(),
                                    meta_in.num_tokens);
-  StoreState& s = *state_;
+  StoreState& s = *state;
   const uint64_t bytes = meta_in.payload_bytes();
   {
     std::lock_guard<std::mutex> lock(s.mu);
@@ -451,6 +464,8 @@ PacketKey PacketStore::put_payload(const PacketMeta& meta_in, const void* payloa
   if (top == Tier::GPU) {
     buf = detail::alloc_device(bytes, s.cfg.cuda_device);
     detail::copy_bytes(buf->ptr, buf->where(), payload, device, bytes);
+  } else if (top == Tier::Host && owned) {
+    buf = std::move(owned);
   } else if (top == Tier::Host) {
     buf = detail::alloc_host(bytes, s.pinned_host);
     detail::copy_bytes(buf->ptr, Device{}, payload, device, bytes);
@@ -494,6 +509,7 @@ PacketKey PacketStore::put_payload(const PacketMeta& meta_in, const void* payloa
                       << " bytes, packets in use are never evicted)");
   return key;
 }
+}  // namespace detail
 
 namespace {
 void check_expect(const PacketMeta& m, const PacketExpect* x, const PacketKey& key) {
