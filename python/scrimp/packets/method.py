@@ -238,6 +238,7 @@ class PacketEngine:
         self.layout = _kv_layout(model)
         self.ttfts: List[float] = []
         self.built = 0
+        self._prefix_kv: Dict[tuple, list] = {}  # the shared prompt prefix (e.g. <bos>), computed once
 
     def _packet_tokens(self, doc: List[int]) -> List[int]:
         if self.adapters is None:
@@ -267,12 +268,13 @@ class PacketEngine:
         """(cache, sequence length, question ids, assembled KV, packets) for a prompt."""
         prefix, docs, question = split_prompt(prompt_ids, self.tokenizer)
         dev = _device(self.model)
-        pre = None
-        if prefix:
+        pre = self._prefix_kv.get(tuple(prefix))
+        if prefix and pre is None:
             out = _forward(self.model, input_ids=torch.tensor([prefix], device=dev),
                            position_ids=torch.arange(len(prefix), device=dev)[None], use_cache=True,
                            cache=_new_cache(self.model))
-            pre = _layers_of(_out_cache(out))
+            pre = [(k.clone(), v.clone()) for k, v in _layers_of(_out_cache(out))]
+            self._prefix_kv[tuple(prefix)] = pre
         packets = [self.packet(d) for d in docs]
         if packets:
             kv = assemble(packets, prefix=pre)
@@ -281,7 +283,8 @@ class PacketEngine:
         else:
             kv = None
             from transformers import DynamicCache
-            cache = DynamicCache(ddp_cache_data=pre) if pre else _new_cache(self.model)
+            cache = (DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in pre]) if pre
+                     else _new_cache(self.model))
             n = len(prefix)
         for p in packets:
             p.release()  # the assembled cache is a copy; the store may evict them again
