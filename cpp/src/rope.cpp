@@ -3,8 +3,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "half.h"
+#include "scrimp/build_info.h"
 #include "scrimp/error.h"
 
 #if defined(SCRIMP_WITH_CUDA)
@@ -17,7 +19,23 @@
 
 namespace scrimp {
 
+#if defined(SCRIMP_X86_SIMD)
+namespace detail {
+int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const float* c, const float* s);
+int64_t rotate_half_bf16_avx2(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s);
+}  // namespace detail
+#endif
+
 namespace {
+
+bool use_avx2() {
+#if defined(SCRIMP_X86_SIMD)
+  static const bool on = std::strcmp(cpu_simd_level(), "generic") != 0;
+  return on;
+#else
+  return false;
+#endif
+}
 
 inline uint16_t float_to_half(float f) {
   uint32_t x;
@@ -88,8 +106,19 @@ inline void rotate_row(const T* in, T* out, int64_t D, int64_t half_r, const typ
   const C* __restrict__ cosv = cs;
   const C* __restrict__ sinv = cs + half_r;
   if (layout == RopeLayout::Half) {
+    int64_t done = 0;
+#if defined(SCRIMP_X86_SIMD)
+    if (use_avx2()) {
+      if constexpr (std::is_same<T, float>::value) {
+        done = detail::rotate_half_f32_avx2(in, out, half_r, cosv, sinv);
+      } else if constexpr (std::is_same<T, BF16>::value) {
+        done = detail::rotate_half_bf16_avx2(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<uint16_t*>(out),
+                                             half_r, cosv, sinv);
+      }
+    }
+#endif
     if (out == in) {
-      for (int64_t i = 0; i < half_r; ++i) {
+      for (int64_t i = done; i < half_r; ++i) {
         const C x = Elem<T>::ld(in + i), y = Elem<T>::ld(in + i + half_r);
         Elem<T>::st(out + i, x * cosv[i] - y * sinv[i]);
         Elem<T>::st(out + i + half_r, y * cosv[i] + x * sinv[i]);
@@ -98,9 +127,9 @@ inline void rotate_row(const T* in, T* out, int64_t D, int64_t half_r, const typ
       // Distinct rows (the caller never passes partially overlapping rows).
       T* __restrict__ o = out;
       const T* __restrict__ x = in;
-      for (int64_t i = 0; i < half_r; ++i)
+      for (int64_t i = done; i < half_r; ++i)
         Elem<T>::st(o + i, Elem<T>::ld(x + i) * cosv[i] - Elem<T>::ld(x + i + half_r) * sinv[i]);
-      for (int64_t i = 0; i < half_r; ++i)
+      for (int64_t i = done; i < half_r; ++i)
         Elem<T>::st(o + i + half_r, Elem<T>::ld(x + i + half_r) * cosv[i] + Elem<T>::ld(x + i) * sinv[i]);
     }
   } else {

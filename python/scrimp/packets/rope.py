@@ -97,7 +97,7 @@ class AssembledKV:
 
 
 def assemble(packets: Sequence, starts: Optional[Sequence[int]] = None, *, prefix=None,
-             total_len: Optional[int] = None) -> AssembledKV:
+             out=None) -> AssembledKV:
     """Re-rotate and concatenate packets into one per-layer KV cache in one fused pass.
 
     Parameters
@@ -106,7 +106,8 @@ def assemble(packets: Sequence, starts: Optional[Sequence[int]] = None, *, prefi
     starts : new start position of each packet; default: back to back after ``prefix``.
     prefix : optional ``(keys, values)`` per layer ``[1, H, P, D]`` placed first (e.g. a freshly
         computed ``<bos>``/preamble); it is copied, not rotated.
-    total_len : allocate room for this many positions (default: exactly prefix + packets).
+    out : optional ``(keys, values)`` lists of preallocated ``[1, H, S, D]`` tensors to write into
+        (S >= prefix + packets; reused buffers avoid allocation and page faults).
     """
     packets = list(packets)
     if not packets:
@@ -140,23 +141,26 @@ def assemble(packets: Sequence, starts: Optional[Sequence[int]] = None, *, prefi
     if len(starts) != len(packets):
         raise ValueError(f"assemble: {len(packets)} packets but {len(starts)} starts")
     S = P + sum(lens)
-    if total_len is not None:
-        if total_len < S:
-            raise ValueError(f"assemble: total_len={total_len} < {S} positions needed")
-        S = total_len
     H, D, L = m0["num_kv_heads"], m0["head_dim"], m0["num_layers"]
     dev, dt = packets[0].device, packets[0].dtype
-    keys = [torch.empty(1, H, S, D, dtype=dt, device=dev) for _ in range(L)]
-    values = [torch.empty(1, H, S, D, dtype=dt, device=dev) for _ in range(L)]
+    if out is None:
+        keys = [torch.empty(1, H, S, D, dtype=dt, device=dev) for _ in range(L)]
+        values = [torch.empty(1, H, S, D, dtype=dt, device=dev) for _ in range(L)]
+    else:
+        keys, values = list(out[0]), list(out[1])
+        if len(keys) != L or len(values) != L:
+            raise ValueError(f"assemble: out must hold {L} key and value tensors")
+        for t in keys + values:
+            if not isinstance(t, torch.Tensor) or t.dtype != dt or t.device != dev:
+                raise TypeError(f"assemble: out tensors must be {dt} on {dev}")
     if plist is not None:
         for l, (k, v) in enumerate(plist):
             keys[l][:, :, :P].copy_(k)
             values[l][:, :, :P].copy_(v)
-    _C.assemble([p._h for p in packets], starts, keys, values, P,
-                stream=_stream(keys[0]))
-    if total_len is not None and S > P + sum(lens):
-        keys = [k[:, :, :P + sum(lens)] for k in keys]
-        values = [v[:, :, :P + sum(lens)] for v in values]
+    _C.assemble([p._h for p in packets], starts, keys, values, P, stream=_stream(keys[0]))
+    if out is not None and keys[0].shape[2] > S:
+        keys = [k[:, :, :S] for k in keys]
+        values = [v[:, :, :S] for v in values]
     spans, pos = [], P
     for n in lens:
         spans.append((pos, pos + n))
