@@ -533,7 +533,7 @@ void check_expect(const PacketMeta& m, const PacketExpect* x, const PacketKey& k
 PacketHandle PacketStore::get(const PacketKey& key, Tier want, const PacketExpect* expect) {
   SCRIMP_CHECK(want != Tier::Disk, "get: the wanted tier must be gpu or host");
   StoreState& s = *state_;
-  std::lock_guard<std::mutex> lock(s.mu);
+  std::unique_lock<std::mutex> lock(s.mu);
   auto it = s.index.find(key);
   if (it == s.index.end()) {
     ++s.st.misses;
@@ -555,34 +555,55 @@ PacketHandle PacketStore::get(const PacketKey& key, Tier want, const PacketExpec
     // A disk eviction made room by deleting this entry's own file: it lives on in memory.
     if (!s.index.count(key)) s.index[key] = e;
   };
-  const Tier served = e->mem ? e->mem_tier : Tier::Disk;
+  Tier served = e->mem ? e->mem_tier : Tier::Disk;
   std::shared_ptr<Buffer> buf = e->mem;
   if (!buf) {
-    // Disk only: read and verify, then promote into host memory when it fits.
+    // Disk only: read and verify without holding the lock (our pin keeps the entry alive), then
+    // promote into host memory when it fits.
     detail::FileHeader h;
     const std::string path = s.path_of(key);
-    std::string err = detail::read_packet_header(path, &h);
-    if (err.empty() && (h.key != key || h.payload_bytes != e->bytes)) err = path + ": the file was replaced (corrupt)";
+    const uint64_t bytes = e->bytes;
+    const bool pinned_host = s.pinned_host;
+    std::string err;
     std::shared_ptr<Buffer> b;
-    if (err.empty()) {
-      b = detail::alloc_host(e->bytes, s.pinned_host);
-      err = detail::read_packet_payload(path, h, b->ptr);
+    lock.unlock();
+    try {
+      err = detail::read_packet_header(path, &h);
+      if (err.empty() && (h.key != key || h.payload_bytes != bytes)) err = path + ": the file was replaced (corrupt)";
+      if (err.empty()) {
+        b = detail::alloc_host(bytes, pinned_host);
+        err = detail::read_packet_payload(path, h, b->ptr);
+      }
+    } catch (...) {
+      lock.lock();
+      throw;
     }
-    if (!err.empty()) {
+    lock.lock();
+    if (e->mem) {
+      // Another thread promoted it meanwhile.
+      buf = e->mem;
+      served = e->mem_tier;
+    } else if (!err.empty()) {
+      ++s.st.misses;
+      if (!e->on_disk) return PacketHandle();  // evicted or removed meanwhile: a plain miss
       if (err.rfind("cannot ", 0) == 0) ++s.st.io_errors;
       else ++s.st.corrupt_files;
       s.report("dropped packet " + key_hex(key) + " on read: " + err);
       s.detach_disk(e.get(), true);
       s.forget_if_gone(e.get());
-      ++s.st.misses;
       return PacketHandle();
-    }
-    s.st.bytes_read += h.file_bytes;
-    buf = b;
-    if (s.make_room(Tier::Host, e->bytes, e.get())) {
-      keep_indexed();
-      s.attach_mem(e.get(), Tier::Host, b);
-      ++s.st.promotions;
+    } else {
+      s.st.bytes_read += h.file_bytes;
+      buf = b;
+      // Promote only if this entry is still the one indexed (it may have been evicted and re-put
+      // while we read; then the copy is served privately).
+      auto cur = s.index.find(key);
+      const bool current = cur != s.index.end() && cur->second == e;
+      if (current && s.make_room(Tier::Host, e->bytes, e.get())) {
+        keep_indexed();
+        s.attach_mem(e.get(), Tier::Host, b);
+        ++s.st.promotions;
+      }
     }
   }
   Tier tier_out = e->mem == buf ? e->mem_tier : Tier::Host;
