@@ -29,6 +29,14 @@ def load_adapters(model, path: Optional[str] = None) -> M.Adapters:
     return M.Adapters.load(path or DEFAULT_ADAPTERS, model)
 
 
+def llama8b_config():
+    """The shape of Llama-3.1-8B (no weights): FLOPs at the paper's model size, analytically."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256)
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else float("nan")
@@ -51,6 +59,7 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
     _, docs, _ = M.split_prompt(ex0.prompt_ids, tokenizer)
     doc_lens = [len(d) for d in docs]
     cfg = model.config
+    big = llama8b_config()
     for name in methods:
         t0 = time.time()
         recomputed = 0.0
@@ -74,9 +83,13 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
             flops = M.method_flops(cfg, "epic", doc_lens, first_k=epic_k)
         else:
             raise ValueError(f"unknown method {name!r}; valid: {', '.join(all_methods)}")
+        kind = {"full": "full", "none": "none", "kvpacket": "kvpacket", "epic": "epic"}.get(name, "cacheblend")
+        flops_big = M.method_flops(big, kind, doc_lens, ratio=int(name.split("-")[1]) / 100 if kind == "cacheblend" else 0.0,
+                                   first_k=epic_k, n_header=adapters.n_header if name == "kvpacket" else 0,
+                                   n_trailer=adapters.n_trailer if name == "kvpacket" else 0)
         res = testbed.evaluate(model, tokenizer, "recall", n=n, seed=seed, context_tokens=context_tokens, generate_fn=fn)
         row = {"method": name, "n": n, "accuracy": res["accuracy"], "ttft_ms": 1000 * _median(ttfts),
-               "flops": flops, "seconds": time.time() - t0}
+               "flops": flops, "flops_llama8b": flops_big, "seconds": time.time() - t0}
         rows.append(row)
         print(f"  {name:<14} acc {100 * row['accuracy']:5.1f}%  ttft {row['ttft_ms']:7.1f} ms  "
               f"flops {flops:9.3g}  ({row['seconds']:.0f}s)", file=out, flush=True)
@@ -85,10 +98,11 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
 
 def format_table(rows: List[Dict], anchor: str = "full") -> str:
     base = next((r for r in rows if r["method"] == anchor), rows[0])
-    hdr = f"{'method':<14} {'accuracy':>9} {'vs full':>8} {'TTFT ms':>9} {'TTFT x':>7} {'prep FLOPs':>11} {'FLOPs x':>9}"
+    hdr = (f"{'method':<14} {'accuracy':>9} {'vs full':>8} {'TTFT ms':>9} {'TTFT x':>7} {'prep FLOPs':>11} "
+           f"{'FLOPs x':>9} {'@Llama-8B':>10}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(f"{r['method']:<14} {100 * r['accuracy']:8.1f}% {100 * (r['accuracy'] - base['accuracy']):+7.1f} "
                      f"{r['ttft_ms']:9.1f} {r['ttft_ms'] / base['ttft_ms']:7.2f} {r['flops']:11.3g} "
-                     f"{r['flops'] / base['flops']:9.2g}")
+                     f"{r['flops'] / base['flops']:9.2g} {r['flops_llama8b']:10.3g}")
     return "\n".join(lines)
