@@ -175,7 +175,7 @@ struct StoreState {
   bool ensure_on_disk(Entry* e, const void* src, Device src_dev) {
     if (e->on_disk) return true;
     if (!disk) return false;
-    const uint64_t need = e->bytes + 4096;  // header estimate
+    const uint64_t need = packet_file_bytes(*e->meta);
     if (need > cap[int(Tier::Disk)]) return false;
     if (!make_room(Tier::Disk, need, e)) return false;
     std::shared_ptr<Buffer> staging;
@@ -501,7 +501,7 @@ PacketKey put_impl(const std::shared_ptr<StoreState>& state, const PacketMeta& m
     return key;
   }
   s.index.erase(key);
-  if (s.disk && bytes + 4096 <= s.cap[int(Tier::Disk)])
+  if (s.disk && detail::packet_file_bytes(meta_in) <= s.cap[int(Tier::Disk)])
     SCRIMP_FAIL("cannot store packet " << key_hex(key) << " (" << bytes << " bytes): the memory tiers are full of "
                 "packets in use and the disk write failed (see messages())");
   SCRIMP_CHECK(false, "cannot store packet " << key_hex(key) << " (" << bytes << " bytes): no tier has room "

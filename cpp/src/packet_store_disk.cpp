@@ -148,6 +148,12 @@ std::atomic<uint64_t> g_tmp_counter{0};
 
 std::string packet_file_name(const PacketKey& key) { return key_hex(key) + ".kvp"; }
 
+uint64_t packet_file_bytes(const PacketMeta& meta) {
+  Writer w;
+  put_meta(w, meta);
+  return 60 + w.b.size() + 4 + meta.payload_bytes();
+}
+
 std::string write_packet_file(const std::string& dir, const PacketKey& key, const PacketMeta& meta,
                               const void* payload, bool do_fsync, uint64_t* file_bytes) {
   const uint64_t P = meta.payload_bytes();

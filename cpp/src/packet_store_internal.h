@@ -37,6 +37,7 @@ int cuda_devices();
 // ---- disk format (see packet_store_disk.cpp) ----
 constexpr uint32_t kFormatVersion = 1;
 std::string packet_file_name(const PacketKey& key);  // "<64 hex>.kvp"
+uint64_t packet_file_bytes(const PacketMeta& meta);  // exact size of the file write_packet_file makes
 // Writes atomically (temp file, fsync, rename, fsync dir). Returns "" or an error message.
 std::string write_packet_file(const std::string& dir, const PacketKey& key, const PacketMeta& meta,
                               const void* payload, bool do_fsync, uint64_t* file_bytes);

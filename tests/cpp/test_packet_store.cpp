@@ -354,6 +354,13 @@ TEST(PacketStore, DiskTierLruDeletesOldestFiles) {
   EXPECT_TRUE(s.contains(k[5]));
   EXPECT_FALSE(s.contains(k[0]));
   EXPECT_EQ(dir.files().size(), st.packets_disk);
+  uint64_t on_disk = 0;
+  for (const auto& f : dir.files()) {
+    struct stat sb;
+    ASSERT_EQ(::stat((dir.path + "/" + f).c_str(), &sb), 0);
+    on_disk += static_cast<uint64_t>(sb.st_size);
+  }
+  EXPECT_EQ(on_disk, st.bytes_disk);  // the disk tier accounts exact file sizes
 }
 
 // ---- disk format ----
