@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -168,7 +169,11 @@ py::object store_get(scrimp::PacketStore& s, const std::string& key, const std::
 }
 
 py::dict stats_dict(const scrimp::PacketStore& s) {
-  const scrimp::PacketStoreStats st = s.stats();
+  scrimp::PacketStoreStats st;
+  {
+    py::gil_scoped_release release;  // the store lock may be held by a thread doing disk I/O
+    st = s.stats();
+  }
   py::dict d;
 #define F(name) d[#name] = st.name
   F(hits); F(misses); F(hits_gpu); F(hits_host); F(hits_disk); F(puts); F(duplicate_puts);
@@ -275,9 +280,18 @@ SCRIMP_BINDINGS(packets) {
       .def("get", &store_get, py::arg("key"), py::arg("tier") = "host", py::arg("fingerprint") = py::none(),
            py::arg("adapter_id") = py::none(), py::arg("dtype") = py::none(), py::arg("num_layers") = py::none(),
            py::arg("num_kv_heads") = py::none(), py::arg("head_dim") = py::none())
-      .def("contains", [](const scrimp::PacketStore& s, const std::string& key) { return s.contains(scrimp::key_from_hex(key)); })
+      .def("contains", [](const scrimp::PacketStore& s, const std::string& key) {
+        const scrimp::PacketKey k = scrimp::key_from_hex(key);
+        py::gil_scoped_release release;
+        return s.contains(k);
+      })
       .def("meta", [](const scrimp::PacketStore& s, const std::string& key) -> py::object {
-        auto m = s.meta(scrimp::key_from_hex(key));
+        const scrimp::PacketKey k = scrimp::key_from_hex(key);
+        std::optional<scrimp::PacketMeta> m;
+        {
+          py::gil_scoped_release release;
+          m = s.meta(k);
+        }
         if (!m) return py::none();
         return meta_dict(*m);
       })
@@ -293,12 +307,13 @@ SCRIMP_BINDINGS(packets) {
       })
       .def("keys", [](const scrimp::PacketStore& s) {
         std::vector<std::string> out;
+        py::gil_scoped_release release;
         for (const auto& k : s.keys()) out.push_back(scrimp::key_hex(k));
         return out;
       })
       .def("stats", &stats_dict)
-      .def("messages", &scrimp::PacketStore::messages)
-      .def("take_messages", &scrimp::PacketStore::take_messages)
+      .def("messages", &scrimp::PacketStore::messages, py::call_guard<py::gil_scoped_release>())
+      .def("take_messages", &scrimp::PacketStore::take_messages, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("gpu_enabled", &scrimp::PacketStore::gpu_enabled);
 
   m.def("packet_key", [](const std::string& fp, const std::string& adapter, const std::vector<int64_t>& ids) {
