@@ -21,19 +21,24 @@ namespace scrimp {
 
 #if defined(SCRIMP_X86_SIMD)
 namespace detail {
-int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const float* c, const float* s);
-int64_t rotate_half_bf16_avx2(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s);
+int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start);
+int64_t rotate_half_bf16_avx2(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start);
+int64_t rotate_half_f32_avx512(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start);
+int64_t rotate_half_bf16_avx512(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start);
 }  // namespace detail
 #endif
 
 namespace {
 
-bool use_avx2() {
+// 0: portable, 1: AVX2, 2: AVX-512 (decided once per process from cpu_simd_level()).
+int simd_path() {
 #if defined(SCRIMP_X86_SIMD)
-  static const bool on = std::strcmp(cpu_simd_level(), "generic") != 0;
-  return on;
+  static const int level = std::strcmp(cpu_simd_level(), "avx512") == 0 ? 2
+                           : std::strcmp(cpu_simd_level(), "avx2") == 0  ? 1
+                                                                         : 0;
+  return level;
 #else
-  return false;
+  return 0;
 #endif
 }
 
@@ -108,13 +113,15 @@ inline void rotate_row(const T* in, T* out, int64_t D, int64_t half_r, const typ
   if (layout == RopeLayout::Half) {
     int64_t done = 0;
 #if defined(SCRIMP_X86_SIMD)
-    if (use_avx2()) {
-      if constexpr (std::is_same<T, float>::value) {
-        done = detail::rotate_half_f32_avx2(in, out, half_r, cosv, sinv);
-      } else if constexpr (std::is_same<T, BF16>::value) {
-        done = detail::rotate_half_bf16_avx2(reinterpret_cast<const uint16_t*>(in), reinterpret_cast<uint16_t*>(out),
-                                             half_r, cosv, sinv);
-      }
+    const int path = simd_path();
+    if constexpr (std::is_same<T, float>::value) {
+      if (path == 2) done = detail::rotate_half_f32_avx512(in, out, half_r, cosv, sinv, done);
+      if (path >= 1) done = detail::rotate_half_f32_avx2(in, out, half_r, cosv, sinv, done);
+    } else if constexpr (std::is_same<T, BF16>::value) {
+      const uint16_t* i16 = reinterpret_cast<const uint16_t*>(in);
+      uint16_t* o16 = reinterpret_cast<uint16_t*>(out);
+      if (path == 2) done = detail::rotate_half_bf16_avx512(i16, o16, half_r, cosv, sinv, done);
+      if (path >= 1) done = detail::rotate_half_bf16_avx2(i16, o16, half_r, cosv, sinv, done);
     }
 #endif
     if (out == in) {

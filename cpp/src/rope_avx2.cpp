@@ -33,9 +33,9 @@ inline void f32x8_to_bf16(uint16_t* p, __m256 v) {
 }
 }  // namespace
 
-// Returns the number of pairs handled (a multiple of 8); the caller finishes the rest.
-int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const float* c, const float* s) {
-  int64_t i = 0;
+// Rotates pairs start, start+8, ... while 8 remain; returns the first pair not handled.
+int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start) {
+  int64_t i = start;
   for (; i + 8 <= hr; i += 8) {
     const __m256 x = _mm256_loadu_ps(in + i), y = _mm256_loadu_ps(in + i + hr);
     const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
@@ -45,8 +45,8 @@ int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const floa
   return i;
 }
 
-int64_t rotate_half_bf16_avx2(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s) {
-  int64_t i = 0;
+int64_t rotate_half_bf16_avx2(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start) {
+  int64_t i = start;
   for (; i + 8 <= hr; i += 8) {
     const __m256 x = bf16x8_to_f32(in + i), y = bf16x8_to_f32(in + i + hr);
     const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);

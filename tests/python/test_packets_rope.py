@@ -208,8 +208,8 @@ def test_simd_and_generic_paths_are_bit_identical(tmp_path):
     import sys
 
     torch.manual_seed(5)
-    f = inv_freq(40)  # 20 pairs: 16 vectorised + 4 scalar
-    k = torch.randn(1, 2, 9, 48)
+    f = inv_freq(56)  # 28 pairs: 16 (AVX-512) + 8 (AVX2) + 4 scalar
+    k = torch.randn(1, 2, 9, 60)
     per = torch.randint(-100, 5000, (9,))
     torch.save({"k": k, "per": per, "f": f}, tmp_path / "in.pt")
     code = (
