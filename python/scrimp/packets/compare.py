@@ -44,8 +44,11 @@ def _median(xs):
 
 def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 20, context_tokens: int = 512,
                     seed: int = 0, methods: Optional[Sequence[str]] = None, cacheblend_ratios=(0.1, 0.3, 0.5),
-                    epic_k: int = 16, out=None) -> List[Dict]:
-    """Rows ``{method, accuracy, ttft_ms, flops, recomputed}`` for the chosen methods (default: all)."""
+                    epic_k: int = 16, out=None, fidelity: bool = True) -> List[Dict]:
+    """Rows ``{method, accuracy, ttft_ms, flops, flops_llama8b, kl, agree}`` for the chosen methods
+    (default: all). ``kl`` / ``agree``: mean KL(full || method) of the first answer token's
+    distribution and how often its argmax equals full recompute's (over the same ``n`` examples); a
+    weight-independent measure of how faithfully a method reproduces the full cache."""
     from .. import testbed
 
     out = out if out is not None else sys.stdout
@@ -60,26 +63,30 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
     doc_lens = [len(d) for d in docs]
     cfg = model.config
     big = llama8b_config()
+    prompts = [testbed.tasks.recall(seed=seed * 1_000_003 + i, context_tokens=context_tokens, tokenizer=tokenizer).prompt_ids
+               for i in range(n)]
+    full_logits = [M.full_first_token_logits(model, p) for p in prompts] if fidelity else []
     for name in methods:
         t0 = time.time()
         recomputed = 0.0
         if name == "full":
             ttfts: List[float] = []
             fn = M.full_recompute_generate(ttfts)
+            logit_fn = lambda p: M.full_first_token_logits(model, p)  # noqa: E731
             flops = M.method_flops(cfg, "full", doc_lens)
         elif name in ("none", "kvpacket"):
             eng = M.PacketEngine(model, tokenizer, adapters if name == "kvpacket" else None)
-            fn, ttfts = eng.generate, eng.ttfts
+            fn, ttfts, logit_fn = eng.generate, eng.ttfts, eng.first_token_logits
             flops = M.method_flops(cfg, name, doc_lens, n_header=adapters.n_header if name == "kvpacket" else 0,
                                    n_trailer=adapters.n_trailer if name == "kvpacket" else 0)
         elif name.startswith("cacheblend-"):
             r = int(name.split("-")[1]) / 100
             sr = M.SelectiveRecompute(model, tokenizer, ratio=r)
-            fn, ttfts = sr.generate, sr.ttfts
+            fn, ttfts, logit_fn = sr.generate, sr.ttfts, sr.first_token_logits
             flops = M.method_flops(cfg, "cacheblend", doc_lens, ratio=r)
         elif name == "epic":
             sr = M.SelectiveRecompute(model, tokenizer, first_k=epic_k)
-            fn, ttfts = sr.generate, sr.ttfts
+            fn, ttfts, logit_fn = sr.generate, sr.ttfts, sr.first_token_logits
             flops = M.method_flops(cfg, "epic", doc_lens, first_k=epic_k)
         else:
             raise ValueError(f"unknown method {name!r}; valid: {', '.join(all_methods)}")
@@ -88,21 +95,31 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
                                    first_k=epic_k, n_header=adapters.n_header if name == "kvpacket" else 0,
                                    n_trailer=adapters.n_trailer if name == "kvpacket" else 0)
         res = testbed.evaluate(model, tokenizer, "recall", n=n, seed=seed, context_tokens=context_tokens, generate_fn=fn)
+        kl = agree = float("nan")
+        if fidelity:
+            kls, agr = [], []
+            for p, fl in zip(prompts, full_logits):
+                ml = logit_fn(p)
+                lp, lq = torch.log_softmax(fl, -1), torch.log_softmax(ml, -1)
+                kls.append(float((lp.exp() * (lp - lq)).sum()))
+                agr.append(int(fl.argmax()) == int(ml.argmax()))
+            kl, agree = sum(kls) / len(kls), sum(agr) / len(agr)
         row = {"method": name, "n": n, "accuracy": res["accuracy"], "ttft_ms": 1000 * _median(ttfts),
-               "flops": flops, "flops_llama8b": flops_big, "seconds": time.time() - t0}
+               "flops": flops, "flops_llama8b": flops_big, "kl": kl, "agree": agree, "seconds": time.time() - t0}
         rows.append(row)
-        print(f"  {name:<14} acc {100 * row['accuracy']:5.1f}%  ttft {row['ttft_ms']:7.1f} ms  "
+        print(f"  {name:<14} acc {100 * row['accuracy']:5.1f}%  KL {kl:.4f}  agree {100 * agree:5.1f}%  "
+              f"ttft {row['ttft_ms']:7.1f} ms  "
               f"flops {flops:9.3g}  ({row['seconds']:.0f}s)", file=out, flush=True)
     return rows
 
 
 def format_table(rows: List[Dict], anchor: str = "full") -> str:
     base = next((r for r in rows if r["method"] == anchor), rows[0])
-    hdr = (f"{'method':<14} {'accuracy':>9} {'vs full':>8} {'TTFT ms':>9} {'TTFT x':>7} {'prep FLOPs':>11} "
-           f"{'FLOPs x':>9} {'@Llama-8B':>10}")
+    hdr = (f"{'method':<14} {'accuracy':>9} {'vs full':>8} {'KL->full':>9} {'top1=full':>9} {'TTFT ms':>9} "
+           f"{'TTFT x':>7} {'prep FLOPs':>11} {'FLOPs x':>9} {'@Llama-8B':>10}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(f"{r['method']:<14} {100 * r['accuracy']:8.1f}% {100 * (r['accuracy'] - base['accuracy']):+7.1f} "
-                     f"{r['ttft_ms']:9.1f} {r['ttft_ms'] / base['ttft_ms']:7.2f} {r['flops']:11.3g} "
+                     f"{r.get('kl', float('nan')):9.4f} {100 * r.get('agree', float('nan')):8.1f}% {r['ttft_ms']:9.1f} {r['ttft_ms'] / base['ttft_ms']:7.2f} {r['flops']:11.3g} "
                      f"{r['flops'] / base['flops']:9.2g} {r['flops_llama8b']:10.3g}")
     return "\n".join(lines)

@@ -194,6 +194,7 @@ def _new_cache(model):
         return DynamicCache()
 
 
+@torch.no_grad()
 def _greedy_from(model, cache, first_ids: List[int], start_pos: int, max_new_tokens: int, eos_id, t0=None):
     """Prefill ``first_ids`` at ``start_pos`` on top of ``cache``, then greedy-decode. Returns
     (new token ids, seconds to the first token measured from ``t0``)."""
@@ -296,6 +297,13 @@ class PacketEngine:
         for d in docs:
             self.packet(d).release()
 
+    @torch.no_grad()
+    def first_token_logits(self, prompt_ids) -> torch.Tensor:
+        """Logits of the first answer token (for fidelity against full recompute)."""
+        ids = [int(i) for i in prompt_ids]
+        cache, n, question, *_ = self.prepare(ids)
+        return _question_logits(self.model, cache, n, question)
+
     def generate(self, model, tokenizer, prompt_ids, max_new_tokens):
         ids = [int(i) for i in prompt_ids[0]]
         self.warm(ids)
@@ -304,6 +312,20 @@ class PacketEngine:
         new, ttft = _greedy_from(self.model, cache, question, n, max_new_tokens, tokenizer.eos_token_id, t0)
         self.ttfts.append(ttft)
         return torch.tensor(new, dtype=torch.long)
+
+
+def _question_logits(model, cache, n, question) -> torch.Tensor:
+    dev = _device(model)
+    out = _forward(model, input_ids=torch.tensor([question], device=dev),
+                   position_ids=torch.arange(n, n + len(question), device=dev)[None], cache=cache, use_cache=True,
+                   logits_to_keep=1)
+    return out.logits[0, -1].float()
+
+
+@torch.no_grad()
+def full_first_token_logits(model, prompt_ids) -> torch.Tensor:
+    dev = _device(model)
+    return model(input_ids=torch.tensor([list(prompt_ids)], device=dev), logits_to_keep=1).logits[0, -1].float()
 
 
 def full_recompute_generate(ttfts: Optional[list] = None):
@@ -405,11 +427,10 @@ class SelectiveRecompute:
         self.ttfts: List[float] = []
         self.recomputed: List[int] = []
 
-    def generate(self, model, tokenizer, prompt_ids, max_new_tokens):
+    @torch.no_grad()
+    def _prepared(self, ids):
         eng = self.engine
-        ids = [int(i) for i in prompt_ids[0]]
-        eng.warm(ids)
-        t0 = time.perf_counter()
+        model = eng.model
         cache, n, question, kv, docs, prefix = eng.prepare(ids)
         seq_ids = list(prefix) + [t for d in docs for t in d]
         if self.ratio is not None:
@@ -423,7 +444,19 @@ class SelectiveRecompute:
                 sel.extend(range(pos, pos + min(self.first_k, len(d))))
                 pos += len(d)
         cache = _recompute_positions(model, cache, seq_ids, sel, n)
-        self.recomputed.append(len(sel))
+        return cache, n, question, len(sel)
+
+    @torch.no_grad()
+    def first_token_logits(self, prompt_ids) -> torch.Tensor:
+        cache, n, question, _ = self._prepared([int(i) for i in prompt_ids])
+        return _question_logits(self.engine.model, cache, n, question)
+
+    def generate(self, model, tokenizer, prompt_ids, max_new_tokens):
+        ids = [int(i) for i in prompt_ids[0]]
+        self.engine.warm(ids)
+        t0 = time.perf_counter()
+        cache, n, question, r = self._prepared(ids)
+        self.recomputed.append(r)
         new, ttft = _greedy_from(model, cache, question, n, max_new_tokens, tokenizer.eos_token_id, t0)
         self.ttfts.append(ttft)
         return torch.tensor(new, dtype=torch.long)
