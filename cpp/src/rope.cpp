@@ -21,10 +21,14 @@ namespace scrimp {
 
 #if defined(SCRIMP_X86_SIMD)
 namespace detail {
-int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start);
-int64_t rotate_half_bf16_avx2(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start);
-int64_t rotate_half_f32_avx512(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start);
-int64_t rotate_half_bf16_avx512(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start);
+int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start,
+                             int64_t rows, int64_t in_stride, int64_t out_stride);
+int64_t rotate_half_bf16_avx2(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start,
+                             int64_t rows, int64_t in_stride, int64_t out_stride);
+int64_t rotate_half_f32_avx512(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start,
+                             int64_t rows, int64_t in_stride, int64_t out_stride);
+int64_t rotate_half_bf16_avx512(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start,
+                             int64_t rows, int64_t in_stride, int64_t out_stride);
 }  // namespace detail
 #endif
 
@@ -102,52 +106,49 @@ template <> struct Elem<BF16> {
   static void st(BF16* p, float v) { p->v = float_to_bf16(v); }
 };
 
-// Rotate one row of D elements. cs = [cos_0 .. cos_{R/2-1}, sin_0 .. sin_{R/2-1}] (split so the Half
-// layout's loop is a plain vectorizable stream).
+// Rotate `rows` rows of D elements (row r at in + r * in_stride -> out + r * out_stride).
+// cs = [cos_0 .. cos_{R/2-1}, sin_0 .. sin_{R/2-1}] (split so the Half layout is a plain stream).
 template <typename T>
-inline void rotate_row(const T* in, T* out, int64_t D, int64_t half_r, const typename Elem<T>::C* cs,
-                       RopeLayout layout) {
+inline void rotate_rows(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t rows, int64_t D,
+                        int64_t half_r, const typename Elem<T>::C* cs, RopeLayout layout) {
   using C = typename Elem<T>::C;
   const C* __restrict__ cosv = cs;
   const C* __restrict__ sinv = cs + half_r;
-  if (layout == RopeLayout::Half) {
-    int64_t done = 0;
+  int64_t done = 0;  // pairs handled by the SIMD rows (Half layout only)
 #if defined(SCRIMP_X86_SIMD)
+  if (layout == RopeLayout::Half) {
     const int path = simd_path();
     if constexpr (std::is_same<T, float>::value) {
-      if (path == 2) done = detail::rotate_half_f32_avx512(in, out, half_r, cosv, sinv, done);
-      if (path >= 1) done = detail::rotate_half_f32_avx2(in, out, half_r, cosv, sinv, done);
+      if (path == 2) done = detail::rotate_half_f32_avx512(in, out, half_r, cosv, sinv, done, rows, in_stride, out_stride);
+      if (path >= 1) done = detail::rotate_half_f32_avx2(in, out, half_r, cosv, sinv, done, rows, in_stride, out_stride);
     } else if constexpr (std::is_same<T, BF16>::value) {
       const uint16_t* i16 = reinterpret_cast<const uint16_t*>(in);
       uint16_t* o16 = reinterpret_cast<uint16_t*>(out);
-      if (path == 2) done = detail::rotate_half_bf16_avx512(i16, o16, half_r, cosv, sinv, done);
-      if (path >= 1) done = detail::rotate_half_bf16_avx2(i16, o16, half_r, cosv, sinv, done);
-    }
-#endif
-    if (out == in) {
-      for (int64_t i = done; i < half_r; ++i) {
-        const C x = Elem<T>::ld(in + i), y = Elem<T>::ld(in + i + half_r);
-        Elem<T>::st(out + i, x * cosv[i] - y * sinv[i]);
-        Elem<T>::st(out + i + half_r, y * cosv[i] + x * sinv[i]);
-      }
-    } else {
-      // Distinct rows (the caller never passes partially overlapping rows).
-      T* __restrict__ o = out;
-      const T* __restrict__ x = in;
-      for (int64_t i = done; i < half_r; ++i)
-        Elem<T>::st(o + i, Elem<T>::ld(x + i) * cosv[i] - Elem<T>::ld(x + i + half_r) * sinv[i]);
-      for (int64_t i = done; i < half_r; ++i)
-        Elem<T>::st(o + i + half_r, Elem<T>::ld(x + i + half_r) * cosv[i] + Elem<T>::ld(x + i) * sinv[i]);
-    }
-  } else {
-    for (int64_t i = 0; i < half_r; ++i) {
-      const C x = Elem<T>::ld(in + 2 * i), y = Elem<T>::ld(in + 2 * i + 1);
-      Elem<T>::st(out + 2 * i, x * cosv[i] - y * sinv[i]);
-      Elem<T>::st(out + 2 * i + 1, y * cosv[i] + x * sinv[i]);
+      if (path == 2) done = detail::rotate_half_bf16_avx512(i16, o16, half_r, cosv, sinv, done, rows, in_stride, out_stride);
+      if (path >= 1) done = detail::rotate_half_bf16_avx2(i16, o16, half_r, cosv, sinv, done, rows, in_stride, out_stride);
     }
   }
-  if (out != in)
-    for (int64_t i = 2 * half_r; i < D; ++i) out[i] = in[i];
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = in + r * in_stride;
+    T* dst = out + r * out_stride;
+    if (layout == RopeLayout::Half) {
+      // Pairs (i, i + R/2); both read before either is written, so in place is safe.
+      for (int64_t i = done; i < half_r; ++i) {
+        const C x = Elem<T>::ld(src + i), y = Elem<T>::ld(src + i + half_r);
+        Elem<T>::st(dst + i, x * cosv[i] - y * sinv[i]);
+        Elem<T>::st(dst + i + half_r, y * cosv[i] + x * sinv[i]);
+      }
+    } else {
+      for (int64_t i = 0; i < half_r; ++i) {
+        const C x = Elem<T>::ld(src + 2 * i), y = Elem<T>::ld(src + 2 * i + 1);
+        Elem<T>::st(dst + 2 * i, x * cosv[i] - y * sinv[i]);
+        Elem<T>::st(dst + 2 * i + 1, y * cosv[i] + x * sinv[i]);
+      }
+    }
+    if (dst != src)
+      for (int64_t i = 2 * half_r; i < D; ++i) dst[i] = src[i];
+  }
 }
 
 template <typename C>
@@ -178,7 +179,7 @@ void rerotate_cpu(const RerotateArgs& a) {
     const int64_t s = r % S, h = (r / S) % H, b = r / (S * H);
     const T* src = in + b * a.keys.strides[0] + h * a.keys.strides[1] + s * a.keys.strides[2];
     T* dst = out + b * a.out.strides[0] + h * a.out.strides[1] + s * a.out.strides[2];
-    rotate_row<T>(src, dst, D, hr, cs.data() + (dpp ? s * 2 * hr : 0), a.layout);
+    rotate_rows<T>(src, 0, dst, 0, 1, D, hr, cs.data() + (dpp ? s * 2 * hr : 0), a.layout);
   }
 }
 
@@ -212,7 +213,7 @@ void assemble_cpu(const AssembleArgs& a) {
     const TensorView& ov = a.out_values[l];
     T* kd = static_cast<T*>(ok.data) + h * ok.strides[1] + start[p] * ok.strides[2];
     T* vd = static_cast<T*>(ov.data) + h * ov.strides[1] + start[p] * ov.strides[2];
-    for (int64_t t = 0; t < T_; ++t) rotate_row<T>(ks + t * D, kd + t * ok.strides[2], D, hr, cs[p].data(), part.layout);
+    rotate_rows<T>(ks, D, kd, ok.strides[2], T_, D, hr, cs[p].data(), part.layout);
     if (ov.strides[2] == D) {
       std::memcpy(vd, vs, row_bytes * T_);
     } else {

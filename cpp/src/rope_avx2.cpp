@@ -33,25 +33,37 @@ inline void f32x8_to_bf16(uint16_t* p, __m256 v) {
 }
 }  // namespace
 
-// Rotates pairs start, start+8, ... while 8 remain; returns the first pair not handled.
-int64_t rotate_half_f32_avx2(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start) {
+// Rotates pairs start, start+W, ... while W remain, in `rows` rows; returns the first pair not handled.
+int64_t rotate_half_f32_avx2(const float* in0, float* out0, int64_t hr, const float* c, const float* s, int64_t start,
+                        int64_t rows, int64_t in_stride, int64_t out_stride) {
   int64_t i = start;
-  for (; i + 8 <= hr; i += 8) {
-    const __m256 x = _mm256_loadu_ps(in + i), y = _mm256_loadu_ps(in + i + hr);
-    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
-    _mm256_storeu_ps(out + i, _mm256_sub_ps(_mm256_mul_ps(x, cv), _mm256_mul_ps(y, sv)));
-    _mm256_storeu_ps(out + i + hr, _mm256_add_ps(_mm256_mul_ps(y, cv), _mm256_mul_ps(x, sv)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = in0 + r * in_stride;
+    float* out = out0 + r * out_stride;
+    i = start;
+    for (; i + 8 <= hr; i += 8) {
+      const __m256 x = _mm256_loadu_ps(in + i), y = _mm256_loadu_ps(in + i + hr);
+      const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+      _mm256_storeu_ps(out + i, _mm256_sub_ps(_mm256_mul_ps(x, cv), _mm256_mul_ps(y, sv)));
+      _mm256_storeu_ps(out + i + hr, _mm256_add_ps(_mm256_mul_ps(y, cv), _mm256_mul_ps(x, sv)));
+    }
   }
   return i;
 }
 
-int64_t rotate_half_bf16_avx2(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start) {
+int64_t rotate_half_bf16_avx2(const uint16_t* in0, uint16_t* out0, int64_t hr, const float* c, const float* s, int64_t start,
+                        int64_t rows, int64_t in_stride, int64_t out_stride) {
   int64_t i = start;
-  for (; i + 8 <= hr; i += 8) {
-    const __m256 x = bf16x8_to_f32(in + i), y = bf16x8_to_f32(in + i + hr);
-    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
-    f32x8_to_bf16(out + i, _mm256_sub_ps(_mm256_mul_ps(x, cv), _mm256_mul_ps(y, sv)));
-    f32x8_to_bf16(out + i + hr, _mm256_add_ps(_mm256_mul_ps(y, cv), _mm256_mul_ps(x, sv)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* in = in0 + r * in_stride;
+    uint16_t* out = out0 + r * out_stride;
+    i = start;
+    for (; i + 8 <= hr; i += 8) {
+      const __m256 x = bf16x8_to_f32(in + i), y = bf16x8_to_f32(in + i + hr);
+      const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+      f32x8_to_bf16(out + i, _mm256_sub_ps(_mm256_mul_ps(x, cv), _mm256_mul_ps(y, sv)));
+      f32x8_to_bf16(out + i + hr, _mm256_add_ps(_mm256_mul_ps(y, cv), _mm256_mul_ps(x, sv)));
+    }
   }
   return i;
 }

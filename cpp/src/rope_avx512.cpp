@@ -29,24 +29,36 @@ inline void f32x16_to_bf16(uint16_t* p, __m512 v) {
 }
 }  // namespace
 
-int64_t rotate_half_f32_avx512(const float* in, float* out, int64_t hr, const float* c, const float* s, int64_t start) {
+int64_t rotate_half_f32_avx512(const float* in0, float* out0, int64_t hr, const float* c, const float* s, int64_t start,
+                        int64_t rows, int64_t in_stride, int64_t out_stride) {
   int64_t i = start;
-  for (; i + 16 <= hr; i += 16) {
-    const __m512 x = _mm512_loadu_ps(in + i), y = _mm512_loadu_ps(in + i + hr);
-    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
-    _mm512_storeu_ps(out + i, _mm512_sub_ps(_mm512_mul_ps(x, cv), _mm512_mul_ps(y, sv)));
-    _mm512_storeu_ps(out + i + hr, _mm512_add_ps(_mm512_mul_ps(y, cv), _mm512_mul_ps(x, sv)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = in0 + r * in_stride;
+    float* out = out0 + r * out_stride;
+    i = start;
+    for (; i + 16 <= hr; i += 16) {
+      const __m512 x = _mm512_loadu_ps(in + i), y = _mm512_loadu_ps(in + i + hr);
+      const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+      _mm512_storeu_ps(out + i, _mm512_sub_ps(_mm512_mul_ps(x, cv), _mm512_mul_ps(y, sv)));
+      _mm512_storeu_ps(out + i + hr, _mm512_add_ps(_mm512_mul_ps(y, cv), _mm512_mul_ps(x, sv)));
+    }
   }
   return i;
 }
 
-int64_t rotate_half_bf16_avx512(const uint16_t* in, uint16_t* out, int64_t hr, const float* c, const float* s, int64_t start) {
+int64_t rotate_half_bf16_avx512(const uint16_t* in0, uint16_t* out0, int64_t hr, const float* c, const float* s, int64_t start,
+                        int64_t rows, int64_t in_stride, int64_t out_stride) {
   int64_t i = start;
-  for (; i + 16 <= hr; i += 16) {
-    const __m512 x = bf16x16_to_f32(in + i), y = bf16x16_to_f32(in + i + hr);
-    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
-    f32x16_to_bf16(out + i, _mm512_sub_ps(_mm512_mul_ps(x, cv), _mm512_mul_ps(y, sv)));
-    f32x16_to_bf16(out + i + hr, _mm512_add_ps(_mm512_mul_ps(y, cv), _mm512_mul_ps(x, sv)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* in = in0 + r * in_stride;
+    uint16_t* out = out0 + r * out_stride;
+    i = start;
+    for (; i + 16 <= hr; i += 16) {
+      const __m512 x = bf16x16_to_f32(in + i), y = bf16x16_to_f32(in + i + hr);
+      const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+      f32x16_to_bf16(out + i, _mm512_sub_ps(_mm512_mul_ps(x, cv), _mm512_mul_ps(y, sv)));
+      f32x16_to_bf16(out + i + hr, _mm512_add_ps(_mm512_mul_ps(y, cv), _mm512_mul_ps(x, sv)));
+    }
   }
   return i;
 }
