@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..distill_loss import kl_loss, kl_loss_reference
+from ..distill_loss import kl_loss
 from ..scoring import token_scores
 from .select import SelectStats, TipScores, normalize_entropy, select
 
@@ -126,11 +126,17 @@ def tip_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Te
     return TipLossOutput(loss, kept, stats, shifted)
 
 
-def plain_loss(student, teacher, input_ids, attention_mask, response_mask, temperature: float = 1.0) -> torch.Tensor:
-    """The plain torch step: full student and teacher logits, float32 log-softmax reverse KL over every
-    response token (what most on-policy distillation code does). The memory anchor."""
-    logits_s = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def plain_loss(student, teacher, input_ids, attention_mask, response_mask, temperature: float = 1.0,
+               kept_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The plain torch step (the memory anchor of ``../shared/anchors/gpu_e2e.py distill``): hidden states at
+    the response positions (or at ``kept_mask``) -> lm_head -> float32 log-softmax for student and teacher ->
+    mean of sum p (log p - log q). Every intermediate is a float32 ``[n, V]`` tensor kept for backward."""
+    import torch.nn.functional as F
+
+    pred = prediction_positions(response_mask if kept_mask is None else kept_mask)
+    hs = hidden_states(student, input_ids, attention_mask)[pred]
     with torch.no_grad():
-        logits_t = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    pred = prediction_positions(response_mask)
-    return kl_loss_reference(logits_s[pred].float(), logits_t[pred].float(), "reverse", temperature=temperature)
+        ht = hidden_states(teacher, input_ids, attention_mask)[pred]
+        lt = F.log_softmax(lm_head_of(teacher)(ht).float() / temperature, -1)
+    ls = F.log_softmax(lm_head_of(student)(hs).float() / temperature, -1)
+    return (ls.exp() * (ls - lt)).sum(-1).mean()

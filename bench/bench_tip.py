@@ -1,0 +1,274 @@
+"""TIP benchmark: fused kl_loss speed, one distillation step's peak memory, and (optionally) student
+accuracy on the testbed arith task before/after short TIP runs. Everything is measured in this run.
+
+    python bench/bench_tip.py                       # kl_loss timing + step memory (CPU)
+    python bench/bench_tip.py --arith --steps 30    # + accuracy table (needs the arith testbed models)
+    python bench/bench_tip.py --json out.json
+
+kl_loss: forward+backward of scrimp.kl_loss vs the plain torch formula (eager) and torch.compile of it,
+interleaved repetitions, median times and ratios. Memory: each configuration runs one training step
+(forward + backward, no optimizer) in a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536 so that
+large CPU buffers are returned to the OS; the number is (peak RSS during the step) - (RSS before it)
+on CPU, torch.cuda.max_memory_allocated() - allocated-before on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- kl_loss timing
+def bench_kl(n, v, dtypes, device, reps, compile_too=True):
+    import scrimp
+    from scrimp.distill_loss import kl_loss_reference
+
+    rows = []
+    compiled = torch.compile(kl_loss_reference, dynamic=False) if compile_too else None
+    for dt in dtypes:
+        dtype = getattr(torch, dt)
+        g = torch.Generator().manual_seed(0)
+        s0 = (torch.randn(n, v, generator=g) * 2).to(dtype).to(device)
+        t0 = (torch.randn(n, v, generator=g) * 2).to(dtype).to(device)
+        for kind in ("reverse", "jsd"):
+            def run_scrimp():
+                s = s0.detach().requires_grad_()
+                scrimp.kl_loss(s, t0, kind).backward()
+                return s.grad
+
+            def run_eager(fn=kl_loss_reference):
+                s = s0.detach().requires_grad_()
+                # the usual practice: upcast to float32 before the log-softmax
+                fn(s.float(), t0.float(), kind).backward()
+                return s.grad
+
+            cands = {"scrimp.kl_loss": run_scrimp, "torch eager (fp32 upcast)": run_eager}
+            if compiled is not None:
+                cands["torch.compile (fp32 upcast)"] = lambda: run_eager(compiled)
+            for f in cands.values():  # warm-up (and compile)
+                f()
+                f()
+            times = {k: [] for k in cands}
+            for _ in range(reps):
+                for k, f in cands.items():
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    f()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    times[k].append(time.perf_counter() - t)
+            base = statistics.median(times["scrimp.kl_loss"])
+            for k, ts in times.items():
+                med = statistics.median(ts)
+                rows.append({"section": "kl_loss fwd+bwd", "dtype": dt, "kind": kind, "impl": k,
+                             "ms": 1e3 * med, "x_slower_than_scrimp": med / base})
+    return rows
+
+
+# ----------------------------------------------------------------------------- step memory
+MEM_CONFIGS = [("plain", "all", 1.0), ("plain", "random", 0.5), ("plain", "random", 0.2), ("plain", "random", 0.1),
+               ("lean", "all", 1.0), ("lean", "soft_or", 0.5), ("lean", "soft_or", 0.2), ("lean", "soft_or", 0.1)]
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def mem_child(mode, rule, ratio, a):
+    """One step in this (fresh) process; prints a JSON line."""
+    import resource
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from scrimp.tip.step import plain_loss, tip_loss
+
+    torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    dev = a.device
+
+    def model(seed, hidden, layers):
+        torch.manual_seed(seed)
+        cfg = Qwen3Config(vocab_size=a.vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=hidden // 4, max_position_embeddings=a.prompt + a.response + 8,
+                          tie_word_embeddings=True)
+        return Qwen3ForCausalLM(cfg).to(dev, dtype)
+
+    student, teacher = model(0, a.hidden, 2), model(1, a.hidden * 2, 2).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    L = a.prompt + a.response
+    ids = torch.randint(0, a.vocab, (a.batch, L), generator=g).to(dev)
+    attn = torch.ones_like(ids)
+    resp = torch.zeros(a.batch, L, dtype=torch.bool, device=dev)
+    resp[:, a.prompt:] = True
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    before_rss, before_peak = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    if mode == "plain":  # the anchor: fp32 log-softmax; "random" gathers a random subset of hidden states first
+        kept = None
+        if ratio < 1.0:
+            from scrimp.tip import select
+            kept, _ = select({"entropy": torch.zeros(resp.shape)}, resp.cpu(), "random", ratio,
+                             torch.Generator().manual_seed(0))
+            kept = kept.to(dev)
+        loss = plain_loss(student, teacher, ids, attn, resp, kept_mask=kept)
+    else:
+        loss = tip_loss(student, teacher, ids, attn, resp, rule=rule, ratio=ratio,
+                        generator=torch.Generator().manual_seed(0), chunk_tokens=a.chunk).loss
+    loss.backward()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before_rss
+    print(json.dumps({"mode": mode, "rule": rule, "ratio": ratio, "peak_step_bytes": peak,
+                      "seconds": time.perf_counter() - t, "loss": float(loss),
+                      "peak_before_step_above_rss": max(0, before_peak - before_rss)}))
+
+
+def bench_memory(a):
+    rows = []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+               OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+    for mode, rule, ratio in MEM_CONFIGS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", mode, rule, str(ratio)] + _shape_args(a)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    plain = rows[0]["peak_step_bytes"]
+    logits_bytes = a.batch * a.response * a.vocab * 4
+    for r in rows:
+        r.update(section="step memory", peak_step_mb=r["peak_step_bytes"] / 2 ** 20,
+                 x_of_plain=r["peak_step_bytes"] / plain, fp32_logits_mb=logits_bytes / 2 ** 20)
+    return rows
+
+
+def _shape_args(a):
+    return ["--vocab", str(a.vocab), "--hidden", str(a.hidden), "--batch", str(a.batch), "--prompt", str(a.prompt),
+            "--response", str(a.response), "--dtype", a.dtype, "--device", a.device, "--threads", str(a.threads),
+            "--chunk", str(a.chunk)]
+
+
+# ----------------------------------------------------------------------------- arith accuracy
+ARITH_CONFIGS = [("all", 1.0), ("entropy", 0.5), ("soft_or", 0.5), ("soft_or", 0.2), ("q3", 0.1), ("random", 0.2)]
+
+
+def bench_arith(a):
+    from scrimp import testbed
+    from scrimp.tip import OnPolicyDistiller, arith_prompts
+
+    torch.set_num_threads(a.threads)
+    rows = []
+    student0, tok = testbed.load("arith-student")
+    teacher, _ = testbed.load("arith-teacher")
+    base = testbed.evaluate(student0, tok, "arith", n=a.eval_n)["accuracy"]
+    t_acc = testbed.evaluate(teacher, tok, "arith", n=a.eval_n)["accuracy"]
+    rows.append({"section": "arith", "rule": "(teacher)", "ratio": None, "accuracy_after": t_acc})
+    rows.append({"section": "arith", "rule": "(student before)", "ratio": None, "accuracy_after": base})
+    for rule, ratio in ARITH_CONFIGS:
+        student, _ = testbed.load("arith-student")
+        d = OnPolicyDistiller(student, teacher, tok, rule=rule, ratio=ratio, lr=a.lr, batch_size=a.arith_batch,
+                              max_new_tokens=a.max_new_tokens, seed=a.seed, progress=False)
+        t = time.perf_counter()
+        hist = d.train(a.steps, arith_prompts(tok))
+        secs = time.perf_counter() - t
+        acc = testbed.evaluate(d.student, tok, "arith", n=a.eval_n)["accuracy"]
+        rows.append({"section": "arith", "rule": rule, "ratio": ratio, "accuracy_before": base, "accuracy_after": acc,
+                     "steps": a.steps, "train_s": secs,
+                     "mean_loss_last5": statistics.mean(r["loss"] for r in hist[-5:]),
+                     "kept_fraction": statistics.mean(r["kept_fraction"] for r in hist),
+                     "q3_share_kept": statistics.mean(r["q3_kept"] for r in hist),
+                     "q3_share_all": statistics.mean(r["q3_all"] for r in hist)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def fmt(rows):
+    out = []
+    for sec in dict.fromkeys(r["section"] for r in rows):
+        rs = [r for r in rows if r["section"] == sec]
+        keys = [k for k in rs[0] if k != "section"]
+        out.append(f"== {sec} ==")
+        out.append("  ".join(f"{k:>14}" for k in keys))
+        for r in rs:
+            out.append("  ".join(f"{(f'{r.get(k):.3f}' if isinstance(r.get(k), float) else str(r.get(k))):>14}"
+                                 for k in keys))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2)
+    # kl_loss timing
+    p.add_argument("--kl-n", type=int, default=512)
+    p.add_argument("--kl-v", type=int, default=32000)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-kl", action="store_true")
+    # step memory
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--response", type=int, default=448)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--chunk", type=int, default=256)
+    # arith
+    p.add_argument("--arith", action="store_true")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--arith-batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--eval-n", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--_mem-child", nargs=3, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a._mem_child:
+        mode, rule, ratio = a._mem_child
+        return mem_child(mode, rule, float(ratio), a)
+    torch.set_num_threads(a.threads)
+    import scrimp
+
+    rows = []
+    if not a.no_kl:
+        rows += bench_kl(a.kl_n, a.kl_v, a.dtypes.split(","), a.device, a.reps, not a.no_compile)
+        print(fmt(rows), flush=True)
+    if not a.no_memory:
+        rows += bench_memory(a)
+    if a.arith:
+        rows += bench_arith(a)
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.machine()} cpu, {a.threads} threads"
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    print(f"TIP benchmark on {a.device} ({where}); load average {load}; build {scrimp.build_info()}")
+    print(fmt(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"rows": rows, "where": where, "load": load, "args": vars(a)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
