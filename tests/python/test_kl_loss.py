@@ -3,7 +3,8 @@
 Tolerances (inputs are exactly representable in the tested dtype; the reference runs in float64 on
 the same values): the loss is accumulated in float32/float64 inside the kernel for every dtype, so
 |loss - ref| <= 1e-5 |ref| + 1e-6 for all dtypes. The gradient is stored in the logits' dtype:
-float32 |g - ref| <= 1e-5 max|ref| + 1e-7; float16 <= 2^-10 |ref| + 1e-5 max|ref|;
+float32 |g - ref| <= 5e-5 max|ref| + 1e-7 (the bracket log p - log m - L is a difference of
+O(10) float32 terms, so an entry with large p carries ~1e-6 p absolute error); float16 <= 2^-10 |ref| + 1e-5 max|ref|;
 bfloat16 <= 2^-7 |ref| + 1e-4 max|ref| (one rounding of a value computed in float32).
 """
 import math
@@ -15,7 +16,7 @@ import scrimp
 from scrimp.distill_loss import kl_loss_reference
 
 INF = float("inf")
-GRAD_TOL = {torch.float32: (0.0, 1e-5), torch.float16: (2.0 ** -10, 1e-5), torch.bfloat16: (2.0 ** -7, 1e-4)}
+GRAD_TOL = {torch.float32: (0.0, 5e-5), torch.float16: (2.0 ** -10, 1e-5), torch.bfloat16: (2.0 ** -7, 1e-4)}
 
 
 def _pair(shape, dtype, seed=0, scale=3.0, masked=0):
@@ -52,7 +53,10 @@ def _check(s, t, kind, beta=0.5, temperature=1.0, reduction="mean"):
 
 @pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
 @pytest.mark.parametrize("V", [1, 2, 17, 1271, 2053])
-def test_matches_float64_reference_fp32(kind, V):
+@pytest.mark.parametrize("simd", ["generic", "avx2", "native"])
+def test_matches_float64_reference_fp32(kind, V, simd, monkeypatch):
+    if simd != "native":
+        monkeypatch.setenv("SCRIMP_CPU_SIMD", simd)
     s, t = _pair((3, 5, V), torch.float32, seed=V)
     _check(s, t, kind, beta=0.3, temperature=1.0)
     _check(s, t, kind, beta=0.7, temperature=0.7, reduction="sum")
