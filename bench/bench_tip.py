@@ -7,9 +7,9 @@ accuracy on the testbed arith task before/after short TIP runs. Everything is me
 
 kl_loss: forward+backward of scrimp.kl_loss vs the plain torch formula (eager) and torch.compile of it,
 interleaved repetitions, median times and ratios. Memory: each configuration runs one training step
-(forward + backward, no optimizer) in a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536 so that
-large CPU buffers are returned to the OS; the number is (peak RSS during the step) - (RSS before it)
-on CPU, torch.cuda.max_memory_allocated() - allocated-before on CUDA.
+(forward + backward, no optimizer) in a fresh subprocess (scrimp.tip.memory): peak RSS during the step
+minus RSS before it on CPU (MALLOC_MMAP_THRESHOLD_=65536), max_memory_allocated minus allocated-before
+on CUDA.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -80,90 +79,20 @@ MEM_CONFIGS = [("plain", "all", 1.0), ("plain", "random", 0.5), ("plain", "rando
                ("lean", "all", 1.0), ("lean", "soft_or", 0.5), ("lean", "soft_or", 0.2), ("lean", "soft_or", 0.1)]
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def mem_child(mode, rule, ratio, a):
-    """One step in this (fresh) process; prints a JSON line."""
-    import resource
-
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from scrimp.tip.step import plain_loss, tip_loss
-
-    torch.set_num_threads(a.threads)
-    dtype = getattr(torch, a.dtype)
-    dev = a.device
-
-    def model(seed, hidden, layers):
-        torch.manual_seed(seed)
-        cfg = Qwen3Config(vocab_size=a.vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=hidden // 4, max_position_embeddings=a.prompt + a.response + 8,
-                          tie_word_embeddings=True)
-        return Qwen3ForCausalLM(cfg).to(dev, dtype)
-
-    student, teacher = model(0, a.hidden, 2), model(1, a.hidden * 2, 2).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    L = a.prompt + a.response
-    ids = torch.randint(0, a.vocab, (a.batch, L), generator=g).to(dev)
-    attn = torch.ones_like(ids)
-    resp = torch.zeros(a.batch, L, dtype=torch.bool, device=dev)
-    resp[:, a.prompt:] = True
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    before_rss, before_peak = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t = time.perf_counter()
-    if mode == "plain":  # the anchor: fp32 log-softmax; "random" gathers a random subset of hidden states first
-        kept = None
-        if ratio < 1.0:
-            from scrimp.tip import select
-            kept, _ = select({"entropy": torch.zeros(resp.shape)}, resp.cpu(), "random", ratio,
-                             torch.Generator().manual_seed(0))
-            kept = kept.to(dev)
-        loss = plain_loss(student, teacher, ids, attn, resp, kept_mask=kept)
-    else:
-        loss = tip_loss(student, teacher, ids, attn, resp, rule=rule, ratio=ratio,
-                        generator=torch.Generator().manual_seed(0), chunk_tokens=a.chunk).loss
-    loss.backward()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before_rss
-    print(json.dumps({"mode": mode, "rule": rule, "ratio": ratio, "peak_step_bytes": peak,
-                      "seconds": time.perf_counter() - t, "loss": float(loss),
-                      "peak_before_step_above_rss": max(0, before_peak - before_rss)}))
-
-
 def bench_memory(a):
+    from scrimp.tip.memory import measure_step_memory
+
     rows = []
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
-               OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+    shape = dict(vocab=a.vocab, hidden=a.hidden, batch=a.batch, prompt=a.prompt, response=a.response, dtype=a.dtype,
+                 device=a.device, threads=a.threads, chunk=a.chunk)
     for mode, rule, ratio in MEM_CONFIGS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", mode, rule, str(ratio)] + _shape_args(a)
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr[-2000:])
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        rows.append(measure_step_memory(mode, rule, ratio, **shape))
     plain = rows[0]["peak_step_bytes"]
-    logits_bytes = a.batch * a.response * a.vocab * 4
     for r in rows:
         r.update(section="step memory", peak_step_mb=r["peak_step_bytes"] / 2 ** 20,
-                 x_of_plain=r["peak_step_bytes"] / plain, fp32_logits_mb=logits_bytes / 2 ** 20)
+                 x_of_plain=r["peak_step_bytes"] / plain, fp32_logits_mb=r.pop("fp32_logits_bytes") / 2 ** 20)
+        r.pop("peak_step_bytes")
     return rows
-
-
-def _shape_args(a):
-    return ["--vocab", str(a.vocab), "--hidden", str(a.hidden), "--batch", str(a.batch), "--prompt", str(a.prompt),
-            "--response", str(a.response), "--dtype", a.dtype, "--device", a.device, "--threads", str(a.threads),
-            "--chunk", str(a.chunk)]
 
 
 # ----------------------------------------------------------------------------- arith accuracy
@@ -242,11 +171,7 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
-    p.add_argument("--_mem-child", nargs=3, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a._mem_child:
-        mode, rule, ratio = a._mem_child
-        return mem_child(mode, rule, float(ratio), a)
     torch.set_num_threads(a.threads)
     import scrimp
 

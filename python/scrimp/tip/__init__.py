@@ -13,3 +13,6 @@ from .step import TipLossOutput, plain_loss, tip_loss
 from .distiller import OnPolicyDistiller, arith_prompts, peak_memory_bytes
 
 __all__ += ["TipLossOutput", "plain_loss", "tip_loss", "OnPolicyDistiller", "arith_prompts", "peak_memory_bytes"]
+from .demo import demo_section
+
+__all__ += ["demo_section"]

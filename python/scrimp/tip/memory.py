@@ -1,0 +1,116 @@
+"""Peak memory of one TIP training step, measured in a fresh subprocess.
+
+``python -m scrimp.tip.memory MODE RULE RATIO [--vocab ...]`` builds a random-weight Qwen3 student
+(and a 2x wider teacher), runs one forward + backward (no optimizer) and prints one JSON line.
+MODE ``plain`` is the anchor step (full-vocabulary float32 log-softmax at every response position, or at a
+random ``RATIO`` subset gathered before the lm_head); ``lean`` is :func:`scrimp.tip.tip_loss`.
+On CPU the number is the peak RSS during the step minus the RSS before it, with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that large buffers are returned to the OS when freed; on CUDA it
+is ``max_memory_allocated`` minus the memory allocated before the step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict
+
+import torch
+
+DEFAULT_SHAPE = dict(vocab=32000, hidden=128, batch=4, prompt=64, response=448, dtype="bfloat16", device="cpu",
+                     threads=1, chunk=256)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch: int, prompt: int, response: int,
+             dtype: str, device: str, threads: int, chunk: int) -> Dict:
+    """One measured step in *this* process (use :func:`measure_step_memory` for a clean one)."""
+    import resource
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .select import select
+    from .step import plain_loss, tip_loss
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+
+    def model(seed, h):
+        torch.manual_seed(seed)
+        cfg = Qwen3Config(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=h // 4,
+                          max_position_embeddings=prompt + response + 8, tie_word_embeddings=True)
+        return Qwen3ForCausalLM(cfg).to(device, dt)
+
+    student, teacher = model(0, hidden), model(1, 2 * hidden).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    L = prompt + response
+    ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
+    attn = torch.ones_like(ids)
+    resp = torch.zeros(batch, L, dtype=torch.bool, device=device)
+    resp[:, prompt:] = True
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    before_rss = _rss_bytes()
+    t = time.perf_counter()
+    if mode == "plain":
+        kept = None
+        if ratio < 1.0:
+            kept, _ = select({"entropy": torch.zeros(resp.shape)}, resp.cpu(), "random", ratio,
+                             torch.Generator().manual_seed(0))
+            kept = kept.to(device)
+        loss = plain_loss(student, teacher, ids, attn, resp, kept_mask=kept)
+    elif mode == "lean":
+        loss = tip_loss(student, teacher, ids, attn, resp, rule=rule, ratio=ratio,
+                        generator=torch.Generator().manual_seed(0), chunk_tokens=chunk).loss
+    else:
+        raise ValueError(f"mode must be plain or lean, got {mode!r}")
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before_rss
+    return {"mode": mode, "rule": rule, "ratio": ratio, "peak_step_bytes": int(peak),
+            "seconds": time.perf_counter() - t, "loss": float(loss),
+            "fp32_logits_bytes": batch * response * vocab * 4}
+
+
+def measure_step_memory(mode: str, rule: str = "all", ratio: float = 1.0, timeout: float = 900, **shape) -> Dict:
+    """Run :func:`run_step` in a fresh Python process and return its JSON record."""
+    cfg = dict(DEFAULT_SHAPE, **shape)
+    args = [sys.executable, "-m", "scrimp.tip.memory", mode, rule, str(ratio)]
+    for k, v in cfg.items():
+        args += [f"--{k}", str(v)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+               OMP_NUM_THREADS=str(cfg["threads"]), PYTHONWARNINGS="ignore")
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"step memory measurement failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["plain", "lean"])
+    p.add_argument("rule")
+    p.add_argument("ratio", type=float)
+    for k, v in DEFAULT_SHAPE.items():
+        p.add_argument(f"--{k}", type=type(v), default=v)
+    a = vars(p.parse_args(argv))
+    print(json.dumps(run_step(a.pop("mode"), a.pop("rule"), a.pop("ratio"), **a)))
+
+
+if __name__ == "__main__":
+    main()
