@@ -26,6 +26,7 @@ def _stream_of(x: torch.Tensor) -> int:
 @torch.library.custom_op("scrimp::kl_loss_fwd", mutates_args=())
 def _kl_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, kind: int, beta: float, temperature: float,
                  grad_scale: float, need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    student, teacher = student.detach(), teacher.detach()  # DLPack export refuses tensors that require grad
     rows = student.shape[:-1]
     loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty((0,))
@@ -63,7 +64,7 @@ class _KLLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             g = grad * grad_out.unsqueeze(-1).to(grad.dtype)
-        elif bool(grad_out == 1):  # one scalar read (a sync on CUDA), as Liger-Kernel does
+        elif not torch.compiler.is_compiling() and bool(grad_out == 1):  # one scalar read (a sync on CUDA)
             g = grad  # the common loss.backward(): the saved gradient is the answer, no [N, V] copy
         else:
             g = grad * grad_out.to(grad.dtype)

@@ -232,3 +232,15 @@ def test_cuda_matches_cpu(dtype, kind):
     torch.testing.assert_close(a_gpu.grad.cpu().double(), a_cpu.grad.double(), rtol=2 * rel + 1e-4,
                                atol=2 * absr * float(a_cpu.grad.abs().max()) + 1e-7)
     _check(s.cuda(), t.cuda(), kind, beta=0.3)  # and the float64 reference (on the device)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    f = torch.compile(lambda s, t: scrimp.kl_loss(s, t, "jsd", beta=0.3) * 2.0, fullgraph=True)
+    s, t = _pair((8, 301), torch.float32, seed=12)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    la = f(a, t)
+    la.backward()
+    lb = scrimp.kl_loss(b, t, "jsd", beta=0.3) * 2.0
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(a.grad, b.grad)
