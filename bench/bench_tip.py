@@ -97,6 +97,7 @@ def bench_memory(a):
 
 # ----------------------------------------------------------------------------- arith accuracy
 ARITH_CONFIGS = [("all", 1.0), ("entropy", 0.5), ("soft_or", 0.5), ("soft_or", 0.2), ("q3", 0.1), ("random", 0.2)]
+# one training step's peak memory for each arith configuration is measured by --arith-memory (fresh process each)
 
 
 def bench_arith(a):
@@ -105,26 +106,40 @@ def bench_arith(a):
 
     torch.set_num_threads(a.threads)
     rows = []
-    student0, tok = testbed.load("arith-student")
-    teacher, _ = testbed.load("arith-teacher")
+    def load(which):
+        path = getattr(a, f"{which}_path")
+        if path:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+        return testbed.load(f"arith-{which}")
+
+    student0, tok = load("student")
+    teacher, _ = load("teacher")
     base = testbed.evaluate(student0, tok, "arith", n=a.eval_n)["accuracy"]
     t_acc = testbed.evaluate(teacher, tok, "arith", n=a.eval_n)["accuracy"]
     rows.append({"section": "arith", "rule": "(teacher)", "ratio": None, "accuracy_after": t_acc})
     rows.append({"section": "arith", "rule": "(student before)", "ratio": None, "accuracy_after": base})
     for rule, ratio in ARITH_CONFIGS:
-        student, _ = testbed.load("arith-student")
+        student, _ = load("student")
         d = OnPolicyDistiller(student, teacher, tok, rule=rule, ratio=ratio, lr=a.lr, batch_size=a.arith_batch,
                               max_new_tokens=a.max_new_tokens, seed=a.seed, progress=False)
         t = time.perf_counter()
         hist = d.train(a.steps, arith_prompts(tok))
         secs = time.perf_counter() - t
         acc = testbed.evaluate(d.student, tok, "arith", n=a.eval_n)["accuracy"]
+        mem = {}
+        if a.arith_memory:
+            from scrimp.tip.memory import measure_step_memory
+            m = measure_step_memory("lean", rule, ratio, student=a.student_path or "arith-student",
+                                    teacher=a.teacher_path or "arith-teacher", batch=a.arith_batch,
+                                    dtype="float32", threads=a.threads)
+            mem = {"step_peak_mb": m["peak_step_bytes"] / 2 ** 20}
         rows.append({"section": "arith", "rule": rule, "ratio": ratio, "accuracy_before": base, "accuracy_after": acc,
                      "steps": a.steps, "train_s": secs,
                      "mean_loss_last5": statistics.mean(r["loss"] for r in hist[-5:]),
                      "kept_fraction": statistics.mean(r["kept_fraction"] for r in hist),
                      "q3_share_kept": statistics.mean(r["q3_kept"] for r in hist),
-                     "q3_share_all": statistics.mean(r["q3_all"] for r in hist)})
+                     "q3_share_all": statistics.mean(r["q3_all"] for r in hist), **mem})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -133,7 +148,7 @@ def fmt(rows):
     out = []
     for sec in dict.fromkeys(r["section"] for r in rows):
         rs = [r for r in rows if r["section"] == sec]
-        keys = [k for k in rs[0] if k != "section"]
+        keys = [k for k in dict.fromkeys(k for r in rs for k in r) if k != "section"]
         out.append(f"== {sec} ==")
         out.append("  ".join(f"{k:>14}" for k in keys))
         for r in rs:
@@ -164,12 +179,15 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=256)
     # arith
     p.add_argument("--arith", action="store_true")
+    p.add_argument("--arith-memory", action="store_true", help="also one step's peak memory per arith config")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--arith-batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--eval-n", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--student-path", default=None, help="HF directory instead of the testbed arith-student")
+    p.add_argument("--teacher-path", default=None, help="HF directory instead of the testbed arith-teacher")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

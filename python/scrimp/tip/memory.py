@@ -21,7 +21,7 @@ from typing import Dict
 import torch
 
 DEFAULT_SHAPE = dict(vocab=32000, hidden=128, batch=4, prompt=64, response=448, dtype="bfloat16", device="cpu",
-                     threads=1, chunk=256)
+                     threads=1, chunk=256, student="", teacher="")
 
 
 def _rss_bytes() -> int:
@@ -29,9 +29,32 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _arith_batch(student: str, teacher: str, batch: int, device: str, dt):
+    """Testbed models (names or HF directories) and a batch of arith prompts + student-style completions."""
+    from .. import testbed
+    from ..testbed import tasks
+    from .cli import _load
+
+    s, tok = _load(student)
+    t, _ = _load(teacher)
+    exs = [tasks.arith(seed=20_000_000 + i, style="student", tokenizer=tok) for i in range(batch)]
+    seqs = [e.prompt_ids + e.completion_ids + [tok.eos_token_id] for e in exs]
+    L = max(len(x) for x in seqs)
+    ids = torch.full((batch, L), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    resp = torch.zeros(batch, L, dtype=torch.bool)
+    for i, (e, x) in enumerate(zip(exs, seqs)):
+        ids[i, :len(x)] = torch.tensor(x)
+        attn[i, :len(x)] = 1
+        resp[i, len(e.prompt_ids):len(x)] = True
+    return s.to(device, dt), t.to(device, dt).eval(), ids.to(device), attn.to(device), resp.to(device)
+
+
 def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch: int, prompt: int, response: int,
-             dtype: str, device: str, threads: int, chunk: int) -> Dict:
-    """One measured step in *this* process (use :func:`measure_step_memory` for a clean one)."""
+             dtype: str, device: str, threads: int, chunk: int, student: str = "", teacher: str = "") -> Dict:
+    """One measured step in *this* process (use :func:`measure_step_memory` for a clean one). With
+    ``student`` / ``teacher`` (testbed names or directories) the step runs on those models and a batch of
+    ``batch`` arith examples instead of the random-weight shapes."""
     import resource
 
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -49,15 +72,20 @@ def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch:
                           max_position_embeddings=prompt + response + 8, tie_word_embeddings=True)
         return Qwen3ForCausalLM(cfg).to(device, dt)
 
-    student, teacher = model(0, hidden), model(1, 2 * hidden).eval()
+    if student:
+        student_m, teacher_m, ids, attn, resp = _arith_batch(student, teacher, batch, device, dt)
+        vocab = student_m.get_output_embeddings().weight.shape[0]
+    else:
+        student_m, teacher_m = model(0, hidden), model(1, 2 * hidden).eval()
+        g = torch.Generator().manual_seed(0)
+        L = prompt + response
+        ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
+        attn = torch.ones_like(ids)
+        resp = torch.zeros(batch, L, dtype=torch.bool, device=device)
+        resp[:, prompt:] = True
+    student, teacher = student_m.train(), teacher_m
     for p in teacher.parameters():
         p.requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    L = prompt + response
-    ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
-    attn = torch.ones_like(ids)
-    resp = torch.zeros(batch, L, dtype=torch.bool, device=device)
-    resp[:, prompt:] = True
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -84,7 +112,7 @@ def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before_rss
     return {"mode": mode, "rule": rule, "ratio": ratio, "peak_step_bytes": int(peak),
             "seconds": time.perf_counter() - t, "loss": float(loss),
-            "fp32_logits_bytes": batch * response * vocab * 4}
+            "fp32_logits_bytes": int(resp.sum()) * vocab * 4}
 
 
 def measure_step_memory(mode: str, rule: str = "all", ratio: float = 1.0, timeout: float = 900, **shape) -> Dict:
