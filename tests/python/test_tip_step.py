@@ -73,3 +73,15 @@ def test_bad_inputs():
         tip_loss(s, t, ids, attn, resp)
     with pytest.raises(ValueError, match="empty"):
         tip_loss(s, tiny_qwen3(1), ids, attn, torch.zeros_like(resp))
+
+
+def test_lean_step_peak_memory_falls_with_the_kept_fraction():
+    from scrimp.tip.memory import measure_step_memory
+    shape = dict(vocab=32000, hidden=32, batch=2, prompt=16, response=192, dtype="bfloat16", threads=1, chunk=64)
+    plain = measure_step_memory("plain", "all", 1.0, **shape)["peak_step_bytes"]
+    lean_all = measure_step_memory("lean", "all", 1.0, **shape)["peak_step_bytes"]
+    lean_20 = measure_step_memory("lean", "soft_or", 0.2, **shape)["peak_step_bytes"]
+    fp32_logits = 2 * 192 * 32000 * 4
+    assert plain > 2 * fp32_logits  # the anchor really keeps several float32 [N, V] buffers
+    assert lean_all < 0.6 * plain
+    assert lean_20 < 0.6 * lean_all
