@@ -179,7 +179,8 @@ def test_matches_trl_generalized_jsd_loss(beta, temperature):
     torch.testing.assert_close(ours, theirs.float(), rtol=2e-5, atol=1e-5)
     ours.backward()
     theirs.backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    # TRL's gradient is itself float32 autograd: the same 5e-5 max|g| bound as against float64
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=5e-5 * float(b.grad.abs().max()))
     # per-token values and TRL's default "batchmean" (sum / batch size for 3-d input)
     rows = scrimp.kl_loss(s, t, "jsd", beta=beta, temperature=temperature, reduction="none")
     ref_rows = GKDTrainer.generalized_jsd_loss(s, t, beta=beta, temperature=temperature, reduction="none").sum(-1)

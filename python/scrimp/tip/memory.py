@@ -4,9 +4,11 @@
 (and a 2x wider teacher), runs one forward + backward (no optimizer) and prints one JSON line.
 MODE ``plain`` is the anchor step (full-vocabulary float32 log-softmax at every response position, or at a
 random ``RATIO`` subset gathered before the lm_head); ``lean`` is :func:`scrimp.tip.tip_loss`.
-On CPU the number is the peak RSS during the step minus the RSS before it, with
-``MALLOC_MMAP_THRESHOLD_=65536`` so that large buffers are returned to the OS when freed; on CUDA it
-is ``max_memory_allocated`` minus the memory allocated before the step.
+A warm-up step on one short sequence runs first (lazy imports and one-time initialisation are not the
+step's memory). On CPU the number is the peak RSS during the step (VmHWM, reset just before it via
+``/proc/self/clear_refs``) minus the RSS before it, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that large
+buffers are returned to the OS when freed; on CUDA it is ``max_memory_allocated`` minus the memory
+allocated before the step.
 """
 from __future__ import annotations
 
@@ -27,6 +29,29 @@ DEFAULT_SHAPE = dict(vocab=32000, hidden=128, batch=4, prompt=64, response=448, 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM: the peak RSS since the last reset (falls back to ru_maxrss, the peak since start)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _arith_batch(student: str, teacher: str, batch: int, device: str, dt):
@@ -86,33 +111,44 @@ def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch:
     student, teacher = student_m.train(), teacher_m
     for p in teacher.parameters():
         p.requires_grad_(False)
+    def one_step(ids, attn, resp):
+        if mode == "plain":  # the anchor; "random" gathers a random subset of hidden states first
+            kept = None
+            if ratio < 1.0:
+                kept, _ = select({"entropy": torch.zeros(resp.shape)}, resp.cpu(), "random", ratio,
+                                 torch.Generator().manual_seed(0))
+                kept = kept.to(device)
+            loss = plain_loss(student, teacher, ids, attn, resp, kept_mask=kept)
+        elif mode == "lean":
+            loss = tip_loss(student, teacher, ids, attn, resp, rule=rule, ratio=ratio,
+                            generator=torch.Generator().manual_seed(0), chunk_tokens=chunk).loss
+        else:
+            raise ValueError(f"mode must be plain or lean, got {mode!r}")
+        loss.backward()
+        return loss
+
+    # warm-up on one short sequence: lazy imports and one-time initialisation are not the step's memory
+    w = min(ids.shape[1], int(torch.nonzero(resp[0]).min()) + 4)
+    one_step(ids[:1, :w], attn[:1, :w], resp[:1, :w])
+    student.zero_grad(set_to_none=True)
+    import gc
+    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+    reset = _reset_peak_rss()
     before_rss = _rss_bytes()
     t = time.perf_counter()
-    if mode == "plain":
-        kept = None
-        if ratio < 1.0:
-            kept, _ = select({"entropy": torch.zeros(resp.shape)}, resp.cpu(), "random", ratio,
-                             torch.Generator().manual_seed(0))
-            kept = kept.to(device)
-        loss = plain_loss(student, teacher, ids, attn, resp, kept_mask=kept)
-    elif mode == "lean":
-        loss = tip_loss(student, teacher, ids, attn, resp, rule=rule, ratio=ratio,
-                        generator=torch.Generator().manual_seed(0), chunk_tokens=chunk).loss
-    else:
-        raise ValueError(f"mode must be plain or lean, got {mode!r}")
-    loss.backward()
+    loss = one_step(ids, attn, resp)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before_rss
+        peak = _peak_rss_bytes() - before_rss
     return {"mode": mode, "rule": rule, "ratio": ratio, "peak_step_bytes": int(peak),
             "seconds": time.perf_counter() - t, "loss": float(loss),
-            "fp32_logits_bytes": int(resp.sum()) * vocab * 4}
+            "fp32_logits_bytes": int(resp.sum()) * vocab * 4, "peak_reset": reset}
 
 
 def measure_step_memory(mode: str, rule: str = "all", ratio: float = 1.0, timeout: float = 900, **shape) -> Dict:
