@@ -102,7 +102,7 @@ ARITH_CONFIGS = [("all", 1.0), ("entropy", 0.5), ("soft_or", 0.5), ("soft_or", 0
 
 def bench_arith(a):
     from scrimp import testbed
-    from scrimp.tip import OnPolicyDistiller, arith_prompts
+    from scrimp.tip import OnPolicyDistiller, arith_accuracy, arith_prompts
 
     torch.set_num_threads(a.threads)
     rows = []
@@ -115,8 +115,9 @@ def bench_arith(a):
 
     student0, tok = load("student")
     teacher, _ = load("teacher")
-    base = testbed.evaluate(student0, tok, "arith", n=a.eval_n)["accuracy"]
-    t_acc = testbed.evaluate(teacher, tok, "arith", n=a.eval_n)["accuracy"]
+    # batched greedy: the same examples and exact-match rule as testbed.evaluate (see arith_accuracy)
+    base = arith_accuracy(student0, tok, n=a.eval_n)["accuracy"]
+    t_acc = arith_accuracy(teacher, tok, n=a.eval_n)["accuracy"]
     rows.append({"section": "arith", "rule": "(teacher)", "ratio": None, "accuracy_after": t_acc})
     rows.append({"section": "arith", "rule": "(student before)", "ratio": None, "accuracy_after": base})
     for rule, ratio in ARITH_CONFIGS:
@@ -126,7 +127,7 @@ def bench_arith(a):
         t = time.perf_counter()
         hist = d.train(a.steps, arith_prompts(tok))
         secs = time.perf_counter() - t
-        acc = testbed.evaluate(d.student, tok, "arith", n=a.eval_n)["accuracy"]
+        acc = arith_accuracy(d.student, tok, n=a.eval_n)["accuracy"]
         mem = {}
         if a.arith_memory:
             from scrimp.tip.memory import measure_step_memory

@@ -141,3 +141,14 @@ def test_ddp_two_cpu_processes_gloo(models, tmp_path):
     from transformers import AutoModelForCausalLM
     init = torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(models["student"]).parameters()])
     assert not torch.allclose(init, r0["flat"])
+
+
+def test_batched_arith_accuracy_matches_testbed_evaluate():
+    from scrimp import testbed
+    from scrimp.tip import arith_accuracy
+    tok = testbed.get_tokenizer()
+    m = _tiny(tok, 3).eval()
+    ref = testbed.evaluate(m, tok, "arith", n=5, max_new_tokens=24)
+    got = arith_accuracy(m, tok, n=5, batch_size=3, max_new_tokens=24)
+    assert [r["output"] for r in got["results"]] == [r["output"] for r in ref["results"]]
+    assert got["accuracy"] == ref["accuracy"]

@@ -10,9 +10,9 @@ from .select import RULES, SelectStats, TipScores, clipped_entropy, compute_scor
 __all__ = ["RULES", "SelectStats", "TipScores", "clipped_entropy", "compute_scores", "normalize_entropy", "select",
            "soft_or_score"]
 from .step import TipLossOutput, plain_loss, tip_loss
-from .distiller import OnPolicyDistiller, arith_prompts, peak_memory_bytes
+from .distiller import OnPolicyDistiller, arith_accuracy, arith_prompts, peak_memory_bytes
 
-__all__ += ["TipLossOutput", "plain_loss", "tip_loss", "OnPolicyDistiller", "arith_prompts", "peak_memory_bytes"]
+__all__ += ["TipLossOutput", "plain_loss", "tip_loss", "OnPolicyDistiller", "arith_accuracy", "arith_prompts", "peak_memory_bytes"]
 from .demo import demo_section
 
 __all__ += ["demo_section"]

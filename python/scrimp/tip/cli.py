@@ -55,7 +55,7 @@ def _run(args) -> int:
     import torch
 
     from .. import testbed
-    from .distiller import OnPolicyDistiller, arith_prompts
+    from .distiller import OnPolicyDistiller, arith_accuracy, arith_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +71,7 @@ def _run(args) -> int:
     rank = torch.distributed.get_rank() if dist else 0
     report = {}
     if args.eval_n and rank == 0:
-        report["accuracy_before"] = testbed.evaluate(student.to(device), tok, "arith", n=args.eval_n)["accuracy"]
+        report["accuracy_before"] = arith_accuracy(student.to(device), tok, n=args.eval_n)["accuracy"]
     d = OnPolicyDistiller(student, teacher, tok, rule=args.rule, ratio=args.ratio, kind=args.kind, beta=args.beta,
                           lr=args.lr, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           output_dir=args.output_dir, checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -79,7 +79,7 @@ def _run(args) -> int:
     hist = d.train(args.steps, arith_prompts(tok, rank), resume=not args.no_resume)
     if rank == 0:
         if args.eval_n:
-            report["accuracy_after"] = testbed.evaluate(d.student, tok, "arith", n=args.eval_n)["accuracy"]
+            report["accuracy_after"] = arith_accuracy(d.student, tok, n=args.eval_n)["accuracy"]
         last = hist[-1] if hist else {}
         report.update({"steps": d.step_count, "last": last})
         print(json.dumps(report), file=sys.stdout, flush=True)
