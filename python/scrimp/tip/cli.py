@@ -54,7 +54,6 @@ def _build(p):
 def _run(args) -> int:
     import torch
 
-    from .. import testbed
     from .distiller import OnPolicyDistiller, arith_accuracy, arith_prompts
 
     if args.threads:
