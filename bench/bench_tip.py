@@ -107,6 +107,15 @@ def bench_arith(a):
     torch.set_num_threads(a.threads)
     rows = []
     def load(which):
+        if which == "student" and a.self_noise > 0:
+            # sanity setting: the student is the teacher with Gaussian noise (scale * std of each tensor)
+            # on every weight, so the teacher's distribution is meaningful on the student's rollouts
+            t, tk = load("teacher")
+            g = torch.Generator().manual_seed(a.seed)
+            with torch.no_grad():
+                for prm in t.parameters():
+                    prm.add_(torch.randn(prm.shape, generator=g) * a.self_noise * prm.std())
+            return t, tk
         path = getattr(a, f"{which}_path")
         if path:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,7 +140,8 @@ def bench_arith(a):
         mem = {}
         if a.arith_memory:
             from scrimp.tip.memory import measure_step_memory
-            m = measure_step_memory("lean", rule, ratio, student=a.student_path or "arith-student",
+            m = measure_step_memory("lean", rule, ratio, student=a.student_path or "arith-student",  # shipped student
+
                                     teacher=a.teacher_path or "arith-teacher", batch=a.arith_batch,
                                     dtype="float32", threads=a.threads)
             mem = {"step_peak_mb": m["peak_step_bytes"] / 2 ** 20}
@@ -187,6 +197,8 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--eval-n", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--self-noise", type=float, default=0.0,
+                   help="student = arith-teacher + this much Gaussian weight noise (a sanity setting)")
     p.add_argument("--student-path", default=None, help="HF directory instead of the testbed arith-student")
     p.add_argument("--teacher-path", default=None, help="HF directory instead of the testbed arith-teacher")
     p.add_argument("--json", default=None)
