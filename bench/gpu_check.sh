@@ -2,7 +2,7 @@
 # The one script run on a GPU machine: build + install scrimp with CUDA, run every test (CUDA ones
 # included), then the token-scoring benchmark. Results land in $OUT:
 #   build.log, build_info.txt, pytest.log, cuda_test_errors.tsv (measured max errors of the CUDA
-#   tests), bench_scoring.txt, bench_scoring.json, nvidia-smi.txt
+#   tests), bench_scoring.txt, bench_scoring.json, bench_tip.txt, bench_tip.json, nvidia-smi.txt
 set -euo pipefail
 
 OUT=${OUT:-/tmp/scrimp_gpu_out}
@@ -41,6 +41,7 @@ set -e
 
 echo "== benchmark =="
 python3 bench/bench_scoring.py --device cuda --json "$OUT/bench_scoring.json" 2>&1 | tee "$OUT/bench_scoring.txt"
+python3 bench/bench_tip.py --device cuda --kl-n 4096 --kl-v 151936 --dtypes bfloat16 --json "$OUT/bench_tip.json" 2>&1 | tee "$OUT/bench_tip.txt"
 
 if [ "$test_rc" -ne 0 ]; then
   echo "gpu_check: tests failed (rc=$test_rc, see $OUT/pytest.log)" >&2
