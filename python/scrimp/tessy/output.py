@@ -162,8 +162,8 @@ def to_chat_records(records: Iterable[dict], only_ok: bool = True, system: Optio
     assistant turn is the whole synthesized completion (thinking + answer)."""
     out = []
     for r in records:
-        if only_ok and r.get("status") != "ok":
-            continue
+        if (only_ok and r.get("status") != "ok") or not isinstance(r.get("completion"), str):
+            continue  # a failure record has no completion
         msgs = [{"role": "system", "content": system}] if system else []
         msgs += [{"role": "user", "content": r["prompt"]},
                  {"role": "assistant", "content": r["completion"]}]

@@ -503,3 +503,6 @@ def evaluate_predictor(predictor: Predictor, examples: Sequence[dict], tokenizer
             "tokens": total, "boundary_class": "style" if target == STYLE else "capability",
             "precision": prec, "recall": rec, "f1": f1, "accuracy": correct / total if total else 0.0,
             "first_boundary_agreement": first_ok / first_n if first_n else 0.0}
+
+
+testbed_examples.__test__ = False  # not a pytest test despite its name
