@@ -11,7 +11,7 @@ the OpenAI error shape ``{"error": {"message", "type", "code"}}``.
 
 Built on FastAPI + uvicorn; vLLM or SGLang serve the same API on a GPU.
 """
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI resolves the handlers' annotations at runtime
 
 import argparse
 import sys
