@@ -99,30 +99,33 @@ class MicroBatcher:
         self.fn = fn
         self.max_batch = max(1, int(max_batch))
         self.gather_rounds = gather_rounds
-        self._queue: list = []
-        self._task = None
-        self._loop = None
+        self._state = {}  # event loop -> [queue, task]: one batcher may serve several loops (servers)
         self.batches = 0
         self.items = 0
 
     async def submit(self, item):
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # a new event loop (e.g. a second asyncio.run)
-            self._loop, self._queue, self._task = loop, [], None
+        st = self._state.get(loop)
+        if st is None:
+            for old in [lp for lp in self._state if lp.is_closed()]:
+                del self._state[old]
+            st = self._state[loop] = [[], None]
         fut = loop.create_future()
-        self._queue.append((item, fut))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._run())
+        st[0].append((item, fut))
+        if st[1] is None or st[1].done():
+            st[1] = loop.create_task(self._run(st))
         return await fut
 
-    async def _run(self):
+    async def _run(self, st):
         loop = asyncio.get_running_loop()
-        while self._queue:
+        queue = st[0]
+        while queue:
             for _ in range(self.gather_rounds):
-                if len(self._queue) >= self.max_batch:
+                if len(queue) >= self.max_batch:
                     break
                 await asyncio.sleep(0)
-            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            batch = queue[:self.max_batch]
+            del queue[:self.max_batch]
             items = [it for it, _ in batch]
             try:
                 results = await loop.run_in_executor(compute_executor(), self.fn, items)
