@@ -193,3 +193,14 @@ def test_annotator_unreachable():
     ann = EndpointAnnotator("http://127.0.0.1:9", "m", retries=0, timeout=2)
     examples, rep = annotate_texts(ann, ["Okay so 1 + 2 = 3."])
     assert examples == [] and rep["rejected"]
+
+
+def test_local_annotator_path():
+    """A local HF model as the annotator: a random-weight one replies garbage, so every
+    chunk is rejected with a reason, and nothing crashes."""
+    from scrimp.tessy import LocalAnnotator
+    from tessy_helpers import tiny_causal_lm
+    model, tok = tiny_causal_lm(seed=7)
+    ann = LocalAnnotator(model, tok, max_tokens=6)
+    examples, rep = annotate_texts(ann, ["Okay so 1 + 2 = 3.", "Then 3 * 2 = 6."])
+    assert rep["chunks"] == 2 and rep["accepted"] + sum(rep["rejected"].values()) == 2
