@@ -80,6 +80,7 @@ def main():
     p.add_argument("--teacher-step", type=int, default=20)
     p.add_argument("--student-step", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-retries", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--skip-sft", action="store_true")
@@ -127,7 +128,8 @@ def main():
     for label, steps in (("tessy", (a.teacher_step, a.student_step)), ("tessy-k10/5", (10, 5))):
         recs = []
         cfg = TessyConfig(teacher_step=steps[0], student_step=steps[1], temperature=a.temperature,
-                          max_total_tokens=400, answer_max_tokens=8, max_retries=2, concurrency=len(probs))
+                          max_total_tokens=400, answer_max_tokens=8, max_retries=a.max_retries,
+                          concurrency=len(probs))
         t0 = time.time()
         run_synthesis(probs, teacher, student, trained["teacher"], trained["student"], cfg, on_record=recs.append)
         traces[label] = recs
@@ -155,6 +157,10 @@ def main():
                   "seconds": time.time() - t0}]
         for label in ("teacher-only", "tessy", "student-only"):
             recs = [r for r in traces[label] if r["status"] == "ok"]
+            if not recs:
+                srows.append({"sft_data": label, "records": 0, "accuracy": float("nan"), "final_loss": None,
+                              "seconds": 0.0})
+                continue
             t0 = time.time()
             model, m = sft(base_model, base_tok, recs, steps=a.sft_steps, batch_size=a.sft_batch, lr=a.sft_lr,
                            seed=a.seed)
