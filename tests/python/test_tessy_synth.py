@@ -269,21 +269,32 @@ def test_stats_and_convert(tmp_path):
 
 @needs_testbed
 def test_local_synthesis_on_testbed_models(tmp_path):
+    """The loop on real checkpoints. Mechanics with a pair that shares one style (the
+    testbed student in both roles: every trace must complete); then the real teacher +
+    student pair, whose records are all either complete or failures with a known reason
+    (the single-style testbed teacher often derails on student-style text, see docs)."""
     from scrimp.testbed import tasks
-    out = str(tmp_path / "tb.jsonl")
-    t = LocalBackend.from_pretrained("testbed:arith-teacher")
-    s = LocalBackend.from_pretrained("testbed:arith-student")
     probs = []
     for i in range(6):
         ex = tasks.arith(seed=777 + i)
         probs.append({"id": str(i), "prompt": ex.problem, "reference": ex.answer})
-    summ = run_synthesis(probs, t, s, LEX_T, LEX_S, TessyConfig(temperature=0, max_total_tokens=400,
-                                                                 answer_max_tokens=8, max_retries=1), out_path=out)
-    assert summ["records"] == 6
-    recs = [r for r in latest_records(out).values() if r["status"] == "ok"]
-    assert len(recs) >= 4
-    for r in recs:
+    cfg = TessyConfig(temperature=0, max_total_tokens=400, answer_max_tokens=8, max_retries=1)
+    s = LocalBackend.from_pretrained("testbed:arith-student", name="student")
+    s_as_t = LocalBackend.from_pretrained("testbed:arith-student", name="student-as-teacher")
+    out = str(tmp_path / "tb.jsonl")
+    summ = run_synthesis(probs, s_as_t, s, LEX_T, LEX_S, cfg, out_path=out)
+    assert summ["records"] == 6 and summ["ok"] == 6
+    for r in latest_records(out).values():
         assert r["completion"] == "<think>" + "".join(x["text"] for x in r["spans"])
         assert r["spans"][0]["source"] == "student" and r["spans"][-1]["phase"] == "answer"
+        assert {x["source"] for x in r["spans"]} == {"student", "teacher"}
         assert "</think>" in r["thinking"] and 0 < r["student_token_share"] < 1
-    assert t._batcher.items > t._batcher.batches  # problems progressed together
+    assert s._batcher.items > s._batcher.batches  # problems progressed together
+    t = LocalBackend.from_pretrained("testbed:arith-teacher", name="teacher")
+    out2 = str(tmp_path / "pair.jsonl")
+    summ = run_synthesis(probs, t, s, LEX_T, LEX_S, cfg, out_path=out2)
+    recs = latest_records(out2)
+    assert summ["records"] == 6 == len(recs)
+    known = {"empty", "length", "repetition", "answer_length"}  # no "error": nothing may crash
+    for r in recs.values():
+        assert r["status"] == "ok" or (r["finish_reason"] in known and r["attempts"] == 2), r
