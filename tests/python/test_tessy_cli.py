@@ -74,3 +74,23 @@ def test_synth_cli_testbed_and_demo(tmp_path, capsys):
     from scrimp.tessy import demo_section
     rep = demo_section(quick=True)
     assert "student token share" in rep and "problems/min" in rep
+
+
+@needs_testbed
+def test_sft_eval_cli(tmp_path, capsys):
+    from scrimp.tessy import LexiconPredictor, TessyConfig, run_synthesis
+    from tessy_helpers import ScriptBackend
+    from test_tessy_synth import _student_reply, _teacher_reply
+    out = str(tmp_path / "s.jsonl")
+    run_synthesis(["Compute 1 + 2"], ScriptBackend("T", _teacher_reply), ScriptBackend("S", _student_reply),
+                  LexiconPredictor("teacher"), LexiconPredictor("student"), TessyConfig(), out_path=out)
+    capsys.readouterr()
+    assert main(["tessy", "sft-eval", out, "--steps", "3", "--batch-size", "2", "--eval-n", "3", "--threads", "1",
+                 "--save", str(tmp_path / "m")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["records"] == 1 and rep["sft"]["steps"] == 3 and 0 <= rep["sft_accuracy"] <= 1
+    assert os.path.isfile(tmp_path / "m" / "config.json")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="no complete traces"):
+        main(["tessy", "sft-eval", str(empty)])

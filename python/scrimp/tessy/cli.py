@@ -199,6 +199,34 @@ def _convert(args) -> int:
     return 0
 
 
+def _sft_eval(args) -> int:
+    import torch
+    from scrimp import testbed
+    from .output import latest_records
+    from .sft import sft
+    torch.set_num_threads(args.threads)
+    if not os.path.exists(args.file):
+        raise SystemExit(f"error: no such file: {args.file}")
+    recs = [r for r in latest_records(args.file).values()
+            if r.get("status") == "ok" and isinstance(r.get("completion"), str)]
+    if not recs:
+        raise SystemExit(f"error: {args.file} has no complete traces")
+    if args.student.startswith("testbed:"):
+        model, tok = testbed.load(args.student.split(":", 1)[1])
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model, tok = AutoModelForCausalLM.from_pretrained(args.student), AutoTokenizer.from_pretrained(args.student)
+    base = testbed.evaluate(model, tok, "arith", n=args.eval_n, seed=args.eval_seed)["accuracy"]
+    tuned, m = sft(model, tok, recs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                   log=_log)
+    acc = testbed.evaluate(tuned, tok, "arith", n=args.eval_n, seed=args.eval_seed)["accuracy"]
+    if args.save:
+        tuned.save_pretrained(args.save)
+        tok.save_pretrained(args.save)
+    print(json.dumps({"records": len(recs), "base_accuracy": base, "sft_accuracy": acc, "sft": m}, indent=2))
+    return 0
+
+
 def _build(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="tessy_command", metavar="{train-predictor,eval-predictor,synth,stats,convert,sft-eval}")
     sub.required = True
@@ -294,6 +322,19 @@ def _build(p: argparse.ArgumentParser) -> None:
     c.add_argument("--include-failed", action="store_true")
     c.add_argument("--system", help="a system message to prepend")
     c.set_defaults(func=_convert)
+
+    f = sub.add_parser("sft-eval", help="SFT the student on a TESSY file, report arith accuracy before/after")
+    f.add_argument("file")
+    f.add_argument("--student", default="testbed:arith-student", help="checkpoint or testbed:<name>")
+    f.add_argument("--steps", type=int, default=120)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--eval-n", type=int, default=100)
+    f.add_argument("--eval-seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--save", help="save the fine-tuned model here")
+    f.add_argument("--threads", type=int, default=2)
+    f.set_defaults(func=_sft_eval)
 
 
 register_command("tessy", "TESSY: teacher-student cooperative synthesis of SFT data", _build)
