@@ -171,6 +171,9 @@ def _annotator_app(bad_every=0):
 
 
 def test_annotate_through_endpoint_then_train(tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
     traces = [ex["text"] for ex in testbed_examples(48, "student", seed=9)]
     with ThreadServer(_annotator_app(bad_every=6)) as srv:
         ann = EndpointAnnotator(srv.url, "annotator", api="chat")
@@ -190,6 +193,7 @@ def test_annotate_through_endpoint_then_train(tmp_path):
 
 
 def test_annotator_unreachable():
+    pytest.importorskip("httpx")
     ann = EndpointAnnotator("http://127.0.0.1:9", "m", retries=0, timeout=2)
     examples, rep = annotate_texts(ann, ["Okay so 1 + 2 = 3."])
     assert examples == [] and rep["rejected"]
