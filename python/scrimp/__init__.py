@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import _C
 from .scoring import TokenScores, token_scores
+from . import tessy  # TESSY synthesis (torch/transformers are imported lazily)
 
 __version__ = _C.build_info()["version"]
 
@@ -27,4 +28,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["TokenScores", "token_scores", "build_info", "__version__"]
+__all__ = ["TokenScores", "token_scores", "build_info", "__version__", "tessy"]
