@@ -61,7 +61,7 @@ def trace_summary(name, recs, seconds, tok):
         share = stu / tot if tot else 0.0
         mean_tok = tot / len(ok) if ok else 0.0
     else:
-        share = 1.0 if name.startswith("student") else 0.0
+        share = 1.0 if name.startswith("student") else 0.0  # noqa
         mean_tok = sum(len(tok(r["completion"], add_special_tokens=False)["input_ids"]) for r in ok) / max(1, len(ok))
     return {"traces": name, "problems": len(recs), "ok": len(ok), "answers_correct": correct / max(1, len(ok)),
             "student_share": share, "mean_tokens": mean_tok, "seconds": seconds,
@@ -125,13 +125,18 @@ def main():
     t0 = time.time()
     traces["student-only"] = single_model_traces(student, probs, params)
     rows.append(trace_summary("student-only", traces["student-only"], time.time() - t0, tok))
-    for label, steps in (("tessy", (a.teacher_step, a.student_step)), ("tessy-k10/5", (10, 5))):
+    runs = [("tessy", (a.teacher_step, a.student_step), student),
+            ("tessy-k10/5", (10, 5), student),
+            # control: the teacher model in both roles (one style throughout): isolates the loop
+            # from the style mismatch between the two testbed models
+            ("control:T+T", (a.teacher_step, a.student_step), teacher)]
+    for label, steps, stu in runs:
         recs = []
         cfg = TessyConfig(teacher_step=steps[0], student_step=steps[1], temperature=a.temperature,
                           max_total_tokens=400, answer_max_tokens=8, max_retries=a.max_retries,
                           concurrency=len(probs))
         t0 = time.time()
-        run_synthesis(probs, teacher, student, trained["teacher"], trained["student"], cfg, on_record=recs.append)
+        run_synthesis(probs, teacher, stu, trained["teacher"], trained["student"], cfg, on_record=recs.append)
         traces[label] = recs
         rows.append(trace_summary(label, recs, time.time() - t0, tok))
     result["synthesis"] = rows
