@@ -306,7 +306,8 @@ def _build(p: argparse.ArgumentParser) -> None:
     s.add_argument("--retries", type=int, default=3, help="remote: retries per request")
     s.add_argument("--shard", help="i/n: process problems i, i+n, ...")
     s.add_argument("--retry-failed", action="store_true", help="redo ids whose record is a failure")
-    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: best for small models on a shared machine)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_synth)
 

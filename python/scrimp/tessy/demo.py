@@ -40,10 +40,17 @@ def demo_section(quick: bool = True) -> str:
     recs = []
     cfg = TessyConfig(teacher_step=20, student_step=20, temperature=0.0, max_total_tokens=400,
                       answer_max_tokens=8, max_retries=1)
-    t0 = time.time()
-    summ = run_synthesis(probs, teacher, student, LexiconPredictor("teacher"), LexiconPredictor("student"), cfg,
-                         on_record=recs.append)
-    dt = time.time() - t0
+    # one intra-op thread: these models are tiny, and on a busy machine a 2-thread OpenMP
+    # region spin-waits for a descheduled partner (measured here: 7 s vs 118 s for this demo)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.time()
+        summ = run_synthesis(probs, teacher, student, LexiconPredictor("teacher"), LexiconPredictor("student"), cfg,
+                             on_record=recs.append)
+        dt = time.time() - t0
+    finally:
+        torch.set_num_threads(threads)
     ok = [r for r in recs if r["status"] == "ok"]
     correct = sum(1 for r in ok if r["answer"] == r.get("reference"))
     print(f"TESSY on {n} testbed arith problems (local backend, greedy, k=20/20, lexicon predictors)", file=out)
