@@ -13,6 +13,7 @@ from . import _C
 from .scoring import TokenScores, token_scores
 from .distill_loss import kl_loss
 from . import tip
+from . import tessy  # TESSY synthesis (torch/transformers are imported lazily)
 
 __version__ = _C.build_info()["version"]
 
@@ -31,4 +32,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["TokenScores", "token_scores", "kl_loss", "tip", "build_info", "__version__"]
+__all__ = ["TokenScores", "token_scores", "kl_loss", "tip", "tessy", "build_info", "__version__"]

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
 #: modules imported (if present) before the parser is built; they may call register_command
-PLUGIN_MODULES: List[str] = ["scrimp.tip.cli"]
+PLUGIN_MODULES: List[str] = ["scrimp.tip.cli", "scrimp.tessy.cli"]
 
 
 def register_command(name: str, help: str, builder: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -112,6 +112,7 @@ def _build_testbed(p: argparse.ArgumentParser) -> None:
 #: (title, package with demo_section(quick) -> str), run in order after the testbed and scoring rows
 DEMO_SECTIONS = [
     ("TIP: token-selective on-policy distillation", "scrimp.tip"),
+    ("TESSY: teacher-student cooperative synthesis", "scrimp.tessy"),
 ]
 
 
