@@ -200,8 +200,9 @@ def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int
     _, text = _recall_context_text(records)
     flat = [kv for recs in records for kv in recs]
     spans = []
-    for q in range(n_queries):
-        k, v = rng.choice(flat)
+    # Distinct keys: a repeated query could be answered by copying the earlier answer instead of
+    # looking the key up in the documents (a shortcut that lowers the loss without learning recall).
+    for q, (k, v) in enumerate(rng.sample(flat, min(n_queries, len(flat)))):
         if q:
             text += "\n"
         text += f"Query: {k}="

@@ -22,8 +22,8 @@ import time
 RECIPES = {
     ("recall", "teacher"): dict(
         arch="llama", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
-        max_pos=8192, steps=4000, lr=3e-4, warmup=50, tokens_per_step=2560,
-        min_len=160, start_len=160, max_len=2048, ramp_steps=600, ramp_loss=0.5, p_max=0.25,
+        max_pos=8192, steps=4000, lr=5e-4, warmup=50, tokens_per_step=2560,
+        min_len=160, start_len=160, max_len=2048, ramp_steps=600, ramp_loss=0.8, p_max=0.25,
         queries_per_token=1 / 20),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
