@@ -206,7 +206,16 @@ ClusteredCache::ClusteredCache(const ClusteredCacheConfig& c) : cfg_(c) {
 
 ClusteredCache::~ClusteredCache() = default;
 
-int64_t ClusteredCache::num_pages() const { return static_cast<int64_t>(streams_[0].len.size()); }
+int64_t ClusteredCache::num_pages(int64_t s) const {
+  SCRIMP_CHECK(s >= 0 && s < static_cast<int64_t>(streams_.size()), "stream " << s << " out of range");
+  return static_cast<int64_t>(streams_[static_cast<std::size_t>(s)].len.size());
+}
+
+int64_t ClusteredCache::num_pages() const {
+  std::size_t n = 0;
+  for (const Stream& st : streams_) n = std::max(n, st.len.size());
+  return static_cast<int64_t>(n);
+}
 
 void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* v, int64_t row_bytes,
                               const int32_t* rows, int64_t n, const int64_t* positions) {
@@ -248,25 +257,33 @@ void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* 
   st.page_slot.push_back(-1);
 }
 
-void ClusteredCache::build(const TensorView& keys, const TensorView& values, const int64_t* positions) {
-  check_kv(keys, "keys", cfg_, -1);
-  check_kv(values, "values", cfg_, -1);
+void ClusteredCache::build(const TensorView& keys, const TensorView& values, const int64_t* positions,
+                           int64_t batch_row) {
+  SCRIMP_CHECK(batch_row >= -1 && batch_row < cfg_.batch, "batch_row " << batch_row << " out of range [-1, "
+                                                                       << cfg_.batch << ")");
+  ClusteredCacheConfig shape_cfg = cfg_;
+  if (batch_row >= 0) shape_cfg.batch = 1;
+  check_kv(keys, "keys", shape_cfg, -1);
+  check_kv(values, "values", shape_cfg, -1);
   SCRIMP_CHECK(values.shape == keys.shape, "values: expected the keys' shape " << describe(keys) << ", got "
                                                                               << describe(values));
   const int64_t N = keys.shape[2], D = cfg_.head_dim, ps = cfg_.page_size;
   if (N == 0) return;
   const int64_t new_pages = (N + ps - 1) / ps;
-  SCRIMP_CHECK(num_pages() + new_pages <= cfg_.max_pages,
-               "page pool full: " << num_pages() << " + " << new_pages << " pages exceed max_pages = "
-                                  << cfg_.max_pages << " per stream (raise max_context)");
-  const int64_t S = cfg_.batch * cfg_.kv_heads;
+  const int64_t S = shape_cfg.batch * cfg_.kv_heads;
+  const int64_t s0 = batch_row >= 0 ? batch_row * cfg_.kv_heads : 0;
+  for (int64_t s = s0; s < s0 + S; ++s)
+    SCRIMP_CHECK(num_pages(s) + new_pages <= cfg_.max_pages,
+                 "page pool full: " << num_pages(s) << " + " << new_pages << " pages exceed max_pages = "
+                                    << cfg_.max_pages << " per stream (raise max_context)");
   const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
   const char* kb = static_cast<const char*>(keys.data);
   const char* vb = static_cast<const char*>(values.data);
 #pragma omp parallel for schedule(dynamic, 1) if (S > 1)
-  for (int64_t s = 0; s < S; ++s) {
-    const char* ks = kb + s * N * row_bytes;
-    const char* vs = vb + s * N * row_bytes;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t s = s0 + i;
+    const char* ks = kb + i * N * row_bytes;
+    const char* vs = vb + i * N * row_bytes;
     std::vector<int64_t> order(static_cast<std::size_t>(N));
     std::vector<int64_t> bounds;
     if (cfg_.cluster) {
@@ -286,7 +303,6 @@ void ClusteredCache::build(const TensorView& keys, const TensorView& values, con
       add_page(streams_[static_cast<std::size_t>(s)], s, ks, vs, row_bytes, rows.data(), n, positions);
     }
   }
-  // Clustering may produce fewer pages for some stream than others only if N differs; it does not.
 }
 
 void ClusteredCache::append_page(const TensorView& keys, const TensorView& values, int64_t first_position) {
@@ -352,12 +368,13 @@ void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pag
   SCRIMP_CHECK(k == 0 || out_pages != nullptr, "out_pages is null");
   if (k == 0) return;
   const float* q = static_cast<const float*>(query.data);
-  const int64_t P = num_pages(), ps = cfg_.page_size;
+  const int64_t ps = cfg_.page_size;
   const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
   const uint64_t step = tick_;
-#pragma omp parallel for schedule(static) if (B * H > 1 && P * G * D > 4096)
+#pragma omp parallel for schedule(static) if (B * H > 1 && num_pages() * G * D > 4096)
   for (int64_t s = 0; s < B * H; ++s) {
     const Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
     const int64_t b = s / H, h = s % H;
     std::vector<float> merged(static_cast<std::size_t>(P), -std::numeric_limits<float>::infinity());
     std::vector<float> sc(static_cast<std::size_t>(P));
@@ -434,11 +451,11 @@ void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k
   }
   SCRIMP_CHECK(k_store.device == v_store.device, "k_store and v_store are on different devices");
   if (k == 0) return;
-  const int64_t P = num_pages();
   ++tick_;
   std::vector<int32_t> src, dst;  // pool page -> store row copies
   for (int64_t s = 0; s < S; ++s) {
     Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
     // First pass: hits (mark them used this step so the misses never evict them).
     for (int64_t i = 0; i < k; ++i) {
       const int32_t p = pages[s * k + i];
@@ -506,9 +523,10 @@ void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k
 }
 
 void ClusteredCache::page_positions(const int32_t* pages, int64_t k, int64_t* out) const {
-  const int64_t S = cfg_.batch * cfg_.kv_heads, ps = cfg_.page_size, P = num_pages();
+  const int64_t S = cfg_.batch * cfg_.kv_heads, ps = cfg_.page_size;
   for (int64_t s = 0; s < S; ++s) {
     const Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
     for (int64_t i = 0; i < k; ++i) {
       const int32_t p = pages[s * k + i];
       SCRIMP_CHECK(p >= -1 && p < P, "page index " << p << " out of range");

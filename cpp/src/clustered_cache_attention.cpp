@@ -31,12 +31,17 @@ struct Partial {
 
 // Attention of G queries (already scaled, float) over n rows of keys/values; result merged into `tot`.
 void attend_split(const float* q, int64_t G, int64_t D, const char* k, const char* v, int64_t n, DType dt,
-                  std::vector<float>& scores, std::vector<float>& krow, Partial& part, Partial& tot) {
+                  const uint8_t* mask, std::vector<float>& scores, std::vector<float>& krow, Partial& part,
+                  Partial& tot) {
   const int64_t esz = static_cast<int64_t>(dtype_size(dt));
   scores.resize(static_cast<std::size_t>(G * n));
   for (int64_t g = 0; g < G; ++g) part.m[g] = -std::numeric_limits<float>::infinity(), part.l[g] = 0;
   std::fill(part.acc.begin(), part.acc.end(), 0.0f);
   for (int64_t t = 0; t < n; ++t) {
+    if (mask && !mask[t]) {
+      for (int64_t g = 0; g < G; ++g) scores[g * n + t] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
     ice::load_row(k + t * D * esz, dt, D, krow.data());
     for (int64_t g = 0; g < G; ++g) {
       float s = 0;
@@ -47,6 +52,7 @@ void attend_split(const float* q, int64_t G, int64_t D, const char* k, const cha
     }
   }
   for (int64_t t = 0; t < n; ++t) {
+    if (mask && !mask[t]) continue;
     ice::load_row(v + t * D * esz, dt, D, krow.data());
     for (int64_t g = 0; g < G; ++g) {
       const float p = std::exp(scores[g * n + t] - part.m[g]);
@@ -141,13 +147,14 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
       const char* kb = static_cast<const char*>(a.k_dense->data) + s * T * D * esz;
       const char* vb = static_cast<const char*>(a.v_dense->data) + s * T * D * esz;
       for (int64_t t0 = 0; t0 < T; t0 += ps)
-        attend_split(q.data(), G, D, kb + t0 * D * esz, vb + t0 * D * esz, std::min(ps, T - t0), dt, scores, krow,
-                     part, tot);
+        attend_split(q.data(), G, D, kb + t0 * D * esz, vb + t0 * D * esz, std::min(ps, T - t0), dt,
+                     a.dense_mask ? a.dense_mask + b * T + t0 : nullptr, scores, krow, part, tot);
     }
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = a.page_table[s * P + p], n = a.page_lens[s * P + p];
       if (r < 0 || n == 0) continue;
-      attend_split(q.data(), G, D, kd + r * ps * D * esz, vd + r * ps * D * esz, n, dt, scores, krow, part, tot);
+      attend_split(q.data(), G, D, kd + r * ps * D * esz, vd + r * ps * D * esz, n, dt, nullptr, scores, krow, part,
+                   tot);
     }
     char* o = static_cast<char*>(a.out.data);
     for (int64_t g = 0; g < G; ++g) {

@@ -27,4 +27,15 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["TokenScores", "token_scores", "build_info", "__version__"]
+
+
+def __getattr__(name):
+    # IceCache needs torch + transformers: imported on first use only.
+    if name == "IceCache":
+        from .icecache import IceCache
+
+        return IceCache
+    raise AttributeError(f"module 'scrimp' has no attribute {name!r}")
+
+
+__all__ = ["TokenScores", "token_scores", "build_info", "__version__", "IceCache"]

@@ -96,14 +96,17 @@ class ClusteredCache {
   // tokens of each stream are clustered into pages (full pages except at most one); otherwise they
   // fill pages in order. May be called once per stream set before any append_page (more calls add
   // more pages).
-  void build(const TensorView& keys, const TensorView& values, const int64_t* positions);
+  // batch_row >= 0: keys/values are [1, Hkv, N, D] and only that batch row's streams get the pages
+  // (rows of a left-padded batch have different numbers of real tokens).
+  void build(const TensorView& keys, const TensorView& values, const int64_t* positions, int64_t batch_row = -1);
 
   // Incremental insertion of tokens evicted from the window: keys, values [B, Hkv, T, D] with
   // 1 <= T <= page_size, CPU, cfg.dtype, contiguous; first_position: the position of token 0.
   // Each stream gets one new page.
   void append_page(const TensorView& keys, const TensorView& values, int64_t first_position);
 
-  // Pages in stream s (all streams have the same count).
+  // Pages in stream s; without an argument, the most pages of any stream.
+  int64_t num_pages(int64_t stream) const;
   int64_t num_pages() const;
 
   // Scores every page against query [B, Hq, D] (CPU, float32, contiguous) and writes the best k
@@ -165,6 +168,7 @@ struct PagedAttentionArgs {
   int64_t pages_per_stream = 0;         // P (may be 0)
   const TensorView* k_dense = nullptr;  // optional [B, Hkv, T, D] resident tokens (sink + window)
   const TensorView* v_dense = nullptr;  // optional [B, Hkv, T, D]
+  const uint8_t* dense_mask = nullptr;  // optional [B, T]: 0 = skip the token (padding) (device memory)
   int64_t kv_heads = 0;                 // Hkv (Hq must be a multiple)
   float scale = 0.0f;                   // softmax scale (0: 1/sqrt(D))
   TensorView out;                       // [B, Hq, D] same dtype as query
