@@ -95,8 +95,9 @@ class IceCacheLayer(CacheLayerMixin):
         o._check_states(key_states, value_states, self.layer_idx, (self.B, self.H, self.D), self.dtype)
         if key_states.shape[-2] != 1:
             raise ValueError(
-                f"IceCache layer {self.layer_idx}: after the prefill only one token per step is supported, got "
-                f"{key_states.shape[-2]} (chunked prefill / speculative decoding are not supported)")
+                f"IceCache layer {self.layer_idx}: this cache already holds a sequence of {self.length} tokens and "
+                f"got {key_states.shape[-2]} new ones; after the prefill only one token per step is supported. "
+                "Create a new IceCache for each model and sequence (chunked prefill is not supported)")
         if getattr(self, "_prefill_k", None) is not None:
             raise RuntimeError(f"IceCache layer {self.layer_idx}: the prefill was not finished by the "
                                f"'{ATTN_NAME}' attention function (was the model's attention implementation changed?)")
