@@ -376,9 +376,8 @@ __global__ void __launch_bounds__(kBlockThreads, 4) score_rows_kernel(const Para
   const unsigned mis_t = static_cast<unsigned>(reinterpret_cast<uintptr_t>(trow) & 15u);
   if (mis_s == mis_t) {
     // Vector path: scalar head up to the 16-byte boundary, aligned vectors, scalar tail.
-    const int64_t head = ((16u - mis_s) & 15u) / Tr::kSize < static_cast<unsigned>(V)
-                             ? static_cast<int64_t>(((16u - mis_s) & 15u) / Tr::kSize)
-                             : V;
+    int64_t head = static_cast<int64_t>(((16u - mis_s) & 15u) / Tr::kSize);  // < kVec
+    if (head > V) head = V;
     const int64_t nvec = (V - head) / kVec;
     const int64_t tail = V - head - nvec * kVec;
     const uint4* sv = reinterpret_cast<const uint4*>(srow + head * Tr::kSize);
