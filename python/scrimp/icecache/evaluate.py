@@ -20,7 +20,7 @@ def make_generate_fn(method="icecache", budget=256, record=None, **kwargs):
         with torch.no_grad():
             out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), past_key_values=cache,
                                  max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         dt = time.perf_counter() - t0
         new = out[0, prompt_ids.shape[1]:]
         if record is not None:
