@@ -259,6 +259,12 @@ void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* 
 
 void ClusteredCache::build(const TensorView& keys, const TensorView& values, const int64_t* positions,
                            int64_t batch_row) {
+  build_grouped(keys, values, positions, false, nullptr, 0, batch_row);
+}
+
+void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& values, const int64_t* positions,
+                                   bool positions_per_stream, const int64_t* group_bounds, int64_t groups,
+                                   int64_t batch_row) {
   SCRIMP_CHECK(batch_row >= -1 && batch_row < cfg_.batch, "batch_row " << batch_row << " out of range [-1, "
                                                                        << cfg_.batch << ")");
   ClusteredCacheConfig shape_cfg = cfg_;
@@ -269,8 +275,17 @@ void ClusteredCache::build(const TensorView& keys, const TensorView& values, con
                                                                               << describe(values));
   const int64_t N = keys.shape[2], D = cfg_.head_dim, ps = cfg_.page_size;
   if (N == 0) return;
-  const int64_t new_pages = (N + ps - 1) / ps;
   const int64_t S = shape_cfg.batch * cfg_.kv_heads;
+  SCRIMP_CHECK(groups >= 0 && (groups == 0 || group_bounds != nullptr), "group_bounds missing");
+  SCRIMP_CHECK(!positions_per_stream || positions != nullptr, "positions missing");
+  for (int64_t i = 0; i < S && groups > 0; ++i) {
+    const int64_t* gb = group_bounds + i * (groups + 1);
+    SCRIMP_CHECK(gb[0] == 0 && gb[groups] == N, "group_bounds of stream " << i << " must run from 0 to " << N);
+    for (int64_t g = 0; g < groups; ++g)
+      SCRIMP_CHECK(gb[g] <= gb[g + 1], "group_bounds of stream " << i << " must be non-decreasing");
+  }
+  // Each group gives full pages and at most one partial page.
+  const int64_t new_pages = (N + ps - 1) / ps + std::max<int64_t>(groups - 1, 0);
   const int64_t s0 = batch_row >= 0 ? batch_row * cfg_.kv_heads : 0;
   for (int64_t s = s0; s < s0 + S; ++s)
     SCRIMP_CHECK(num_pages(s) + new_pages <= cfg_.max_pages,
@@ -284,23 +299,33 @@ void ClusteredCache::build(const TensorView& keys, const TensorView& values, con
     const int64_t s = s0 + i;
     const char* ks = kb + i * N * row_bytes;
     const char* vs = vb + i * N * row_bytes;
-    std::vector<int64_t> order(static_cast<std::size_t>(N));
-    std::vector<int64_t> bounds;
-    if (cfg_.cluster) {
-      std::vector<float> kf(static_cast<std::size_t>(N * D));
-      for (int64_t i = 0; i < N; ++i) ice::load_row(ks + i * row_bytes, cfg_.dtype, D, kf.data() + i * D);
-      bounds = cluster_into_pages(kf.data(), N, D, ps, cfg_.kmeans_iters, cfg_.seed + static_cast<uint64_t>(s),
-                                  order.data());
-    } else {
-      std::iota(order.begin(), order.end(), int64_t{0});
-      for (int64_t b = 0; b < N; b += ps) bounds.push_back(b);
-      bounds.push_back(N);
-    }
+    const int64_t* pos = positions ? (positions_per_stream ? positions + i * N : positions) : nullptr;
+    std::vector<int64_t> ranges{0, N};
+    if (groups > 0) ranges.assign(group_bounds + i * (groups + 1), group_bounds + (i + 1) * (groups + 1));
     std::vector<int32_t> rows(static_cast<std::size_t>(ps));
-    for (std::size_t p = 0; p + 1 < bounds.size(); ++p) {
-      const int64_t n = bounds[p + 1] - bounds[p];
-      for (int64_t i = 0; i < n; ++i) rows[static_cast<std::size_t>(i)] = static_cast<int32_t>(order[bounds[p] + i]);
-      add_page(streams_[static_cast<std::size_t>(s)], s, ks, vs, row_bytes, rows.data(), n, positions);
+    std::vector<float> kf;
+    std::vector<int64_t> order;
+    for (std::size_t r = 0; r + 1 < ranges.size(); ++r) {
+      const int64_t g0 = ranges[r], n_g = ranges[r + 1] - ranges[r];
+      if (n_g == 0) continue;
+      order.resize(static_cast<std::size_t>(n_g));
+      std::vector<int64_t> bounds;
+      if (cfg_.cluster) {
+        kf.resize(static_cast<std::size_t>(n_g * D));
+        for (int64_t t = 0; t < n_g; ++t) ice::load_row(ks + (g0 + t) * row_bytes, cfg_.dtype, D, kf.data() + t * D);
+        bounds = cluster_into_pages(kf.data(), n_g, D, ps, cfg_.kmeans_iters,
+                                    cfg_.seed + static_cast<uint64_t>(s * 7919 + static_cast<int64_t>(r)), order.data());
+      } else {
+        std::iota(order.begin(), order.end(), int64_t{0});
+        for (int64_t b = 0; b < n_g; b += ps) bounds.push_back(b);
+        bounds.push_back(n_g);
+      }
+      for (std::size_t p = 0; p + 1 < bounds.size(); ++p) {
+        const int64_t n = bounds[p + 1] - bounds[p];
+        for (int64_t t = 0; t < n; ++t)
+          rows[static_cast<std::size_t>(t)] = static_cast<int32_t>(g0 + order[bounds[p] + t]);
+        add_page(streams_[static_cast<std::size_t>(s)], s, ks, vs, row_bytes, rows.data(), n, pos);
+      }
     }
   }
 }

@@ -90,6 +90,22 @@ class PyClusteredCache {
     impl_->build(k.view(), v.view(), pos, batch_row);
   }
 
+  void build_grouped(const py::object& keys, const py::object& values, const py::object& positions,
+                     const py::object& group_bounds, int64_t batch_row) {
+    BorrowedTensor k(keys, "keys"), v(values, "values"), p(positions, "positions"), g(group_bounds, "group_bounds");
+    const auto& kv = k.view();
+    SCRIMP_CHECK(kv.ndim() == 4, "keys: expected [B, Hkv, N, D], got " << describe(kv));
+    const int64_t S = kv.shape[0] * kv.shape[1], N = kv.shape[2];
+    const auto& gv = g.view();
+    SCRIMP_CHECK(gv.ndim() == 2 && gv.shape[0] == S && gv.shape[1] >= 2,
+                 "group_bounds: expected [" << S << ", groups + 1], got " << describe(gv));
+    const int64_t groups = gv.shape[1] - 1;
+    const int64_t* gb = host_buffer<int64_t>(g, scrimp::DType::Int64, S * (groups + 1), "group_bounds");
+    const int64_t* pos = host_buffer<int64_t>(p, scrimp::DType::Int64, S * N, "positions");
+    py::gil_scoped_release release;
+    impl_->build_grouped(kv, v.view(), pos, true, gb, groups, batch_row);
+  }
+
   void append_page(const py::object& keys, const py::object& values, int64_t first_position) {
     BorrowedTensor k(keys, "keys"), v(values, "values");
     py::gil_scoped_release release;
@@ -222,6 +238,8 @@ SCRIMP_BINDINGS(clustered_cache) {
            py::arg("pin_memory") = true)
       .def("build", &PyClusteredCache::build, py::arg("keys"), py::arg("values"), py::arg("positions") = py::none(),
            py::arg("batch_row") = -1)
+      .def("build_grouped", &PyClusteredCache::build_grouped, py::arg("keys"), py::arg("values"),
+           py::arg("positions"), py::arg("group_bounds"), py::arg("batch_row") = -1)
       .def("append_page", &PyClusteredCache::append_page, py::arg("keys"), py::arg("values"),
            py::arg("first_position"))
       .def("select", &PyClusteredCache::select, py::arg("query"), py::arg("k"), py::arg("out_pages"),

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
 #: modules imported (if present) before the parser is built; they may call register_command
-PLUGIN_MODULES: List[str] = []
+PLUGIN_MODULES: List[str] = ["scrimp.icecache.cli"]
 
 
 def register_command(name: str, help: str, builder: Callable[[argparse.ArgumentParser], None]) -> None:

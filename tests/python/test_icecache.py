@@ -202,3 +202,31 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="page pool full"):
         cache = scrimp.IceCache(model.config, budget=128, dense_layers=1, max_context=64)
         _generate(model, torch.randint(1, 96, (1, 300)), cache, n=2)
+
+
+def test_two_level_clustering_is_exact_at_full_budget():
+    from scrimp.icecache.cache import coarse_groups
+
+    keys = torch.randn(3, 500, 16)
+    order, bounds = coarse_groups(keys, 5)
+    assert torch.equal(order.sort(dim=1).values, torch.arange(500).expand(3, 500))
+    assert bounds[:, 0].eq(0).all() and bounds[:, -1].eq(500).all() and (bounds.diff(dim=1) >= 0).all()
+    model = _tiny()
+    ids = torch.randint(1, 96, (2, 400))
+    ref = _generate(model, ids)
+    cache = scrimp.IceCache(model.config, budget=1024, dense_layers=1, max_context=1024, coarse_tokens=64)
+    assert torch.equal(_generate(model, ids, cache), ref)
+    layer = cache.layers[1]
+    # every middle token is in exactly one page
+    n = layer.index.num_pages()
+    pages = torch.full((2, 2, n), -1, dtype=torch.int32)
+    for s in range(4):
+        ns = layer.index.num_pages(s)
+        assert (400 - 32 - 16 * 2) // 16 <= ns <= n
+        pages.view(4, n)[s, :ns] = torch.arange(ns, dtype=torch.int32)
+    pos = torch.empty(2, 2, n, 16, dtype=torch.long)
+    layer.index.page_positions(pages, n, pos)
+    for b in range(2):
+        for h in range(2):
+            got = sorted(p for p in pos[b, h].flatten().tolist() if p >= 0)
+            assert got == list(range(32, layer.ws))

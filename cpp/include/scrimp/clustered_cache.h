@@ -100,6 +100,15 @@ class ClusteredCache {
   // (rows of a left-padded batch have different numbers of real tokens).
   void build(const TensorView& keys, const TensorView& values, const int64_t* positions, int64_t batch_row = -1);
 
+  // Two-level build: the tokens of each stream arrive grouped (e.g. by a coarse k-means on the device,
+  // see nearest_centroid): stream i's group g is tokens [group_bounds[i][g], group_bounds[i][g + 1]) of
+  // keys, group_bounds [S, groups + 1] (S = the streams in this call). Each group is clustered into
+  // pages separately (full pages but at most one per group). positions: [S, N] when
+  // positions_per_stream (the tokens were permuted per stream), else [N] or null.
+  void build_grouped(const TensorView& keys, const TensorView& values, const int64_t* positions,
+                     bool positions_per_stream, const int64_t* group_bounds, int64_t groups,
+                     int64_t batch_row = -1);
+
   // Incremental insertion of tokens evicted from the window: keys, values [B, Hkv, T, D] with
   // 1 <= T <= page_size, CPU, cfg.dtype, contiguous; first_position: the position of token 0.
   // Each stream gets one new page.

@@ -55,6 +55,35 @@ def _register_attention():
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
 
 
+def coarse_groups(keys: torch.Tensor, groups: int, iters: int = 4):
+    """Spherical k-means of each stream's keys into `groups` coarse clusters on the keys' device.
+
+    keys [S, N, D]. The assignment step is scrimp's nearest_centroid kernel (keys x centroids +
+    argmax; CUDA or CPU). Returns (order [S, N] int64: tokens sorted by cluster, bounds [S, groups + 1]).
+    """
+    S, N, D = keys.shape
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1).contiguous()
+    init = torch.linspace(0, N - 1, groups, device=keys.device).long()
+    cen = kn[:, init].clone()  # [S, C, D]
+    assign = torch.empty((S, N), dtype=torch.int32, device=keys.device)
+    stream = torch.cuda.current_stream(keys.device).cuda_stream if keys.is_cuda else 0
+    for it in range(iters + 1):
+        for s in range(S):
+            _C.nearest_centroid(kn[s], cen[s].contiguous(), assign[s], stream)
+        if it == iters:
+            break
+        a = assign.long()
+        new = torch.zeros_like(cen).scatter_add_(1, a[..., None].expand(S, N, D), kn)
+        count = torch.zeros((S, groups), device=keys.device).scatter_add_(1, a, torch.ones_like(a, dtype=torch.float))
+        keep = count[..., None] > 0
+        cen = torch.where(keep, torch.nn.functional.normalize(new, dim=-1), cen)
+    a = assign.long()
+    order = torch.argsort(a, dim=1, stable=True)
+    count = torch.zeros((S, groups), dtype=torch.long, device=keys.device).scatter_add_(1, a, torch.ones_like(a))
+    bounds = torch.cat([torch.zeros((S, 1), dtype=torch.long, device=keys.device), count.cumsum(1)], dim=1)
+    return order, bounds
+
+
 class IceCacheLayer(CacheLayerMixin):
     """One attention layer: resident sink + window on the device, the rest in a host page index."""
 
@@ -180,20 +209,33 @@ class IceCacheLayer(CacheLayerMixin):
         if self.index is not None:
             starts = [p + S for p in pads]
             if len(set(starts)) == 1:
-                s0 = starts[0]
-                if s0 < ws:
-                    km = k_all[:, :, s0:ws].to("cpu", self.dtype).contiguous()
-                    vm = v_all[:, :, s0:ws].to("cpu", self.dtype).contiguous()
-                    self.index.build(km, vm, torch.arange(s0, ws, dtype=torch.long))
+                if starts[0] < ws:
+                    self._build_rows(k_all, v_all, slice(None), starts[0], ws, -1)
             else:
                 for b in range(B):
                     if starts[b] < ws:
-                        km = k_all[b:b + 1, :, starts[b]:ws].to("cpu").contiguous()
-                        vm = v_all[b:b + 1, :, starts[b]:ws].to("cpu").contiguous()
-                        self.index.build(km, vm, torch.arange(starts[b], ws, dtype=torch.long), b)
+                        self._build_rows(k_all, v_all, slice(b, b + 1), starts[b], ws, b)
             C = o.cache_pages
             self.k_store = torch.zeros((B * H * C, ps, D), dtype=self.dtype, device=dev)
             self.v_store = torch.zeros_like(self.k_store)
+
+    def _build_rows(self, k_all, v_all, rows, start, end, batch_row):
+        """Index tokens [start, end) of the given batch rows: two-level (coarse k-means on the device,
+        then the hierarchical tree per coarse cluster on the host) when long enough, else the tree."""
+        o = self.owner
+        km, vm = k_all[rows, :, start:end], v_all[rows, :, start:end]
+        Bn, H, N, D = km.shape
+        groups = -(-N // o.coarse_tokens) if (o.coarse_tokens and o.method == "icecache") else 1
+        if groups <= 1:
+            self.index.build(km.to("cpu").contiguous(), vm.to("cpu").contiguous(),
+                             torch.arange(start, end, dtype=torch.long), batch_row)
+            return
+        order, bounds = coarse_groups(km.reshape(Bn * H, N, D), groups)
+        idx = order.view(Bn, H, N, 1).expand(Bn, H, N, D)
+        kp = torch.gather(km, 2, idx).to("cpu").contiguous()
+        vp = torch.gather(vm, 2, idx).to("cpu").contiguous()
+        pos = (order + start).to("cpu").contiguous()
+        self.index.build_grouped(kp, vp, pos, bounds.to("cpu").contiguous(), batch_row)
 
     # ---- decode ------------------------------------------------------------------------------------
     def _append(self, k, v):
@@ -306,13 +348,17 @@ class IceCache(Cache):
         bound scores), ``"random"``, ``"oracle"`` (exact max q.k per page), ``"streaming"`` (sink +
         window only) and ``"full"`` (every layer dense).
     cache_pages : device page-cache slots per KV head (LRU; default 2x the selected pages).
+    coarse_tokens : with more middle tokens than this, prefill clustering is two-level: a coarse
+        spherical k-means on the device (nearest_centroid kernel) into ceil(n / coarse_tokens)
+        groups, then the balanced 2-means page tree inside each group on the host (0: tree only).
     max_context : longest sequence the host pool is sized for (allocated once per layer).
     measure : record the attention mass captured per step (keeps a full key copy; for evaluation).
     """
 
     def __init__(self, config, budget: int = 256, page_size: int = 16, sink_pages: int = 2, window_pages: int = 2,
                  dense_layers: int = 2, device=None, method: str = "icecache", cache_pages: Optional[int] = None,
-                 max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True):
+                 max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True,
+                 coarse_tokens: int = 1024):
         for name, v in (("budget", budget), ("page_size", page_size), ("sink_pages", sink_pages),
                         ("window_pages", window_pages), ("dense_layers", dense_layers), ("max_context", max_context)):
             if not isinstance(v, int) or isinstance(v, bool):
@@ -347,6 +393,9 @@ class IceCache(Cache):
         self.measure = measure
         self.seed = seed
         self.pin_memory = pin_memory
+        if not isinstance(coarse_tokens, int) or coarse_tokens < 0:
+            raise ValueError(f"coarse_tokens must be an int >= 0, got {coarse_tokens!r}")
+        self.coarse_tokens = coarse_tokens
         layers = []
         for i in range(self.num_layers):
             layers.append(DynamicLayer() if (method == "full" or i < dense_layers) else IceCacheLayer(self, i))
@@ -385,7 +434,8 @@ class IceCache(Cache):
         if self.method == "streaming" and self.selected_pages == 0:
             return None
         cluster, score = _METHOD_INDEX[self.method]
-        max_pages = self.max_context // self.page_size + 2
+        groups = -(-self.max_context // self.coarse_tokens) if self.coarse_tokens else 1
+        max_pages = self.max_context // self.page_size + groups + 2
         return _C.ClusteredCache(B, H, self.q_heads, D, self.page_size, max_pages, self.cache_pages, _DTYPES[dtype],
                                  cluster, score, 6, self.seed, self.pin_memory)
 

@@ -1,0 +1,165 @@
+"""IceCache vs baselines on the testbed `recall` model, all in one harness and one process.
+
+Tables:
+  1. accuracy at budgets 64/128/256/512 relative to the full KV cache, and the attention mass each
+     method's attended set captures relative to the oracle (pages holding the top q.k scores);
+  2. device memory held by the cache vs context length (full KV vs IceCache at budget 256);
+  3. CPU decode time per token, IceCache vs full cache, at the longest context, measured
+     alternately in the same process (ratios; the machine is shared, see the load line).
+
+    python bench/bench_icecache.py [--n 30] [--context 2048] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import scrimp
+from scrimp import testbed
+from scrimp.icecache import IceCache, make_generate_fn
+
+METHODS = ("icecache", "quest", "oracle", "random", "streaming")
+
+
+def geometry(budget: int, page_size: int = 16) -> dict:
+    """sink/window pages per budget: 2 + 2 pages, except budget 64 (1 + 1, leaving 2 selected pages)."""
+    sink, window = (1, 1) if budget <= 64 else (2, 2)
+    return {"page_size": page_size, "sink_pages": sink, "window_pages": window}
+
+
+def accuracy_table(model, tok, n, context, budgets, dense_layers):
+    rows = []
+    full = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context,
+                            generate_fn=make_generate_fn("full", budget=64, max_context=context + 64))
+    full_acc = full["accuracy"]
+    rows.append({"method": "full", "budget": None, "accuracy": full_acc, "rel_accuracy": 1.0, "mass": 1.0,
+                 "rel_mass": None})
+    for budget in budgets:
+        per = {}
+        for method in METHODS:
+            rec = []
+            fn = make_generate_fn(method, budget=budget, record=rec, measure=True, dense_layers=dense_layers,
+                                  max_context=context + 64, **geometry(budget))
+            res = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context, generate_fn=fn)
+            masses = [r["attention_mass"] for r in rec if r["attention_mass"] is not None]
+            hits = sum(r["hits"] for r in rec)
+            misses = sum(r["misses"] for r in rec)
+            per[method] = {"method": method, "budget": budget, "accuracy": res["accuracy"],
+                           "rel_accuracy": res["accuracy"] / full_acc if full_acc else float("nan"),
+                           "mass": statistics.mean(masses) if masses else float("nan"),
+                           "page_cache_hit_rate": hits / (hits + misses) if hits + misses else None}
+        for method in METHODS:
+            per[method]["rel_mass"] = per[method]["mass"] / per["oracle"]["mass"]
+            rows.append(per[method])
+    return rows
+
+
+def memory_table(model, tok, lengths, dense_layers):
+    rows = []
+    for L in lengths:
+        ex = testbed.tasks.recall(seed=123, context_tokens=L, tokenizer=tok)
+        ids = torch.tensor([ex.prompt_ids])
+        out = {}
+        for method in ("full", "icecache"):
+            cache = IceCache(model.config, budget=256, method=method, dense_layers=dense_layers,
+                             max_context=ids.shape[1] + 64)
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+            out[method] = cache.device_bytes()
+            if method == "icecache":
+                out["host_pool"] = cache.stats()["host_pool_bytes"]
+                sparse = [l for l in cache.layers if hasattr(l, "device_bytes")]
+                out["sparse_layer"] = sparse[0].device_bytes() if sparse else 0
+        rows.append({"prompt_tokens": int(ids.shape[1]), "full_bytes": out["full"], "icecache_bytes": out["icecache"],
+                     "icecache_sparse_layer_bytes": out["sparse_layer"], "host_pool_bytes": out["host_pool"]})
+    return rows
+
+
+def timing_table(model, tok, context, dense_layers, new_tokens=24, reps=3):
+    ex = testbed.tasks.recall(seed=7, context_tokens=context, tokenizer=tok)
+    ids = torch.tensor([ex.prompt_ids])
+    times = {"full": [], "icecache": []}
+
+    def run(method, n_new):
+        cache = IceCache(model.config, budget=256, method=method, dense_layers=dense_layers,
+                         max_context=ids.shape[1] + n_new + 16)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n_new,
+                           min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - t0
+
+    for _ in range(reps):  # alternate anchor and candidate; decode time = (T(n+1 tokens) - T(1 token)) / n
+        for method in ("full", "icecache"):
+            t1 = run(method, 1)
+            tn = run(method, new_tokens + 1)
+            times[method].append((tn - t1) / new_tokens)
+    full = statistics.median(times["full"])
+    ice = statistics.median(times["icecache"])
+    return {"prompt_tokens": int(ids.shape[1]), "full_ms_per_token": full * 1e3, "icecache_ms_per_token": ice * 1e3,
+            "ratio_icecache_over_full": ice / full, "samples_ms": {k: [x * 1e3 for x in v] for k, v in times.items()}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--dense-layers", type=int, default=2)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    model, tok = testbed.load("recall")
+    cfg = model.config
+    load = os.getloadavg()
+    print(f"scrimp {scrimp.__version__}; recall model: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
+          f"q heads / {cfg.num_key_value_heads} KV heads, dim {cfg.hidden_size}; dense_layers={args.dense_layers}; "
+          f"torch threads {torch.get_num_threads()}; load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    result = {"n": args.n, "context": args.context, "dense_layers": args.dense_layers, "load_avg": load}
+
+    if not args.skip_accuracy:
+        t0 = time.perf_counter()
+        rows = accuracy_table(model, tok, args.n, args.context, args.budgets, args.dense_layers)
+        result["accuracy"] = rows
+        print(f"\n1. recall accuracy, n={args.n}, context {args.context} ({time.perf_counter() - t0:.0f} s)")
+        print(f"  {'method':<10} {'budget':>6} {'sink+win':>8} {'accuracy':>8} {'rel.full':>8} {'mass':>7} "
+              f"{'rel.oracle':>10} {'hit rate':>8}")
+        for r in rows:
+            g = geometry(r["budget"]) if r["budget"] else None
+            sw = f"{g['sink_pages']}+{g['window_pages']}" if g else "-"
+            hr = r.get("page_cache_hit_rate")
+            print(f"  {r['method']:<10} {str(r['budget'] or 'all'):>6} {sw:>8} {r['accuracy']:>8.3f} "
+                  f"{r['rel_accuracy']:>8.3f} {r['mass']:>7.3f} "
+                  f"{(r['rel_mass'] if r['rel_mass'] is not None else float('nan')):>10.3f} "
+                  f"{(hr if hr is not None else float('nan')):>8.3f}")
+
+    mem = memory_table(model, tok, args.lengths, args.dense_layers)
+    result["memory"] = mem
+    print("\n2. device memory held by the KV cache (budget 256; the first dense_layers layers stay full)")
+    print(f"  {'prompt':>7} {'full KiB':>10} {'IceCache KiB':>13} {'ratio':>6} {'per sparse layer KiB':>21} "
+          f"{'host pool KiB':>14}")
+    for r in mem:
+        print(f"  {r['prompt_tokens']:>7} {r['full_bytes'] / 1024:>10.1f} {r['icecache_bytes'] / 1024:>13.1f} "
+              f"{r['icecache_bytes'] / r['full_bytes']:>6.3f} {r['icecache_sparse_layer_bytes'] / 1024:>21.1f} "
+              f"{r['host_pool_bytes'] / 1024:>14.1f}")
+
+    t = timing_table(model, tok, max(args.lengths), args.dense_layers)
+    result["timing"] = t
+    print(f"\n3. CPU decode time per token at {t['prompt_tokens']} prompt tokens (median of alternating runs)")
+    print(f"  full {t['full_ms_per_token']:.2f} ms, IceCache {t['icecache_ms_per_token']:.2f} ms, "
+          f"ratio {t['ratio_icecache_over_full']:.2f}; load avg now {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
