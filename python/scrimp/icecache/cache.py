@@ -181,24 +181,27 @@ class IceCacheLayer(CacheLayerMixin):
         S = o.sink_pages * ps
         dev = self.device
         # Sink: the first S real tokens of each row (masked where the row has fewer before the window).
-        sink_k = k_all.new_zeros((B, H, S, D), device=dev)
-        sink_v = k_all.new_zeros((B, H, S, D), device=dev)
-        sink_mask = torch.zeros((B, S), dtype=torch.uint8)
+        # Resident tokens live in one preallocated buffer: S sink slots, then up to Wcap window tokens
+        # (no per-step concatenation); `dense_mask` marks the slots attention may use.
+        Wcap = o.window_pages * ps
+        self.S, self.Wcap = S, Wcap
+        self.dense_k = k_all.new_zeros((B, H, S + Wcap, D), device=dev)
+        self.dense_v = k_all.new_zeros((B, H, S + Wcap, D), device=dev)
+        mask = torch.zeros((B, S + Wcap), dtype=torch.uint8)
         self.sink_pos = torch.full((B, S), -1, dtype=torch.long)
         for b in range(B):
             n = max(min(S, ws - pads[b]), 0)
             if n:
-                sink_k[b, :, :n] = k_all[b, :, pads[b]:pads[b] + n].to(dev)
-                sink_v[b, :, :n] = v_all[b, :, pads[b]:pads[b] + n].to(dev)
-                sink_mask[b, :n] = 1
+                self.dense_k[b, :, :n] = k_all[b, :, pads[b]:pads[b] + n].to(dev)
+                self.dense_v[b, :, :n] = v_all[b, :, pads[b]:pads[b] + n].to(dev)
+                mask[b, :n] = 1
                 self.sink_pos[b, :n] = torch.arange(pads[b], pads[b] + n)
-        self.sink_k, self.sink_v, self.sink_mask = sink_k, sink_v, sink_mask.to(dev)
-        self.win_k = k_all[:, :, ws:].to(dev).contiguous()
-        self.win_v = v_all[:, :, ws:].to(dev).contiguous()
-        if any(p > ws for p in pads):
-            # Padding inside the window: masked there; evicting it into the index is refused later.
-            pass
-        self.win_mask_base = torch.tensor(pads, dtype=torch.long)
+        w = N - ws
+        self.dense_k[:, :, S:S + w] = k_all[:, :, ws:].to(dev)
+        self.dense_v[:, :, S:S + w] = v_all[:, :, ws:].to(dev)
+        for b in range(B):
+            mask[b, S + max(pads[b] - ws, 0):S + w] = 1  # padding inside the window stays masked
+        self.dense_mask = mask.to(dev)
         if o.measure:
             self.full_k = k_all.to(dev)
             self.all_valid = torch.ones((B, N), dtype=torch.bool)
@@ -240,23 +243,28 @@ class IceCacheLayer(CacheLayerMixin):
     # ---- decode ------------------------------------------------------------------------------------
     def _append(self, k, v):
         o = self.owner
-        ps = o.page_size
-        self.win_k = torch.cat([self.win_k, k], dim=-2)
-        self.win_v = torch.cat([self.win_v, v], dim=-2)
-        self.length += 1
-        if o.measure:
-            self.full_k = torch.cat([self.full_k, k], dim=-2)
-            self.all_valid = torch.cat([self.all_valid, torch.ones((self.B, 1), dtype=torch.bool)], dim=1)
-        while self.length - self.ws > o.window_pages * ps:
+        ps, S = o.page_size, self.S
+        if self.length + 1 - self.ws > self.Wcap:
+            # The window is full: its oldest page goes to the host index, the rest shifts left.
             if any(p > self.ws for p in self.pads):
                 raise ValueError("IceCache: a batch row has fewer real tokens than the window; evicting its "
                                  "padding into the index is not supported (use a smaller window_pages or pad less)")
             if self.index is not None:
-                self.index.append_page(self.win_k[:, :, :ps].to("cpu").contiguous(),
-                                       self.win_v[:, :, :ps].to("cpu").contiguous(), self.ws)
-            self.win_k = self.win_k[:, :, ps:].contiguous()
-            self.win_v = self.win_v[:, :, ps:].contiguous()
+                self.index.append_page(self.dense_k[:, :, S:S + ps].to("cpu").contiguous(),
+                                       self.dense_v[:, :, S:S + ps].to("cpu").contiguous(), self.ws)
+            w = self.length - self.ws
+            self.dense_k[:, :, S:S + w - ps] = self.dense_k[:, :, S + ps:S + w].clone()
+            self.dense_v[:, :, S:S + w - ps] = self.dense_v[:, :, S + ps:S + w].clone()
+            self.dense_mask[:, S + w - ps:] = 0
             self.ws += ps
+        w = self.length - self.ws
+        self.dense_k[:, :, S + w] = k[:, :, 0]
+        self.dense_v[:, :, S + w] = v[:, :, 0]
+        self.dense_mask[:, S + w] = 1
+        self.length += 1
+        if o.measure:
+            self.full_k = torch.cat([self.full_k, k], dim=-2)
+            self.all_valid = torch.cat([self.all_valid, torch.ones((self.B, 1), dtype=torch.bool)], dim=1)
 
     def decode_attention(self, module, query, scaling):
         o = self.owner
@@ -266,12 +274,7 @@ class IceCacheLayer(CacheLayerMixin):
         k_sel = o.selected_pages
         dev = self.device
         q = query[:, :, -1, :].to(dev).contiguous()
-        # Resident tokens: sink then window, with the padding mask.
-        win_pos = torch.arange(self.ws, self.length)
-        win_mask = (win_pos[None, :] >= self.win_mask_base[:, None]).to(torch.uint8)
-        k_dense = torch.cat([self.sink_k, self.win_k], dim=-2).contiguous()
-        v_dense = torch.cat([self.sink_v, self.win_v], dim=-2).contiguous()
-        mask = torch.cat([self.sink_mask, win_mask.to(dev)], dim=1).contiguous()
+        k_dense, v_dense, mask = self.dense_k, self.dense_v, self.dense_mask
         pages = None
         if self.index is not None and k_sel > 0 and self.index.num_pages() > 0:
             qf = q.float().cpu().contiguous()
@@ -324,7 +327,7 @@ class IceCacheLayer(CacheLayerMixin):
     def device_bytes(self) -> int:
         """Bytes this layer holds on the device (resident tokens + page store)."""
         n = 0
-        for t in ("sink_k", "sink_v", "win_k", "win_v", "k_store", "v_store"):
+        for t in ("dense_k", "dense_v", "k_store", "v_store"):
             x = getattr(self, t, None)
             if x is not None:
                 n += x.numel() * x.element_size()
