@@ -392,3 +392,87 @@ TEST(NearestCentroid, ArgmaxOfDotProducts) {
     EXPECT_EQ(out[n], arg);
   }
 }
+
+TEST(ClusteredCache, BuildGroupedClustersEachGroup) {
+  // Two streams, tokens pre-grouped per stream: group sizes 20 and 13 (page size 4) -> 5 + 4 pages.
+  const int64_t B = 1, H = 2, D = 8, N = 33;
+  auto c = small_config(B, H, 1, D, true, PageScore::Bounds);
+  ClusteredCache cache(c);
+  auto k = randn(B * H * N * D, 21), v = randn(B * H * N * D, 22);
+  std::vector<int64_t> bounds{0, 20, 33, 0, 13, 33};
+  std::vector<int64_t> pos(static_cast<std::size_t>(H * N));
+  for (int64_t s = 0; s < H; ++s)
+    for (int64_t i = 0; i < N; ++i) pos[s * N + i] = 1000 * s + i;
+  cache.build_grouped(view(k.data(), DType::Float32, {B, H, N, D}), view(v.data(), DType::Float32, {B, H, N, D}),
+                      pos.data(), true, bounds.data(), 2);
+  EXPECT_EQ(cache.num_pages(0), 5 + 4);  // 20 -> 5 full; 13 -> 3 full + 1
+  EXPECT_EQ(cache.num_pages(1), 4 + 5);  // 13 -> 4; 20 -> 5
+  for (int64_t s = 0; s < H; ++s) {
+    const int64_t P = cache.num_pages(s);
+    std::vector<int32_t> sel(static_cast<std::size_t>(H * P), -1);
+    for (int32_t p = 0; p < P; ++p) sel[s * P + p] = p;
+    std::vector<int64_t> out(static_cast<std::size_t>(H * P * 4));
+    cache.page_positions(sel.data(), P, out.data());
+    std::multiset<int64_t> got;
+    for (int64_t p = 0; p < P; ++p) {
+      // a page never mixes the two groups of its stream
+      const int64_t split = bounds[s * 3 + 1];
+      int lo = 0, hi = 0;
+      for (int64_t t = 0; t < 4; ++t) {
+        const int64_t x = out[(s * P + p) * 4 + t];
+        if (x < 0) continue;
+        got.insert(x);
+        ((x - 1000 * s) < split ? lo : hi)++;
+      }
+      EXPECT_TRUE(lo == 0 || hi == 0) << "stream " << s << " page " << p;
+    }
+    EXPECT_EQ(got.size(), static_cast<std::size_t>(N));
+    for (int64_t i = 0; i < N; ++i) EXPECT_EQ(got.count(1000 * s + i), 1u);
+  }
+  std::vector<int64_t> bad{0, 40, 33, 0, 13, 33};
+  EXPECT_THROW(cache.build_grouped(view(k.data(), DType::Float32, {B, H, N, D}),
+                                   view(v.data(), DType::Float32, {B, H, N, D}), pos.data(), true, bad.data(), 2),
+               Error);
+}
+
+TEST(PagedDecodeAttention, DenseMaskSkipsTokens) {
+  // Masking tokens must equal leaving them out.
+  const int64_t B = 2, Hq = 4, H = 2, D = 16, T = 20;
+  auto q = randn(B * Hq * D, 31), kd = randn(B * H * T * D, 32), vd = randn(B * H * T * D, 33);
+  std::vector<uint8_t> mask(static_cast<std::size_t>(B * T), 1);
+  for (int64_t t = 0; t < 7; ++t) mask[t] = 0;           // row 0: first 7 masked
+  for (int64_t t = 16; t < 20; ++t) mask[T + t] = 0;     // row 1: last 4 masked (one whole split)
+  std::vector<float> store(16 * D), out(B * Hq * D), ref(B * Hq * D);
+  PagedAttentionArgs a;
+  a.query = view(q.data(), DType::Float32, {B, Hq, D});
+  a.k_store = view(store.data(), DType::Float32, {1, 16, D});
+  a.v_store = a.k_store;
+  auto kv = view(kd.data(), DType::Float32, {B, H, T, D});
+  auto vv = view(vd.data(), DType::Float32, {B, H, T, D});
+  a.k_dense = &kv;
+  a.v_dense = &vv;
+  a.dense_mask = mask.data();
+  a.kv_heads = H;
+  a.out = view(out.data(), DType::Float32, {B, Hq, D});
+  paged_decode_attention(a);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t0 = b == 0 ? 7 : 0, t1 = b == 0 ? T : 16, n = t1 - t0;
+    std::vector<float> k1(static_cast<std::size_t>(H * n * D)), v1(k1.size());
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t d = 0; d < D; ++d) {
+          k1[(h * n + t) * D + d] = kd[((b * H + h) * T + t0 + t) * D + d];
+          v1[(h * n + t) * D + d] = vd[((b * H + h) * T + t0 + t) * D + d];
+        }
+    PagedAttentionArgs r = a;
+    auto k1v = view(k1.data(), DType::Float32, {1, H, n, D});
+    auto v1v = view(v1.data(), DType::Float32, {1, H, n, D});
+    r.query = view(q.data() + b * Hq * D, DType::Float32, {1, Hq, D});
+    r.k_dense = &k1v;
+    r.v_dense = &v1v;
+    r.dense_mask = nullptr;
+    r.out = view(ref.data() + b * Hq * D, DType::Float32, {1, Hq, D});
+    paged_decode_attention(r);
+  }
+  for (std::size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out[i], ref[i], 1e-5);
+}
