@@ -348,6 +348,60 @@ void ClusteredCache::append_page(const TensorView& keys, const TensorView& value
              static_cast<const char*>(values.data) + s * T * row_bytes, row_bytes, nullptr, T, positions.data());
 }
 
+int64_t ClusteredCache::recluster_tail(int64_t n) {
+  SCRIMP_CHECK(n >= 0, "recluster_tail: n must be >= 0, got " << n);
+  if (n < 2) return 0;
+  const int64_t S = cfg_.batch * cfg_.kv_heads, D = cfg_.head_dim, ps = cfg_.page_size;
+  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  int64_t done = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : done) if (S > 1)
+  for (int64_t s = 0; s < S; ++s) {
+    Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    if (P < n) continue;
+    bool full = true;
+    for (int64_t p = P - n; p < P; ++p) full = full && st.len[static_cast<std::size_t>(p)] == ps;
+    if (!full) continue;
+    const int64_t N = n * ps;
+    // Copy the tokens out (the pages are rewritten below).
+    std::vector<char> kb(static_cast<std::size_t>(N * row_bytes)), vb(kb.size());
+    std::vector<int64_t> pos(static_cast<std::size_t>(N));
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t page = s * cfg_.max_pages + (P - n + p);
+      std::memcpy(kb.data() + p * ps * row_bytes, pool_->keys(page), static_cast<std::size_t>(ps * row_bytes));
+      std::memcpy(vb.data() + p * ps * row_bytes, pool_->values(page), static_cast<std::size_t>(ps * row_bytes));
+      for (int64_t t = 0; t < ps; ++t) pos[p * ps + t] = st.pos[static_cast<std::size_t>((P - n + p) * ps + t)];
+    }
+    std::vector<float> kf(static_cast<std::size_t>(N * D));
+    for (int64_t t = 0; t < N; ++t) ice::load_row(kb.data() + t * row_bytes, cfg_.dtype, D, kf.data() + t * D);
+    std::vector<int64_t> order(static_cast<std::size_t>(N));
+    const auto bounds = cluster_into_pages(kf.data(), N, D, ps, cfg_.kmeans_iters,
+                                           cfg_.seed + static_cast<uint64_t>(s * 104729 + P), order.data());
+    // Drop the old pages (and their device slots), then add the re-clustered ones in their place.
+    for (int64_t p = P - n; p < P; ++p) {
+      const int32_t slot = st.page_slot[static_cast<std::size_t>(p)];
+      if (slot >= 0) {
+        st.slot_page[static_cast<std::size_t>(slot)] = -1;
+        st.slot_tick[static_cast<std::size_t>(slot)] = 0;
+      }
+    }
+    st.len.resize(static_cast<std::size_t>(P - n));
+    st.page_slot.resize(static_cast<std::size_t>(P - n));
+    st.cen.resize(static_cast<std::size_t>((P - n) * D));
+    st.lo.resize(st.cen.size());
+    st.hi.resize(st.cen.size());
+    st.pos.resize(static_cast<std::size_t>((P - n) * ps));
+    std::vector<int32_t> rows(static_cast<std::size_t>(ps));
+    for (std::size_t b = 0; b + 1 < bounds.size(); ++b) {
+      const int64_t m = bounds[b + 1] - bounds[b];
+      for (int64_t t = 0; t < m; ++t) rows[static_cast<std::size_t>(t)] = static_cast<int32_t>(order[bounds[b] + t]);
+      add_page(st, s, kb.data(), vb.data(), row_bytes, rows.data(), m, pos.data());
+    }
+    ++done;
+  }
+  return done;
+}
+
 const float* ClusteredCache::centroid(int64_t s, int64_t p) const {
   return streams_.at(static_cast<std::size_t>(s)).cen.data() + p * cfg_.head_dim;
 }

@@ -155,6 +155,11 @@ class PyClusteredCache {
     return impl_->read_page(stream, page, kp, vp);
   }
 
+  int64_t recluster_tail(int64_t n) {
+    py::gil_scoped_release release;
+    return impl_->recluster_tail(n);
+  }
+
   int64_t num_pages(int64_t stream) const { return stream < 0 ? impl_->num_pages() : impl_->num_pages(stream); }
 
   py::dict stats() const {
@@ -249,6 +254,7 @@ SCRIMP_BINDINGS(clustered_cache) {
       .def("page_positions", &PyClusteredCache::page_positions, py::arg("pages"), py::arg("k"), py::arg("out"))
       .def("read_page", &PyClusteredCache::read_page, py::arg("stream"), py::arg("page"), py::arg("keys"),
            py::arg("values"))
+      .def("recluster_tail", &PyClusteredCache::recluster_tail, py::arg("n"))
       .def("num_pages", &PyClusteredCache::num_pages, py::arg("stream") = -1)
       .def("stats", &PyClusteredCache::stats)
       .def("reset_stats", &PyClusteredCache::reset_stats);

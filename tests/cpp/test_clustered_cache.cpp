@@ -476,3 +476,43 @@ TEST(PagedDecodeAttention, DenseMaskSkipsTokens) {
   }
   for (std::size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out[i], ref[i], 1e-5);
 }
+
+TEST(ClusteredCache, ReclusterTailMakesAppendedPagesPureAndInvalidatesSlots) {
+  // 4 appended pages, each mixing two well-separated directions; re-clustering separates them.
+  const int64_t D = 16, ps = 4;
+  auto c = small_config(1, 1, 1, D, true, PageScore::Bounds);
+  c.cache_pages = 4;
+  ClusteredCache cache(c);
+  auto centers = randn(2 * D, 41);
+  auto noise = randn(16 * D, 42, 0.05f);
+  std::vector<float> k(16 * D);
+  for (int64_t i = 0; i < 16; ++i)
+    for (int64_t d = 0; d < D; ++d) k[i * D + d] = centers[(i % 2) * D + d] + noise[i * D + d];
+  for (int64_t p = 0; p < 4; ++p) {
+    auto kv = view(k.data() + p * ps * D, DType::Float32, {1, 1, ps, D});
+    cache.append_page(kv, kv, p * ps);
+  }
+  std::vector<float> ks(4 * ps * D), vs(ks.size());
+  auto kst = view(ks.data(), DType::Float32, {4, ps, D});
+  auto vst = view(vs.data(), DType::Float32, {4, ps, D});
+  std::vector<int32_t> sel{0, 1, 2, 3}, slots(4), lens(4);
+  cache.recall(sel.data(), 4, kst, vst, slots.data(), lens.data());
+  EXPECT_EQ(cache.recluster_tail(4), 1);
+  EXPECT_EQ(cache.num_pages(0), 4);
+  std::vector<int64_t> pos(16);
+  cache.page_positions(sel.data(), 4, pos.data());
+  std::multiset<int64_t> all(pos.begin(), pos.end());
+  for (int64_t p = 0; p < 4; ++p) {
+    std::set<int64_t> parity;
+    for (int64_t t = 0; t < ps; ++t) parity.insert(pos[p * ps + t] % 2);
+    EXPECT_EQ(parity.size(), 1u) << "page " << p;
+  }
+  for (int64_t i = 0; i < 16; ++i) EXPECT_EQ(all.count(i), 1u);
+  // The old device copies are stale: recalling again must miss and copy the new contents.
+  const int64_t misses = cache.stats().misses;
+  cache.recall(sel.data(), 4, kst, vst, slots.data(), lens.data());
+  EXPECT_EQ(cache.stats().misses, misses + 4);
+  for (int64_t p = 0; p < 4; ++p)
+    for (int64_t t = 0; t < ps; ++t)
+      EXPECT_EQ(std::memcmp(&ks[(slots[p] * ps + t) * D], &k[pos[p * ps + t] * D], D * 4), 0);
+}

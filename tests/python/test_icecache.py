@@ -230,3 +230,14 @@ def test_two_level_clustering_is_exact_at_full_budget():
         for h in range(2):
             got = sorted(p for p in pos[b, h].flatten().tolist() if p >= 0)
             assert got == list(range(32, layer.ws))
+
+
+def test_long_decode_with_evictions_and_reclustering_is_exact():
+    model = _tiny()
+    ids = torch.randint(1, 96, (2, 150))
+    ref = _generate(model, ids, n=90)
+    cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, max_context=1024, recluster_pages=2)
+    out = _generate(model, ids, cache, n=90)
+    assert torch.equal(ref, out)
+    layer = cache.layers[1]
+    assert layer.evicted >= 4  # pages moved from the window to the index and were re-clustered

@@ -114,6 +114,12 @@ class ClusteredCache {
   // Each stream gets one new page.
   void append_page(const TensorView& keys, const TensorView& values, int64_t first_position);
 
+  // Re-clusters the tokens of the last n pages of every stream (normally pages appended from the
+  // window) with the page tree, rewriting those pages in place and dropping them from the device page
+  // cache. Streams whose last n pages are not all full are left as they are. Returns the number of
+  // streams re-clustered.
+  int64_t recluster_tail(int64_t n);
+
   // Pages in stream s; without an argument, the most pages of any stream.
   int64_t num_pages(int64_t stream) const;
   int64_t num_pages() const;

@@ -178,6 +178,7 @@ class IceCacheLayer(CacheLayerMixin):
         self.pads = pads
         ws = max((N - 1) // ps - (o.window_pages - 1), 0) * ps  # window start (page aligned)
         self.ws = ws
+        self.evicted = 0
         S = o.sink_pages * ps
         dev = self.device
         # Sink: the first S real tokens of each row (masked where the row has fewer before the window).
@@ -257,6 +258,10 @@ class IceCacheLayer(CacheLayerMixin):
             self.dense_v[:, :, S:S + w - ps] = self.dense_v[:, :, S + ps:S + w].clone()
             self.dense_mask[:, S + w - ps:] = 0
             self.ws += ps
+            self.evicted += 1
+            if self.index is not None and o.recluster_pages > 1 and o.method == "icecache" \
+                    and self.evicted % o.recluster_pages == 0:
+                self.index.recluster_tail(o.recluster_pages)  # cluster the evicted pages together
         w = self.length - self.ws
         self.dense_k[:, :, S + w] = k[:, :, 0]
         self.dense_v[:, :, S + w] = v[:, :, 0]
@@ -354,6 +359,8 @@ class IceCache(Cache):
     coarse_tokens : with more middle tokens than this, prefill clustering is two-level: a coarse
         spherical k-means on the device (nearest_centroid kernel) into ceil(n / coarse_tokens)
         groups, then the balanced 2-means page tree inside each group on the host (0: tree only).
+    recluster_pages : every this many pages evicted from the window are re-clustered together with
+        the page tree (incremental insertion; 0 or 1: evicted pages stay in time order).
     max_context : longest sequence the host pool is sized for (allocated once per layer).
     measure : record the attention mass captured per step (keeps a full key copy; for evaluation).
     """
@@ -361,7 +368,7 @@ class IceCache(Cache):
     def __init__(self, config, budget: int = 256, page_size: int = 16, sink_pages: int = 2, window_pages: int = 2,
                  dense_layers: int = 2, device=None, method: str = "icecache", cache_pages: Optional[int] = None,
                  max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True,
-                 coarse_tokens: int = 1024):
+                 coarse_tokens: int = 1024, recluster_pages: int = 4):
         for name, v in (("budget", budget), ("page_size", page_size), ("sink_pages", sink_pages),
                         ("window_pages", window_pages), ("dense_layers", dense_layers), ("max_context", max_context)):
             if not isinstance(v, int) or isinstance(v, bool):
@@ -399,6 +406,9 @@ class IceCache(Cache):
         if not isinstance(coarse_tokens, int) or coarse_tokens < 0:
             raise ValueError(f"coarse_tokens must be an int >= 0, got {coarse_tokens!r}")
         self.coarse_tokens = coarse_tokens
+        if not isinstance(recluster_pages, int) or recluster_pages < 0:
+            raise ValueError(f"recluster_pages must be an int >= 0, got {recluster_pages!r}")
+        self.recluster_pages = recluster_pages
         layers = []
         for i in range(self.num_layers):
             layers.append(DynamicLayer() if (method == "full" or i < dense_layers) else IceCacheLayer(self, i))
