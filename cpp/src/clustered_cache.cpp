@@ -80,6 +80,7 @@ void normalize(float* v, int64_t D) {
 
 float dot(const float* a, const float* b, int64_t D) {
   float s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
   return s;
 }
@@ -467,6 +468,7 @@ void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pag
           case PageScore::Bounds: {
             const float* lo = st.lo.data() + p * D;
             const float* hi = st.hi.data() + p * D;
+#pragma omp simd reduction(+ : v)
             for (int64_t d = 0; d < D; ++d) v += std::max(qh[d] * lo[d], qh[d] * hi[d]);
             break;
           }

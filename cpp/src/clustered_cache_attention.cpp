@@ -46,6 +46,7 @@ void attend_split(const float* q, int64_t G, int64_t D, const char* k, const cha
     for (int64_t g = 0; g < G; ++g) {
       float s = 0;
       const float* qg = q + g * D;
+#pragma omp simd reduction(+ : s)
       for (int64_t d = 0; d < D; ++d) s += qg[d] * krow[d];
       scores[g * n + t] = s;
       part.m[g] = std::max(part.m[g], s);
@@ -196,6 +197,7 @@ void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32
     int32_t arg = 0;
     for (int64_t c = 0; c < C; ++c) {
       float s = 0;
+#pragma omp simd reduction(+ : s)
       for (int64_t d = 0; d < D; ++d) s += k[static_cast<std::size_t>(d)] * cf[static_cast<std::size_t>(c * D + d)];
       if (s > best) best = s, arg = static_cast<int32_t>(c);
     }
