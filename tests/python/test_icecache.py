@@ -241,3 +241,11 @@ def test_long_decode_with_evictions_and_reclustering_is_exact():
     assert torch.equal(ref, out)
     layer = cache.layers[1]
     assert layer.evicted >= 4  # pages moved from the window to the index and were re-clustered
+
+
+def test_cli_has_icecache_command():
+    from scrimp import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["icecache", "demo"])
+    assert args.icecache_cmd == "demo" and callable(args.func)
