@@ -403,6 +403,29 @@ int64_t ClusteredCache::recluster_tail(int64_t n) {
   return done;
 }
 
+void ClusteredCache::export_bounds(int64_t first_page, int64_t n, float* lower, float* upper, int32_t* lens) const {
+  SCRIMP_CHECK(first_page >= 0 && n >= 0, "export_bounds: bad range");
+  const int64_t D = cfg_.head_dim;
+  for (std::size_t s = 0; s < streams_.size(); ++s) {
+    const Stream& st = streams_[s];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = first_page + i;
+      float* lo = lower + (static_cast<int64_t>(s) * n + i) * D;
+      float* hi = upper + (static_cast<int64_t>(s) * n + i) * D;
+      if (p < P) {
+        std::memcpy(lo, st.lo.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
+        std::memcpy(hi, st.hi.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
+        lens[static_cast<int64_t>(s) * n + i] = st.len[static_cast<std::size_t>(p)];
+      } else {
+        std::fill(lo, lo + D, 0.0f);
+        std::fill(hi, hi + D, 0.0f);
+        lens[static_cast<int64_t>(s) * n + i] = 0;
+      }
+    }
+  }
+}
+
 const float* ClusteredCache::centroid(int64_t s, int64_t p) const {
   return streams_.at(static_cast<std::size_t>(s)).cen.data() + p * cfg_.head_dim;
 }

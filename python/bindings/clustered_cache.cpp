@@ -155,6 +155,17 @@ class PyClusteredCache {
     return impl_->read_page(stream, page, kp, vp);
   }
 
+  void export_bounds(int64_t first_page, int64_t n, const py::object& lower, const py::object& upper,
+                     const py::object& lens) {
+    const auto& c = impl_->config();
+    const int64_t S = c.batch * c.kv_heads;
+    BorrowedTensor lo(lower, "lower"), hi(upper, "upper"), ln(lens, "lens");
+    float* plo = host_buffer<float>(lo, scrimp::DType::Float32, S * n * c.head_dim, "lower");
+    float* phi = host_buffer<float>(hi, scrimp::DType::Float32, S * n * c.head_dim, "upper");
+    int32_t* pl = host_buffer<int32_t>(ln, scrimp::DType::Int32, S * n, "lens");
+    impl_->export_bounds(first_page, n, plo, phi, pl);
+  }
+
   int64_t recluster_tail(int64_t n) {
     py::gil_scoped_release release;
     return impl_->recluster_tail(n);
@@ -254,6 +265,8 @@ SCRIMP_BINDINGS(clustered_cache) {
       .def("page_positions", &PyClusteredCache::page_positions, py::arg("pages"), py::arg("k"), py::arg("out"))
       .def("read_page", &PyClusteredCache::read_page, py::arg("stream"), py::arg("page"), py::arg("keys"),
            py::arg("values"))
+      .def("export_bounds", &PyClusteredCache::export_bounds, py::arg("first_page"), py::arg("n"),
+           py::arg("lower"), py::arg("upper"), py::arg("lens"))
       .def("recluster_tail", &PyClusteredCache::recluster_tail, py::arg("n"))
       .def("num_pages", &PyClusteredCache::num_pages, py::arg("stream") = -1)
       .def("stats", &PyClusteredCache::stats)

@@ -249,3 +249,25 @@ def test_cli_has_icecache_command():
     parser = cli.build_parser()
     args = parser.parse_args(["icecache", "demo"])
     assert args.icecache_cmd == "demo" and callable(args.func)
+
+
+def test_select_on_device_matches_host_selection():
+    model = _tiny()
+    ids = torch.randint(1, 96, (2, 600))
+    for method in ("icecache", "quest"):
+        cache = scrimp.IceCache(model.config, budget=128, dense_layers=1, max_context=1024, method=method,
+                                select_on_device=True, recluster_pages=2)
+        _generate(model, ids, cache, n=40)
+        layer = cache.layers[1]
+        assert layer.dev_bounds is not None
+        for trial in range(5):
+            q = torch.randn(2, 4, 16)
+            host = torch.empty(2, 2, 4, dtype=torch.int32)
+            layer.index.select(q, 4, host)
+            dev = layer.select_on_device(q, 4)
+            for b in range(2):
+                for h in range(2):
+                    assert set(host[b, h].tolist()) == set(dev[b, h].tolist())
+    ref = _generate(model, ids)
+    cache = scrimp.IceCache(model.config, budget=1024, dense_layers=1, max_context=1024, select_on_device=True)
+    assert torch.equal(_generate(model, ids, cache), ref)

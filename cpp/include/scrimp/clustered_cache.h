@@ -144,6 +144,11 @@ class ClusteredCache {
   // are zero); returns the page's length.
   int64_t read_page(int64_t stream, int64_t page, float* keys, float* values) const;
 
+  // Copies the bounds of pages [first_page, first_page + n) of every stream to lower/upper
+  // [S, n, D] float32 (host) and their token counts to lens [S, n] int32 (0 past a stream's pages),
+  // for scoring on the device.
+  void export_bounds(int64_t first_page, int64_t n, float* lower, float* upper, int32_t* lens) const;
+
   // Representatives: centroid, min, max, each [D] floats of page `page` of stream `stream`.
   const float* centroid(int64_t stream, int64_t page) const;
   const float* lower(int64_t stream, int64_t page) const;

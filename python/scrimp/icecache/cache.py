@@ -221,6 +221,9 @@ class IceCacheLayer(CacheLayerMixin):
                         self._build_rows(k_all, v_all, slice(b, b + 1), starts[b], ws, b)
             C = o.cache_pages
             self.k_store = torch.zeros((B * H * C, ps, D), dtype=self.dtype, device=dev)
+            self.dev_bounds = None
+            if o._select_on_device(dev):
+                self._sync_bounds(0)
             self.v_store = torch.zeros_like(self.k_store)
 
     def _build_rows(self, k_all, v_all, rows, start, end, batch_row):
@@ -253,6 +256,8 @@ class IceCacheLayer(CacheLayerMixin):
             if self.index is not None:
                 self.index.append_page(self.dense_k[:, :, S:S + ps].to("cpu").contiguous(),
                                        self.dense_v[:, :, S:S + ps].to("cpu").contiguous(), self.ws)
+                if self.dev_bounds is not None:
+                    self._sync_bounds(self.index.num_pages() - 1)
             w = self.length - self.ws
             self.dense_k[:, :, S:S + w - ps] = self.dense_k[:, :, S + ps:S + w].clone()
             self.dense_v[:, :, S:S + w - ps] = self.dense_v[:, :, S + ps:S + w].clone()
@@ -262,6 +267,8 @@ class IceCacheLayer(CacheLayerMixin):
             if self.index is not None and o.recluster_pages > 1 and o.method == "icecache" \
                     and self.evicted % o.recluster_pages == 0:
                 self.index.recluster_tail(o.recluster_pages)  # cluster the evicted pages together
+                if self.dev_bounds is not None:
+                    self._sync_bounds(self.index.num_pages() - o.recluster_pages)
         w = self.length - self.ws
         self.dense_k[:, :, S + w] = k[:, :, 0]
         self.dense_v[:, :, S + w] = v[:, :, 0]
@@ -270,6 +277,55 @@ class IceCacheLayer(CacheLayerMixin):
         if o.measure:
             self.full_k = torch.cat([self.full_k, k], dim=-2)
             self.all_valid = torch.cat([self.all_valid, torch.ones((self.B, 1), dtype=torch.bool)], dim=1)
+
+    def _sync_bounds(self, first):
+        """Mirror the page bounds from `first` on to the device (grown by doubling)."""
+        o = self.owner
+        P = self.index.num_pages()
+        S, D = self.B * self.H, self.D
+        n = P - first
+        if n <= 0:
+            return
+        if self.dev_bounds is None or self.dev_bounds[0].shape[1] < P:
+            cap = max(P, 2 * (self.dev_bounds[0].shape[1] if self.dev_bounds is not None else 0), 16)
+            lo = torch.zeros((S, cap, D), dtype=torch.float32, device=self.device)
+            hi = torch.zeros_like(lo)
+            lens = torch.zeros((S, cap), dtype=torch.int32, device=self.device)
+            if self.dev_bounds is not None:
+                old = self.dev_bounds[0].shape[1]
+                lo[:, :old], hi[:, :old], lens[:, :old] = self.dev_bounds
+            self.dev_bounds = (lo, hi, lens)
+        lo_h = torch.empty((S, n, D), dtype=torch.float32)
+        hi_h = torch.empty_like(lo_h)
+        lens_h = torch.empty((S, n), dtype=torch.int32)
+        self.index.export_bounds(first, n, lo_h, hi_h, lens_h)
+        lo, hi, lens = self.dev_bounds
+        lo[:, first:P] = lo_h.to(self.device)
+        hi[:, first:P] = hi_h.to(self.device)
+        lens[:, first:P] = lens_h.to(self.device)
+        del o
+
+    def select_on_device(self, q, k):
+        """Bound scores on the device as two matmuls: sum_d max(q lo, q hi) = q+ . hi + q- . lo; the GQA
+        heads of a group merged by max of (score - that head's best); top-k pages per stream
+        (int32 [B, H, k] on the host, -1 padding)."""
+        B, H, D = self.B, self.H, self.D
+        G = q.shape[1] // H
+        P = self.index.num_pages()
+        lo, hi, lens = (t[:, :P] for t in self.dev_bounds)
+        qg = q.float().view(B, H, G, D)
+        s = torch.matmul(qg.clamp(min=0), hi.view(B, H, P, D).transpose(-1, -2)) + \
+            torch.matmul(qg.clamp(max=0), lo.view(B, H, P, D).transpose(-1, -2))  # [B, H, G, P]
+        valid = (lens.view(B, H, 1, P) > 0)
+        s = s.masked_fill(~valid, float("-inf"))
+        s = s - s.amax(dim=-1, keepdim=True)
+        merged = s.amax(dim=2).masked_fill(~valid[:, :, 0], float("-inf"))  # [B, H, P]
+        take = min(k, P)
+        val, idx = merged.topk(take, dim=-1)
+        idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1)).to(torch.int32).cpu()
+        if take < k:
+            idx = torch.cat([idx, torch.full((B, H, k - take), -1, dtype=torch.int32)], dim=-1)
+        return idx.contiguous()
 
     def decode_attention(self, module, query, scaling):
         o = self.owner
@@ -282,9 +338,11 @@ class IceCacheLayer(CacheLayerMixin):
         k_dense, v_dense, mask = self.dense_k, self.dense_v, self.dense_mask
         pages = None
         if self.index is not None and k_sel > 0 and self.index.num_pages() > 0:
-            qf = q.float().cpu().contiguous()
-            pages = torch.empty((B, H, k_sel), dtype=torch.int32)
-            self.index.select(qf, k_sel, pages)
+            if self.dev_bounds is not None:
+                pages = self.select_on_device(q, k_sel)
+            else:
+                pages = torch.empty((B, H, k_sel), dtype=torch.int32)
+                self.index.select(q.float().cpu().contiguous(), k_sel, pages)
             slots = torch.empty_like(pages)
             lens = torch.empty_like(pages)
             stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
@@ -361,6 +419,8 @@ class IceCache(Cache):
         groups, then the balanced 2-means page tree inside each group on the host (0: tree only).
     recluster_pages : every this many pages evicted from the window are re-clustered together with
         the page tree (incremental insertion; 0 or 1: evicted pages stay in time order).
+    select_on_device : score the page bounds on the cache's device (float32 mirrors of min/max,
+        two matmuls + top-k) instead of on the host; default: on for CUDA, for icecache / quest.
     max_context : longest sequence the host pool is sized for (allocated once per layer).
     measure : record the attention mass captured per step (keeps a full key copy; for evaluation).
     """
@@ -368,7 +428,7 @@ class IceCache(Cache):
     def __init__(self, config, budget: int = 256, page_size: int = 16, sink_pages: int = 2, window_pages: int = 2,
                  dense_layers: int = 2, device=None, method: str = "icecache", cache_pages: Optional[int] = None,
                  max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True,
-                 coarse_tokens: int = 1024, recluster_pages: int = 4):
+                 coarse_tokens: int = 1024, recluster_pages: int = 4, select_on_device: Optional[bool] = None):
         for name, v in (("budget", budget), ("page_size", page_size), ("sink_pages", sink_pages),
                         ("window_pages", window_pages), ("dense_layers", dense_layers), ("max_context", max_context)):
             if not isinstance(v, int) or isinstance(v, bool):
@@ -409,6 +469,7 @@ class IceCache(Cache):
         if not isinstance(recluster_pages, int) or recluster_pages < 0:
             raise ValueError(f"recluster_pages must be an int >= 0, got {recluster_pages!r}")
         self.recluster_pages = recluster_pages
+        self.select_on_device = select_on_device
         layers = []
         for i in range(self.num_layers):
             layers.append(DynamicLayer() if (method == "full" or i < dense_layers) else IceCacheLayer(self, i))
@@ -442,6 +503,13 @@ class IceCache(Cache):
         if cfg is not None and cfg is not self.config:
             raise ValueError("this IceCache was created for a different model (its config is not the model's); "
                              "create one IceCache per model and sequence")
+
+    def _select_on_device(self, device) -> bool:
+        if self.method not in ("icecache", "quest"):
+            return False  # the other scores read the host pool (oracle) or are random
+        if self.select_on_device is None:
+            return torch.device(device).type == "cuda"
+        return bool(self.select_on_device)
 
     def _new_index(self, B, H, D, dtype):
         if self.method == "streaming" and self.selected_pages == 0:
