@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -108,6 +109,39 @@ def timing_table(model, tok, context, dense_layers, reps=5):
             "ratio_icecache_over_full": ice / full, "samples_ms": times}
 
 
+def synthetic_table(N=4096, D=64, topics=64, pages=(4, 8, 16), trials=20, seed=0):
+    """Attention mass captured on synthetic keys: `topics` directions scattered over time, queries
+    aimed at one topic. Page selection only (no model), same index code as the cache."""
+    from scrimp import _C
+
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(topics, D, generator=g), dim=-1)
+    topic = torch.randint(0, topics, (N,), generator=g)
+    keys = dirs[topic] * 4 + 0.5 * torch.randn(N, D, generator=g)
+    k4 = keys.view(1, 1, N, D).contiguous()
+    variants = {"icecache": (True, "bounds"), "quest": (False, "bounds"), "oracle": (False, "oracle"),
+                "random": (False, "random")}
+    idx = {}
+    for name, (cluster, score) in variants.items():
+        idx[name] = _C.ClusteredCache(1, 1, 1, D, 16, N // 16 + 8, max(pages), "float32", cluster, score)
+        idx[name].build(k4, k4, torch.arange(N))
+    rows = []
+    for k in pages:
+        mass = {name: [] for name in variants}
+        for t in range(trials):
+            q = dirs[t % topics] * 8 + 0.5 * torch.randn(D, generator=g)
+            p = torch.softmax(keys @ q / math.sqrt(D), 0)
+            for name, ix in idx.items():
+                sel = torch.empty(1, 1, k, dtype=torch.int32)
+                ix.select(q.view(1, 1, D).contiguous(), k, sel)
+                pos = torch.empty(1, 1, k, 16, dtype=torch.long)
+                ix.page_positions(sel, k, pos)
+                pos = pos.flatten()
+                mass[name].append(float(p[pos[pos >= 0]].sum()))
+        rows.append({"pages": k, **{name: statistics.mean(v) for name, v in mass.items()}})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=30)
@@ -119,13 +153,21 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    syn = synthetic_table()
+    print("0. attention mass captured by the selected pages on synthetic keys (64 topics scattered over 4096 "
+          "tokens, queries aimed at one topic; no model)")
+    print(f"  {'pages':>5} " + " ".join(f"{m:>9}" for m in ("icecache", "quest", "oracle", "random")))
+    for r in syn:
+        print(f"  {r['pages']:>5} " + " ".join(f"{r[m]:>9.3f}" for m in ("icecache", "quest", "oracle", "random")))
+    print()
+
     model, tok = testbed.load("recall")
     cfg = model.config
     load = os.getloadavg()
     print(f"scrimp {scrimp.__version__}; recall model: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
           f"q heads / {cfg.num_key_value_heads} KV heads, dim {cfg.hidden_size}; dense_layers={args.dense_layers}; "
           f"torch threads {torch.get_num_threads()}; load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    result = {"n": args.n, "context": args.context, "dense_layers": args.dense_layers, "load_avg": load}
+    result = {"synthetic": syn, "n": args.n, "context": args.context, "dense_layers": args.dense_layers, "load_avg": load}
 
     if not args.skip_accuracy:
         t0 = time.perf_counter()
