@@ -66,18 +66,21 @@ def memory_table(model, tok, lengths, dense_layers):
         ex = testbed.tasks.recall(seed=123, context_tokens=L, tokenizer=tok)
         ids = torch.tensor([ex.prompt_ids])
         out = {}
-        for method in ("full", "icecache"):
-            cache = IceCache(model.config, budget=256, method=method, dense_layers=dense_layers,
+        for method, dl in (("full", dense_layers), ("icecache", dense_layers), ("icecache0", 0)):
+            cache = IceCache(model.config, budget=256, method=method.rstrip("0"), dense_layers=dl,
                              max_context=ids.shape[1] + 64)
             with torch.no_grad():
                 model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
                                do_sample=False, pad_token_id=tok.pad_token_id)
             out[method] = cache.device_bytes()
+            if method == "icecache0":
+                continue
             if method == "icecache":
                 out["host_pool"] = cache.stats()["host_pool_bytes"]
                 sparse = [l for l in cache.layers if hasattr(l, "device_bytes")]
                 out["sparse_layer"] = sparse[0].device_bytes() if sparse else 0
         rows.append({"prompt_tokens": int(ids.shape[1]), "full_bytes": out["full"], "icecache_bytes": out["icecache"],
+                     "icecache_no_dense_bytes": out["icecache0"],
                      "icecache_sparse_layer_bytes": out["sparse_layer"], "host_pool_bytes": out["host_pool"]})
     return rows
 
@@ -188,12 +191,12 @@ def main(argv=None):
     mem = memory_table(model, tok, args.lengths, args.dense_layers)
     result["memory"] = mem
     print("\n2. device memory held by the KV cache (budget 256; the first dense_layers layers stay full)")
-    print(f"  {'prompt':>7} {'full KiB':>10} {'IceCache KiB':>13} {'ratio':>6} {'per sparse layer KiB':>21} "
-          f"{'host pool KiB':>14}")
+    print(f"  {'prompt':>7} {'full KiB':>10} {'IceCache KiB':>13} {'ratio':>6} {'dense_layers=0 KiB':>19} "
+          f"{'per sparse layer KiB':>21} {'host pool KiB':>14}")
     for r in mem:
         print(f"  {r['prompt_tokens']:>7} {r['full_bytes'] / 1024:>10.1f} {r['icecache_bytes'] / 1024:>13.1f} "
-              f"{r['icecache_bytes'] / r['full_bytes']:>6.3f} {r['icecache_sparse_layer_bytes'] / 1024:>21.1f} "
-              f"{r['host_pool_bytes'] / 1024:>14.1f}")
+              f"{r['icecache_bytes'] / r['full_bytes']:>6.3f} {r['icecache_no_dense_bytes'] / 1024:>19.1f} "
+              f"{r['icecache_sparse_layer_bytes'] / 1024:>21.1f} {r['host_pool_bytes'] / 1024:>14.1f}")
 
     t = timing_table(model, tok, max(args.lengths), args.dense_layers)
     result["timing"] = t

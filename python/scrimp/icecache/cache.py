@@ -390,10 +390,12 @@ class IceCacheLayer(CacheLayerMixin):
     def device_bytes(self) -> int:
         """Bytes this layer holds on the device (resident tokens + page store)."""
         n = 0
-        for t in ("dense_k", "dense_v", "k_store", "v_store"):
+        for t in ("dense_k", "dense_v", "k_store", "v_store", "dense_mask"):
             x = getattr(self, t, None)
             if x is not None:
                 n += x.numel() * x.element_size()
+        for x in getattr(self, "dev_bounds", None) or ():
+            n += x.numel() * x.element_size()
         return n
 
 
