@@ -331,7 +331,8 @@ void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& val
   }
 }
 
-void ClusteredCache::append_page(const TensorView& keys, const TensorView& values, int64_t first_position) {
+void ClusteredCache::append_page(const TensorView& keys, const TensorView& values, int64_t first_position,
+                                 const int64_t* skip) {
   check_kv(keys, "keys", cfg_, cfg_.page_size);
   check_kv(values, "values", cfg_, cfg_.page_size);
   SCRIMP_CHECK(values.shape == keys.shape, "values: expected the keys' shape " << describe(keys) << ", got "
@@ -340,13 +341,21 @@ void ClusteredCache::append_page(const TensorView& keys, const TensorView& value
   SCRIMP_CHECK(T >= 1, "append_page: expected at least one token");
   SCRIMP_CHECK(num_pages() + 1 <= cfg_.max_pages,
                "page pool full: max_pages = " << cfg_.max_pages << " per stream (raise max_context)");
+  if (skip)
+    for (int64_t b = 0; b < cfg_.batch; ++b)
+      SCRIMP_CHECK(skip[b] >= 0, "append_page: skip must be >= 0, got " << skip[b] << " for batch row " << b);
   const int64_t S = cfg_.batch * cfg_.kv_heads;
   const int64_t row_bytes = cfg_.head_dim * static_cast<int64_t>(dtype_size(cfg_.dtype));
   std::vector<int64_t> positions(static_cast<std::size_t>(T));
   std::iota(positions.begin(), positions.end(), first_position);
-  for (int64_t s = 0; s < S; ++s)
-    add_page(streams_[static_cast<std::size_t>(s)], s, static_cast<const char*>(keys.data) + s * T * row_bytes,
-             static_cast<const char*>(values.data) + s * T * row_bytes, row_bytes, nullptr, T, positions.data());
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t k0 = skip ? std::min(skip[s / cfg_.kv_heads], T) : 0;
+    if (k0 == T) continue;  // only padding: no page for this stream
+    add_page(streams_[static_cast<std::size_t>(s)], s,
+             static_cast<const char*>(keys.data) + (s * T + k0) * row_bytes,
+             static_cast<const char*>(values.data) + (s * T + k0) * row_bytes, row_bytes, nullptr, T - k0,
+             positions.data() + k0);
+  }
 }
 
 int64_t ClusteredCache::recluster_tail(int64_t n) {

@@ -106,10 +106,17 @@ class PyClusteredCache {
     impl_->build_grouped(kv, v.view(), pos, true, gb, groups, batch_row);
   }
 
-  void append_page(const py::object& keys, const py::object& values, int64_t first_position) {
+  void append_page(const py::object& keys, const py::object& values, int64_t first_position,
+                   const py::object& skip) {
     BorrowedTensor k(keys, "keys"), v(values, "values");
+    std::unique_ptr<BorrowedTensor> sk;
+    const int64_t* ps = nullptr;
+    if (!skip.is_none()) {
+      sk = std::make_unique<BorrowedTensor>(skip, "skip");
+      ps = host_buffer<int64_t>(*sk, scrimp::DType::Int64, impl_->config().batch, "skip");
+    }
     py::gil_scoped_release release;
-    impl_->append_page(k.view(), v.view(), first_position);
+    impl_->append_page(k.view(), v.view(), first_position, ps);
   }
 
   void select(const py::object& query, int64_t k, const py::object& out_pages, const py::object& out_scores) {
@@ -257,7 +264,7 @@ SCRIMP_BINDINGS(clustered_cache) {
       .def("build_grouped", &PyClusteredCache::build_grouped, py::arg("keys"), py::arg("values"),
            py::arg("positions"), py::arg("group_bounds"), py::arg("batch_row") = -1)
       .def("append_page", &PyClusteredCache::append_page, py::arg("keys"), py::arg("values"),
-           py::arg("first_position"))
+           py::arg("first_position"), py::arg("skip") = py::none())
       .def("select", &PyClusteredCache::select, py::arg("query"), py::arg("k"), py::arg("out_pages"),
            py::arg("out_scores") = py::none())
       .def("recall", &PyClusteredCache::recall, py::arg("pages"), py::arg("k"), py::arg("k_store"),

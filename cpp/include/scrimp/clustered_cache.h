@@ -111,8 +111,10 @@ class ClusteredCache {
 
   // Incremental insertion of tokens evicted from the window: keys, values [B, Hkv, T, D] with
   // 1 <= T <= page_size, CPU, cfg.dtype, contiguous; first_position: the position of token 0.
-  // Each stream gets one new page.
-  void append_page(const TensorView& keys, const TensorView& values, int64_t first_position);
+  // Each stream gets one new page. skip (optional) [B]: leading tokens of each batch row to leave out
+  // (left padding); a stream whose tokens are all skipped gets no page.
+  void append_page(const TensorView& keys, const TensorView& values, int64_t first_position,
+                   const int64_t* skip = nullptr);
 
   // Re-clusters the tokens of the last n pages of every stream (normally pages appended from the
   // window) with the page tree, rewriting those pages in place and dropping them from the device page

@@ -250,14 +250,15 @@ class IceCacheLayer(CacheLayerMixin):
         ps, S = o.page_size, self.S
         if self.length + 1 - self.ws > self.Wcap:
             # The window is full: its oldest page goes to the host index, the rest shifts left.
-            if any(p > self.ws for p in self.pads):
-                raise ValueError("IceCache: a batch row has fewer real tokens than the window; evicting its "
-                                 "padding into the index is not supported (use a smaller window_pages or pad less)")
             if self.index is not None:
+                # Left padding still inside the evicted page stays out of the index.
+                skip = torch.tensor([max(p - self.ws, 0) for p in self.pads], dtype=torch.long)
+                first = self._min_pages()
                 self.index.append_page(self.dense_k[:, :, S:S + ps].to("cpu").contiguous(),
-                                       self.dense_v[:, :, S:S + ps].to("cpu").contiguous(), self.ws)
+                                       self.dense_v[:, :, S:S + ps].to("cpu").contiguous(), self.ws,
+                                       skip if bool(skip.any()) else None)
                 if self.dev_bounds is not None:
-                    self._sync_bounds(self.index.num_pages() - 1)
+                    self._sync_bounds(first)
             w = self.length - self.ws
             self.dense_k[:, :, S:S + w - ps] = self.dense_k[:, :, S + ps:S + w].clone()
             self.dense_v[:, :, S:S + w - ps] = self.dense_v[:, :, S + ps:S + w].clone()
@@ -268,7 +269,7 @@ class IceCacheLayer(CacheLayerMixin):
                     and self.evicted % o.recluster_pages == 0:
                 self.index.recluster_tail(o.recluster_pages)  # cluster the evicted pages together
                 if self.dev_bounds is not None:
-                    self._sync_bounds(self.index.num_pages() - o.recluster_pages)
+                    self._sync_bounds(max(self._min_pages() - o.recluster_pages, 0))
         w = self.length - self.ws
         self.dense_k[:, :, S + w] = k[:, :, 0]
         self.dense_v[:, :, S + w] = v[:, :, 0]
@@ -277,6 +278,9 @@ class IceCacheLayer(CacheLayerMixin):
         if o.measure:
             self.full_k = torch.cat([self.full_k, k], dim=-2)
             self.all_valid = torch.cat([self.all_valid, torch.ones((self.B, 1), dtype=torch.bool)], dim=1)
+
+    def _min_pages(self):
+        return min(self.index.num_pages(s) for s in range(self.B * self.H))
 
     def _sync_bounds(self, first):
         """Mirror the page bounds from `first` on to the device (grown by doubling)."""
