@@ -153,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--dense-layers", type=int, default=2)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="the recall model's architecture with random weights (memory and timing only; no accuracy)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -164,7 +166,17 @@ def main(argv=None):
         print(f"  {r['pages']:>5} " + " ".join(f"{r[m]:>9.3f}" for m in ("icecache", "quest", "oracle", "random")))
     print()
 
-    model, tok = testbed.load("recall")
+    if args.random_weights:
+        from scrimp.testbed import train
+        from scrimp.testbed.tokenizer import get_tokenizer
+
+        tok = get_tokenizer()
+        model = train.build_model(train.RECIPES[("recall", "teacher")], tok, seed=0).eval()
+        model.config._attn_implementation = "sdpa"
+        args.skip_accuracy = True
+        print("(random weights with the recall model's architecture: accuracy is skipped)")
+    else:
+        model, tok = testbed.load("recall")
     cfg = model.config
     load = os.getloadavg()
     print(f"scrimp {scrimp.__version__}; recall model: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
