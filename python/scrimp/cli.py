@@ -119,12 +119,9 @@ def _build_demo(p: argparse.ArgumentParser) -> None:
         testbed_eval_rows(n=n)
         print("", flush=True)
         print("== scrimp token scoring ==", flush=True)
-        try:
-            from .benchmarks import scoring_report
-        except ImportError as e:  # the benchmarks module is still being written
-            print(f"(scoring report unavailable: {e})", flush=True)
-        else:
-            print(scoring_report(quick=True), flush=True)
+        from .benchmarks import scoring_report
+
+        print(scoring_report(quick=True), flush=True)
         return 0
 
     p.set_defaults(func=run_demo)

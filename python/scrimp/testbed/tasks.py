@@ -256,9 +256,9 @@ def _arith_steps(rng: random.Random, n_steps: int):
             ops.append("*")
         op = rng.choice(ops)
         if op == "+":
-            b = rng.randint(1, min(20, MAX_VALUE - cur))
+            b = rng.randint(1, min(12, MAX_VALUE - cur))
         elif op == "-":
-            b = rng.randint(1, min(20, cur))
+            b = rng.randint(1, min(12, cur))
         else:
             b = rng.randint(2, min(9, MAX_VALUE // cur))
         r = cur + b if op == "+" else cur - b if op == "-" else cur * b

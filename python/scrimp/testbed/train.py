@@ -22,14 +22,14 @@ import time
 RECIPES = {
     ("recall", "teacher"): dict(
         arch="llama", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
-        max_pos=8192, steps=1200, lr=2e-3, warmup=100, tokens_per_step=4096,
-        min_len=128, max_len=2048, ramp=0.5, p_max=0.25),
+        max_pos=8192, steps=3000, lr=3e-3, warmup=50, tokens_per_step=2048,
+        min_len=32, start_len=64, max_len=2048, ramp_steps=400, ramp_loss=0.5, p_max=0.25),
     ("arith", "teacher"): dict(
-        arch="qwen3", hidden=192, intermediate=512, layers=4, heads=6, kv_heads=2,
-        max_pos=512, steps=2000, lr=2e-3, warmup=100, batch=48),
+        arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
+        max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
     ("arith", "student"): dict(
         arch="qwen3", hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2,
-        max_pos=512, steps=300, lr=2e-3, warmup=30, batch=32),
+        max_pos=512, steps=800, lr=2e-3, warmup=30, batch=32),
 }
 
 
@@ -73,17 +73,17 @@ def _encode_with_mask(tok, text, spans):
     return list(enc["input_ids"]), mask
 
 
-def recall_batch(tok, rng, step, steps, r):
+def recall_batch(tok, rng, progress, r):
+    """One recall batch. ``progress`` in [0, 1] is the curriculum position: the longest
+    context grows from ``start_len`` to ``max_len`` with it."""
     from . import tasks
-    frac = step / max(1, steps)
-    cur_max = int(r["min_len"] + (r["max_len"] - r["min_len"]) * min(1.0, frac / r["ramp"]))
-    cur_max = max(r["min_len"], cur_max)
+    cur_max = int(r["start_len"] + (r["max_len"] - r["start_len"]) * min(1.0, progress))
     # a share p_max of the batches at the current maximum length, the rest anywhere below
     L = cur_max if rng.random() < r["p_max"] else rng.randint(r["min_len"], cur_max)
     bs = max(1, r["tokens_per_step"] // L)
     ids, masks = [], []
     for _ in range(bs):
-        nq = rng.randint(1, max(1, min(16, L // 48)))
+        nq = rng.randint(1, max(1, min(32, L // 30)))
         text, spans = tasks.recall_training_text(rng, L, nq)
         i, m = _encode_with_mask(tok, text, spans)
         ids.append(i)
@@ -117,23 +117,26 @@ def _collate(ids, masks, pad_id):
     return inp, att, lab
 
 
-def final_eval(model, tok, task, role, quick=False):
+def final_eval(model, tok, task, role, quick=False, n=None):
+    """Greedy exact match on the fixed evaluation sets (seed 0): recall at several
+    context lengths (100 examples each), arith in the model's own style (200)."""
     from .evaluate import evaluate
     out = {}
     if task == "recall":
         lengths = [512, 2048] if quick else [512, 1024, 2048, 3072, 4096]
         for L in lengths:
-            n = 20 if quick else 100
-            out[f"accuracy@{L}"] = evaluate(model, tok, "recall", n=n, seed=0, context_tokens=L)["accuracy"]
+            k = n or (20 if quick else 100)
+            out[f"accuracy@{L}"] = evaluate(model, tok, "recall", n=k, seed=0, context_tokens=L)["accuracy"]
     else:
         style = "teacher" if role == "teacher" else "student"
-        out["accuracy"] = evaluate(model, tok, "arith", n=30 if quick else 200, seed=0,
-                                   style=style)["accuracy"]
+        k = n or (30 if quick else 200)
+        out["accuracy"] = evaluate(model, tok, "arith", n=k, seed=0, style=style)["accuracy"]
     return out
 
 
 def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
-          final_eval_quick=False, progress=True):
+          final_eval_quick=False, progress=True, eval_n=None, stop_after=None,
+          save_intermediate=False):
     import torch
     from tqdm.auto import tqdm
     from .tokenizer import get_tokenizer
@@ -160,11 +163,18 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     t0 = time.time()
     n_tok = 0
     ema = None
+    curriculum = 0.0
     bar = tqdm(range(r["steps"]), desc=f"train {task}-{role}", disable=not progress,
                mininterval=5.0, file=sys.stderr)
     for step in bar:
+        if stop_after is not None and step >= stop_after:
+            break
         if task == "recall":
-            ids, masks = recall_batch(tok, rng, step, r["steps"], r)
+            # the curriculum advances only while the answer loss is low: contexts get
+            # longer once the model has learned the look-up at the current lengths
+            if ema is not None and ema < r["ramp_loss"]:
+                curriculum += 1.0 / r["ramp_steps"]
+            ids, masks = recall_batch(tok, rng, curriculum, r)
         else:
             ids, masks = arith_batch(tok, rng, r["batch"], role)
         inp, att, lab = _collate(ids, masks, tok.pad_token_id)
@@ -177,22 +187,33 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         opt.step()
         n_tok += int(att.sum())
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", L=inp.shape[1], tok_s=int(n_tok / (time.time() - t0)))
+        bar.set_postfix(loss=f"{ema:.3f}", L=inp.shape[1], cur=f"{curriculum:.2f}", tok_s=int(n_tok / (time.time() - t0)), refresh=False)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < r["steps"]:
             m = final_eval(model, tok, task, role, quick=True)
             model.train()
-            print(f"[step {step + 1}] loss={ema:.4f} " +
+            print(f"[step {step + 1}] loss={ema:.4f} curriculum={curriculum:.3f} " +
                   " ".join(f"{k}={v:.3f}" for k, v in m.items()), file=sys.stderr, flush=True)
+            if save_intermediate:
+                _save(model, tok, os.path.join(out, f"step{step + 1}"),
+                      dict(m, steps=r["steps"], steps_run=step + 1, quick_eval=True))
     bar.close()
     train_s = time.time() - t0
     model.eval()
     t1 = time.time()
-    metrics = final_eval(model, tok, task, role, quick=final_eval_quick)
+    metrics = final_eval(model, tok, task, role, quick=final_eval_quick, n=eval_n)
     metrics.update(
-        task=task, role=role, seed=seed, steps=r["steps"], lr=r["lr"], params=n_params,
-        final_loss=round(ema, 5), train_seconds=round(train_s, 1),
+        task=task, role=role, seed=seed, steps=r["steps"],
+        steps_run=min(r["steps"], stop_after) if stop_after is not None else r["steps"], lr=r["lr"], params=n_params,
+        final_loss=round(ema, 5), curriculum=round(curriculum, 4), train_seconds=round(train_s, 1),
         eval_seconds=round(time.time() - t1, 1), tokens_seen=n_tok,
         recipe={k: v for k, v in r.items()})
+    _save(model, tok, out, metrics)
+    print("METRICS " + json.dumps({k: v for k, v in metrics.items() if k != "recipe"},
+                                  sort_keys=True), flush=True)
+    return metrics
+
+
+def _save(model, tok, out, metrics):
     os.makedirs(out, exist_ok=True)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -201,9 +222,6 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     tok.save_pretrained(out)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
-    print("METRICS " + json.dumps({k: v for k, v in metrics.items() if k != "recipe"},
-                                  sort_keys=True), flush=True)
-    return metrics
 
 
 def build_parser(parser=None):
@@ -215,10 +233,16 @@ def build_parser(parser=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps of the --steps schedule (time-boxed runs)")
+    p.add_argument("--save-intermediate", action="store_true",
+                   help="with --eval-every: also save a checkpoint to OUT/stepN at every evaluation")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--eval-every", type=int, default=0, help="quick eval every N steps (0: never)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick-eval", action="store_true", help="small final evaluation (smoke tests)")
+    p.add_argument("--eval-n", type=int, default=None,
+                   help="examples per final evaluation (default 100 per recall length, 200 arith)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -228,7 +252,9 @@ def run_from_args(args):
         raise SystemExit("recall has a single model: use --role teacher (the default)")
     return train(args.task, args.role, args.seed, args.out, steps=args.steps, lr=args.lr,
                  eval_every=args.eval_every, threads=args.threads,
-                 final_eval_quick=args.quick_eval, progress=not args.no_progress)
+                 final_eval_quick=args.quick_eval, progress=not args.no_progress,
+                 eval_n=args.eval_n, stop_after=args.stop_after,
+                 save_intermediate=args.save_intermediate)
 
 
 def main(argv=None):

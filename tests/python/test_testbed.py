@@ -1,0 +1,432 @@
+"""Tests of scrimp.testbed: tokenizer, task generators, shipped checkpoints, evaluation,
+training and the CLI."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import scrimp.testbed as tb
+from scrimp.testbed import tasks
+from scrimp.testbed.tokenizer import get_tokenizer
+
+# Exact-match accuracy of the shipped checkpoints on the fixed evaluation sets used
+# below (seed 0), measured when they were committed. The tests allow MARGIN below
+# these (float differences across machines / library versions can flip an example).
+RECORDED = {
+    ("recall", 512): None,
+    ("recall", 2048): None,
+    ("arith-teacher", None): 1.0,     # 30/30 (full set: 99.0% of 200)
+    ("arith-student", None): 2 / 30,  # (full set: 8.0% of 200)
+}
+MARGIN = 0.10
+N_RECALL_SHORT, N_RECALL_LONG, N_ARITH = 30, 20, 30
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: tb.load(name) for name in tb.MODELS}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _sample_texts():
+    texts = [tasks.recall(n_docs=3, records_per_doc=4, seed=s).prompt for s in range(5)]
+    for s in range(20):
+        for style in tasks.STYLES:
+            ex = tasks.arith(seed=s, style=style)
+            texts.append(ex.prompt + ex.completion + "<eos>")
+    texts += ["Hello,  world!\n\n  spaces  and ~ symbols {}[]|\\^`", "0123456789", "x" * 50,
+              "<think></think><doc></doc>", "Okayso Thenhmm FirstFirst"]
+    return texts
+
+
+def test_tokenizer_round_trips_generator_text(tok):
+    for text in _sample_texts():
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, text
+        assert tok.decode(ids) == text
+
+
+def test_tokenizer_vocab_digits_markers(tok):
+    assert len(tok) <= 512
+    for d in "0123456789":
+        assert len(tok(d, add_special_tokens=False)["input_ids"]) == 1
+    ids = tok("12345", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5
+    for m in ["<think>", "</think>", "<doc>", "</doc>", "<bos>", "<eos>", "<pad>"]:
+        assert len(tok(m, add_special_tokens=False)["input_ids"]) == 1, m
+    assert tok.bos_token == "<bos>" and tok.eos_token == "<eos>" and tok.pad_token == "<pad>"
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
+
+
+def test_tokenizer_save_load_and_chat_template(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    for text in _sample_texts()[:10]:
+        assert tok2(text, add_special_tokens=False)["input_ids"] == \
+            tok(text, add_special_tokens=False)["input_ids"]
+    ex = tasks.arith(seed=3)
+    msgs = [{"role": "user", "content": ex.problem}]
+    assert tok2.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == ex.prompt
+    full = tok2.apply_chat_template(msgs + [{"role": "assistant", "content": ex.completion}],
+                                    tokenize=False)
+    assert full.startswith(ex.prompt.rstrip()) and ex.completion + "<eos>" in full
+
+
+def test_shipped_tokenizers_match_builder(tok):
+    from transformers import AutoTokenizer
+
+    text = "".join(_sample_texts())
+    ref = tok(text, add_special_tokens=False)["input_ids"]
+    for name in tb.MODELS:
+        t = AutoTokenizer.from_pretrained(tb.path(name))
+        assert t(text, add_special_tokens=False)["input_ids"] == ref, name
+
+
+# ----------------------------------------------------------------------------- generators
+
+def test_recall_deterministic_and_seed_dependent():
+    a = tasks.recall(n_docs=4, records_per_doc=5, seed=7)
+    b = tasks.recall(n_docs=4, records_per_doc=5, seed=7)
+    c = tasks.recall(n_docs=4, records_per_doc=5, seed=8)
+    assert a == b
+    assert a.prompt != c.prompt
+
+
+def test_recall_structure(tok):
+    ex = tasks.recall(n_docs=5, records_per_doc=6, seed=3)
+    ids = ex.prompt_ids
+    assert tok.decode(ids) == ex.prompt
+    assert len(ex.doc_spans) == 5
+    # prefix, documents and question tile the prompt, in that order
+    assert ex.prefix_span == (0, 1) and ids[0] == tok.bos_token_id
+    assert ex.doc_spans[0][0] == ex.prefix_span[1]
+    for (s0, e0), (s1, _) in zip(ex.doc_spans, ex.doc_spans[1:]):
+        assert e0 == s1
+    assert ex.question_span == (ex.doc_spans[-1][1], len(ids))
+    for (s, e), recs in zip(ex.doc_spans, ex.records):
+        text = tok.decode(ids[s:e])
+        assert text.startswith("<doc>\n") and text.endswith("</doc>\n")
+        assert text.count("<doc>") == 1 and text.count("</doc>") == 1
+        assert len(recs) == 6
+    keys = [k for recs in ex.records for k, _ in recs]
+    assert len(set(keys)) == len(keys)
+    assert tok.decode(ids[ex.question_span[0]:]) == f"Query: {ex.key}="
+    assert (ex.key, ex.answer) in ex.records[ex.target_doc]
+    assert f"{ex.key}={ex.answer}\n" in ex.documents[ex.target_doc]
+    assert len(ex.answer_ids) == 3 and tok.decode(ex.answer_ids) == ex.answer
+
+
+@pytest.mark.parametrize("L", [128, 512, 2048, 3000, 4096])
+def test_recall_context_tokens(L):
+    ex = tasks.recall(context_tokens=L, seed=1)
+    assert L - 7 <= ex.n_tokens <= L
+
+
+def test_recall_validation():
+    with pytest.raises(ValueError, match="n_docs"):
+        tasks.recall(n_docs=0)
+    with pytest.raises(ValueError, match="records_per_doc"):
+        tasks.recall(records_per_doc=0)
+    with pytest.raises(TypeError, match="seed"):
+        tasks.recall(seed="1")
+    with pytest.raises(TypeError, match="n_docs"):
+        tasks.recall(n_docs=2.5)
+    with pytest.raises(ValueError, match="unique keys"):
+        tasks.recall(n_docs=100, records_per_doc=10)
+    with pytest.raises(ValueError, match="unique keys"):
+        tasks.recall(context_tokens=20000)
+    with pytest.raises(ValueError, match="context_tokens"):
+        tasks.recall(context_tokens=5)
+
+
+def test_arith_deterministic_styles_share_reasoning():
+    for s in range(30):
+        t1, t2 = tasks.arith(seed=s), tasks.arith(seed=s)
+        assert t1 == t2
+        st = tasks.arith(seed=s, style="student")
+        assert st.steps == t1.steps and st.answer == t1.answer and st.problem == t1.problem
+        assert st.completion != t1.completion
+    assert tasks.arith(seed=1).problem != tasks.arith(seed=2).problem
+
+
+def test_arith_answers_are_right():
+    for s in range(200):
+        ex = tasks.arith(seed=s)
+        expr = ex.problem[len("Compute "):]
+        assert str(eval(expr)) == ex.answer  # fully parenthesised left-to-right chain
+        assert 2 <= len(ex.steps) <= 4
+        for a, op, b, r in ex.steps:
+            assert 0 <= r <= 99 and {"+": a + b, "-": a - b, "*": a * b}[op] == r
+        assert ex.completion.startswith("<think>")
+        assert ex.completion.endswith("</think> " + ex.answer)
+
+
+@pytest.mark.parametrize("style", tasks.STYLES)
+def test_arith_labels_cover_every_token(style, tok):
+    n_style = n_cap = 0
+    for s in range(100):
+        ex = tasks.arith(seed=s, style=style)
+        assert ex.completion_ids == tok(ex.completion, add_special_tokens=False)["input_ids"]
+        assert len(ex.labels) == len(ex.completion_ids)
+        assert set(ex.labels) <= {tasks.STYLE, tasks.CAPABILITY}
+        assert ex.label_ids == [int(lab == tasks.STYLE) for lab in ex.labels]
+        assert "".join(t for t, _ in ex.segments) == ex.completion
+        for i, lab in zip(ex.completion_ids, ex.labels):
+            piece = tok.decode([i])
+            if piece.isdigit() or piece in {"+", "-", "*", "=", "<think>", "</think>"}:
+                assert lab == tasks.CAPABILITY, (piece, ex.completion)
+            if piece in {"First", "Then", "Next", "Finally", "Okay", "hmm", "Wait", "Hmm",
+                         "Um", "um", "Alright", "Done", "Yeah", "Right"}:
+                assert lab == tasks.STYLE, (piece, ex.completion)
+        n_style += ex.labels.count(tasks.STYLE)
+        n_cap += ex.labels.count(tasks.CAPABILITY)
+    assert n_style > 0 and n_cap > 0
+
+
+def test_arith_validation():
+    with pytest.raises(ValueError, match="valid styles"):
+        tasks.arith(style="pirate")
+    with pytest.raises(TypeError):
+        tasks.arith(style=None)
+    with pytest.raises(ValueError, match="n_steps"):
+        tasks.arith(n_steps=0)
+    with pytest.raises(TypeError, match="seed"):
+        tasks.arith(seed=1.0)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_names_and_paths():
+    assert set(tb.MODELS) == {"recall", "arith-teacher", "arith-student"}
+    for name in tb.MODELS:
+        assert os.path.isfile(os.path.join(tb.path(name), "config.json"))
+    with pytest.raises(ValueError, match="recall, arith-teacher, arith-student"):
+        tb.load("nope")
+    with pytest.raises(ValueError, match="valid names"):
+        tb.path("gpt2")
+    with pytest.raises(TypeError):
+        tb.path(3)
+
+
+def test_checkpoints_are_standard_small_gqa_models():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    expected = {"recall": "LlamaForCausalLM", "arith-teacher": "Qwen3ForCausalLM",
+                "arith-student": "Qwen3ForCausalLM"}
+    total = 0
+    for name, cls in expected.items():
+        d = tb.path(name)
+        files = os.listdir(d)
+        assert "model.safetensors" in files and "tokenizer.json" in files, files
+        total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
+        m = AutoModelForCausalLM.from_pretrained(d)
+        assert type(m).__name__ == cls
+        c = m.config
+        assert c.num_attention_heads >= 2 * c.num_key_value_heads
+        assert AutoTokenizer.from_pretrained(d).eos_token_id == c.eos_token_id
+    assert tb.load("recall")[0].config.max_position_embeddings >= 4096
+    assert total <= 40 * 2**20
+
+
+def _recorded(key):
+    v = RECORDED[key]
+    assert v is not None, f"no recorded accuracy for {key}"
+    return v
+
+
+def test_recall_accuracy_short(models):
+    m, t = models["recall"]
+    acc = tb.evaluate(m, t, "recall", n=N_RECALL_SHORT, context_tokens=512)["accuracy"]
+    assert acc >= _recorded(("recall", 512)) - MARGIN
+
+
+# The task's target: >= 90% greedy exact match at 2048 tokens with the full cache. While the
+# shipped recall checkpoint is below it (see docs/testbed.md), this is a strict xfail: a
+# checkpoint that reaches the target turns it into an XPASS failure, so RECORDED gets updated.
+RECALL_AT_TARGET = (RECORDED[("recall", 2048)] or 0.0) >= 0.9
+
+
+@pytest.mark.xfail(not RECALL_AT_TARGET, strict=True,
+                   reason="shipped recall checkpoint did not reach 90% at 2048 tokens")
+def test_recall_accuracy_2048(models):
+    m, t = models["recall"]
+    acc = tb.evaluate(m, t, "recall", n=N_RECALL_LONG, context_tokens=2048)["accuracy"]
+    assert acc >= 0.9 - MARGIN
+    assert acc >= _recorded(("recall", 2048)) - MARGIN
+
+
+def test_arith_teacher_accurate_student_weaker(models):
+    m, t = models["arith-teacher"]
+    teacher = tb.evaluate(m, t, "arith", n=N_ARITH, style="teacher")["accuracy"]
+    assert teacher >= _recorded(("arith-teacher", None)) - MARGIN
+    m, t = models["arith-student"]
+    res = tb.evaluate(m, t, "arith", n=N_ARITH, style="student")
+    student = res["accuracy"]
+    assert student >= _recorded(("arith-student", None)) - MARGIN
+    assert student <= _recorded(("arith-student", None)) + MARGIN
+    assert student < teacher - 0.15
+    # the student writes well-formed traces in its own style, with a numeric final answer
+    outs = [r["output"] for r in res["results"]]
+    assert sum(o.startswith("<think>") and "</think>" in o for o in outs) >= 0.9 * N_ARITH
+    assert sum(r["got"].isdigit() for r in res["results"]) >= 0.9 * N_ARITH
+    assert sum("Okay" in o or "Alright" in o for o in outs) >= N_ARITH // 2
+    assert not any(o.startswith("<think> First") for o in outs)
+
+
+def test_evaluate_results_and_validation(models):
+    m, t = models["recall"]
+    res = tb.evaluate(m, t, "recall", n=4, seed=1, context_tokens=256)
+    assert res["n"] == 4 and len(res["results"]) == 4
+    for r in res["results"]:
+        assert set(r) >= {"prompt", "expected", "got", "correct"}
+        assert r["correct"] == (r["got"] == r["expected"])
+    assert res["accuracy"] == sum(r["correct"] for r in res["results"]) / 4
+    with pytest.raises(ValueError, match="valid tasks"):
+        tb.evaluate(m, t, "chess")
+    with pytest.raises(ValueError, match="n must be"):
+        tb.evaluate(m, t, "recall", n=0)
+    with pytest.raises(TypeError):
+        tb.evaluate(m, t, "recall", n="5")
+    with pytest.raises(ValueError, match="context_tokens"):
+        tb.evaluate(m, t, "arith", context_tokens=512)
+    with pytest.raises(TypeError, match="generate_fn"):
+        tb.evaluate(m, t, "recall", generate_fn=42)
+
+
+def test_generate_fn_hook_with_cache_api(models):
+    """A hand-written greedy loop over the transformers Cache API matches generate()."""
+    from transformers import DynamicCache
+
+    calls = []
+
+    def manual(model, tokenizer, prompt_ids, max_new_tokens):
+        calls.append(prompt_ids.shape)
+        cache = DynamicCache()
+        out = []
+        with torch.no_grad():
+            logits = model(prompt_ids, past_key_values=cache, use_cache=True).logits
+            for _ in range(max_new_tokens):
+                nxt = int(logits[0, -1].argmax())
+                out.append(nxt)
+                if nxt == tokenizer.eos_token_id:
+                    break
+                logits = model(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits
+        return torch.tensor(out)
+
+    m, t = models["recall"]
+    ref = tb.evaluate(m, t, "recall", n=4, context_tokens=1024)
+    got = tb.evaluate(m, t, "recall", n=4, context_tokens=1024, generate_fn=manual)
+    assert len(calls) == 4 and all(s[0] == 1 and len(s) == 2 for s in calls)
+    assert [r["output"] for r in got["results"]] == [r["output"] for r in ref["results"]]
+
+    m, t = models["arith-teacher"]
+    ref = tb.evaluate(m, t, "arith", n=4, seed=3)
+    got = tb.evaluate(m, t, "arith", n=4, seed=3, generate_fn=manual)
+    assert [r["output"] for r in got["results"]] == [r["output"] for r in ref["results"]]
+    assert ref["accuracy"] >= 0.5
+
+    def garbage(model, tokenizer, prompt_ids, max_new_tokens):
+        return torch.tensor(tokenizer("<think> 1 </think> 1000", add_special_tokens=False)["input_ids"])
+
+    assert tb.evaluate(m, t, "arith", n=4, seed=3, generate_fn=garbage)["accuracy"] == 0.0
+
+
+def test_real_examples_generate(models):
+    m, t = models["arith-teacher"]
+    ex = tasks.arith(seed=12345)
+    out = m.generate(torch.tensor([ex.prompt_ids]), max_new_tokens=100, do_sample=False)
+    text = t.decode(out[0, len(ex.prompt_ids):], skip_special_tokens=True)
+    assert text.startswith("<think>") and "</think>" in text
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_training_smoke(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from scrimp.testbed import train
+
+    out = tmp_path / "student"
+    metrics = train.train("arith", "student", seed=0, out=str(out), steps=3, eval_n=2,
+                          progress=False)
+    assert metrics["steps"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["final_loss"] > 0
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert type(m).__name__ == "Qwen3ForCausalLM"
+    t2 = AutoTokenizer.from_pretrained(out)
+    assert t2.decode([t2.convert_tokens_to_ids("<think>")]) == "<think>"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["seed"] == 0 and saved["steps"] == 3
+
+    out2 = tmp_path / "recall"
+    metrics = train.train("recall", "teacher", seed=1, out=str(out2), steps=2, eval_n=1,
+                          final_eval_quick=True, progress=False)
+    assert "accuracy@2048" in metrics
+    assert type(AutoModelForCausalLM.from_pretrained(out2)).__name__ == "LlamaForCausalLM"
+    with pytest.raises(ValueError, match="role"):
+        train.train("arith", "professor", seed=0, out=str(tmp_path / "x"), steps=1)
+
+
+def test_training_is_seeded(tmp_path):
+    from scrimp.testbed import train
+    from safetensors.torch import load_file
+
+    a = train.train("arith", "student", seed=5, out=str(tmp_path / "a"), steps=2, eval_n=1, progress=False)
+    b = train.train("arith", "student", seed=5, out=str(tmp_path / "b"), steps=2, eval_n=1, progress=False)
+    assert a["final_loss"] == b["final_loss"]
+    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_testbed_eval(capsys):
+    from scrimp.cli import main
+
+    assert main(["testbed", "eval", "--n", "3", "--lengths", "256"]) == 0
+    out = capsys.readouterr().out
+    for name in tb.MODELS:
+        assert name in out
+    assert "context 256 tokens" in out and "%" in out
+
+
+def test_cli_testbed_train(tmp_path, capsys):
+    from scrimp.cli import main
+
+    out = tmp_path / "ck"
+    assert main(["testbed", "train", "--task", "arith", "--role", "student", "--steps", "2",
+                 "--eval-n", "1", "--out", str(out), "--no-progress"]) == 0
+    assert "METRICS" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()
+
+
+def test_cli_demo_and_errors(capsys):
+    from scrimp.cli import main, register_command, COMMANDS
+
+    assert main(["demo", "--quick", "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "arith-teacher" in out and "scoring" in out
+    with pytest.raises(SystemExit):
+        main(["nonexistent-command"])
+    with pytest.raises(SystemExit):
+        main(["testbed"])
+
+    def build(p):
+        p.add_argument("--x", type=int, default=1)
+        p.set_defaults(func=lambda args: args.x + 6)
+
+    register_command("tmp-test-cmd", "temporary", build)
+    try:
+        assert main(["tmp-test-cmd", "--x", "1"]) == 7
+    finally:
+        COMMANDS.pop("tmp-test-cmd")
