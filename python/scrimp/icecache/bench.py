@@ -112,6 +112,23 @@ def timing_table(model, tok, context, dense_layers, reps=5):
             "ratio_icecache_over_full": ice / full, "samples_ms": times}
 
 
+def arith_table(n=30, budgets=(48, 64, 96), methods=("icecache", "quest", "oracle", "random", "streaming")):
+    """Greedy accuracy on the testbed arith task (Qwen3 arith-teacher; prompts ~30 tokens, traces
+    ~100-200): tokens move from the window into the index during decoding, so small budgets select
+    among evicted pages. sink 1 + window 1 page; dense_layers 1."""
+    model, tok = testbed.load("arith-teacher")
+    full = testbed.evaluate(model, tok, "arith", n=n)
+    rows = [{"method": "full", "budget": None, "accuracy": full["accuracy"], "same_output": n}]
+    for budget in budgets:
+        for method in methods:
+            fn = make_generate_fn(method, budget=budget, sink_pages=1, window_pages=1, dense_layers=1,
+                                  max_context=1024)
+            r = testbed.evaluate(model, tok, "arith", n=n, generate_fn=fn)
+            same = sum(a["output"] == b["output"] for a, b in zip(r["results"], full["results"]))
+            rows.append({"method": method, "budget": budget, "accuracy": r["accuracy"], "same_output": same})
+    return rows
+
+
 def synthetic_table(N=4096, D=64, topics=64, pages=(4, 8, 16), trials=20, seed=0):
     """Attention mass captured on synthetic keys: `topics` directions scattered over time, queries
     aimed at one topic. Page selection only (no model), same index code as the cache."""
@@ -153,11 +170,13 @@ def main(argv=None):
     ap.add_argument("--dense-layers", type=int, default=2)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-arith", action="store_true")
     ap.add_argument("--random-weights", action="store_true",
                     help="the recall model's architecture with random weights (memory and timing only; no accuracy)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    result = {}
     syn = synthetic_table()
     print("0. attention mass captured by the selected pages on synthetic keys (64 topics scattered over 4096 "
           "tokens, queries aimed at one topic; no model)")
@@ -165,6 +184,22 @@ def main(argv=None):
     for r in syn:
         print(f"  {r['pages']:>5} " + " ".join(f"{r[m]:>9.3f}" for m in ("icecache", "quest", "oracle", "random")))
     print()
+
+    if not args.skip_arith:
+        try:
+            ar = arith_table(n=args.n)
+        except FileNotFoundError as e:
+            ar = None
+            print(f"(arith table skipped: {e})")
+        if ar:
+            result["arith"] = ar
+            print(f"1b. testbed arith (Qwen3 arith-teacher), n={args.n}, sink 1 + window 1 page, dense_layers 1: "
+                  "accuracy and outputs identical to the full cache's")
+            print(f"  {'method':<10} {'budget':>6} {'accuracy':>8} {'same output':>11}")
+            for r in ar:
+                print(f"  {r['method']:<10} {str(r['budget'] or 'all'):>6} {r['accuracy']:>8.3f} "
+                      f"{r['same_output']:>8d}/{args.n}")
+            print()
 
     if args.random_weights:
         from scrimp.testbed import train
@@ -182,7 +217,8 @@ def main(argv=None):
     print(f"scrimp {scrimp.__version__}; recall model: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
           f"q heads / {cfg.num_key_value_heads} KV heads, dim {cfg.hidden_size}; dense_layers={args.dense_layers}; "
           f"torch threads {torch.get_num_threads()}; load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    result = {"synthetic": syn, "n": args.n, "context": args.context, "dense_layers": args.dense_layers, "load_avg": load}
+    result.update({"synthetic": syn, "n": args.n, "context": args.context, "dense_layers": args.dense_layers,
+                   "load_avg": load})
 
     if not args.skip_accuracy:
         t0 = time.perf_counter()
