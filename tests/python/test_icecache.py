@@ -303,3 +303,20 @@ def test_short_padded_row_matches_unpadded_generation():
         assert torch.equal(out[1, 200:200 + n], alone[0, 10:10 + n])
         layer = cache.layers[1]
         assert layer.evicted >= 2 and layer.index.num_pages(2) < layer.index.num_pages(0)
+
+
+def test_shipped_qwen3_model_is_exact_at_full_budget():
+    from scrimp import testbed
+    from scrimp.icecache import make_generate_fn
+
+    try:
+        model, tok = testbed.load("arith-teacher")
+    except FileNotFoundError:
+        pytest.skip("arith-teacher checkpoint not shipped")
+    full = testbed.evaluate(model, tok, "arith", n=4)
+    rec = []
+    ice = testbed.evaluate(model, tok, "arith", n=4,
+                           generate_fn=make_generate_fn("icecache", budget=512, dense_layers=1, record=rec,
+                                                        max_context=1024))
+    assert [r["output"] for r in ice["results"]] == [r["output"] for r in full["results"]]
+    assert sum(r["misses"] for r in rec) > 0  # decode really read pages from the host pool
