@@ -27,8 +27,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-
-
 def __getattr__(name):
     # IceCache needs torch + transformers: imported on first use only.
     if name == "IceCache":
