@@ -2,7 +2,8 @@
 # The one script run on a GPU machine: build + install scrimp with CUDA, run every test (CUDA ones
 # included), then the token-scoring benchmark. Results land in $OUT:
 #   build.log, build_info.txt, pytest.log, cuda_test_errors.tsv (measured max errors of the CUDA
-#   tests), bench_scoring.txt, bench_scoring.json, nvidia-smi.txt
+#   tests), bench_scoring.txt, bench_scoring.json, bench_tip.txt, bench_tip.json,
+#   bench_packets.{txt,json}, nvidia-smi.txt
 set -euo pipefail
 
 OUT=${OUT:-/tmp/scrimp_gpu_out}
@@ -41,6 +42,8 @@ set -e
 
 echo "== benchmark =="
 python3 bench/bench_scoring.py --device cuda --json "$OUT/bench_scoring.json" 2>&1 | tee "$OUT/bench_scoring.txt"
+python3 bench/bench_tip.py --device cuda --kl-n 4096 --kl-v 151936 --dtypes bfloat16 --json "$OUT/bench_tip.json" 2>&1 | tee "$OUT/bench_tip.txt"
+python3 bench/bench_packets.py --device cuda --skip-method --json "$OUT/bench_packets.json" 2>&1 | tee "$OUT/bench_packets.txt"
 python3 bench/bench_icecache_gpu.py --device cuda --json "$OUT/bench_icecache_gpu.json" 2>&1 | tee "$OUT/bench_icecache_gpu.txt"
 python3 bench/bench_icecache_e2e.py --lengths 32768 --json "$OUT/bench_icecache_e2e.json" 2>&1 | tee "$OUT/bench_icecache_e2e.txt"
 

@@ -3,12 +3,18 @@
 One C++/CUDA core (``scrimp._C``) with a slim Python layer:
 
 - :func:`token_scores` - fused per-token entropy / KL / log-prob scoring (CPU and CUDA).
+- :func:`kl_loss` - fused KL / JSD distillation loss with its gradient in one pass (CPU and CUDA).
+- :mod:`scrimp.tip` - TIP token-selective on-policy distillation.
 - :mod:`scrimp.testbed` - small real Hugging Face models and tasks every method is measured on.
 """
 from __future__ import annotations
 
 from . import _C
 from .scoring import TokenScores, token_scores
+from .distill_loss import kl_loss
+from . import tip
+from . import tessy  # TESSY synthesis (torch/transformers are imported lazily)
+from .packets import PacketStore, assemble, rerotate_keys
 
 __version__ = _C.build_info()["version"]
 
@@ -36,4 +42,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'scrimp' has no attribute {name!r}")
 
 
-__all__ = ["TokenScores", "token_scores", "build_info", "__version__", "IceCache"]
+__all__ = ["TokenScores", "token_scores", "kl_loss", "tip", "tessy", "build_info", "__version__",
+           "PacketStore", "rerotate_keys", "assemble", "IceCache"]

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
 #: modules imported (if present) before the parser is built; they may call register_command
-PLUGIN_MODULES: List[str] = ["scrimp.icecache.cli"]
+PLUGIN_MODULES: List[str] = ["scrimp.tip.cli", "scrimp.tessy.cli", "scrimp.packets.cli", "scrimp.icecache.cli"]
 
 
 def register_command(name: str, help: str, builder: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -109,6 +109,15 @@ def _build_testbed(p: argparse.ArgumentParser) -> None:
     pt.set_defaults(func=lambda args: (_train.run_from_args(args), 0)[1])
 
 
+#: (title, package with demo_section(quick) -> str), run in order after the testbed and scoring rows
+DEMO_SECTIONS = [
+    ("TIP: token-selective on-policy distillation", "scrimp.tip"),
+    ("TESSY: teacher-student cooperative synthesis", "scrimp.tessy"),
+    ("KV Packet: recomputation-free packets vs recompute", "scrimp.packets"),
+    ("IceCache: clustered KV pages offloaded to host memory, within a token budget", "scrimp.icecache"),
+]
+
+
 def _build_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer examples (well under a minute)")
     p.add_argument("--n", type=int, default=None, help="examples per testbed row (default 20, --quick 10)")
@@ -122,6 +131,9 @@ def _build_demo(p: argparse.ArgumentParser) -> None:
         from .benchmarks import scoring_report
 
         print(scoring_report(quick=True), flush=True)
+        for title, module in DEMO_SECTIONS:
+            print(f"\n== {title} ==", flush=True)
+            print(importlib.import_module(module).demo_section(quick=args.quick), flush=True)
         return 0
 
     p.set_defaults(func=run_demo)
@@ -135,10 +147,7 @@ register_command("demo", "run the testbed evaluation and the scoring benchmark",
 
 def build_parser() -> argparse.ArgumentParser:
     for mod in PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+        importlib.import_module(mod)  # a broken plugin is a bug to surface, not to hide
     parser = argparse.ArgumentParser(prog="scrimp", description="scrimp: cheaper LLM pipelines")
     try:
         from . import __version__ as version

@@ -22,8 +22,9 @@ import time
 RECIPES = {
     ("recall", "teacher"): dict(
         arch="llama", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
-        max_pos=8192, steps=3000, lr=3e-3, warmup=50, tokens_per_step=2048,
-        min_len=32, start_len=64, max_len=2048, ramp_steps=400, ramp_loss=0.5, p_max=0.25),
+        max_pos=8192, steps=4000, lr=3e-4, warmup=50, tokens_per_step=2560,
+        min_len=160, start_len=160, max_len=2048, ramp_steps=600, ramp_loss=0.5, p_max=0.25,
+        queries_per_token=1 / 20),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
         max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
@@ -83,7 +84,9 @@ def recall_batch(tok, rng, progress, r):
     bs = max(1, r["tokens_per_step"] // L)
     ids, masks = [], []
     for _ in range(bs):
-        nq = rng.randint(1, max(1, min(32, L // 30)))
+        # Many answered queries per sequence: far more look-up signal per forward pass, which is
+        # what gets the induction circuit past its plateau (one query per sequence did not in 950 steps).
+        nq = max(1, min(32, int(L * r["queries_per_token"])))
         text, spans = tasks.recall_training_text(rng, L, nq)
         i, m = _encode_with_mask(tok, text, spans)
         ids.append(i)

@@ -1,0 +1,135 @@
+// kl_loss: argument validation and CPU/CUDA dispatch.
+#include "scrimp/kl_loss.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "kl_loss_cpu.h"
+#include "kl_loss_cuda.h"
+#include "scrimp/build_info.h"
+#include "scrimp/error.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace scrimp {
+
+const char* kl_kind_name(KLKind kind) {
+  switch (kind) {
+    case KLKind::Reverse: return "reverse";
+    case KLKind::Forward: return "forward";
+    case KLKind::JSD: return "jsd";
+  }
+  return "?";
+}
+
+namespace {
+
+bool is_float_logits(DType d) { return d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16; }
+
+void check_logits(const TensorView& t, const char* name) {
+  SCRIMP_CHECK(t.ndim() >= 1, name << ": expected logits of shape [..., V] with a vocabulary dimension, got "
+                                   << describe(t));
+  SCRIMP_CHECK(static_cast<int64_t>(t.strides.size()) == t.ndim(), name << ": strides and shape differ in length");
+  SCRIMP_CHECK_TYPE(is_float_logits(t.dtype),
+                    name << ": expected float32, float16 or bfloat16 logits, got " << describe(t));
+  for (int64_t s : t.shape) SCRIMP_CHECK(s >= 0, name << ": negative dimension in " << describe(t));
+  SCRIMP_CHECK(t.shape.back() >= 1, name << ": the vocabulary (last) dimension must be >= 1, got " << describe(t));
+  SCRIMP_CHECK(t.numel() == 0 || t.strides.back() == 1 || t.shape.back() == 1,
+               name << ": the last (vocabulary) dimension must be contiguous (stride 1), got stride "
+                    << t.strides.back());
+  SCRIMP_CHECK(t.numel() == 0 || t.data != nullptr, name << ": null data pointer for " << describe(t));
+}
+
+std::vector<int64_t> leading(const std::vector<int64_t>& v, std::size_t n) {
+  return std::vector<int64_t>(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(n));
+}
+
+}  // namespace
+
+void kl_loss(const KLLossArgs& args) {
+  const TensorView& s = args.student;
+  const TensorView& t = args.teacher;
+  check_logits(s, "student_logits");
+  check_logits(t, "teacher_logits");
+  SCRIMP_CHECK(t.shape.back() == s.shape.back(),
+               "teacher/student vocabulary mismatch: student " << describe(s) << ", teacher " << describe(t));
+  SCRIMP_CHECK(t.shape == s.shape, "teacher_logits: expected the student's shape " << describe(s) << ", got "
+                                                                                  << describe(t));
+  SCRIMP_CHECK_TYPE(t.dtype == s.dtype, "teacher_logits: expected the student's dtype " << dtype_name(s.dtype)
+                                                                                        << ", got " << dtype_name(t.dtype));
+  SCRIMP_CHECK(t.device == s.device, "teacher_logits: expected the student's device " << device_name(s.device)
+                                                                                      << ", got " << device_name(t.device));
+  SCRIMP_CHECK(args.kind == KLKind::Reverse || args.kind == KLKind::Forward || args.kind == KLKind::JSD,
+               "kind: expected reverse, forward or jsd");
+  SCRIMP_CHECK(std::isfinite(args.temperature) && args.temperature > 0.0f,
+               "temperature: expected a finite value > 0, got " << args.temperature);
+  SCRIMP_CHECK(args.beta >= 0.0f && args.beta <= 1.0f, "beta: expected a value in [0, 1], got " << args.beta);
+  SCRIMP_CHECK(std::isfinite(args.grad_scale), "grad_scale: expected a finite value, got " << args.grad_scale);
+  const int64_t V = s.shape.back();
+  const int64_t rows = s.numel() / V;
+  SCRIMP_CHECK(rows == 0 || args.loss != nullptr, "loss: an output pointer is required");
+  if (args.grad) {
+    const TensorView& g = *args.grad;
+    SCRIMP_CHECK(g.shape == s.shape && g.is_contiguous(),
+                 "grad: expected a contiguous output of the student's shape " << describe(s) << ", got " << describe(g));
+    SCRIMP_CHECK_TYPE(g.dtype == s.dtype, "grad: expected the student's dtype " << dtype_name(s.dtype) << ", got "
+                                                                                << dtype_name(g.dtype));
+    SCRIMP_CHECK(g.device == s.device, "grad: expected device " << device_name(s.device) << ", got "
+                                                                << device_name(g.device));
+    SCRIMP_CHECK(g.numel() == 0 || g.data != nullptr, "grad: null data pointer");
+  }
+  if (rows == 0) return;
+
+  // TRL's generalized JSD special cases: the mixture formula vanishes at beta = 0 and 1.
+  KLKind kind = args.kind;
+  if (kind == KLKind::JSD && args.beta == 0.0f) kind = KLKind::Forward;
+  if (kind == KLKind::JSD && args.beta == 1.0f) kind = KLKind::Reverse;
+
+  if (s.device.type == DeviceType::CUDA) {
+#if defined(SCRIMP_WITH_CUDA)
+    cuda::kl_loss(args, kind);
+    return;
+#else
+    SCRIMP_FAIL("student_logits is on " << device_name(s.device)
+                                        << " but this build of scrimp has no CUDA backend (rebuild with nvcc and "
+                                           "SCRIMP_CUDA=AUTO or ON)");
+#endif
+  }
+
+  const std::size_t lead_ndim = s.shape.size() - 1;
+  cpu::KLRowsJob job;
+  job.args = &args;
+  job.rows = rows;
+  job.vocab = V;
+  job.inv_temperature = 1.0f / args.temperature;
+  job.kind = kind;
+  job.beta = args.beta;
+  job.grad_factor = args.grad_scale / args.temperature;
+  job.lead_shape = leading(s.shape, lead_ndim);
+  job.student_strides = leading(s.strides, lead_ndim);
+  job.teacher_strides = leading(t.strides, lead_ndim);
+
+  void (*kernel)(const cpu::KLRowsJob&, int64_t, int64_t) = cpu::kl_rows_generic;
+#if defined(SCRIMP_X86_SIMD)
+  const char* level = cpu_simd_level();
+  if (std::strcmp(level, "avx512") == 0) kernel = cpu::kl_rows_avx512;
+  else if (std::strcmp(level, "avx2") == 0) kernel = cpu::kl_rows_avx2;
+#endif
+
+#ifdef _OPENMP
+#pragma omp parallel if (rows > 1)
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t id = omp_get_thread_num();
+    const int64_t begin = rows * id / nt;
+    const int64_t end = rows * (id + 1) / nt;
+    if (begin < end) kernel(job, begin, end);
+  }
+#else
+  kernel(job, 0, rows);
+#endif
+}
+
+}  // namespace scrimp

@@ -1,0 +1,20 @@
+"""KV Packet: recomputation-free, context-independent KV caching (arXiv 2604.13226).
+
+* :class:`PacketStore` - the embeddable packet store (GPU / host / disk tiers, C++ core).
+* :func:`rerotate_keys`, :func:`assemble` - RoPE re-rotation and fused assembly (C++/CUDA kernels).
+* :mod:`scrimp.packets.method` - adapters, building packets, inference, training, baselines, FLOPs.
+"""
+from __future__ import annotations
+
+from .rope import AssembledKV, assemble, rerotate_keys, rope_inv_freq
+from .store import Packet, PacketStore, packet_key
+
+__all__ = ["PacketStore", "Packet", "packet_key", "rerotate_keys", "assemble", "rope_inv_freq",
+           "AssembledKV", "demo_section"]
+
+
+def demo_section(quick: bool = True) -> str:
+    """A short printable report of KV Packet on the testbed (see :mod:`scrimp.packets.demo`)."""
+    from .demo import demo_section as _demo
+
+    return _demo(quick=quick)

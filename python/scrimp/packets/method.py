@@ -1,0 +1,513 @@
+"""The KV Packet method on Hugging Face models: adapters, building packets, inference, baselines.
+
+Packet of a document = the KV cache of ``[header, document, trailer]`` prefilled alone from position 0
+(header / trailer: trained soft embeddings shared by all documents). Inference fetches the packets,
+re-rotates them to their new offsets in one fused pass (:func:`scrimp.packets.assemble`), prefills
+only the question and decodes. Baselines in the same harness: full recompute, no recompute (packets
+without adapters), CacheBlend-style selective recompute (r% of tokens with the largest KV deviation)
+and EPIC-style recompute (first k tokens of every document).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .rope import assemble, rope_inv_freq
+from .store import PacketStore, _layers_of
+
+__all__ = ["model_fingerprint", "Adapters", "split_prompt", "build_packet_kv", "PacketEngine",
+           "SelectiveRecompute", "full_recompute_generate", "flops_prefill", "flops_rerotation",
+           "method_flops"]
+
+
+# ----------------------------------------------------------------------------- model helpers
+
+def model_fingerprint(model) -> str:
+    """SHA-256 over the model's config and weights (sampled for models over 64M parameters)."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset"):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    total = sum(p.numel() for p in model.parameters())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        t = p.detach().reshape(-1)
+        if total > 64_000_000 and t.numel() > 8192:
+            t = torch.cat([t[:4096], t[-4096:]])
+        h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _cache_kw(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _forward(model, cache=None, **kw):
+    if cache is not None:
+        kw[_cache_kw(model)] = cache
+    return model(**kw)
+
+
+def _out_cache(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+def _embed(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.get_input_embeddings()(ids)
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _kv_layout(model) -> Tuple[int, int, int]:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, getattr(c, "num_key_value_heads", c.num_attention_heads), head_dim
+
+
+# ----------------------------------------------------------------------------- adapters
+
+class Adapters(nn.Module):
+    """Header and trailer soft embeddings shared by all documents (default 8 + 8, init N(0, 0.02))."""
+
+    def __init__(self, hidden_size: int, n_header: int = 8, n_trailer: int = 8, std: float = 0.02,
+                 seed: int = 0, dtype=torch.float32):
+        super().__init__()
+        if n_header < 0 or n_trailer < 0:
+            raise ValueError("n_header and n_trailer must be >= 0")
+        g = torch.Generator().manual_seed(seed)
+        self.header = nn.Parameter(torch.randn(1, n_header, hidden_size, generator=g, dtype=torch.float32).to(dtype) * std)
+        self.trailer = nn.Parameter(torch.randn(1, n_trailer, hidden_size, generator=g, dtype=torch.float32).to(dtype) * std)
+        self.fingerprint: Optional[str] = None  # the model these adapters were trained for
+
+    @property
+    def n_header(self) -> int:
+        return self.header.shape[1]
+
+    @property
+    def n_trailer(self) -> int:
+        return self.trailer.shape[1]
+
+    @property
+    def adapter_id(self) -> str:
+        """Content hash of the adapter weights (part of every packet key)."""
+        h = hashlib.sha256()
+        for t in (self.header, self.trailer):
+            d = t.detach().float().cpu().contiguous()
+            h.update(str(tuple(d.shape)).encode())
+            h.update(d.numpy().tobytes())
+        return "adp-" + h.hexdigest()[:24]
+
+    def wrap(self, doc_embeds: torch.Tensor) -> torch.Tensor:
+        """``[1, n, hidden]`` -> ``[1, n_header + n + n_trailer, hidden]``."""
+        dt = doc_embeds.dtype
+        return torch.cat([self.header.to(dt), doc_embeds, self.trailer.to(dt)], dim=1)
+
+    def save(self, path: str, model=None) -> None:
+        from safetensors.torch import save_file
+
+        fp = model_fingerprint(model) if model is not None else self.fingerprint
+        if not fp:
+            raise ValueError("save: pass the model (or set .fingerprint) so the file records which model it belongs to")
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        save_file({"header": self.header.detach().cpu().contiguous(), "trailer": self.trailer.detach().cpu().contiguous()},
+                  path, metadata={"model_fingerprint": fp, "format": "scrimp-kv-packet-adapters-v1"})
+
+    @classmethod
+    def load(cls, path: str, model=None) -> "Adapters":
+        """Load adapters; with ``model``, a file trained for another model raises ValueError."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            header, trailer = f.get_tensor("header"), f.get_tensor("trailer")
+        fp = meta.get("model_fingerprint")
+        if model is not None:
+            mine = model_fingerprint(model)
+            if fp != mine:
+                raise ValueError(f"adapters {path} were trained for model {fp}, not this model ({mine})")
+            if header.shape[-1] != model.config.hidden_size:
+                raise ValueError(f"adapter hidden size {header.shape[-1]} != model hidden size {model.config.hidden_size}")
+        a = cls(header.shape[-1], header.shape[1], trailer.shape[1])
+        with torch.no_grad():
+            a.header.copy_(header)
+            a.trailer.copy_(trailer)
+        a.fingerprint = fp
+        return a
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def split_prompt(ids: Sequence[int], tokenizer) -> Tuple[List[int], List[List[int]], List[int]]:
+    """Split a recall-style prompt into (prefix, documents, question) by its ``<doc>``/``</doc>`` markers.
+
+    A document runs from ``<doc>`` through ``</doc>`` and the token after it (the newline).
+    """
+    open_id, close_id = tokenizer.convert_tokens_to_ids(["<doc>", "</doc>"])
+    ids = [int(i) for i in ids]
+    prefix: List[int] = []
+    docs: List[List[int]] = []
+    i = 0
+    while i < len(ids) and ids[i] != open_id:
+        prefix.append(ids[i])
+        i += 1
+    while i < len(ids) and ids[i] == open_id:
+        j = ids.index(close_id, i) if close_id in ids[i:] else len(ids) - 1
+        end = min(j + 2, len(ids))
+        docs.append(ids[i:end])
+        i = end
+    return prefix, docs, ids[i:]
+
+
+# ----------------------------------------------------------------------------- packets
+
+@torch.no_grad()
+def build_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Adapters] = None):
+    """Prefill ``[header, doc, trailer]`` alone from position 0; returns (K, V) per layer."""
+    dev = _device(model)
+    ids = torch.tensor([list(doc_ids)], dtype=torch.long, device=dev)
+    x = _embed(model, ids)
+    if adapters is not None:
+        x = adapters.wrap(x)
+    pos = torch.arange(x.shape[1], device=dev)[None]
+    out = _forward(model, inputs_embeds=x, position_ids=pos, use_cache=True, cache=_new_cache(model))
+    return _layers_of(_out_cache(out))
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+@torch.no_grad()
+def _greedy_from(model, cache, first_ids: List[int], start_pos: int, max_new_tokens: int, eos_id, t0=None):
+    """Prefill ``first_ids`` at ``start_pos`` on top of ``cache``, then greedy-decode. Returns
+    (new token ids, seconds to the first token measured from ``t0``)."""
+    dev = _device(model)
+    ids = torch.tensor([first_ids], dtype=torch.long, device=dev)
+    pos = start_pos
+    new: List[int] = []
+    ttft = None
+    for step in range(max_new_tokens):
+        n = ids.shape[1]
+        out = _forward(model, input_ids=ids, position_ids=torch.arange(pos, pos + n, device=dev)[None],
+                       cache=cache, use_cache=True, logits_to_keep=1)
+        cache = _out_cache(out)
+        nxt = int(out.logits[0, -1].argmax())
+        if ttft is None and t0 is not None:
+            ttft = time.perf_counter() - t0
+        new.append(nxt)
+        pos += n
+        if eos_id is not None and nxt == eos_id:
+            break
+        ids = torch.tensor([[nxt]], dtype=torch.long, device=dev)
+    return new, ttft
+
+
+class PacketEngine:
+    """KV Packet inference (``adapters`` given) or the no-recompute baseline (``adapters=None``).
+
+    Use :meth:`generate` as ``generate_fn`` of :func:`scrimp.testbed.evaluate`. Packets missing from
+    the store are built on first use (offline work, not part of the time to first token).
+    """
+
+    def __init__(self, model, tokenizer, adapters: Optional[Adapters] = None, store: Optional[PacketStore] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.store = store if store is not None else PacketStore(host_bytes=2 << 30)
+        self.fingerprint = model_fingerprint(model)
+        if adapters is not None and adapters.fingerprint not in (None, self.fingerprint):
+            raise ValueError(f"the adapters were trained for model {adapters.fingerprint}, not {self.fingerprint}")
+        self.adapter_id = adapters.adapter_id if adapters is not None else "none"
+        self.inv_freq = rope_inv_freq(model)
+        self.layout = _kv_layout(model)
+        self.ttfts: List[float] = []
+        self.built = 0
+        self._prefix_kv: Dict[tuple, list] = {}  # the shared prompt prefix (e.g. <bos>), computed once
+
+    def _packet_tokens(self, doc: List[int]) -> List[int]:
+        if self.adapters is None:
+            return list(doc)
+        return [-1] * self.adapters.n_header + list(doc) + [-2] * self.adapters.n_trailer
+
+    def packet(self, doc: List[int]):
+        """The packet of a document (built and stored on a miss)."""
+        from .store import packet_key
+
+        toks = self._packet_tokens(doc)
+        key = packet_key(toks, self.fingerprint, self.adapter_id)
+        L, H, D = self.layout
+        dev = _device(self.model)
+        p = self.store.get(key, device=dev, model_fingerprint=self.fingerprint, adapter_id=self.adapter_id,
+                           num_layers=L, num_kv_heads=H, head_dim=D)
+        if p is None:
+            kv = build_packet_kv(self.model, doc, self.adapters)
+            self.store.put(kv, toks, model_fingerprint=self.fingerprint, adapter_id=self.adapter_id,
+                           inv_freq=self.inv_freq)
+            self.built += 1
+            p = self.store.get(key, device=dev)
+        return p
+
+    @torch.no_grad()
+    def prepare(self, prompt_ids: List[int]):
+        """(cache, sequence length, question ids, assembled KV, packets) for a prompt."""
+        prefix, docs, question = split_prompt(prompt_ids, self.tokenizer)
+        dev = _device(self.model)
+        pre = self._prefix_kv.get(tuple(prefix))
+        if prefix and pre is None:
+            out = _forward(self.model, input_ids=torch.tensor([prefix], device=dev),
+                           position_ids=torch.arange(len(prefix), device=dev)[None], use_cache=True,
+                           cache=_new_cache(self.model))
+            pre = [(k.clone(), v.clone()) for k, v in _layers_of(_out_cache(out))]
+            self._prefix_kv[tuple(prefix)] = pre
+        packets = [self.packet(d) for d in docs]
+        if packets:
+            kv = assemble(packets, prefix=pre)
+            cache = kv.to_cache(self.model.config)
+            n = kv.keys[0].shape[2]
+        else:
+            kv = None
+            from transformers import DynamicCache
+            cache = (DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in pre]) if pre
+                     else _new_cache(self.model))
+            n = len(prefix)
+        for p in packets:
+            p.release()  # the assembled cache is a copy; the store may evict them again
+        return cache, n, question, kv, docs, prefix
+
+    def warm(self, prompt_ids) -> None:
+        """Build and store the packets of a prompt's documents (offline work)."""
+        _, docs, _ = split_prompt([int(i) for i in prompt_ids], self.tokenizer)
+        for d in docs:
+            self.packet(d).release()
+
+    @torch.no_grad()
+    def first_token_logits(self, prompt_ids) -> torch.Tensor:
+        """Logits of the first answer token (for fidelity against full recompute)."""
+        ids = [int(i) for i in prompt_ids]
+        cache, n, question, *_ = self.prepare(ids)
+        return _question_logits(self.model, cache, n, question)
+
+    def generate(self, model, tokenizer, prompt_ids, max_new_tokens):
+        ids = [int(i) for i in prompt_ids[0]]
+        self.warm(ids)
+        t0 = time.perf_counter()
+        cache, n, question, *_ = self.prepare(ids)
+        new, ttft = _greedy_from(self.model, cache, question, n, max_new_tokens, tokenizer.eos_token_id, t0)
+        self.ttfts.append(ttft)
+        return torch.tensor(new, dtype=torch.long)
+
+
+def _question_logits(model, cache, n, question) -> torch.Tensor:
+    dev = _device(model)
+    out = _forward(model, input_ids=torch.tensor([question], device=dev),
+                   position_ids=torch.arange(n, n + len(question), device=dev)[None], cache=cache, use_cache=True,
+                   logits_to_keep=1)
+    return out.logits[0, -1].float()
+
+
+@torch.no_grad()
+def full_first_token_logits(model, prompt_ids) -> torch.Tensor:
+    dev = _device(model)
+    return model(input_ids=torch.tensor([list(prompt_ids)], device=dev), logits_to_keep=1).logits[0, -1].float()
+
+
+def full_recompute_generate(ttfts: Optional[list] = None):
+    """``generate_fn`` for the full-recompute anchor: prefill the whole prompt, greedy decode."""
+    def gen(model, tokenizer, prompt_ids, max_new_tokens):
+        ids = [int(i) for i in prompt_ids[0]]
+        t0 = time.perf_counter()
+        new, ttft = _greedy_from(model, _new_cache(model), ids, 0, max_new_tokens, tokenizer.eos_token_id, t0)
+        if ttfts is not None:
+            ttfts.append(ttft)
+        return torch.tensor(new, dtype=torch.long)
+    return gen
+
+
+# ----------------------------------------------------------------------------- selective recompute
+
+def _decoder_layers(model):
+    return getattr(model, "model", model).layers
+
+
+def _layer_out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+@torch.no_grad()
+def _recompute_positions(model, cache, seq_ids: List[int], sel: List[int], n: int):
+    """Recompute the KV of the tokens at sequence positions ``sel`` through every layer, attending to
+    the cached KV of all other tokens (CacheBlend's partial update), and write it into ``cache``."""
+    if not sel:
+        return cache
+    dev = _device(model)
+    sel_t = torch.tensor(sel, dtype=torch.long, device=dev)
+    r = len(sel)
+    x = _embed(model, torch.tensor([[seq_ids[i] for i in sel]], device=dev))
+    allowed = torch.zeros(r, n + r, dtype=torch.bool, device=dev)
+    past = torch.arange(n, device=dev)
+    stale = torch.zeros(n, dtype=torch.bool, device=dev)
+    stale[sel_t] = True
+    allowed[:, :n] = (past[None, :] <= sel_t[:, None]) & ~stale[None, :]
+    allowed[:, n:] = sel_t[None, :] <= sel_t[:, None]
+    out = _forward(model, inputs_embeds=x, position_ids=sel_t[None], cache=cache, use_cache=True,
+                   attention_mask=allowed[None, None], logits_to_keep=1)
+    cache = _out_cache(out)
+    pairs = []
+    for layer in _layers_of(cache):
+        k, v = layer
+        k = k[:, :, :n].clone()
+        v = v[:, :, :n].clone()
+        k[:, :, sel_t] = layer[0][:, :, n:]
+        v[:, :, sel_t] = layer[1][:, :, n:]
+        pairs.append((k, v))
+    from .rope import AssembledKV
+    return AssembledKV([k for k, _ in pairs], [v for _, v in pairs], []).to_cache(model.config)
+
+
+@torch.no_grad()
+def _kv_deviation(model, cache, seq_ids: List[int], layer_index: int = 1) -> torch.Tensor:
+    """Per-token squared deviation between the cached K/V of ``layer_index`` and the K/V computed
+    with full attention (running layers ``< layer_index`` over all tokens, as CacheBlend does)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    dev = _device(model)
+    base = getattr(model, "model", model)
+    n = len(seq_ids)
+    h = _embed(model, torch.tensor([seq_ids], device=dev))
+    pos = torch.arange(n, device=dev)[None]
+    cos, sin = base.rotary_emb(h, pos)
+    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None, None]
+    layers = _decoder_layers(model)
+    for li in range(layer_index):
+        h = _layer_out(layers[li](h, attention_mask=causal, position_ids=pos, position_embeddings=(cos, sin)))
+    lay = layers[layer_index]
+    attn = lay.self_attn
+    xin = lay.input_layernorm(h)
+    L, H, D = _kv_layout(model)
+    k = attn.k_proj(xin).view(1, n, H, D).transpose(1, 2)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    v = attn.v_proj(xin).view(1, n, H, D).transpose(1, 2)
+    q = torch.zeros_like(k)
+    _, k = apply_rotary_pos_emb(q, k, cos, sin)
+    ck, cv = cache.layers[layer_index].keys, cache.layers[layer_index].values
+    return ((k - ck[:, :, :n]) ** 2).sum(dim=(0, 1, 3)) + ((v - cv[:, :, :n]) ** 2).sum(dim=(0, 1, 3))
+
+
+class SelectiveRecompute:
+    """CacheBlend-style (``ratio``: recompute that fraction of document tokens with the largest KV
+    deviation at layer 1) or EPIC-style (``first_k``: recompute the first k tokens of every document)
+    on top of the no-recompute assembly (packets without adapters)."""
+
+    def __init__(self, model, tokenizer, ratio: Optional[float] = None, first_k: Optional[int] = None,
+                 store: Optional[PacketStore] = None):
+        if (ratio is None) == (first_k is None):
+            raise ValueError("give exactly one of ratio (CacheBlend) or first_k (EPIC)")
+        if ratio is not None and not 0 <= ratio <= 1:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        self.engine = PacketEngine(model, tokenizer, None, store)
+        self.ratio, self.first_k = ratio, first_k
+        self.ttfts: List[float] = []
+        self.recomputed: List[int] = []
+
+    @torch.no_grad()
+    def _prepared(self, ids):
+        eng = self.engine
+        model = eng.model
+        cache, n, question, kv, docs, prefix = eng.prepare(ids)
+        seq_ids = list(prefix) + [t for d in docs for t in d]
+        if self.ratio is not None:
+            dev = _kv_deviation(model, cache, seq_ids)
+            dev[: len(prefix)] = -1  # the prefix was computed fresh
+            r = int(round(self.ratio * (n - len(prefix))))
+            sel = sorted(torch.topk(dev, r).indices.tolist()) if r > 0 else []
+        else:
+            sel, pos = [], len(prefix)
+            for d in docs:
+                sel.extend(range(pos, pos + min(self.first_k, len(d))))
+                pos += len(d)
+        cache = _recompute_positions(model, cache, seq_ids, sel, n)
+        return cache, n, question, len(sel)
+
+    @torch.no_grad()
+    def first_token_logits(self, prompt_ids) -> torch.Tensor:
+        cache, n, question, _ = self._prepared([int(i) for i in prompt_ids])
+        return _question_logits(self.engine.model, cache, n, question)
+
+    def generate(self, model, tokenizer, prompt_ids, max_new_tokens):
+        ids = [int(i) for i in prompt_ids[0]]
+        self.engine.warm(ids)
+        t0 = time.perf_counter()
+        cache, n, question, r = self._prepared(ids)
+        self.recomputed.append(r)
+        new, ttft = _greedy_from(model, cache, question, n, max_new_tokens, tokenizer.eos_token_id, t0)
+        self.ttfts.append(ttft)
+        return torch.tensor(new, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def flops_prefill(config, n_new: int, n_past: int = 0, layers: Optional[int] = None) -> float:
+    """Analytic FLOPs (2 per multiply-add) to run ``n_new`` tokens through ``layers`` decoder layers
+    attending to ``n_past`` cached tokens plus themselves (causally): Q/K/V/O projections, attention
+    scores and weighted sum, gated MLP. Embedding lookups, norms and the LM head are not counted."""
+    c = config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    qd, kvd = c.num_attention_heads * hd, getattr(c, "num_key_value_heads", c.num_attention_heads) * hd
+    L = c.num_hidden_layers if layers is None else layers
+    proj = 2 * n_new * (c.hidden_size * (qd + 2 * kvd) + qd * c.hidden_size)
+    mlp = 2 * n_new * 3 * c.hidden_size * c.intermediate_size
+    ctx = n_new * n_past + n_new * (n_new + 1) / 2  # attended (query, key) pairs
+    attn = 2 * 2 * ctx * qd
+    return float(L * (proj + mlp + attn))
+
+
+def flops_rerotation(config, seq: int) -> float:
+    """Re-rotation FLOPs as the KV Packet paper counts them: (4 + 3 * kv_heads) * seq * rope_dim per layer."""
+    c = config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope_dim = int(hd * getattr(c, "partial_rotary_factor", 1.0))
+    kvh = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    return float(c.num_hidden_layers * (4 + 3 * kvh) * seq * rope_dim)
+
+
+def method_flops(config, method: str, doc_lens: Sequence[int], prefix_len: int = 1, ratio: float = 0.0,
+                 first_k: int = 0, n_header: int = 0, n_trailer: int = 0) -> float:
+    """FLOPs spent preparing the context cache (the question prefill and decoding are the same for
+    every method and not counted). Methods: full, none (no recompute), kvpacket, cacheblend, epic."""
+    n_docs = sum(doc_lens)
+    if method == "full":
+        return flops_prefill(config, prefix_len + n_docs)
+    if method == "kvpacket":
+        return flops_rerotation(config, n_docs + len(doc_lens) * (n_header + n_trailer))
+    rot = flops_rerotation(config, n_docs)
+    if method == "none":
+        return rot
+    S = prefix_len + n_docs
+    if method == "cacheblend":
+        r = int(round(ratio * n_docs))
+        select = flops_prefill(config, S, layers=1) + 2 * S * config.hidden_size * 2 * (
+            getattr(config, "num_key_value_heads", config.num_attention_heads)
+            * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads))
+        return rot + select + flops_prefill(config, r, n_past=S - r)
+    if method == "epic":
+        r = sum(min(first_k, n) for n in doc_lens)
+        return rot + flops_prefill(config, r, n_past=S - r)
+    raise ValueError(f"unknown method {method!r}")

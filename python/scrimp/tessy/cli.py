@@ -1,0 +1,341 @@
+"""``scrimp tessy`` subcommands: train-predictor, eval-predictor, synth, stats, convert."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from scrimp.cli import register_command
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _read_jsonl(path):
+    from .output import read_records
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no such file: {path}")
+    return list(read_records(path))
+
+
+# ----------------------------------------------------------------------------- predictors
+
+def _train_predictor(args) -> int:
+    from .predictor import BoundaryPredictor, evaluate_predictor, testbed_examples, train_predictor
+    import torch
+    torch.set_num_threads(args.threads)
+    style = args.style or args.role
+    if args.source == "testbed":
+        examples = testbed_examples(args.n, style, seed=args.seed)
+        if args.mix:
+            other = "student" if style == "teacher" else "teacher"
+            examples += testbed_examples(args.n // 2, other, seed=args.seed + 7)
+    elif args.source == "annotations":
+        if not args.data:
+            raise SystemExit("error: --source annotations needs --data FILE (JSONL of {text, spans})")
+        examples = []
+        for r in _read_jsonl(args.data):
+            spans = r.get("spans")
+            if spans is None and "pred_result" in r:  # the official annotator's format
+                spans = [(s["start"], s["end"]) for s in (r["pred_result"] or [])]
+            text = r.get("text", r.get("think_text"))
+            if isinstance(text, str) and spans is not None:
+                examples.append({"text": text, "spans": [tuple(s) for s in spans]})
+    else:  # annotate traces with an LLM first
+        from .annotate import EndpointAnnotator, annotate_texts
+        if not (args.data and args.annotator_url and args.annotator_model):
+            raise SystemExit("error: --source annotate needs --data TRACES.jsonl, --annotator-url and --annotator-model")
+        texts = []
+        for r in _read_jsonl(args.data):
+            t = r.get("thinking") or r.get("text") or r.get("completion") or ""
+            t = t.split("</think>")[0].replace("<think>", "")
+            if t.strip():
+                texts.append(t)
+        ann = EndpointAnnotator(args.annotator_url, args.annotator_model, api=args.annotator_api)
+        examples, rep = annotate_texts(ann, texts, words=args.chunk_words, strict=not args.lenient)
+        _log(f"annotation: {json.dumps(rep)}")
+        if args.save_annotations:
+            with open(args.save_annotations, "w") as f:
+                for e in examples:
+                    f.write(json.dumps(e) + "\n")
+    if not examples:
+        raise SystemExit("error: no usable training examples")
+    pred = BoundaryPredictor.new(args.role, hidden=args.hidden, layers=args.layers, init_from=args.init_from,
+                                 max_length=args.max_length, seed=args.seed)
+    _log(f"training {pred.describe()} on {len(examples)} examples")
+    m = train_predictor(pred, examples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        seed=args.seed, progress=not args.no_progress, log=_log)
+    held = testbed_examples(args.eval_n, style, seed=args.seed + 1000)
+    ev = evaluate_predictor(pred, held)
+    pred.save_pretrained(args.out, extra={"train": m, "source": args.source, "heldout_testbed": ev})
+    print(json.dumps({"out": args.out, "train": m, "heldout": ev}, indent=2))
+    return 0
+
+
+def _eval_predictor(args) -> int:
+    from .predictor import evaluate_predictor, load_predictor, testbed_examples
+    pred = load_predictor(args.predictor, args.role)
+    rows = []
+    for style in args.styles:
+        ev = evaluate_predictor(pred, testbed_examples(args.n, style, seed=args.seed))
+        ev["text_style"] = style
+        rows.append(ev)
+        print(f"{pred.describe():<55} {style:<8} P={ev['precision']:.3f} R={ev['recall']:.3f} "
+              f"F1={ev['f1']:.3f} acc={ev['accuracy']:.3f} first-boundary={ev['first_boundary_agreement']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+def load_problems(args):
+    """Problems from --input (JSONL: prompt, id?, reference?/answer?) or --testbed-arith N."""
+    if args.input:
+        probs = []
+        for r in _read_jsonl(args.input):
+            p = {"prompt": r.get("prompt") or (r.get("messages") or r.get("dialogs") or [{}])[0].get("content")}
+            if r.get("id") is not None:
+                p["id"] = str(r["id"])
+            ref = r.get("reference", r.get("answer"))
+            if ref is not None:
+                p["reference"] = str(ref)
+            probs.append(p)
+        return probs
+    from scrimp.testbed import tasks
+    out = []
+    for i in range(args.testbed_arith):
+        ex = tasks.arith(seed=args.seed * 1_000_003 + i)
+        out.append({"id": f"arith-{args.seed}-{i}", "prompt": ex.problem, "reference": ex.answer})
+    return out
+
+
+def make_backends(args):
+    """(teacher, student) backends from --teacher/--student (local) or --*-url (remote)."""
+    from .backends import LocalBackend, RemoteBackend
+    out = []
+    for role in ("teacher", "student"):
+        urls = getattr(args, f"{role}_url") or []
+        model = getattr(args, role)
+        if urls:
+            tok = None
+            tpath = getattr(args, f"{role}_tokenizer") or (model if model and not model.startswith("testbed:") else None)
+            if model and model.startswith("testbed:"):
+                from scrimp import testbed
+                tpath = testbed.path(model.split(":", 1)[1])
+            if tpath:
+                from transformers import AutoTokenizer
+                tok = AutoTokenizer.from_pretrained(tpath)
+            out.append(RemoteBackend(urls, getattr(args, f"{role}_model_name") or model or role, tokenizer=tok,
+                                     concurrency=args.remote_concurrency, timeout=args.timeout,
+                                     retries=args.retries, name=getattr(args, f"{role}_model_name") or model or role))
+        else:
+            if not model:
+                raise SystemExit(f"error: give --{role} PATH (local) or --{role}-url URL (remote)")
+            out.append(LocalBackend.from_pretrained(model, name=model, max_batch=args.max_batch))
+    return out
+
+
+def _synth(args) -> int:
+    import asyncio
+    import torch
+    from .output import format_stats, stats
+    from .predictor import load_predictor
+    from .synth import TessyConfig, parse_shard, synthesize
+    torch.set_num_threads(args.threads)
+    if not args.input and not args.testbed_arith:
+        raise SystemExit("error: give --input FILE or --testbed-arith N")
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    cfg = TessyConfig(teacher_step=args.teacher_step, student_step=args.student_step,
+                      max_total_tokens=args.max_tokens, answer_max_tokens=args.answer_max_tokens,
+                      max_retries=args.max_retries, concurrency=args.concurrency, extend=args.extend,
+                      think_open=args.think_open, think_close=args.think_close,
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      min_span_tokens=args.min_span_tokens)
+    try:
+        cfg.validate()
+        teacher, student = make_backends(args)
+        tp = load_predictor(args.teacher_predictor, "teacher")
+        sp = load_predictor(args.student_predictor, "student")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    probs = load_problems(args)
+    try:
+        summary = asyncio.run(synthesize(probs, teacher, student, tp, sp, cfg, out_path=args.out, shard=shard,
+                                         retry_failed=args.retry_failed, progress=not args.no_progress,
+                                         teacher_template=args.teacher_template,
+                                         student_template=args.student_template))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    _log(json.dumps({k: v for k, v in summary.items()}, default=str))
+    print(format_stats(stats(args.out)))
+    return 0
+
+
+def _stats(args) -> int:
+    from .output import format_stats, stats
+    if not os.path.exists(args.file):
+        raise SystemExit(f"error: no such file: {args.file}")
+    s = stats(args.file)
+    print(json.dumps(s, indent=2) if args.json else format_stats(s))
+    return 0
+
+
+def _convert(args) -> int:
+    from .output import write_chat
+    if not os.path.exists(args.file):
+        raise SystemExit(f"error: no such file: {args.file}")
+    try:
+        n = write_chat(args.file, args.out, fmt=args.format, only_ok=not args.include_failed, system=args.system)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {n} chat records to {args.out} ({args.format})")
+    return 0
+
+
+def _sft_eval(args) -> int:
+    import torch
+    from scrimp import testbed
+    from .output import latest_records
+    from .sft import sft
+    torch.set_num_threads(args.threads)
+    if not os.path.exists(args.file):
+        raise SystemExit(f"error: no such file: {args.file}")
+    recs = [r for r in latest_records(args.file).values()
+            if r.get("status") == "ok" and isinstance(r.get("completion"), str)]
+    if not recs:
+        raise SystemExit(f"error: {args.file} has no complete traces")
+    if args.student.startswith("testbed:"):
+        model, tok = testbed.load(args.student.split(":", 1)[1])
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model, tok = AutoModelForCausalLM.from_pretrained(args.student), AutoTokenizer.from_pretrained(args.student)
+    base = testbed.evaluate(model, tok, "arith", n=args.eval_n, seed=args.eval_seed)["accuracy"]
+    tuned, m = sft(model, tok, recs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                   log=_log)
+    acc = testbed.evaluate(tuned, tok, "arith", n=args.eval_n, seed=args.eval_seed)["accuracy"]
+    if args.save:
+        tuned.save_pretrained(args.save)
+        tok.save_pretrained(args.save)
+    print(json.dumps({"records": len(recs), "base_accuracy": base, "sft_accuracy": acc, "sft": m}, indent=2))
+    return 0
+
+
+def _build(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="tessy_command", metavar="{train-predictor,eval-predictor,synth,stats,convert,sft-eval}")
+    sub.required = True
+
+    t = sub.add_parser("train-predictor", help="train a boundary predictor (token classifier)")
+    t.add_argument("--role", required=True, choices=["teacher", "student"],
+                   help="teacher: reads teacher text, fires before style; student: fires before capability")
+    t.add_argument("--source", default="testbed", choices=["testbed", "annotations", "annotate"],
+                   help="testbed: ground-truth labels of the arith generator; annotations: JSONL {text, spans} "
+                        "(or the official {think_text, pred_result}); annotate: label --data traces with an LLM")
+    t.add_argument("--data", help="annotations (source annotations) or traces JSONL (source annotate)")
+    t.add_argument("--annotator-url", help="OpenAI-compatible base URL of the annotator")
+    t.add_argument("--annotator-model", help="model name at the annotator endpoint")
+    t.add_argument("--annotator-api", default="chat", choices=["chat", "completions"])
+    t.add_argument("--chunk-words", type=int, default=60)
+    t.add_argument("--lenient", action="store_true", help="keep chunks with unlocatable phrases (drop the phrase)")
+    t.add_argument("--save-annotations", help="also write the parsed annotations here")
+    t.add_argument("--style", choices=["teacher", "student"], help="testbed text style (default: the role's)")
+    t.add_argument("--mix", action="store_true", help="testbed: add traces of the other style")
+    t.add_argument("--n", type=int, default=400, help="testbed training traces")
+    t.add_argument("--eval-n", type=int, default=100, help="held-out testbed traces for P/R")
+    t.add_argument("--out", required=True)
+    t.add_argument("--init-from", help="initialise the backbone from this causal LM checkpoint")
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--max-length", type=int, default=200, help="tokens the classifier sees at inference")
+    t.add_argument("--epochs", type=float, default=3.0)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train_predictor)
+
+    e = sub.add_parser("eval-predictor", help="precision/recall of a predictor on held-out testbed traces")
+    e.add_argument("predictor", help="predictor directory or 'lexicon'")
+    e.add_argument("--role", required=True, choices=["teacher", "student"])
+    e.add_argument("--styles", nargs="+", default=["teacher", "student"], choices=["teacher", "student"])
+    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--seed", type=int, default=12345)
+    e.add_argument("--json")
+    e.set_defaults(func=_eval_predictor)
+
+    s = sub.add_parser("synth", help="synthesize TESSY traces into a JSONL file")
+    s.add_argument("--input", help="JSONL of problems: prompt (or messages), id, reference")
+    s.add_argument("--testbed-arith", type=int, default=0, help="use N testbed arith problems instead")
+    s.add_argument("--seed", type=int, default=0, help="seed of the testbed problems")
+    s.add_argument("--out", required=True)
+    s.add_argument("--teacher", default="testbed:arith-teacher", help="local checkpoint or testbed:<name>")
+    s.add_argument("--student", default="testbed:arith-student")
+    s.add_argument("--teacher-url", action="append", help="remote endpoint (repeat for several)")
+    s.add_argument("--student-url", action="append")
+    s.add_argument("--teacher-model-name", help="model name sent to the teacher endpoints")
+    s.add_argument("--student-model-name")
+    s.add_argument("--teacher-tokenizer", help="tokenizer dir (chat template, token counts) for a remote teacher")
+    s.add_argument("--student-tokenizer")
+    s.add_argument("--teacher-template", help="prompt template with {prompt} instead of the chat template")
+    s.add_argument("--student-template")
+    s.add_argument("--teacher-predictor", default="lexicon", help="predictor directory or 'lexicon'")
+    s.add_argument("--student-predictor", default="lexicon")
+    s.add_argument("--teacher-step", type=int, default=20)
+    s.add_argument("--student-step", type=int, default=20)
+    s.add_argument("--max-tokens", type=int, default=38000, help="abort a trace at this many tokens (prompt included)")
+    s.add_argument("--answer-max-tokens", type=int, default=1024)
+    s.add_argument("--max-retries", type=int, default=5)
+    s.add_argument("--min-span-tokens", type=int, default=1)
+    s.add_argument("--extend", default="word", choices=["word", "code", "none"])
+    s.add_argument("--think-open", default="<think>")
+    s.add_argument("--think-close", default="</think>")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=20)
+    s.add_argument("--concurrency", type=int, default=100, help="problems in flight")
+    s.add_argument("--max-batch", type=int, default=64, help="local backend: largest generate batch")
+    s.add_argument("--remote-concurrency", type=int, default=64, help="remote: requests in flight per model")
+    s.add_argument("--timeout", type=float, default=120.0)
+    s.add_argument("--retries", type=int, default=3, help="remote: retries per request")
+    s.add_argument("--shard", help="i/n: process problems i, i+n, ...")
+    s.add_argument("--retry-failed", action="store_true", help="redo ids whose record is a failure")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: best for small models on a shared machine)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_synth)
+
+    st = sub.add_parser("stats", help="summarise a TESSY output file")
+    st.add_argument("file")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_stats)
+
+    c = sub.add_parser("convert", help="TESSY file -> chat-format SFT records (JSONL or a datasets dataset)")
+    c.add_argument("file")
+    c.add_argument("--out", required=True)
+    c.add_argument("--format", default="jsonl", choices=["jsonl", "datasets"])
+    c.add_argument("--include-failed", action="store_true")
+    c.add_argument("--system", help="a system message to prepend")
+    c.set_defaults(func=_convert)
+
+    f = sub.add_parser("sft-eval", help="SFT the student on a TESSY file, report arith accuracy before/after")
+    f.add_argument("file")
+    f.add_argument("--student", default="testbed:arith-student", help="checkpoint or testbed:<name>")
+    f.add_argument("--steps", type=int, default=120)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--eval-n", type=int, default=100)
+    f.add_argument("--eval-seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--save", help="save the fine-tuned model here")
+    f.add_argument("--threads", type=int, default=2)
+    f.set_defaults(func=_sft_eval)
+
+
+register_command("tessy", "TESSY: teacher-student cooperative synthesis of SFT data", _build)

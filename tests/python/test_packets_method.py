@@ -1,0 +1,130 @@
+"""The KV Packet method on a tiny random Llama with the testbed tokenizer: packets + re-rotation equal
+the training-time block-diagonal forward; full selective recompute equals full prefill; adapters,
+training, FLOPs, generate_fn."""
+import pytest
+import torch
+
+import scrimp.testbed as tb
+from scrimp.packets import method as M
+from scrimp.packets.train import student_answer_logits, train_adapters
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = tb.get_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).eval()
+    ex = tb.tasks.recall(seed=1, context_tokens=200, tokenizer=tok)
+    return model, tok, ex
+
+
+def _question_logits(model, cache, n, question):
+    out = M._forward(model, input_ids=torch.tensor([question]),
+                     position_ids=torch.arange(n, n + len(question))[None], cache=cache, use_cache=True)
+    return out.logits[0, -1]
+
+
+def test_split_prompt_matches_doc_spans(setup):
+    model, tok, ex = setup
+    prefix, docs, q = M.split_prompt(ex.prompt_ids, tok)
+    assert prefix == ex.prompt_ids[slice(*ex.prefix_span)]
+    assert docs == [ex.prompt_ids[a:b] for a, b in ex.doc_spans]
+    assert q == ex.prompt_ids[slice(*ex.question_span)]
+
+
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_packets_equal_block_diagonal_student(setup, with_adapters):
+    model, tok, ex = setup
+    ad = M.Adapters(model.config.hidden_size, seed=3) if with_adapters else None
+    eng = M.PacketEngine(model, tok, ad)
+    cache, n, question, kv, docs, prefix = eng.prepare(ex.prompt_ids)
+    assert eng.built == len(docs)
+    lg = _question_logits(model, cache, n, question)
+    sl = student_answer_logits(model, ad, tok, ex.prompt_ids, [5])
+    assert (lg - sl[0]).abs().max() < 1e-4
+    # second time: every packet comes from the store
+    eng.prepare(ex.prompt_ids)
+    assert eng.built == len(docs) and eng.store.stats()["hits"] >= len(docs)
+    if with_adapters:
+        assert n == len(prefix) + sum(len(d) + 16 for d in docs)
+
+
+def test_recomputing_everything_equals_full_prefill(setup):
+    model, tok, ex = setup
+    full = model(input_ids=torch.tensor([ex.prompt_ids])).logits[0, -1]
+    eng = M.PacketEngine(model, tok, None)
+    cache, n, question, kv, docs, prefix = eng.prepare(ex.prompt_ids)
+    seq = list(prefix) + [t for d in docs for t in d]
+    none = _question_logits(model, eng.prepare(ex.prompt_ids)[0], n, question)
+    assert (none - full).abs().max() > 1e-4  # no recompute really differs
+    cache = M._recompute_positions(model, cache, seq, list(range(len(prefix), n)), n)
+    assert (_question_logits(model, cache, n, question) - full).abs().max() < 1e-4
+    fc = M._out_cache(model(input_ids=torch.tensor([seq]), use_cache=True))
+    assert M._kv_deviation(model, fc, seq).abs().max() < 1e-8
+    dev = M._kv_deviation(model, eng.prepare(ex.prompt_ids)[0], seq)
+    assert dev[len(prefix) + 1:len(prefix) + len(docs[0])].max() > 0  # the first doc token only saw itself
+
+
+def test_generate_fns_run_in_the_harness(setup):
+    model, tok, ex = setup
+    ad = M.Adapters(model.config.hidden_size)
+    eng = M.PacketEngine(model, tok, ad)
+    cb = M.SelectiveRecompute(model, tok, ratio=0.3)
+    ep = M.SelectiveRecompute(model, tok, first_k=4)
+    ttfts = []
+    for fn in (eng.generate, cb.generate, ep.generate, M.full_recompute_generate(ttfts)):
+        r = tb.evaluate(model, tok, "recall", n=2, context_tokens=200, generate_fn=fn)
+        assert r["n"] == 2
+    assert len(eng.ttfts) == 2 and len(ttfts) == 2 and all(t > 0 for t in eng.ttfts)
+    assert cb.recomputed[0] == round(0.3 * sum(len(d) for d in M.split_prompt(ex.prompt_ids, tok)[1])) or cb.recomputed[0] > 0
+    assert ep.recomputed[0] == 4 * len(M.split_prompt(tb.tasks.recall(seed=0, context_tokens=200, tokenizer=tok).prompt_ids, tok)[1])
+    with pytest.raises(ValueError):
+        M.SelectiveRecompute(model, tok)
+
+
+def test_adapters_save_load_and_fingerprint(setup, tmp_path):
+    model, tok, ex = setup
+    ad = M.Adapters(model.config.hidden_size, 4, 2, seed=1)
+    p = str(tmp_path / "a.safetensors")
+    ad.save(p, model)
+    b = M.Adapters.load(p, model)
+    assert b.adapter_id == ad.adapter_id and b.n_header == 4 and b.n_trailer == 2
+    assert b.fingerprint == M.model_fingerprint(model)
+    other = type(model)(model.config)
+    other.load_state_dict(model.state_dict())
+    assert M.model_fingerprint(other) == M.model_fingerprint(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0  # one changed weight: another model
+    with pytest.raises(ValueError, match="trained for model"):
+        M.Adapters.load(p, other)
+    with pytest.raises(ValueError, match="trained for model"):
+        M.PacketEngine(other, tok, b)
+    assert M.Adapters(model.config.hidden_size, seed=2).adapter_id != ad.adapter_id
+
+
+def test_training_steps_update_adapters_and_reduce_loss(setup):
+    model, tok, _ = setup
+    ad, hist = train_adapters(model, tok, n_train=2, epochs=6, context_tokens=120, lr=2e-2, progress=False,
+                              log=lambda s: None)
+    assert hist["steps"] == 12 and all(torch.isfinite(torch.tensor(hist["loss"])))
+    assert sum(hist["loss"][-2:]) < sum(hist["loss"][:2])
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_flops_counts(setup):
+    model, *_ = setup
+    cfg = model.config
+    docs = [120, 120, 120]
+    kvp = M.method_flops(cfg, "kvpacket", docs, n_header=8, n_trailer=8)
+    assert kvp == M.flops_rerotation(cfg, 360 + 48)
+    assert kvp == cfg.num_hidden_layers * (4 + 3 * 2) * 408 * 16
+    cb10 = M.method_flops(cfg, "cacheblend", docs, ratio=0.1)
+    full = M.method_flops(cfg, "full", docs)
+    assert kvp * 100 < cb10 < full
+    assert M.method_flops(cfg, "epic", docs, first_k=8) < full
+    with pytest.raises(ValueError):
+        M.method_flops(cfg, "nope", docs)
