@@ -44,6 +44,8 @@ echo "== benchmark =="
 python3 bench/bench_scoring.py --device cuda --json "$OUT/bench_scoring.json" 2>&1 | tee "$OUT/bench_scoring.txt"
 python3 bench/bench_tip.py --device cuda --kl-n 4096 --kl-v 151936 --dtypes bfloat16 --json "$OUT/bench_tip.json" 2>&1 | tee "$OUT/bench_tip.txt"
 python3 bench/bench_packets.py --device cuda --skip-method --json "$OUT/bench_packets.json" 2>&1 | tee "$OUT/bench_packets.txt"
+python3 bench/bench_icecache_gpu.py --device cuda --json "$OUT/bench_icecache_gpu.json" 2>&1 | tee "$OUT/bench_icecache_gpu.txt"
+python3 bench/bench_icecache_e2e.py --lengths 32768 --json "$OUT/bench_icecache_e2e.json" 2>&1 | tee "$OUT/bench_icecache_e2e.txt"
 
 if [ "$test_rc" -ne 0 ]; then
   echo "gpu_check: tests failed (rc=$test_rc, see $OUT/pytest.log)" >&2

@@ -33,5 +33,14 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+def __getattr__(name):
+    # IceCache needs torch + transformers: imported on first use only.
+    if name == "IceCache":
+        from .icecache import IceCache
+
+        return IceCache
+    raise AttributeError(f"module 'scrimp' has no attribute {name!r}")
+
+
 __all__ = ["TokenScores", "token_scores", "kl_loss", "tip", "tessy", "build_info", "__version__",
-           "PacketStore", "rerotate_keys", "assemble"]
+           "PacketStore", "rerotate_keys", "assemble", "IceCache"]

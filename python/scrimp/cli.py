@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
 #: modules imported (if present) before the parser is built; they may call register_command
-PLUGIN_MODULES: List[str] = ["scrimp.tip.cli", "scrimp.tessy.cli", "scrimp.packets.cli"]
+PLUGIN_MODULES: List[str] = ["scrimp.tip.cli", "scrimp.tessy.cli", "scrimp.packets.cli", "scrimp.icecache.cli"]
 
 
 def register_command(name: str, help: str, builder: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -114,6 +114,7 @@ DEMO_SECTIONS = [
     ("TIP: token-selective on-policy distillation", "scrimp.tip"),
     ("TESSY: teacher-student cooperative synthesis", "scrimp.tessy"),
     ("KV Packet: recomputation-free packets vs recompute", "scrimp.packets"),
+    ("IceCache: clustered KV pages offloaded to host memory, within a token budget", "scrimp.icecache"),
 ]
 
 

@@ -1,0 +1,652 @@
+// IceCache core (CPU side): host page pool, clustering, page representatives, selection, LRU device
+// page cache bookkeeping. The device copies and attention dispatch to CUDA for CUDA stores.
+#include "scrimp/clustered_cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <numeric>
+#include <random>
+
+#include "clustered_cache_cuda.h"
+#include "clustered_cache_dtype.h"
+#include "scrimp/error.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace scrimp {
+
+bool clustered_cache_cuda_usable() {
+#if defined(SCRIMP_WITH_CUDA)
+  return ice_cuda::usable();
+#else
+  return false;
+#endif
+}
+
+// ---- host page pool ----------------------------------------------------------------------------
+
+HostPagePool::HostPagePool(int64_t num_pages, int64_t page_size, int64_t head_dim, DType dtype, bool pin) {
+  SCRIMP_CHECK(num_pages >= 1, "page pool: expected at least one page, got " << num_pages);
+  SCRIMP_CHECK(page_size >= 1 && head_dim >= 1, "page pool: page_size and head_dim must be >= 1");
+  num_pages_ = num_pages;
+  page_bytes_ = 2 * page_size * head_dim * static_cast<int64_t>(dtype_size(dtype));
+  SCRIMP_CHECK(num_pages_ <= std::numeric_limits<int64_t>::max() / page_bytes_,
+               "page pool: " << num_pages << " pages of " << page_bytes_ << " bytes overflow");
+  const std::size_t bytes = static_cast<std::size_t>(num_pages_ * page_bytes_);
+#if defined(SCRIMP_WITH_CUDA)
+  if (pin && ice_cuda::usable()) {
+    base_ = static_cast<char*>(ice_cuda::host_alloc_mapped(bytes, &device_base_));
+    if (base_ != nullptr) {
+      pinned_ = true;
+      return;
+    }
+    SCRIMP_FAIL("page pool: cudaHostAlloc of " << bytes << " pinned bytes failed (lower max_context or the "
+                                               "budget, or pass pin_memory=False)");
+  }
+#else
+  (void)pin;
+#endif
+  const std::size_t rounded = (bytes + 63) / 64 * 64;
+  base_ = static_cast<char*>(std::aligned_alloc(64, rounded));
+  if (base_ == nullptr) SCRIMP_FAIL("page pool: allocation of " << bytes << " host bytes failed");
+}
+
+HostPagePool::~HostPagePool() {
+#if defined(SCRIMP_WITH_CUDA)
+  if (pinned_) {
+    ice_cuda::host_free(base_);
+    return;
+  }
+#endif
+  std::free(base_);
+}
+
+// ---- clustering ----------------------------------------------------------------------------------
+
+namespace {
+
+void normalize(float* v, int64_t D) {
+  double n = 0;
+  for (int64_t d = 0; d < D; ++d) n += static_cast<double>(v[d]) * v[d];
+  const float inv = n > 0 ? static_cast<float>(1.0 / std::sqrt(n)) : 0.0f;
+  for (int64_t d = 0; d < D; ++d) v[d] *= inv;
+}
+
+float dot(const float* a, const float* b, int64_t D) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+}  // namespace
+
+std::vector<int64_t> cluster_into_pages(const float* keys, int64_t N, int64_t D, int64_t page_size,
+                                        int iterations, uint64_t seed, int64_t* order) {
+  SCRIMP_CHECK(page_size >= 1, "page_size must be >= 1, got " << page_size);
+  SCRIMP_CHECK(N >= 0 && D >= 1, "cluster_into_pages: bad shape [" << N << ", " << D << "]");
+  std::vector<int64_t> bounds{0};
+  if (N == 0) return bounds;
+  std::vector<float> kn(keys, keys + N * D);
+  for (int64_t i = 0; i < N; ++i) normalize(kn.data() + i * D, D);
+  std::iota(order, order + N, int64_t{0});
+  std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
+  std::vector<float> c1(D), c2(D), dir(D);
+  std::vector<std::pair<float, int64_t>> proj;
+  // Explicit stack of ranges; the left child is processed first so leaves come out in tree order.
+  std::vector<std::pair<int64_t, int64_t>> stack{{0, N}};
+  while (!stack.empty()) {
+    const auto [b, e] = stack.back();
+    stack.pop_back();
+    const int64_t n = e - b;
+    if (n <= page_size) {
+      bounds.push_back(e);
+      continue;
+    }
+    const int64_t pages = (n + page_size - 1) / page_size;
+    int64_t left_n = (pages / 2) * page_size;
+    // Seed: a random member, then the member least similar to it.
+    const int64_t first = order[b + static_cast<int64_t>(rng() % static_cast<uint64_t>(n))];
+    std::copy(kn.data() + first * D, kn.data() + (first + 1) * D, c1.begin());
+    float worst = std::numeric_limits<float>::infinity();
+    int64_t second = first;
+    for (int64_t i = b; i < e; ++i) {
+      const float s = dot(kn.data() + order[i] * D, c1.data(), D);
+      if (s < worst) worst = s, second = order[i];
+    }
+    std::copy(kn.data() + second * D, kn.data() + (second + 1) * D, c2.begin());
+    proj.resize(static_cast<std::size_t>(n));
+    for (int it = 0; it <= iterations; ++it) {
+      for (int64_t d = 0; d < D; ++d) dir[d] = c1[d] - c2[d];
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = order[b + i];
+        proj[i] = {-dot(kn.data() + r * D, dir.data(), D), r};
+      }
+      // 2-means assignment (nearer centroid = positive projection), with the left size rounded to a
+      // whole number of pages so that every leaf but one is full; the members closest to c1 (relative
+      // to c2) go left.
+      int64_t closer = 0;
+      for (int64_t i = 0; i < n; ++i) closer += proj[i].first < 0;
+      left_n = std::min(std::max((closer + page_size / 2) / page_size, int64_t{1}), pages - 1) * page_size;
+      std::nth_element(proj.begin(), proj.begin() + left_n, proj.end());
+      for (int64_t i = 0; i < n; ++i) order[b + i] = proj[i].second;
+      if (it == iterations) break;
+      std::fill(c1.begin(), c1.end(), 0.0f);
+      std::fill(c2.begin(), c2.end(), 0.0f);
+      for (int64_t i = 0; i < n; ++i) {
+        float* c = i < left_n ? c1.data() : c2.data();
+        const float* k = kn.data() + order[b + i] * D;
+        for (int64_t d = 0; d < D; ++d) c[d] += k[d];
+      }
+      normalize(c1.data(), D);
+      normalize(c2.data(), D);
+    }
+    stack.push_back({b + left_n, e});
+    stack.push_back({b, b + left_n});
+  }
+  return bounds;
+}
+
+// ---- the per-layer cache ---------------------------------------------------------------------------
+
+struct ClusteredCache::Stream {
+  std::vector<int32_t> len;          // tokens per page
+  std::vector<float> cen, lo, hi;    // [P, D]
+  std::vector<int64_t> pos;          // [P, page_size]
+  std::vector<int32_t> slot_page;    // [cache_pages] page held by each slot, -1 free
+  std::vector<uint64_t> slot_tick;   // last step the slot was used
+  std::vector<int32_t> page_slot;    // [P] slot holding the page, -1 if not resident
+};
+
+namespace {
+
+void check_kv(const TensorView& t, const char* name, const ClusteredCacheConfig& c, int64_t max_tokens) {
+  SCRIMP_CHECK(t.ndim() == 4, name << ": expected [B, Hkv, N, D], got " << describe(t));
+  SCRIMP_CHECK(t.device.type == DeviceType::CPU, name << ": expected a CPU tensor, got " << describe(t));
+  SCRIMP_CHECK_TYPE(t.dtype == c.dtype, name << ": expected dtype " << dtype_name(c.dtype) << " (the cache's), got "
+                                             << describe(t));
+  SCRIMP_CHECK(t.shape[0] == c.batch && t.shape[1] == c.kv_heads && t.shape[3] == c.head_dim,
+               name << ": expected [" << c.batch << ", " << c.kv_heads << ", N, " << c.head_dim << "], got "
+                    << describe(t));
+  SCRIMP_CHECK(max_tokens < 0 || t.shape[2] <= max_tokens,
+               name << ": at most " << max_tokens << " tokens per call, got " << describe(t));
+  SCRIMP_CHECK(t.is_contiguous(), name << ": expected a contiguous tensor, got " << describe(t));
+  SCRIMP_CHECK(t.numel() == 0 || t.data != nullptr, name << ": null data pointer");
+}
+
+}  // namespace
+
+ClusteredCache::ClusteredCache(const ClusteredCacheConfig& c) : cfg_(c) {
+  SCRIMP_CHECK(c.batch >= 1, "batch must be >= 1, got " << c.batch);
+  SCRIMP_CHECK(c.kv_heads >= 1, "kv_heads must be >= 1, got " << c.kv_heads);
+  SCRIMP_CHECK(c.q_heads >= 1 && c.q_heads % c.kv_heads == 0,
+               "q_heads must be a positive multiple of kv_heads (" << c.kv_heads << "), got " << c.q_heads);
+  SCRIMP_CHECK(c.head_dim >= 1, "head_dim must be >= 1, got " << c.head_dim);
+  SCRIMP_CHECK(c.page_size >= 1, "page_size must be >= 1, got " << c.page_size);
+  SCRIMP_CHECK(c.max_pages >= 1, "max_pages must be >= 1, got " << c.max_pages);
+  SCRIMP_CHECK(c.cache_pages >= 0, "cache_pages must be >= 0, got " << c.cache_pages);
+  SCRIMP_CHECK(c.max_pages <= std::numeric_limits<int32_t>::max() / (c.batch * c.kv_heads),
+               "max_pages too large");
+  SCRIMP_CHECK_TYPE(ice::is_float_kv(c.dtype), "dtype: expected float32, float16 or bfloat16, got "
+                                                   << dtype_name(c.dtype));
+  SCRIMP_CHECK(c.kmeans_iters >= 0, "kmeans_iters must be >= 0");
+  const int64_t S = c.batch * c.kv_heads;
+  pool_ = std::make_unique<HostPagePool>(S * c.max_pages, c.page_size, c.head_dim, c.dtype, c.pin_memory);
+  streams_.resize(static_cast<std::size_t>(S));
+  for (Stream& st : streams_) {
+    st.slot_page.assign(static_cast<std::size_t>(c.cache_pages), -1);
+    st.slot_tick.assign(static_cast<std::size_t>(c.cache_pages), 0);
+  }
+}
+
+ClusteredCache::~ClusteredCache() = default;
+
+int64_t ClusteredCache::num_pages(int64_t s) const {
+  SCRIMP_CHECK(s >= 0 && s < static_cast<int64_t>(streams_.size()), "stream " << s << " out of range");
+  return static_cast<int64_t>(streams_[static_cast<std::size_t>(s)].len.size());
+}
+
+int64_t ClusteredCache::num_pages() const {
+  std::size_t n = 0;
+  for (const Stream& st : streams_) n = std::max(n, st.len.size());
+  return static_cast<int64_t>(n);
+}
+
+void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* v, int64_t row_bytes,
+                              const int32_t* rows, int64_t n, const int64_t* positions) {
+  const int64_t D = cfg_.head_dim, ps = cfg_.page_size;
+  const int64_t local = static_cast<int64_t>(st.len.size());
+  const int64_t page = s * cfg_.max_pages + local;
+  char* pk = pool_->keys(page);
+  char* pv = pool_->values(page);
+  st.cen.resize(static_cast<std::size_t>((local + 1) * D));
+  st.lo.resize(st.cen.size());
+  st.hi.resize(st.cen.size());
+  st.pos.resize(static_cast<std::size_t>((local + 1) * ps), -1);
+  float* cen = st.cen.data() + local * D;
+  float* lo = st.lo.data() + local * D;
+  float* hi = st.hi.data() + local * D;
+  std::fill(cen, cen + D, 0.0f);
+  std::fill(lo, lo + D, std::numeric_limits<float>::infinity());
+  std::fill(hi, hi + D, -std::numeric_limits<float>::infinity());
+  std::vector<float> row(static_cast<std::size_t>(D));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = rows ? rows[i] : i;
+    std::memcpy(pk + i * row_bytes, k + r * row_bytes, static_cast<std::size_t>(row_bytes));
+    std::memcpy(pv + i * row_bytes, v + r * row_bytes, static_cast<std::size_t>(row_bytes));
+    ice::load_row(k + r * row_bytes, cfg_.dtype, D, row.data());
+    for (int64_t d = 0; d < D; ++d) {
+      cen[d] += row[d];
+      lo[d] = std::min(lo[d], row[d]);
+      hi[d] = std::max(hi[d], row[d]);
+    }
+    st.pos[static_cast<std::size_t>(local * ps + i)] = positions ? positions[r] : r;
+  }
+  // Unused rows are zeroed so a whole-page copy never moves uninitialised bytes.
+  if (n < ps) {
+    std::memset(pk + n * row_bytes, 0, static_cast<std::size_t>((ps - n) * row_bytes));
+    std::memset(pv + n * row_bytes, 0, static_cast<std::size_t>((ps - n) * row_bytes));
+  }
+  for (int64_t d = 0; d < D; ++d) cen[d] /= static_cast<float>(std::max<int64_t>(n, 1));
+  st.len.push_back(static_cast<int32_t>(n));
+  st.page_slot.push_back(-1);
+}
+
+void ClusteredCache::build(const TensorView& keys, const TensorView& values, const int64_t* positions,
+                           int64_t batch_row) {
+  build_grouped(keys, values, positions, false, nullptr, 0, batch_row);
+}
+
+void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& values, const int64_t* positions,
+                                   bool positions_per_stream, const int64_t* group_bounds, int64_t groups,
+                                   int64_t batch_row) {
+  SCRIMP_CHECK(batch_row >= -1 && batch_row < cfg_.batch, "batch_row " << batch_row << " out of range [-1, "
+                                                                       << cfg_.batch << ")");
+  ClusteredCacheConfig shape_cfg = cfg_;
+  if (batch_row >= 0) shape_cfg.batch = 1;
+  check_kv(keys, "keys", shape_cfg, -1);
+  check_kv(values, "values", shape_cfg, -1);
+  SCRIMP_CHECK(values.shape == keys.shape, "values: expected the keys' shape " << describe(keys) << ", got "
+                                                                              << describe(values));
+  const int64_t N = keys.shape[2], D = cfg_.head_dim, ps = cfg_.page_size;
+  if (N == 0) return;
+  const int64_t S = shape_cfg.batch * cfg_.kv_heads;
+  SCRIMP_CHECK(groups >= 0 && (groups == 0 || group_bounds != nullptr), "group_bounds missing");
+  SCRIMP_CHECK(!positions_per_stream || positions != nullptr, "positions missing");
+  for (int64_t i = 0; i < S && groups > 0; ++i) {
+    const int64_t* gb = group_bounds + i * (groups + 1);
+    SCRIMP_CHECK(gb[0] == 0 && gb[groups] == N, "group_bounds of stream " << i << " must run from 0 to " << N);
+    for (int64_t g = 0; g < groups; ++g)
+      SCRIMP_CHECK(gb[g] <= gb[g + 1], "group_bounds of stream " << i << " must be non-decreasing");
+  }
+  // Each group gives full pages and at most one partial page.
+  const int64_t new_pages = (N + ps - 1) / ps + std::max<int64_t>(groups - 1, 0);
+  const int64_t s0 = batch_row >= 0 ? batch_row * cfg_.kv_heads : 0;
+  for (int64_t s = s0; s < s0 + S; ++s)
+    SCRIMP_CHECK(num_pages(s) + new_pages <= cfg_.max_pages,
+                 "page pool full: " << num_pages(s) << " + " << new_pages << " pages exceed max_pages = "
+                                    << cfg_.max_pages << " per stream (raise max_context)");
+  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  const char* kb = static_cast<const char*>(keys.data);
+  const char* vb = static_cast<const char*>(values.data);
+#pragma omp parallel for schedule(dynamic, 1) if (S > 1)
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t s = s0 + i;
+    const char* ks = kb + i * N * row_bytes;
+    const char* vs = vb + i * N * row_bytes;
+    const int64_t* pos = positions ? (positions_per_stream ? positions + i * N : positions) : nullptr;
+    std::vector<int64_t> ranges{0, N};
+    if (groups > 0) ranges.assign(group_bounds + i * (groups + 1), group_bounds + (i + 1) * (groups + 1));
+    std::vector<int32_t> rows(static_cast<std::size_t>(ps));
+    std::vector<float> kf;
+    std::vector<int64_t> order;
+    for (std::size_t r = 0; r + 1 < ranges.size(); ++r) {
+      const int64_t g0 = ranges[r], n_g = ranges[r + 1] - ranges[r];
+      if (n_g == 0) continue;
+      order.resize(static_cast<std::size_t>(n_g));
+      std::vector<int64_t> bounds;
+      if (cfg_.cluster) {
+        kf.resize(static_cast<std::size_t>(n_g * D));
+        for (int64_t t = 0; t < n_g; ++t) ice::load_row(ks + (g0 + t) * row_bytes, cfg_.dtype, D, kf.data() + t * D);
+        bounds = cluster_into_pages(kf.data(), n_g, D, ps, cfg_.kmeans_iters,
+                                    cfg_.seed + static_cast<uint64_t>(s * 7919 + static_cast<int64_t>(r)), order.data());
+      } else {
+        std::iota(order.begin(), order.end(), int64_t{0});
+        for (int64_t b = 0; b < n_g; b += ps) bounds.push_back(b);
+        bounds.push_back(n_g);
+      }
+      for (std::size_t p = 0; p + 1 < bounds.size(); ++p) {
+        const int64_t n = bounds[p + 1] - bounds[p];
+        for (int64_t t = 0; t < n; ++t)
+          rows[static_cast<std::size_t>(t)] = static_cast<int32_t>(g0 + order[bounds[p] + t]);
+        add_page(streams_[static_cast<std::size_t>(s)], s, ks, vs, row_bytes, rows.data(), n, pos);
+      }
+    }
+  }
+}
+
+void ClusteredCache::append_page(const TensorView& keys, const TensorView& values, int64_t first_position,
+                                 const int64_t* skip) {
+  check_kv(keys, "keys", cfg_, cfg_.page_size);
+  check_kv(values, "values", cfg_, cfg_.page_size);
+  SCRIMP_CHECK(values.shape == keys.shape, "values: expected the keys' shape " << describe(keys) << ", got "
+                                                                              << describe(values));
+  const int64_t T = keys.shape[2];
+  SCRIMP_CHECK(T >= 1, "append_page: expected at least one token");
+  SCRIMP_CHECK(num_pages() + 1 <= cfg_.max_pages,
+               "page pool full: max_pages = " << cfg_.max_pages << " per stream (raise max_context)");
+  if (skip)
+    for (int64_t b = 0; b < cfg_.batch; ++b)
+      SCRIMP_CHECK(skip[b] >= 0, "append_page: skip must be >= 0, got " << skip[b] << " for batch row " << b);
+  const int64_t S = cfg_.batch * cfg_.kv_heads;
+  const int64_t row_bytes = cfg_.head_dim * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  std::vector<int64_t> positions(static_cast<std::size_t>(T));
+  std::iota(positions.begin(), positions.end(), first_position);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t k0 = skip ? std::min(skip[s / cfg_.kv_heads], T) : 0;
+    if (k0 == T) continue;  // only padding: no page for this stream
+    add_page(streams_[static_cast<std::size_t>(s)], s,
+             static_cast<const char*>(keys.data) + (s * T + k0) * row_bytes,
+             static_cast<const char*>(values.data) + (s * T + k0) * row_bytes, row_bytes, nullptr, T - k0,
+             positions.data() + k0);
+  }
+}
+
+int64_t ClusteredCache::recluster_tail(int64_t n) {
+  SCRIMP_CHECK(n >= 0, "recluster_tail: n must be >= 0, got " << n);
+  if (n < 2) return 0;
+  const int64_t S = cfg_.batch * cfg_.kv_heads, D = cfg_.head_dim, ps = cfg_.page_size;
+  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  int64_t done = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : done) if (S > 1)
+  for (int64_t s = 0; s < S; ++s) {
+    Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    if (P < n) continue;
+    bool full = true;
+    for (int64_t p = P - n; p < P; ++p) full = full && st.len[static_cast<std::size_t>(p)] == ps;
+    if (!full) continue;
+    const int64_t N = n * ps;
+    // Copy the tokens out (the pages are rewritten below).
+    std::vector<char> kb(static_cast<std::size_t>(N * row_bytes)), vb(kb.size());
+    std::vector<int64_t> pos(static_cast<std::size_t>(N));
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t page = s * cfg_.max_pages + (P - n + p);
+      std::memcpy(kb.data() + p * ps * row_bytes, pool_->keys(page), static_cast<std::size_t>(ps * row_bytes));
+      std::memcpy(vb.data() + p * ps * row_bytes, pool_->values(page), static_cast<std::size_t>(ps * row_bytes));
+      for (int64_t t = 0; t < ps; ++t) pos[p * ps + t] = st.pos[static_cast<std::size_t>((P - n + p) * ps + t)];
+    }
+    std::vector<float> kf(static_cast<std::size_t>(N * D));
+    for (int64_t t = 0; t < N; ++t) ice::load_row(kb.data() + t * row_bytes, cfg_.dtype, D, kf.data() + t * D);
+    std::vector<int64_t> order(static_cast<std::size_t>(N));
+    const auto bounds = cluster_into_pages(kf.data(), N, D, ps, cfg_.kmeans_iters,
+                                           cfg_.seed + static_cast<uint64_t>(s * 104729 + P), order.data());
+    // Drop the old pages (and their device slots), then add the re-clustered ones in their place.
+    for (int64_t p = P - n; p < P; ++p) {
+      const int32_t slot = st.page_slot[static_cast<std::size_t>(p)];
+      if (slot >= 0) {
+        st.slot_page[static_cast<std::size_t>(slot)] = -1;
+        st.slot_tick[static_cast<std::size_t>(slot)] = 0;
+      }
+    }
+    st.len.resize(static_cast<std::size_t>(P - n));
+    st.page_slot.resize(static_cast<std::size_t>(P - n));
+    st.cen.resize(static_cast<std::size_t>((P - n) * D));
+    st.lo.resize(st.cen.size());
+    st.hi.resize(st.cen.size());
+    st.pos.resize(static_cast<std::size_t>((P - n) * ps));
+    std::vector<int32_t> rows(static_cast<std::size_t>(ps));
+    for (std::size_t b = 0; b + 1 < bounds.size(); ++b) {
+      const int64_t m = bounds[b + 1] - bounds[b];
+      for (int64_t t = 0; t < m; ++t) rows[static_cast<std::size_t>(t)] = static_cast<int32_t>(order[bounds[b] + t]);
+      add_page(st, s, kb.data(), vb.data(), row_bytes, rows.data(), m, pos.data());
+    }
+    ++done;
+  }
+  return done;
+}
+
+void ClusteredCache::export_bounds(int64_t first_page, int64_t n, float* lower, float* upper, int32_t* lens) const {
+  SCRIMP_CHECK(first_page >= 0 && n >= 0, "export_bounds: bad range");
+  const int64_t D = cfg_.head_dim;
+  for (std::size_t s = 0; s < streams_.size(); ++s) {
+    const Stream& st = streams_[s];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = first_page + i;
+      float* lo = lower + (static_cast<int64_t>(s) * n + i) * D;
+      float* hi = upper + (static_cast<int64_t>(s) * n + i) * D;
+      if (p < P) {
+        std::memcpy(lo, st.lo.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
+        std::memcpy(hi, st.hi.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
+        lens[static_cast<int64_t>(s) * n + i] = st.len[static_cast<std::size_t>(p)];
+      } else {
+        std::fill(lo, lo + D, 0.0f);
+        std::fill(hi, hi + D, 0.0f);
+        lens[static_cast<int64_t>(s) * n + i] = 0;
+      }
+    }
+  }
+}
+
+const float* ClusteredCache::centroid(int64_t s, int64_t p) const {
+  return streams_.at(static_cast<std::size_t>(s)).cen.data() + p * cfg_.head_dim;
+}
+const float* ClusteredCache::lower(int64_t s, int64_t p) const {
+  return streams_.at(static_cast<std::size_t>(s)).lo.data() + p * cfg_.head_dim;
+}
+const float* ClusteredCache::upper(int64_t s, int64_t p) const {
+  return streams_.at(static_cast<std::size_t>(s)).hi.data() + p * cfg_.head_dim;
+}
+
+int64_t ClusteredCache::read_page(int64_t s, int64_t p, float* keys, float* values) const {
+  SCRIMP_CHECK(s >= 0 && s < static_cast<int64_t>(streams_.size()), "stream " << s << " out of range");
+  const Stream& st = streams_[static_cast<std::size_t>(s)];
+  SCRIMP_CHECK(p >= 0 && p < static_cast<int64_t>(st.len.size()), "page " << p << " out of range");
+  const int64_t D = cfg_.head_dim, ps = cfg_.page_size, n = st.len[static_cast<std::size_t>(p)];
+  const int64_t page = s * cfg_.max_pages + p;
+  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  std::fill(keys, keys + ps * D, 0.0f);
+  std::fill(values, values + ps * D, 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    ice::load_row(pool_->keys(page) + i * row_bytes, cfg_.dtype, D, keys + i * D);
+    ice::load_row(pool_->values(page) + i * row_bytes, cfg_.dtype, D, values + i * D);
+  }
+  return n;
+}
+
+int64_t ClusteredCache::representative_bytes() const {
+  int64_t b = 0;
+  for (const Stream& st : streams_)
+    b += static_cast<int64_t>((st.cen.size() + st.lo.size() + st.hi.size()) * sizeof(float) +
+                              st.pos.size() * sizeof(int64_t) + st.len.size() * 8);
+  return b;
+}
+
+void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pages, float* out_scores) const {
+  const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
+  SCRIMP_CHECK(query.ndim() == 3 && query.shape[0] == B && query.shape[1] == Hq && query.shape[2] == D,
+               "query: expected [" << B << ", " << Hq << ", " << D << "], got " << describe(query));
+  SCRIMP_CHECK_TYPE(query.dtype == DType::Float32, "query: expected float32, got " << describe(query));
+  SCRIMP_CHECK(query.device.type == DeviceType::CPU && query.is_contiguous(),
+               "query: expected a contiguous CPU tensor, got " << describe(query));
+  SCRIMP_CHECK(k >= 0, "k must be >= 0, got " << k);
+  SCRIMP_CHECK(k == 0 || out_pages != nullptr, "out_pages is null");
+  if (k == 0) return;
+  const float* q = static_cast<const float*>(query.data);
+  const int64_t ps = cfg_.page_size;
+  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  const uint64_t step = tick_;
+#pragma omp parallel for schedule(static) if (B * H > 1 && num_pages() * G * D > 4096)
+  for (int64_t s = 0; s < B * H; ++s) {
+    const Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    const int64_t b = s / H, h = s % H;
+    std::vector<float> merged(static_cast<std::size_t>(P), -std::numeric_limits<float>::infinity());
+    std::vector<float> sc(static_cast<std::size_t>(P));
+    std::vector<float> kr(static_cast<std::size_t>(D));
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qh = q + (b * Hq + h * G + g) * D;
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t p = 0; p < P; ++p) {
+        float v = 0;
+        switch (cfg_.score) {
+          case PageScore::Bounds: {
+            const float* lo = st.lo.data() + p * D;
+            const float* hi = st.hi.data() + p * D;
+#pragma omp simd reduction(+ : v)
+            for (int64_t d = 0; d < D; ++d) v += std::max(qh[d] * lo[d], qh[d] * hi[d]);
+            break;
+          }
+          case PageScore::Centroid: v = dot(qh, st.cen.data() + p * D, D); break;
+          case PageScore::Oracle: {
+            v = -std::numeric_limits<float>::infinity();
+            const char* kp = pool_->keys(s * cfg_.max_pages + p);
+            for (int64_t i = 0; i < st.len[static_cast<std::size_t>(p)]; ++i) {
+              ice::load_row(kp + i * row_bytes, cfg_.dtype, D, kr.data());
+              v = std::max(v, dot(qh, kr.data(), D));
+            }
+            break;
+          }
+          case PageScore::Random: {
+            // splitmix64 of (seed, step, stream, page): a fresh ranking every step.
+            uint64_t z = cfg_.seed + 0x9e3779b97f4a7c15ull * (step * 1315423911ull + static_cast<uint64_t>(s * P + p) + 1);
+            z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+            z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+            v = static_cast<float>((z ^ (z >> 31)) >> 40);
+            break;
+          }
+        }
+        sc[static_cast<std::size_t>(p)] = v;
+        best = std::max(best, v);
+      }
+      // Merge the group's heads: each head's scores relative to its own best page, max over heads,
+      // so every head's best pages compete on equal terms.
+      for (int64_t p = 0; p < P; ++p)
+        merged[static_cast<std::size_t>(p)] = std::max(merged[static_cast<std::size_t>(p)],
+                                                       cfg_.score == PageScore::Random ? sc[static_cast<std::size_t>(p)]
+                                                                                       : sc[static_cast<std::size_t>(p)] - best);
+    }
+    std::vector<int32_t> idx(static_cast<std::size_t>(P));
+    std::iota(idx.begin(), idx.end(), 0);
+    const int64_t take = std::min(k, P);
+    std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), [&](int32_t a, int32_t c) {
+      const float x = merged[static_cast<std::size_t>(a)], y = merged[static_cast<std::size_t>(c)];
+      return x > y || (x == y && a < c);
+    });
+    for (int64_t i = 0; i < k; ++i) {
+      out_pages[s * k + i] = i < take ? idx[static_cast<std::size_t>(i)] : -1;
+      if (out_scores)
+        out_scores[s * k + i] = i < take ? merged[static_cast<std::size_t>(idx[static_cast<std::size_t>(i)])]
+                                         : -std::numeric_limits<float>::infinity();
+    }
+  }
+  (void)ps;
+}
+
+void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k_store, const TensorView& v_store,
+                            int32_t* out_slots, int32_t* out_lens, void* stream) {
+  const int64_t S = cfg_.batch * cfg_.kv_heads, C = cfg_.cache_pages, ps = cfg_.page_size, D = cfg_.head_dim;
+  SCRIMP_CHECK(k >= 0 && k <= C, "recall: k = " << k << " pages exceed the device page cache (cache_pages = " << C
+                                                << " per stream)");
+  for (const TensorView* t : {&k_store, &v_store}) {
+    SCRIMP_CHECK(t->ndim() == 3 && t->shape[0] == S * C && t->shape[1] == ps && t->shape[2] == D,
+                 "page store: expected [" << S * C << ", " << ps << ", " << D << "], got " << describe(*t));
+    SCRIMP_CHECK_TYPE(t->dtype == cfg_.dtype, "page store: expected dtype " << dtype_name(cfg_.dtype) << ", got "
+                                                                            << describe(*t));
+    SCRIMP_CHECK(t->is_contiguous(), "page store: expected a contiguous tensor, got " << describe(*t));
+  }
+  SCRIMP_CHECK(k_store.device == v_store.device, "k_store and v_store are on different devices");
+  if (k == 0) return;
+  ++tick_;
+  std::vector<int32_t> src, dst;  // pool page -> store row copies
+  for (int64_t s = 0; s < S; ++s) {
+    Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    // First pass: hits (mark them used this step so the misses never evict them).
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t p = pages[s * k + i];
+      SCRIMP_CHECK(p >= -1 && p < P, "recall: page index " << p << " out of range [0, " << P << ")");
+      if (p >= 0 && st.page_slot[static_cast<std::size_t>(p)] >= 0)
+        st.slot_tick[static_cast<std::size_t>(st.page_slot[static_cast<std::size_t>(p)])] = tick_;
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t p = pages[s * k + i];
+      if (p < 0) {
+        out_slots[s * k + i] = -1;
+        out_lens[s * k + i] = 0;
+        continue;
+      }
+      int32_t slot = st.page_slot[static_cast<std::size_t>(p)];
+      if (slot >= 0) {
+        ++stats_.hits;
+      } else {
+        // Least recently used slot not used this step (free slots have tick 0).
+        uint64_t oldest = std::numeric_limits<uint64_t>::max();
+        for (int64_t c = 0; c < C; ++c) {
+          if (st.slot_tick[static_cast<std::size_t>(c)] < oldest && st.slot_tick[static_cast<std::size_t>(c)] != tick_) {
+            oldest = st.slot_tick[static_cast<std::size_t>(c)];
+            slot = static_cast<int32_t>(c);
+          }
+        }
+        SCRIMP_CHECK(slot >= 0, "recall: no free slot (duplicate page indices in one stream?)");
+        const int32_t old = st.slot_page[static_cast<std::size_t>(slot)];
+        if (old >= 0) st.page_slot[static_cast<std::size_t>(old)] = -1;
+        st.slot_page[static_cast<std::size_t>(slot)] = p;
+        st.page_slot[static_cast<std::size_t>(p)] = slot;
+        st.slot_tick[static_cast<std::size_t>(slot)] = tick_;
+        src.push_back(static_cast<int32_t>(s * cfg_.max_pages + p));
+        dst.push_back(static_cast<int32_t>(s * C + slot));
+        ++stats_.misses;
+      }
+      out_slots[s * k + i] = static_cast<int32_t>(s * C + slot);
+      out_lens[s * k + i] = st.len[static_cast<std::size_t>(p)];
+    }
+  }
+  const int64_t row_bytes = ps * D * static_cast<int64_t>(dtype_size(cfg_.dtype));  // one page of K (or V)
+  stats_.bytes_copied += static_cast<int64_t>(src.size()) * 2 * row_bytes;
+  if (src.empty()) return;
+  if (k_store.device.type == DeviceType::CUDA) {
+#if defined(SCRIMP_WITH_CUDA)
+    SCRIMP_CHECK(pool_->pinned(), "recall: a CUDA page store needs a pinned page pool (pin_memory=True with a "
+                                  "usable CUDA device when the cache was created)");
+    ice_cuda::gather_pages(pool_->device_base(), pool_->page_bytes(), src.data(), dst.data(),
+                           static_cast<int64_t>(src.size()), k_store.data, v_store.data, row_bytes,
+                           k_store.device.index, stream);
+    return;
+#else
+    SCRIMP_FAIL("page store is on " << device_name(k_store.device) << " but this build has no CUDA backend");
+#endif
+  }
+  (void)stream;
+  char* kd = static_cast<char*>(k_store.data);
+  char* vd = static_cast<char*>(v_store.data);
+  const int64_t n = static_cast<int64_t>(src.size());
+#pragma omp parallel for schedule(static) if (n > 64)
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(kd + dst[i] * row_bytes, pool_->keys(src[i]), static_cast<std::size_t>(row_bytes));
+    std::memcpy(vd + dst[i] * row_bytes, pool_->values(src[i]), static_cast<std::size_t>(row_bytes));
+  }
+}
+
+void ClusteredCache::page_positions(const int32_t* pages, int64_t k, int64_t* out) const {
+  const int64_t S = cfg_.batch * cfg_.kv_heads, ps = cfg_.page_size;
+  for (int64_t s = 0; s < S; ++s) {
+    const Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t p = pages[s * k + i];
+      SCRIMP_CHECK(p >= -1 && p < P, "page index " << p << " out of range");
+      for (int64_t t = 0; t < ps; ++t)
+        out[(s * k + i) * ps + t] = p < 0 ? -1 : st.pos[static_cast<std::size_t>(p * ps + t)];
+    }
+  }
+}
+
+}  // namespace scrimp

@@ -1,0 +1,208 @@
+// paged_decode_attention and nearest_centroid: validation, CPU kernels, CUDA dispatch.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "clustered_cache_cuda.h"
+#include "clustered_cache_dtype.h"
+#include "scrimp/clustered_cache.h"
+#include "scrimp/error.h"
+
+namespace scrimp {
+
+namespace {
+
+void check_float_tensor(const TensorView& t, const char* name, int64_t ndim) {
+  SCRIMP_CHECK(t.ndim() == ndim, name << ": expected " << ndim << " dimensions, got " << describe(t));
+  SCRIMP_CHECK_TYPE(ice::is_float_kv(t.dtype), name << ": expected float32, float16 or bfloat16, got " << describe(t));
+  SCRIMP_CHECK(t.is_contiguous(), name << ": expected a contiguous tensor, got " << describe(t));
+  SCRIMP_CHECK(t.numel() == 0 || t.data != nullptr, name << ": null data pointer");
+}
+
+// Partial softmax state of one split for G query heads: running max m, sum l, weighted values acc.
+struct Partial {
+  std::vector<float> m, l, acc;
+  Partial(int64_t G, int64_t D)
+      : m(static_cast<std::size_t>(G), -std::numeric_limits<float>::infinity()),
+        l(static_cast<std::size_t>(G), 0.0f),
+        acc(static_cast<std::size_t>(G * D), 0.0f) {}
+};
+
+// Attention of G queries (already scaled, float) over n rows of keys/values; result merged into `tot`.
+void attend_split(const float* q, int64_t G, int64_t D, const char* k, const char* v, int64_t n, DType dt,
+                  const uint8_t* mask, std::vector<float>& scores, std::vector<float>& krow, Partial& part,
+                  Partial& tot) {
+  const int64_t esz = static_cast<int64_t>(dtype_size(dt));
+  scores.resize(static_cast<std::size_t>(G * n));
+  for (int64_t g = 0; g < G; ++g) part.m[g] = -std::numeric_limits<float>::infinity(), part.l[g] = 0;
+  std::fill(part.acc.begin(), part.acc.end(), 0.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    if (mask && !mask[t]) {
+      for (int64_t g = 0; g < G; ++g) scores[g * n + t] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    ice::load_row(k + t * D * esz, dt, D, krow.data());
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0;
+      const float* qg = q + g * D;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * krow[d];
+      scores[g * n + t] = s;
+      part.m[g] = std::max(part.m[g], s);
+    }
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    if (mask && !mask[t]) continue;
+    ice::load_row(v + t * D * esz, dt, D, krow.data());
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = std::exp(scores[g * n + t] - part.m[g]);
+      part.l[g] += p;
+      float* a = part.acc.data() + g * D;
+      for (int64_t d = 0; d < D; ++d) a[d] += p * krow[d];
+    }
+  }
+  // Log-sum-exp merge of this split into the total.
+  for (int64_t g = 0; g < G; ++g) {
+    if (part.l[g] == 0) continue;
+    const float m = std::max(tot.m[g], part.m[g]);
+    const float a = std::exp(tot.m[g] - m), b = std::exp(part.m[g] - m);
+    tot.l[g] = tot.l[g] * a + part.l[g] * b;
+    float* ta = tot.acc.data() + g * D;
+    const float* pa = part.acc.data() + g * D;
+    for (int64_t d = 0; d < D; ++d) ta[d] = ta[d] * a + pa[d] * b;
+    tot.m[g] = m;
+  }
+}
+
+}  // namespace
+
+void paged_decode_attention(const PagedAttentionArgs& a) {
+  check_float_tensor(a.query, "query", 3);
+  check_float_tensor(a.out, "out", 3);
+  check_float_tensor(a.k_store, "k_store", 3);
+  check_float_tensor(a.v_store, "v_store", 3);
+  const int64_t B = a.query.shape[0], Hq = a.query.shape[1], D = a.query.shape[2], H = a.kv_heads;
+  SCRIMP_CHECK(H >= 1 && Hq % H == 0, "kv_heads = " << H << " must divide the query heads " << Hq);
+  SCRIMP_CHECK(a.out.shape == a.query.shape, "out: expected the query's shape " << describe(a.query) << ", got "
+                                                                                << describe(a.out));
+  const DType dt = a.query.dtype;
+  const Device dev = a.query.device;
+  for (const TensorView* t : {&a.out, &a.k_store, &a.v_store}) {
+    SCRIMP_CHECK_TYPE(t->dtype == dt, "expected every tensor in the query's dtype " << dtype_name(dt) << ", got "
+                                                                                    << describe(*t));
+    SCRIMP_CHECK(t->device == dev, "expected every tensor on " << device_name(dev) << ", got " << describe(*t));
+  }
+  SCRIMP_CHECK(a.k_store.shape == a.v_store.shape && a.k_store.shape[2] == D,
+               "k_store/v_store: expected [S, page_size, " << D << "], got " << describe(a.k_store) << " and "
+                                                           << describe(a.v_store));
+  const int64_t P = a.pages_per_stream;
+  SCRIMP_CHECK(P >= 0, "pages_per_stream must be >= 0");
+  SCRIMP_CHECK(P == 0 || (a.page_table && a.page_lens), "page_table and page_lens are required when P > 0");
+  int64_t T = 0;
+  if (a.k_dense || a.v_dense) {
+    SCRIMP_CHECK(a.k_dense && a.v_dense, "k_dense and v_dense must be given together");
+    check_float_tensor(*a.k_dense, "k_dense", 4);
+    check_float_tensor(*a.v_dense, "v_dense", 4);
+    SCRIMP_CHECK(a.k_dense->shape == a.v_dense->shape && a.k_dense->shape[0] == B && a.k_dense->shape[1] == H &&
+                     a.k_dense->shape[3] == D,
+                 "k_dense/v_dense: expected [" << B << ", " << H << ", T, " << D << "], got " << describe(*a.k_dense)
+                                               << " and " << describe(*a.v_dense));
+    for (const TensorView* t : {a.k_dense, a.v_dense}) {
+      SCRIMP_CHECK_TYPE(t->dtype == dt, "dense K/V: expected dtype " << dtype_name(dt) << ", got " << describe(*t));
+      SCRIMP_CHECK(t->device == dev, "dense K/V: expected device " << device_name(dev) << ", got " << describe(*t));
+    }
+    T = a.k_dense->shape[2];
+  }
+  if (B == 0 || Hq == 0) return;
+  const float scale = a.scale != 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(D));
+  if (dev.type == DeviceType::CUDA) {
+#if defined(SCRIMP_WITH_CUDA)
+    ice_cuda::paged_decode_attention(a);
+    return;
+#else
+    SCRIMP_FAIL("query is on " << device_name(dev) << " but this build has no CUDA backend");
+#endif
+  }
+  const int64_t G = Hq / H, ps = a.k_store.shape[1], S = a.k_store.shape[0];
+  const int64_t esz = static_cast<int64_t>(dtype_size(dt));
+  // Validate the page table up front (no exceptions inside the parallel region).
+  for (int64_t i = 0; i < B * H * P; ++i) {
+    const int32_t r = a.page_table[i], n = a.page_lens[i];
+    SCRIMP_CHECK(r >= -1 && r < S, "page_table: row " << r << " outside the store [0, " << S << ")");
+    SCRIMP_CHECK(n >= 0 && n <= ps, "page_lens: " << n << " outside [0, " << ps << "]");
+  }
+  const char* kd = static_cast<const char*>(a.k_store.data);
+  const char* vd = static_cast<const char*>(a.v_store.data);
+#pragma omp parallel for schedule(static) if (B * H > 1)
+  for (int64_t s = 0; s < B * H; ++s) {
+    const int64_t b = s / H, h = s % H;
+    std::vector<float> q(static_cast<std::size_t>(G * D)), scores, krow(static_cast<std::size_t>(D));
+    Partial tot(G, D), part(G, D);
+    for (int64_t g = 0; g < G; ++g) {
+      ice::load_row(static_cast<const char*>(a.query.data) + ((b * Hq + h * G + g) * D) * esz, dt, D,
+                    q.data() + g * D);
+      for (int64_t d = 0; d < D; ++d) q[static_cast<std::size_t>(g * D + d)] *= scale;
+    }
+    if (T > 0) {
+      const char* kb = static_cast<const char*>(a.k_dense->data) + s * T * D * esz;
+      const char* vb = static_cast<const char*>(a.v_dense->data) + s * T * D * esz;
+      for (int64_t t0 = 0; t0 < T; t0 += ps)
+        attend_split(q.data(), G, D, kb + t0 * D * esz, vb + t0 * D * esz, std::min(ps, T - t0), dt,
+                     a.dense_mask ? a.dense_mask + b * T + t0 : nullptr, scores, krow, part, tot);
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      const int32_t r = a.page_table[s * P + p], n = a.page_lens[s * P + p];
+      if (r < 0 || n == 0) continue;
+      attend_split(q.data(), G, D, kd + r * ps * D * esz, vd + r * ps * D * esz, n, dt, nullptr, scores, krow, part,
+                   tot);
+    }
+    char* o = static_cast<char*>(a.out.data);
+    for (int64_t g = 0; g < G; ++g) {
+      const float inv = tot.l[g] > 0 ? 1.0f / tot.l[g] : 0.0f;  // no tokens at all: zeros
+      for (int64_t d = 0; d < D; ++d)
+        ice::store(o, dt, (b * Hq + h * G + g) * D + d, tot.acc[static_cast<std::size_t>(g * D + d)] * inv);
+    }
+  }
+}
+
+void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream) {
+  check_float_tensor(keys, "keys", 2);
+  check_float_tensor(centroids, "centroids", 2);
+  SCRIMP_CHECK(centroids.shape[0] >= 1 && centroids.shape[1] == keys.shape[1],
+               "centroids: expected [C >= 1, " << keys.shape[1] << "], got " << describe(centroids));
+  SCRIMP_CHECK_TYPE(centroids.dtype == keys.dtype, "centroids: expected the keys' dtype, got " << describe(centroids));
+  SCRIMP_CHECK(centroids.device == keys.device, "centroids: expected the keys' device, got " << describe(centroids));
+  const int64_t N = keys.shape[0], C = centroids.shape[0], D = keys.shape[1];
+  if (N == 0) return;
+  SCRIMP_CHECK(out != nullptr, "out is null");
+  if (keys.device.type == DeviceType::CUDA) {
+#if defined(SCRIMP_WITH_CUDA)
+    ice_cuda::nearest_centroid(keys, centroids, out, stream);
+    return;
+#else
+    SCRIMP_FAIL("keys are on " << device_name(keys.device) << " but this build has no CUDA backend");
+#endif
+  }
+  (void)stream;
+  std::vector<float> cf(static_cast<std::size_t>(C * D));
+  const int64_t esz = static_cast<int64_t>(dtype_size(keys.dtype));
+  for (int64_t c = 0; c < C; ++c)
+    ice::load_row(static_cast<const char*>(centroids.data) + c * D * esz, keys.dtype, D, cf.data() + c * D);
+#pragma omp parallel for schedule(static) if (N * C * D > 1 << 16)
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<float> k(static_cast<std::size_t>(D));
+    ice::load_row(static_cast<const char*>(keys.data) + n * D * esz, keys.dtype, D, k.data());
+    float best = -std::numeric_limits<float>::infinity();
+    int32_t arg = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      float s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += k[static_cast<std::size_t>(d)] * cf[static_cast<std::size_t>(c * D + d)];
+      if (s > best) best = s, arg = static_cast<int32_t>(c);
+    }
+    out[n] = arg;
+  }
+}
+
+}  // namespace scrimp

@@ -1,0 +1,260 @@
+"""IceCache vs baselines on the testbed `recall` model, all in one harness and one process.
+
+Tables:
+  1. accuracy at budgets 64/128/256/512 relative to the full KV cache, and the attention mass each
+     method's attended set captures relative to the oracle (pages holding the top q.k scores);
+  2. device memory held by the cache vs context length (full KV vs IceCache at budget 256);
+  3. CPU decode time per token, IceCache vs full cache, at the longest context, measured
+     alternately in the same process (ratios; the machine is shared, see the load line).
+
+    python bench/bench_icecache.py [--n 30] [--context 2048] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+
+import scrimp
+from scrimp import testbed
+from scrimp.icecache import IceCache, make_generate_fn
+
+METHODS = ("icecache", "quest", "oracle", "random", "streaming")
+
+
+def geometry(budget: int, page_size: int = 16) -> dict:
+    """sink/window pages per budget: 2 + 2 pages, except budget 64 (1 + 1, leaving 2 selected pages)."""
+    sink, window = (1, 1) if budget <= 64 else (2, 2)
+    return {"page_size": page_size, "sink_pages": sink, "window_pages": window}
+
+
+def accuracy_table(model, tok, n, context, budgets, dense_layers):
+    rows = []
+    full = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context,
+                            generate_fn=make_generate_fn("full", budget=64, max_context=context + 64))
+    full_acc = full["accuracy"]
+    rows.append({"method": "full", "budget": None, "accuracy": full_acc, "rel_accuracy": 1.0, "mass": 1.0,
+                 "rel_mass": None})
+    for budget in budgets:
+        per = {}
+        for method in METHODS:
+            rec = []
+            fn = make_generate_fn(method, budget=budget, record=rec, measure=True, dense_layers=dense_layers,
+                                  max_context=context + 64, **geometry(budget))
+            res = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context, generate_fn=fn)
+            masses = [r["attention_mass"] for r in rec if r["attention_mass"] is not None]
+            hits = sum(r["hits"] for r in rec)
+            misses = sum(r["misses"] for r in rec)
+            per[method] = {"method": method, "budget": budget, "accuracy": res["accuracy"],
+                           "rel_accuracy": res["accuracy"] / full_acc if full_acc else float("nan"),
+                           "mass": statistics.mean(masses) if masses else float("nan"),
+                           "page_cache_hit_rate": hits / (hits + misses) if hits + misses else None}
+        for method in METHODS:
+            per[method]["rel_mass"] = per[method]["mass"] / per["oracle"]["mass"]
+            rows.append(per[method])
+    return rows
+
+
+def memory_table(model, tok, lengths, dense_layers):
+    rows = []
+    for L in lengths:
+        ex = testbed.tasks.recall(seed=123, context_tokens=L, tokenizer=tok)
+        ids = torch.tensor([ex.prompt_ids])
+        out = {}
+        for method, dl in (("full", dense_layers), ("icecache", dense_layers), ("icecache0", 0)):
+            cache = IceCache(model.config, budget=256, method=method.rstrip("0"), dense_layers=dl,
+                             max_context=ids.shape[1] + 64)
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+            out[method] = cache.device_bytes()
+            if method == "icecache0":
+                continue
+            if method == "icecache":
+                out["host_pool"] = cache.stats()["host_pool_bytes"]
+                sparse = [l for l in cache.layers if hasattr(l, "device_bytes")]
+                out["sparse_layer"] = sparse[0].device_bytes() if sparse else 0
+        rows.append({"prompt_tokens": int(ids.shape[1]), "full_bytes": out["full"], "icecache_bytes": out["icecache"],
+                     "icecache_no_dense_bytes": out["icecache0"],
+                     "icecache_sparse_layer_bytes": out["sparse_layer"], "host_pool_bytes": out["host_pool"]})
+    return rows
+
+
+def decode_ms(model, ids, method, dense_layers, steps=16):
+    """Milliseconds per decode step after a prefill of `ids`, timing only the decode forwards."""
+    cache = IceCache(model.config, budget=256, method=method, dense_layers=dense_layers,
+                     max_context=ids.shape[1] + steps + 16)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache)
+        tok = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(tok, past_key_values=cache)
+            tok = out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+
+def timing_table(model, tok, context, dense_layers, reps=5):
+    ex = testbed.tasks.recall(seed=7, context_tokens=context, tokenizer=tok)
+    ids = torch.tensor([ex.prompt_ids])
+    times = {"full": [], "icecache": []}
+    for _ in range(reps):  # anchor and candidate alternate in the same process
+        for method in ("full", "icecache"):
+            times[method].append(decode_ms(model, ids, method, dense_layers))
+    full = statistics.median(times["full"])
+    ice = statistics.median(times["icecache"])
+    return {"prompt_tokens": int(ids.shape[1]), "full_ms_per_token": full, "icecache_ms_per_token": ice,
+            "ratio_icecache_over_full": ice / full, "samples_ms": times}
+
+
+def arith_table(n=30, budgets=(48, 64, 96), methods=("icecache", "quest", "oracle", "random", "streaming")):
+    """Greedy accuracy on the testbed arith task (Qwen3 arith-teacher; prompts ~30 tokens, traces
+    ~100-200): tokens move from the window into the index during decoding, so small budgets select
+    among evicted pages. sink 1 + window 1 page; dense_layers 1."""
+    model, tok = testbed.load("arith-teacher")
+    full = testbed.evaluate(model, tok, "arith", n=n)
+    rows = [{"method": "full", "budget": None, "accuracy": full["accuracy"], "same_output": n}]
+    for budget in budgets:
+        for method in methods:
+            fn = make_generate_fn(method, budget=budget, sink_pages=1, window_pages=1, dense_layers=1,
+                                  max_context=1024)
+            r = testbed.evaluate(model, tok, "arith", n=n, generate_fn=fn)
+            same = sum(a["output"] == b["output"] for a, b in zip(r["results"], full["results"]))
+            rows.append({"method": method, "budget": budget, "accuracy": r["accuracy"], "same_output": same})
+    return rows
+
+
+def synthetic_table(N=4096, D=64, topics=64, pages=(4, 8, 16), trials=20, seed=0):
+    """Attention mass captured on synthetic keys: `topics` directions scattered over time, queries
+    aimed at one topic. Page selection only (no model), same index code as the cache."""
+    from scrimp import _C
+
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(topics, D, generator=g), dim=-1)
+    topic = torch.randint(0, topics, (N,), generator=g)
+    keys = dirs[topic] * 4 + 0.5 * torch.randn(N, D, generator=g)
+    k4 = keys.view(1, 1, N, D).contiguous()
+    variants = {"icecache": (True, "bounds"), "quest": (False, "bounds"), "oracle": (False, "oracle"),
+                "random": (False, "random")}
+    idx = {}
+    for name, (cluster, score) in variants.items():
+        idx[name] = _C.ClusteredCache(1, 1, 1, D, 16, N // 16 + 8, max(pages), "float32", cluster, score)
+        idx[name].build(k4, k4, torch.arange(N))
+    rows = []
+    for k in pages:
+        mass = {name: [] for name in variants}
+        for t in range(trials):
+            q = dirs[t % topics] * 8 + 0.5 * torch.randn(D, generator=g)
+            p = torch.softmax(keys @ q / math.sqrt(D), 0)
+            for name, ix in idx.items():
+                sel = torch.empty(1, 1, k, dtype=torch.int32)
+                ix.select(q.view(1, 1, D).contiguous(), k, sel)
+                pos = torch.empty(1, 1, k, 16, dtype=torch.long)
+                ix.page_positions(sel, k, pos)
+                pos = pos.flatten()
+                mass[name].append(float(p[pos[pos >= 0]].sum()))
+        rows.append({"pages": k, **{name: statistics.mean(v) for name, v in mass.items()}})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--dense-layers", type=int, default=2)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-arith", action="store_true")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="the recall model's architecture with random weights (memory and timing only; no accuracy)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    result = {}
+    syn = synthetic_table()
+    print("0. attention mass captured by the selected pages on synthetic keys (64 topics scattered over 4096 "
+          "tokens, queries aimed at one topic; no model)")
+    print(f"  {'pages':>5} " + " ".join(f"{m:>9}" for m in ("icecache", "quest", "oracle", "random")))
+    for r in syn:
+        print(f"  {r['pages']:>5} " + " ".join(f"{r[m]:>9.3f}" for m in ("icecache", "quest", "oracle", "random")))
+    print()
+
+    if not args.skip_arith:
+        try:
+            ar = arith_table(n=args.n)
+        except FileNotFoundError as e:
+            ar = None
+            print(f"(arith table skipped: {e})")
+        if ar:
+            result["arith"] = ar
+            print(f"1b. testbed arith (Qwen3 arith-teacher), n={args.n}, sink 1 + window 1 page, dense_layers 1: "
+                  "accuracy and outputs identical to the full cache's")
+            print(f"  {'method':<10} {'budget':>6} {'accuracy':>8} {'same output':>11}")
+            for r in ar:
+                print(f"  {r['method']:<10} {str(r['budget'] or 'all'):>6} {r['accuracy']:>8.3f} "
+                      f"{r['same_output']:>8d}/{args.n}")
+            print()
+
+    if args.random_weights:
+        from scrimp.testbed import train
+        from scrimp.testbed.tokenizer import get_tokenizer
+
+        tok = get_tokenizer()
+        model = train.build_model(train.RECIPES[("recall", "teacher")], tok, seed=0).eval()
+        model.config._attn_implementation = "sdpa"
+        args.skip_accuracy = True
+        print("(random weights with the recall model's architecture: accuracy is skipped)")
+    else:
+        model, tok = testbed.load("recall")
+    cfg = model.config
+    load = os.getloadavg()
+    print(f"scrimp {scrimp.__version__}; recall model: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
+          f"q heads / {cfg.num_key_value_heads} KV heads, dim {cfg.hidden_size}; dense_layers={args.dense_layers}; "
+          f"torch threads {torch.get_num_threads()}; load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    result.update({"synthetic": syn, "n": args.n, "context": args.context, "dense_layers": args.dense_layers,
+                   "load_avg": load})
+
+    if not args.skip_accuracy:
+        t0 = time.perf_counter()
+        rows = accuracy_table(model, tok, args.n, args.context, args.budgets, args.dense_layers)
+        result["accuracy"] = rows
+        print(f"\n1. recall accuracy, n={args.n}, context {args.context} ({time.perf_counter() - t0:.0f} s)")
+        print(f"  {'method':<10} {'budget':>6} {'sink+win':>8} {'accuracy':>8} {'rel.full':>8} {'mass':>7} "
+              f"{'rel.oracle':>10} {'hit rate':>8}")
+        for r in rows:
+            g = geometry(r["budget"]) if r["budget"] else None
+            sw = f"{g['sink_pages']}+{g['window_pages']}" if g else "-"
+            hr = r.get("page_cache_hit_rate")
+            print(f"  {r['method']:<10} {str(r['budget'] or 'all'):>6} {sw:>8} {r['accuracy']:>8.3f} "
+                  f"{r['rel_accuracy']:>8.3f} {r['mass']:>7.3f} "
+                  f"{(r['rel_mass'] if r['rel_mass'] is not None else float('nan')):>10.3f} "
+                  f"{(hr if hr is not None else float('nan')):>8.3f}")
+
+    mem = memory_table(model, tok, args.lengths, args.dense_layers)
+    result["memory"] = mem
+    print("\n2. device memory held by the KV cache (budget 256; the first dense_layers layers stay full)")
+    print(f"  {'prompt':>7} {'full KiB':>10} {'IceCache KiB':>13} {'ratio':>6} {'dense_layers=0 KiB':>19} "
+          f"{'per sparse layer KiB':>21} {'host pool KiB':>14}")
+    for r in mem:
+        print(f"  {r['prompt_tokens']:>7} {r['full_bytes'] / 1024:>10.1f} {r['icecache_bytes'] / 1024:>13.1f} "
+              f"{r['icecache_bytes'] / r['full_bytes']:>6.3f} {r['icecache_no_dense_bytes'] / 1024:>19.1f} "
+              f"{r['icecache_sparse_layer_bytes'] / 1024:>21.1f} {r['host_pool_bytes'] / 1024:>14.1f}")
+
+    t = timing_table(model, tok, max(args.lengths), args.dense_layers)
+    result["timing"] = t
+    print(f"\n3. CPU decode time per token at {t['prompt_tokens']} prompt tokens (median of alternating runs)")
+    print(f"  full {t['full_ms_per_token']:.2f} ms, IceCache {t['icecache_ms_per_token']:.2f} ms, "
+          f"ratio {t['ratio_icecache_over_full']:.2f}; load avg now {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

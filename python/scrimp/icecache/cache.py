@@ -1,0 +1,552 @@
+"""IceCache as a ``transformers`` Cache: clustered KV pages offloaded to (pinned) host memory.
+
+Prefill attends densely and builds a page index per layer and KV head; each decode step selects the
+best pages within a token budget and runs paged decode attention over sink + selected + window.
+
+The decode attention needs the query, which ``Cache.update`` does not see. ``IceCache`` therefore
+registers an attention function ``"scrimp_icecache"`` with transformers' ``AttentionInterface`` and
+switches the model config to it: the function runs IceCache's paged attention for calls that an
+``IceCache`` layer marked (through the per-layer kwargs dict that transformers passes both to
+``Cache.update`` and to the attention function) and plain SDPA for every other call, so the model
+behaves exactly as before with any other cache.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from .. import _C
+
+ATTN_NAME = "scrimp_icecache"
+METHODS = ("icecache", "quest", "random", "oracle", "streaming", "full")
+_METHOD_INDEX = {  # method -> (cluster pages at prefill, page score)
+    "icecache": (True, "bounds"),
+    "quest": (False, "bounds"),
+    "random": (False, "random"),
+    "oracle": (False, "oracle"),
+    "streaming": (False, "bounds"),
+}
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _register_attention():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if ATTN_NAME in AttentionInterface._global_mapping:
+        return
+
+    def icecache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = kwargs.pop("icecache_decode", None)
+        prefill = kwargs.pop("icecache_prefill", None)
+        if layer is not None:
+            return layer.decode_attention(module, query, scaling), None
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                     **kwargs)
+        if prefill is not None:
+            prefill.finish_prefill(module, attention_mask)
+        return out
+
+    AttentionInterface.register(ATTN_NAME, icecache_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+def coarse_groups(keys: torch.Tensor, groups: int, iters: int = 4):
+    """Spherical k-means of each stream's keys into `groups` coarse clusters on the keys' device.
+
+    keys [S, N, D]. The assignment step is scrimp's nearest_centroid kernel (keys x centroids +
+    argmax; CUDA or CPU). Returns (order [S, N] int64: tokens sorted by cluster, bounds [S, groups + 1]).
+    """
+    S, N, D = keys.shape
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1).contiguous()
+    init = torch.linspace(0, N - 1, groups, device=keys.device).long()
+    cen = kn[:, init].clone()  # [S, C, D]
+    assign = torch.empty((S, N), dtype=torch.int32, device=keys.device)
+    stream = torch.cuda.current_stream(keys.device).cuda_stream if keys.is_cuda else 0
+    for it in range(iters + 1):
+        for s in range(S):
+            _C.nearest_centroid(kn[s], cen[s].contiguous(), assign[s], stream)
+        if it == iters:
+            break
+        a = assign.long()
+        new = torch.zeros_like(cen).scatter_add_(1, a[..., None].expand(S, N, D), kn)
+        count = torch.zeros((S, groups), device=keys.device).scatter_add_(1, a, torch.ones_like(a, dtype=torch.float))
+        keep = count[..., None] > 0
+        cen = torch.where(keep, torch.nn.functional.normalize(new, dim=-1), cen)
+    a = assign.long()
+    order = torch.argsort(a, dim=1, stable=True)
+    count = torch.zeros((S, groups), dtype=torch.long, device=keys.device).scatter_add_(1, a, torch.ones_like(a))
+    bounds = torch.cat([torch.zeros((S, 1), dtype=torch.long, device=keys.device), count.cumsum(1)], dim=1)
+    return order, bounds
+
+
+class IceCacheLayer(CacheLayerMixin):
+    """One attention layer: resident sink + window on the device, the rest in a host page index."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: "IceCache", layer_idx: int):
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.length = 0  # tokens seen (cache positions 0..length-1)
+        self.index = None
+        self.stats = {"steps": 0, "mass": []}
+
+    # ---- CacheLayerMixin -----------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        o = self.owner
+        B, H, _, D = key_states.shape
+        o._check_states(key_states, value_states, self.layer_idx)
+        self.device = torch.device(o.device) if o.device is not None else key_states.device
+        self.dtype = key_states.dtype
+        self.B, self.H, self.D = B, H, D
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        o = self.owner
+        model_kwargs = kwargs.get("kwargs")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            o._check_states(key_states, value_states, self.layer_idx)
+            self.length = key_states.shape[-2]
+            self._prefill_k, self._prefill_v = key_states, value_states
+            if isinstance(model_kwargs, dict):
+                model_kwargs["icecache_prefill"] = self
+            else:  # called outside a transformers attention layer: build now, without padding info
+                self._build(None)
+            return key_states, value_states
+        o._check_states(key_states, value_states, self.layer_idx, (self.B, self.H, self.D), self.dtype)
+        if key_states.shape[-2] != 1:
+            raise ValueError(
+                f"IceCache layer {self.layer_idx}: this cache already holds a sequence of {self.length} tokens and "
+                f"got {key_states.shape[-2]} new ones; after the prefill only one token per step is supported. "
+                "Create a new IceCache for each model and sequence (chunked prefill is not supported)")
+        if getattr(self, "_prefill_k", None) is not None:
+            raise RuntimeError(f"IceCache layer {self.layer_idx}: the prefill was not finished by the "
+                               f"'{ATTN_NAME}' attention function (was the model's attention implementation changed?)")
+        self._append(key_states.to(self.device), value_states.to(self.device))
+        if not isinstance(model_kwargs, dict):
+            raise RuntimeError("IceCache needs the transformers attention kwargs dict (cache.update(..., kwargs=...))")
+        model_kwargs["icecache_decode"] = self
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int):
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        raise RuntimeError("IceCache cannot be reset in place; create a new IceCache for a new sequence")
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("IceCache does not support beam search")
+
+    # ---- prefill: dense attention already done; split sink / middle / window and build the index ----
+    def finish_prefill(self, module, attention_mask):
+        self.owner._check_module(module)
+        valid = None
+        if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4:
+            valid = attention_mask[:, 0, -1, :].to("cpu")
+        elif attention_mask is not None and attention_mask.dim() == 4:
+            valid = (attention_mask[:, 0, -1, :] == 0).to("cpu")
+        self._build(valid)
+
+    def _build(self, valid):
+        o = self.owner
+        k_all, v_all = self._prefill_k, self._prefill_v
+        self._prefill_k = self._prefill_v = None
+        B, H, N, D = k_all.shape
+        ps = o.page_size
+        pads = [0] * B
+        if valid is not None:
+            valid = valid[:, :N]
+            for b in range(B):
+                n_pad = int((~valid[b]).sum())
+                if n_pad and (bool(valid[b, :n_pad].any()) or not bool(valid[b, n_pad:].all())):
+                    raise ValueError("IceCache supports left padding only (padding must precede every real token)")
+                pads[b] = n_pad
+        self.pads = pads
+        ws = max((N - 1) // ps - (o.window_pages - 1), 0) * ps  # window start (page aligned)
+        self.ws = ws
+        self.evicted = 0
+        S = o.sink_pages * ps
+        dev = self.device
+        # Sink: the first S real tokens of each row (masked where the row has fewer before the window).
+        # Resident tokens live in one preallocated buffer: S sink slots, then up to Wcap window tokens
+        # (no per-step concatenation); `dense_mask` marks the slots attention may use.
+        Wcap = o.window_pages * ps
+        self.S, self.Wcap = S, Wcap
+        self.dense_k = k_all.new_zeros((B, H, S + Wcap, D), device=dev)
+        self.dense_v = k_all.new_zeros((B, H, S + Wcap, D), device=dev)
+        mask = torch.zeros((B, S + Wcap), dtype=torch.uint8)
+        self.sink_pos = torch.full((B, S), -1, dtype=torch.long)
+        for b in range(B):
+            n = max(min(S, ws - pads[b]), 0)
+            if n:
+                self.dense_k[b, :, :n] = k_all[b, :, pads[b]:pads[b] + n].to(dev)
+                self.dense_v[b, :, :n] = v_all[b, :, pads[b]:pads[b] + n].to(dev)
+                mask[b, :n] = 1
+                self.sink_pos[b, :n] = torch.arange(pads[b], pads[b] + n)
+        w = N - ws
+        self.dense_k[:, :, S:S + w] = k_all[:, :, ws:].to(dev)
+        self.dense_v[:, :, S:S + w] = v_all[:, :, ws:].to(dev)
+        for b in range(B):
+            mask[b, S + max(pads[b] - ws, 0):S + w] = 1  # padding inside the window stays masked
+        self.dense_mask = mask.to(dev)
+        if o.measure:
+            self.full_k = k_all.to(dev)
+            self.all_valid = torch.ones((B, N), dtype=torch.bool)
+            for b in range(B):
+                self.all_valid[b, :pads[b]] = False
+        # Middle tokens -> host page index.
+        self.index = o._new_index(B, H, D, self.dtype)
+        if self.index is not None:
+            starts = [p + S for p in pads]
+            if len(set(starts)) == 1:
+                if starts[0] < ws:
+                    self._build_rows(k_all, v_all, slice(None), starts[0], ws, -1)
+            else:
+                for b in range(B):
+                    if starts[b] < ws:
+                        self._build_rows(k_all, v_all, slice(b, b + 1), starts[b], ws, b)
+            C = o.cache_pages
+            self.k_store = torch.zeros((B * H * C, ps, D), dtype=self.dtype, device=dev)
+            self.dev_bounds = None
+            if o._select_on_device(dev):
+                self._sync_bounds(0)
+            self.v_store = torch.zeros_like(self.k_store)
+
+    def _build_rows(self, k_all, v_all, rows, start, end, batch_row):
+        """Index tokens [start, end) of the given batch rows: two-level (coarse k-means on the device,
+        then the hierarchical tree per coarse cluster on the host) when long enough, else the tree."""
+        o = self.owner
+        km, vm = k_all[rows, :, start:end], v_all[rows, :, start:end]
+        Bn, H, N, D = km.shape
+        groups = -(-N // o.coarse_tokens) if (o.coarse_tokens and o.method == "icecache") else 1
+        if groups <= 1:
+            self.index.build(km.to("cpu").contiguous(), vm.to("cpu").contiguous(),
+                             torch.arange(start, end, dtype=torch.long), batch_row)
+            return
+        order, bounds = coarse_groups(km.reshape(Bn * H, N, D), groups)
+        idx = order.view(Bn, H, N, 1).expand(Bn, H, N, D)
+        kp = torch.gather(km, 2, idx).to("cpu").contiguous()
+        vp = torch.gather(vm, 2, idx).to("cpu").contiguous()
+        pos = (order + start).to("cpu").contiguous()
+        self.index.build_grouped(kp, vp, pos, bounds.to("cpu").contiguous(), batch_row)
+
+    # ---- decode ------------------------------------------------------------------------------------
+    def _append(self, k, v):
+        o = self.owner
+        ps, S = o.page_size, self.S
+        if self.length + 1 - self.ws > self.Wcap:
+            # The window is full: its oldest page goes to the host index, the rest shifts left.
+            if self.index is not None:
+                # Left padding still inside the evicted page stays out of the index.
+                skip = torch.tensor([max(p - self.ws, 0) for p in self.pads], dtype=torch.long)
+                first = self._min_pages()
+                self.index.append_page(self.dense_k[:, :, S:S + ps].to("cpu").contiguous(),
+                                       self.dense_v[:, :, S:S + ps].to("cpu").contiguous(), self.ws,
+                                       skip if bool(skip.any()) else None)
+                if self.dev_bounds is not None:
+                    self._sync_bounds(first)
+            w = self.length - self.ws
+            self.dense_k[:, :, S:S + w - ps] = self.dense_k[:, :, S + ps:S + w].clone()
+            self.dense_v[:, :, S:S + w - ps] = self.dense_v[:, :, S + ps:S + w].clone()
+            self.dense_mask[:, S + w - ps:] = 0
+            self.ws += ps
+            self.evicted += 1
+            if self.index is not None and o.recluster_pages > 1 and o.method == "icecache" \
+                    and self.evicted % o.recluster_pages == 0:
+                self.index.recluster_tail(o.recluster_pages)  # cluster the evicted pages together
+                if self.dev_bounds is not None:
+                    self._sync_bounds(max(self._min_pages() - o.recluster_pages, 0))
+        w = self.length - self.ws
+        self.dense_k[:, :, S + w] = k[:, :, 0]
+        self.dense_v[:, :, S + w] = v[:, :, 0]
+        self.dense_mask[:, S + w] = 1
+        self.length += 1
+        if o.measure:
+            self.full_k = torch.cat([self.full_k, k], dim=-2)
+            self.all_valid = torch.cat([self.all_valid, torch.ones((self.B, 1), dtype=torch.bool)], dim=1)
+
+    def _min_pages(self):
+        return min(self.index.num_pages(s) for s in range(self.B * self.H))
+
+    def _sync_bounds(self, first):
+        """Mirror the page bounds from `first` on to the device (grown by doubling)."""
+        o = self.owner
+        P = self.index.num_pages()
+        S, D = self.B * self.H, self.D
+        n = P - first
+        if n <= 0:
+            return
+        if self.dev_bounds is None or self.dev_bounds[0].shape[1] < P:
+            cap = max(P, 2 * (self.dev_bounds[0].shape[1] if self.dev_bounds is not None else 0), 16)
+            lo = torch.zeros((S, cap, D), dtype=torch.float32, device=self.device)
+            hi = torch.zeros_like(lo)
+            lens = torch.zeros((S, cap), dtype=torch.int32, device=self.device)
+            if self.dev_bounds is not None:
+                old = self.dev_bounds[0].shape[1]
+                lo[:, :old], hi[:, :old], lens[:, :old] = self.dev_bounds
+            self.dev_bounds = (lo, hi, lens)
+        lo_h = torch.empty((S, n, D), dtype=torch.float32)
+        hi_h = torch.empty_like(lo_h)
+        lens_h = torch.empty((S, n), dtype=torch.int32)
+        self.index.export_bounds(first, n, lo_h, hi_h, lens_h)
+        lo, hi, lens = self.dev_bounds
+        lo[:, first:P] = lo_h.to(self.device)
+        hi[:, first:P] = hi_h.to(self.device)
+        lens[:, first:P] = lens_h.to(self.device)
+        del o
+
+    def select_on_device(self, q, k):
+        """Bound scores on the device as two matmuls: sum_d max(q lo, q hi) = q+ . hi + q- . lo; the GQA
+        heads of a group merged by max of (score - that head's best); top-k pages per stream
+        (int32 [B, H, k] on the host, -1 padding)."""
+        B, H, D = self.B, self.H, self.D
+        G = q.shape[1] // H
+        P = self.index.num_pages()
+        lo, hi, lens = (t[:, :P] for t in self.dev_bounds)
+        qg = q.float().view(B, H, G, D)
+        s = torch.matmul(qg.clamp(min=0), hi.view(B, H, P, D).transpose(-1, -2)) + \
+            torch.matmul(qg.clamp(max=0), lo.view(B, H, P, D).transpose(-1, -2))  # [B, H, G, P]
+        valid = (lens.view(B, H, 1, P) > 0)
+        s = s.masked_fill(~valid, float("-inf"))
+        s = s - s.amax(dim=-1, keepdim=True)
+        merged = s.amax(dim=2).masked_fill(~valid[:, :, 0], float("-inf"))  # [B, H, P]
+        take = min(k, P)
+        val, idx = merged.topk(take, dim=-1)
+        idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1)).to(torch.int32).cpu()
+        if take < k:
+            idx = torch.cat([idx, torch.full((B, H, k - take), -1, dtype=torch.int32)], dim=-1)
+        return idx.contiguous()
+
+    def decode_attention(self, module, query, scaling):
+        o = self.owner
+        o._check_module(module)
+        B, Hq, q_len, D = query.shape
+        H = self.H
+        k_sel = o.selected_pages
+        dev = self.device
+        q = query[:, :, -1, :].to(dev).contiguous()
+        k_dense, v_dense, mask = self.dense_k, self.dense_v, self.dense_mask
+        pages = None
+        if self.index is not None and k_sel > 0 and self.index.num_pages() > 0:
+            if self.dev_bounds is not None:
+                pages = self.select_on_device(q, k_sel)
+            else:
+                pages = torch.empty((B, H, k_sel), dtype=torch.int32)
+                self.index.select(q.float().cpu().contiguous(), k_sel, pages)
+            slots = torch.empty_like(pages)
+            lens = torch.empty_like(pages)
+            stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+            self.index.recall(pages, k_sel, self.k_store, self.v_store, slots, lens, stream)
+            table, tlens = slots.to(dev), lens.to(dev)
+            k_store, v_store = self.k_store, self.v_store
+        else:
+            table = tlens = None
+            k_store = v_store = k_dense.new_zeros((1, o.page_size, D))
+        out = torch.empty_like(q)
+        stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+        _C.paged_decode_attention(q, k_store, v_store, table, tlens, k_dense, v_dense, mask, H,
+                                  float(scaling if scaling is not None else 1.0 / math.sqrt(D)), out, stream)
+        self.stats["steps"] += 1
+        if o.measure:
+            self._measure(q, pages, mask, scaling)
+        return out.to(query.device).unsqueeze(1)  # [B, 1, Hq, D] like sdpa_attention_forward
+
+    def _measure(self, q, pages, mask, scaling):
+        """Fraction of the true attention mass (over every cached token) that the attended set holds."""
+        o = self.owner
+        B, Hq, D = q.shape
+        H, G = self.H, Hq // self.H
+        k = self.full_k.float()  # [B, H, L, D]
+        L = k.shape[2]
+        s = torch.einsum("bhgd,bhld->bhgl", q.float().view(B, H, G, D), k) * float(scaling or 1 / math.sqrt(D))
+        s = s.masked_fill(~self.all_valid.to(s.device)[:, None, None, :L], float("-inf"))
+        p = torch.softmax(s, dim=-1).cpu()
+        attended = torch.zeros((B, H, L), dtype=torch.bool)
+        for b in range(B):
+            sp = self.sink_pos[b][self.sink_pos[b] >= 0]
+            attended[b, :, sp] = True
+        attended[:, :, self.ws:self.length] = True
+        if pages is not None:
+            pos = torch.empty((B, H, pages.shape[2], o.page_size), dtype=torch.long)
+            self.index.page_positions(pages, pages.shape[2], pos)
+            pos = pos.view(B, H, -1)
+            for b in range(B):
+                for h in range(H):
+                    pp = pos[b, h][pos[b, h] >= 0]
+                    attended[b, h, pp] = True
+        mass = (p * attended[:, :, None, :].float()).sum(-1)  # [B, H, G]
+        self.stats["mass"].append(float(mass.mean()))
+
+    def device_bytes(self) -> int:
+        """Bytes this layer holds on the device (resident tokens + page store)."""
+        n = 0
+        for t in ("dense_k", "dense_v", "k_store", "v_store", "dense_mask"):
+            x = getattr(self, t, None)
+            if x is not None:
+                n += x.numel() * x.element_size()
+        for x in getattr(self, "dev_bounds", None) or ():
+            n += x.numel() * x.element_size()
+        return n
+
+
+class IceCache(Cache):
+    """A transformers ``Cache`` implementing IceCache (and its baselines) for Llama / Qwen3 style models.
+
+    ``cache = IceCache(model.config, budget=256, page_size=16, sink_pages=2, window_pages=2,
+    dense_layers=2, device=...)`` then ``model.generate(..., past_key_values=cache)``.
+
+    Parameters
+    ----------
+    config : the model's ``PretrainedConfig`` (switched to the ``"scrimp_icecache"`` attention
+        implementation, which is plain SDPA for every call not made through an IceCache layer).
+    budget : tokens attended per decode step per layer and KV head (sink + window + selected pages).
+    page_size, sink_pages, window_pages : page geometry; ``budget >= (sink_pages + window_pages) * page_size``.
+    dense_layers : the first layers keep a full (dynamic) cache.
+    method : ``"icecache"`` (clustered pages, bound scores), baselines ``"quest"`` (time-ordered pages,
+        bound scores), ``"random"``, ``"oracle"`` (exact max q.k per page), ``"streaming"`` (sink +
+        window only) and ``"full"`` (every layer dense).
+    cache_pages : device page-cache slots per KV head (LRU; default 2x the selected pages).
+    coarse_tokens : with more middle tokens than this, prefill clustering is two-level: a coarse
+        spherical k-means on the device (nearest_centroid kernel) into ceil(n / coarse_tokens)
+        groups, then the balanced 2-means page tree inside each group on the host (0: tree only).
+    recluster_pages : every this many pages evicted from the window are re-clustered together with
+        the page tree (incremental insertion; 0 or 1: evicted pages stay in time order).
+    select_on_device : score the page bounds on the cache's device (float32 mirrors of min/max,
+        two matmuls + top-k) instead of on the host; default: on for CUDA, for icecache / quest.
+    max_context : longest sequence the host pool is sized for (allocated once per layer).
+    measure : record the attention mass captured per step (keeps a full key copy; for evaluation).
+    """
+
+    def __init__(self, config, budget: int = 256, page_size: int = 16, sink_pages: int = 2, window_pages: int = 2,
+                 dense_layers: int = 2, device=None, method: str = "icecache", cache_pages: Optional[int] = None,
+                 max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True,
+                 coarse_tokens: int = 1024, recluster_pages: int = 4, select_on_device: Optional[bool] = None):
+        for name, v in (("budget", budget), ("page_size", page_size), ("sink_pages", sink_pages),
+                        ("window_pages", window_pages), ("dense_layers", dense_layers), ("max_context", max_context)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if page_size <= 0:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if sink_pages < 0 or window_pages < 1:
+            raise ValueError(f"need sink_pages >= 0 and window_pages >= 1, got {sink_pages} and {window_pages}")
+        if budget < (sink_pages + window_pages) * page_size:
+            raise ValueError(f"budget ({budget}) is smaller than sink + window = ({sink_pages} + {window_pages}) pages x "
+                             f"{page_size} tokens = {(sink_pages + window_pages) * page_size}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if dense_layers < 0:
+            raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.config = config
+        self.num_layers = int(text.num_hidden_layers)
+        self.q_heads = int(text.num_attention_heads)
+        self.kv_heads = int(getattr(text, "num_key_value_heads", None) or self.q_heads)
+        self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // self.q_heads)
+        self.budget, self.page_size = budget, page_size
+        self.sink_pages, self.window_pages, self.dense_layers = sink_pages, window_pages, dense_layers
+        self.method = method
+        self.selected_pages = 0 if method == "streaming" else budget // page_size - sink_pages - window_pages
+        self.cache_pages = cache_pages if cache_pages is not None else max(2 * self.selected_pages, 1)
+        if self.cache_pages < self.selected_pages:
+            raise ValueError(f"cache_pages ({self.cache_pages}) must be >= the selected pages per step "
+                             f"({self.selected_pages})")
+        self.max_context = max_context
+        self.device = device
+        self.measure = measure
+        self.seed = seed
+        self.pin_memory = pin_memory
+        if not isinstance(coarse_tokens, int) or coarse_tokens < 0:
+            raise ValueError(f"coarse_tokens must be an int >= 0, got {coarse_tokens!r}")
+        self.coarse_tokens = coarse_tokens
+        if not isinstance(recluster_pages, int) or recluster_pages < 0:
+            raise ValueError(f"recluster_pages must be an int >= 0, got {recluster_pages!r}")
+        self.recluster_pages = recluster_pages
+        self.select_on_device = select_on_device
+        layers = []
+        for i in range(self.num_layers):
+            layers.append(DynamicLayer() if (method == "full" or i < dense_layers) else IceCacheLayer(self, i))
+        super().__init__(layers=layers)
+        if method != "full":
+            _register_attention()
+            if config._attn_implementation not in ("sdpa", ATTN_NAME):
+                raise ValueError(f"IceCache needs a model with attn_implementation='sdpa' (got "
+                                 f"{config._attn_implementation!r}); load it with attn_implementation='sdpa'")
+            config._attn_implementation = ATTN_NAME
+
+    # ---- checks ------------------------------------------------------------------------------------
+    def _check_states(self, k, v, layer_idx, shape=None, dtype=None):
+        if layer_idx >= self.num_layers:
+            raise ValueError(f"layer index {layer_idx} >= the config's {self.num_layers} layers: "
+                             "is this cache used with a different model?")
+        if k.dim() != 4 or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
+            raise ValueError(f"keys of shape {tuple(k.shape)} do not match the config ({self.kv_heads} KV heads, "
+                             f"head_dim {self.head_dim}): is this cache used with a different model?")
+        if v.shape != k.shape:
+            raise ValueError(f"values {tuple(v.shape)} and keys {tuple(k.shape)} differ in shape")
+        if k.dtype != v.dtype or k.dtype not in _DTYPES:
+            raise TypeError(f"keys/values must share a float32/float16/bfloat16 dtype, got {k.dtype} and {v.dtype}")
+        if dtype is not None and k.dtype != dtype:
+            raise TypeError(f"layer {layer_idx}: keys are {k.dtype} but the cache holds {dtype}")
+        if shape is not None and (k.shape[0], k.shape[1], k.shape[3]) != shape:
+            raise ValueError(f"layer {layer_idx}: batch/heads/dim {tuple(k.shape)} differ from the prefill's {shape}")
+
+    def _check_module(self, module):
+        cfg = getattr(module, "config", None)
+        if cfg is not None and cfg is not self.config:
+            raise ValueError("this IceCache was created for a different model (its config is not the model's); "
+                             "create one IceCache per model and sequence")
+
+    def _select_on_device(self, device) -> bool:
+        if self.method not in ("icecache", "quest"):
+            return False  # the other scores read the host pool (oracle) or are random
+        if self.select_on_device is None:
+            return torch.device(device).type == "cuda"
+        return bool(self.select_on_device)
+
+    def _new_index(self, B, H, D, dtype):
+        if self.method == "streaming" and self.selected_pages == 0:
+            return None
+        cluster, score = _METHOD_INDEX[self.method]
+        groups = -(-self.max_context // self.coarse_tokens) if self.coarse_tokens else 1
+        max_pages = self.max_context // self.page_size + groups + 2
+        return _C.ClusteredCache(B, H, self.q_heads, D, self.page_size, max_pages, self.cache_pages, _DTYPES[dtype],
+                                 cluster, score, 6, self.seed, self.pin_memory)
+
+    # ---- reporting ---------------------------------------------------------------------------------
+    def device_bytes(self) -> int:
+        """Bytes held on the device by the whole cache (dense layers in full)."""
+        n = 0
+        for layer in self.layers:
+            if isinstance(layer, IceCacheLayer):
+                n += layer.device_bytes()
+            elif layer.is_initialized and layer.keys is not None:
+                n += layer.keys.numel() * layer.keys.element_size() * 2
+        return n
+
+    def stats(self) -> dict:
+        hits = misses = copied = pool = 0
+        mass = []
+        for layer in self.layers:
+            if isinstance(layer, IceCacheLayer) and layer.index is not None:
+                s = layer.index.stats()
+                hits, misses, copied, pool = hits + s["hits"], misses + s["misses"], copied + s["bytes_copied"], \
+                    pool + s["pool_bytes"]
+            if isinstance(layer, IceCacheLayer):
+                mass += layer.stats["mass"]
+        return {"hits": hits, "misses": misses, "bytes_copied": copied, "host_pool_bytes": pool,
+                "device_bytes": self.device_bytes(),
+                "attention_mass": (sum(mass) / len(mass)) if mass else None}
