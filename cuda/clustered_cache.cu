@@ -1,6 +1,7 @@
 // IceCache CUDA backend: pinned mapped page pool, page gather from mapped host memory on a dedicated
 // copy stream (ordered with events), split-K decode attention over a page list, nearest-centroid
 // assignment (keys x centroids + argmax).
+#include "cuda_check.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,11 +20,6 @@ namespace ice_cuda {
 
 namespace {
 
-#define ICE_CUDA_CHECK(expr)                                                                        \
-  do {                                                                                              \
-    const cudaError_t e_ = (expr);                                                                  \
-    if (e_ != cudaSuccess) SCRIMP_FAIL(#expr << " failed: " << cudaGetErrorName(e_) << " (" << cudaGetErrorString(e_) << ")"); \
-  } while (0)
 
 template <typename T>
 __device__ __forceinline__ float to_f(T x);
@@ -84,9 +80,9 @@ CopyState& copy_state(int device) {
   if (static_cast<int>(g_copy.size()) <= device) g_copy.resize(static_cast<std::size_t>(device) + 1);
   CopyState& s = g_copy[static_cast<std::size_t>(device)];
   if (s.stream == nullptr) {
-    ICE_CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
-    ICE_CUDA_CHECK(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming));
-    ICE_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+    SCRIMP_CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+    SCRIMP_CUDA_CHECK(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming));
+    SCRIMP_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
   }
   return s;
 }
@@ -249,14 +245,14 @@ void launch_attention(const PagedAttentionArgs& a, cudaStream_t stream) {
   p.splits = std::max<int64_t>(1, std::min<int64_t>(64, (p.units + 3) / 4));
   float* part = nullptr;
   const std::size_t bytes = static_cast<std::size_t>(p.B * p.Hq * p.splits * (p.D + 2)) * sizeof(float);
-  ICE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part), bytes, stream));
+  SCRIMP_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part), bytes, stream));
   p.part = part;
   dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(p.splits));
   paged_attention_split_kernel<T><<<grid, kThreads, 0, stream>>>(p);
   paged_attention_combine_kernel<T><<<static_cast<unsigned>(p.B * p.Hq), 128, 0, stream>>>(
       part, p.splits, p.D, static_cast<T*>(a.out.data));
-  ICE_CUDA_CHECK(cudaGetLastError());
-  ICE_CUDA_CHECK(cudaFreeAsync(part, stream));
+  SCRIMP_CUDA_CHECK(cudaGetLastError());
+  SCRIMP_CUDA_CHECK(cudaFreeAsync(part, stream));
 }
 
 // ---- nearest centroid -----------------------------------------------------------------------------
@@ -306,10 +302,10 @@ void gather_pages(const void* pool_device_base, int64_t page_bytes, const int32_
                   void* k_store, void* v_store, int64_t row_bytes, int device, void* stream) {
   if (n == 0) return;
   std::lock_guard<std::mutex> lock(g_copy_mutex);
-  ICE_CUDA_CHECK(cudaSetDevice(device));
+  SCRIMP_CUDA_CHECK(cudaSetDevice(device));
   CopyState& cs = copy_state(device);
   // The index lists live in pinned mapped memory read by the kernel: wait for the previous gather.
-  if (cs.pending) ICE_CUDA_CHECK(cudaEventSynchronize(cs.done));
+  if (cs.pending) SCRIMP_CUDA_CHECK(cudaEventSynchronize(cs.done));
   if (n > cs.capacity) {
     if (cs.lists) cudaFreeHost(cs.lists);
     cs.lists = nullptr;
@@ -324,21 +320,21 @@ void gather_pages(const void* pool_device_base, int64_t page_bytes, const int32_
   std::memcpy(cs.lists + cs.capacity, dst, static_cast<std::size_t>(n) * sizeof(int32_t));
   cudaStream_t compute = static_cast<cudaStream_t>(stream);
   // The copy may overwrite slots that earlier attention on the compute stream still reads.
-  ICE_CUDA_CHECK(cudaEventRecord(cs.ready, compute));
-  ICE_CUDA_CHECK(cudaStreamWaitEvent(cs.stream, cs.ready, 0));
+  SCRIMP_CUDA_CHECK(cudaEventRecord(cs.ready, compute));
+  SCRIMP_CUDA_CHECK(cudaStreamWaitEvent(cs.stream, cs.ready, 0));
   dim3 grid(static_cast<unsigned>(n), 2);
   gather_pages_kernel<<<grid, 256, 0, cs.stream>>>(static_cast<const char*>(pool_device_base), page_bytes,
                                                   cs.lists_dev, cs.lists_dev + cs.capacity,
                                                   static_cast<char*>(k_store), static_cast<char*>(v_store), row_bytes);
-  ICE_CUDA_CHECK(cudaGetLastError());
-  ICE_CUDA_CHECK(cudaEventRecord(cs.done, cs.stream));
+  SCRIMP_CUDA_CHECK(cudaGetLastError());
+  SCRIMP_CUDA_CHECK(cudaEventRecord(cs.done, cs.stream));
   cs.pending = true;
   // Only this layer's attention (queued after this call on `compute`) waits for its pages.
-  ICE_CUDA_CHECK(cudaStreamWaitEvent(compute, cs.done, 0));
+  SCRIMP_CUDA_CHECK(cudaStreamWaitEvent(compute, cs.done, 0));
 }
 
 void paged_decode_attention(const PagedAttentionArgs& a) {
-  ICE_CUDA_CHECK(cudaSetDevice(a.query.device.index));
+  SCRIMP_CUDA_CHECK(cudaSetDevice(a.query.device.index));
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   switch (a.query.dtype) {
     case DType::Float32: launch_attention<float>(a, stream); break;
@@ -349,7 +345,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
 }
 
 void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream) {
-  ICE_CUDA_CHECK(cudaSetDevice(keys.device.index));
+  SCRIMP_CUDA_CHECK(cudaSetDevice(keys.device.index));
   const int64_t N = keys.shape[0], C = centroids.shape[0], D = keys.shape[1];
   const unsigned blocks = static_cast<unsigned>((N * 32 + 255) / 256);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -369,7 +365,7 @@ void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32
       break;
     default: SCRIMP_FAIL("nearest_centroid: unsupported dtype");
   }
-  ICE_CUDA_CHECK(cudaGetLastError());
+  SCRIMP_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace ice_cuda

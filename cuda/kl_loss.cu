@@ -6,6 +6,7 @@
 //   pass 2: per-thread loss sums with x = s/T - lse_s, y = t/T - lse_t, block-reduced;
 //   pass 3: the gradient, written in the logits' dtype (the forward KL writes it in pass 2).
 // Terms with p = 0 (q = 0 for teacher sums) are skipped so -inf entries contribute exactly 0.
+#include "cuda_check.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -16,14 +17,6 @@
 #include "kl_loss_cuda.h"
 #include "scrimp/error.h"
 
-#define SCRIMP_KL_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                               \
-    const cudaError_t scrimp_err_ = (expr);                                                          \
-    if (scrimp_err_ != cudaSuccess) {                                                                \
-      SCRIMP_FAIL("CUDA error in " << #expr << ": " << cudaGetErrorName(scrimp_err_) << " ("        \
-                                   << cudaGetErrorString(scrimp_err_) << ")");                      \
-    }                                                                                                \
-  } while (0)
 
 namespace scrimp {
 namespace cuda {
@@ -225,8 +218,8 @@ void kl_loss(const KLLossArgs& args, KLKind kind) {
   p.log_1mbeta = std::log1p(-args.beta);
   p.factor = args.grad_scale / args.temperature;
   int prev = 0;
-  SCRIMP_KL_CUDA_CHECK(cudaGetDevice(&prev));
-  if (prev != s.device.index) SCRIMP_KL_CUDA_CHECK(cudaSetDevice(s.device.index));
+  SCRIMP_CUDA_CHECK(cudaGetDevice(&prev));
+  if (prev != s.device.index) SCRIMP_CUDA_CHECK(cudaSetDevice(s.device.index));
   cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
   const bool grad = args.grad != nullptr;
   switch (s.dtype) {
@@ -237,7 +230,7 @@ void kl_loss(const KLLossArgs& args, KLKind kind) {
   }
   const cudaError_t err = cudaGetLastError();
   if (prev != s.device.index) cudaSetDevice(prev);
-  SCRIMP_KL_CUDA_CHECK(err);
+  SCRIMP_CUDA_CHECK(err);
 }
 
 }  // namespace cuda

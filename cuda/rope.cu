@@ -1,6 +1,7 @@
 // CUDA backend of RoPE re-rotation and packet assembly (cpp/include/scrimp/rope.h).
 // One thread block per group of rows, one thread per rotary pair; angles for a scalar delta are
 // computed once on the host (float64) and passed by value, per-position deltas in float64 on device.
+#include "cuda_check.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -25,11 +26,6 @@ struct InvFreq {
   double f[kMaxPairs];
 };
 
-#define SCRIMP_CUDA_CHECK(call)                                                          \
-  do {                                                                                   \
-    cudaError_t e_ = (call);                                                             \
-    if (e_ != cudaSuccess) SCRIMP_FAIL("CUDA error: " << cudaGetErrorString(e_));        \
-  } while (0)
 
 template <typename T> __device__ __forceinline__ float ld(const T* p);
 template <> __device__ __forceinline__ float ld<float>(const float* p) { return *p; }

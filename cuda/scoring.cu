@@ -1,5 +1,6 @@
 // CUDA backend of scrimp::token_scores: argument packing, split planning and launches.
 // The kernels are in scoring.cuh; the arguments were validated by cpp/src/scoring.cpp.
+#include "cuda_check.cuh"
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -12,14 +13,6 @@
 #include "scrimp/error.h"
 #include "scrimp/scoring.h"
 
-#define SCRIMP_CUDA_CHECK(expr)                                                                       \
-  do {                                                                                                \
-    const cudaError_t scrimp_err_ = (expr);                                                           \
-    if (scrimp_err_ != cudaSuccess) {                                                                 \
-      SCRIMP_FAIL("CUDA error in " << #expr << ": " << cudaGetErrorName(scrimp_err_) << " ("         \
-                                   << cudaGetErrorString(scrimp_err_) << ")");                       \
-    }                                                                                                 \
-  } while (0)
 
 namespace scrimp {
 namespace cuda {

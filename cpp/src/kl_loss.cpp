@@ -9,9 +9,6 @@
 #include "scrimp/build_info.h"
 #include "scrimp/error.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace scrimp {
 
@@ -111,24 +108,10 @@ void kl_loss(const KLLossArgs& args) {
   job.student_strides = leading(s.strides, lead_ndim);
   job.teacher_strides = leading(t.strides, lead_ndim);
 
-  void (*kernel)(const cpu::KLRowsJob&, int64_t, int64_t) = cpu::kl_rows_generic;
 #if defined(SCRIMP_X86_SIMD)
-  const char* level = cpu_simd_level();
-  if (std::strcmp(level, "avx512") == 0) kernel = cpu::kl_rows_avx512;
-  else if (std::strcmp(level, "avx2") == 0) kernel = cpu::kl_rows_avx2;
-#endif
-
-#ifdef _OPENMP
-#pragma omp parallel if (rows > 1)
-  {
-    const int64_t nt = omp_get_num_threads();
-    const int64_t id = omp_get_thread_num();
-    const int64_t begin = rows * id / nt;
-    const int64_t end = rows * (id + 1) / nt;
-    if (begin < end) kernel(job, begin, end);
-  }
+  cpu::run_rows(job, rows, cpu::kl_rows_generic, cpu::kl_rows_avx2, cpu::kl_rows_avx512);
 #else
-  kernel(job, 0, rows);
+  cpu::run_rows<cpu::KLRowsJob>(job, rows, cpu::kl_rows_generic, nullptr, nullptr);
 #endif
 }
 

@@ -3,12 +3,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_rows.h"
+
 #include "scrimp/kl_loss.h"
 
 namespace scrimp {
 namespace cpu {
 
-struct KLRowsJob {
+struct KLRowsJob : LeadingDims {
   const KLLossArgs* args = nullptr;
   int64_t rows = 0;
   int64_t vocab = 0;
@@ -16,18 +18,9 @@ struct KLRowsJob {
   KLKind kind = KLKind::Reverse;  // after the beta = 0 / 1 special cases of JSD are resolved
   float beta = 0.5f;
   float grad_factor = 1.0f;  // grad_scale / T
-  std::vector<int64_t> lead_shape;
   std::vector<int64_t> student_strides;  // leading strides in elements
   std::vector<int64_t> teacher_strides;
 
-  int64_t offset(int64_t row, const std::vector<int64_t>& strides) const {
-    int64_t off = 0;
-    for (int64_t d = static_cast<int64_t>(lead_shape.size()) - 1; d >= 0; --d) {
-      off += (row % lead_shape[d]) * strides[d];
-      row /= lead_shape[d];
-    }
-    return off;
-  }
 };
 
 void kl_rows_generic(const KLRowsJob& job, int64_t begin, int64_t end);

@@ -9,10 +9,6 @@
 #include "scrimp/build_info.h"
 #include "scrimp/error.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace scrimp {
 
 namespace {
@@ -106,25 +102,10 @@ void token_scores(const TokenScoresArgs& args) {
     }
   }
 
-  void (*kernel)(const cpu::ScoreRowsJob&, int64_t, int64_t) = cpu::score_rows_generic;
 #if defined(SCRIMP_X86_SIMD)
-  const char* level = cpu_simd_level();
-  if (std::strcmp(level, "avx512") == 0) kernel = cpu::score_rows_avx512;
-  else if (std::strcmp(level, "avx2") == 0) kernel = cpu::score_rows_avx2;
-#endif
-
-#ifdef _OPENMP
-  // Contiguous row ranges per thread; one row is already ~V/16 vector iterations of work.
-#pragma omp parallel if (rows > 1)
-  {
-    const int64_t nt = omp_get_num_threads();
-    const int64_t id = omp_get_thread_num();
-    const int64_t begin = rows * id / nt;
-    const int64_t end = rows * (id + 1) / nt;
-    if (begin < end) kernel(job, begin, end);
-  }
+  cpu::run_rows(job, rows, cpu::score_rows_generic, cpu::score_rows_avx2, cpu::score_rows_avx512);
 #else
-  kernel(job, 0, rows);
+  cpu::run_rows<cpu::ScoreRowsJob>(job, rows, cpu::score_rows_generic, nullptr, nullptr);
 #endif
 }
 

@@ -3,31 +3,22 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_rows.h"
 #include "scrimp/scoring.h"
 
 namespace scrimp {
 namespace cpu {
 
 // Everything a worker needs to find row r of every tensor; built once per call by scoring.cpp.
-struct ScoreRowsJob {
+struct ScoreRowsJob : LeadingDims {
   const TokenScoresArgs* args = nullptr;
   int64_t rows = 0;
   int64_t vocab = 0;
   float inv_temperature = 1.0f;
-  std::vector<int64_t> lead_shape;       // leading dims of the logits (row index space)
   std::vector<int64_t> student_strides;  // leading strides in elements
   std::vector<int64_t> teacher_strides;
   std::vector<int64_t> target_strides;
 
-  // Element offset of row `row` for a tensor with the given leading strides.
-  int64_t offset(int64_t row, const std::vector<int64_t>& strides) const {
-    int64_t off = 0;
-    for (int64_t d = static_cast<int64_t>(lead_shape.size()) - 1; d >= 0; --d) {
-      off += (row % lead_shape[d]) * strides[d];
-      row /= lead_shape[d];
-    }
-    return off;
-  }
 };
 
 // Each computes rows [begin, end) single-threaded; scoring.cpp splits rows across OpenMP threads.
