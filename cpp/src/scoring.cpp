@@ -5,37 +5,12 @@
 #include <cstring>
 
 #include "cuda_backend.h"
+#include "logits_checks.h"
 #include "scoring_cpu.h"
 #include "scrimp/build_info.h"
 #include "scrimp/error.h"
 
 namespace scrimp {
-
-namespace {
-
-bool is_float_logits(DType d) { return d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16; }
-
-void check_logits(const TensorView& t, const char* name) {
-  SCRIMP_CHECK(t.ndim() >= 1, name << ": expected logits of shape [..., V] with at least one dimension, got "
-                                   << describe(t));
-  SCRIMP_CHECK(static_cast<int64_t>(t.strides.size()) == t.ndim(),
-               name << ": strides and shape differ in length");
-  SCRIMP_CHECK_TYPE(is_float_logits(t.dtype),
-                    name << ": expected float32, float16 or bfloat16 logits, got " << describe(t));
-  const int64_t V = t.shape.back();
-  SCRIMP_CHECK(V >= 1, name << ": the vocabulary (last) dimension must be >= 1, got " << describe(t));
-  for (int64_t s : t.shape) SCRIMP_CHECK(s >= 0, name << ": negative dimension in " << describe(t));
-  SCRIMP_CHECK(t.numel() == 0 || t.strides.back() == 1 || V == 1,
-               name << ": the last (vocabulary) dimension must be contiguous (stride 1), got stride "
-                    << t.strides.back());
-  SCRIMP_CHECK(t.numel() == 0 || t.data != nullptr, name << ": null data pointer for " << describe(t));
-}
-
-std::vector<int64_t> leading(const std::vector<int64_t>& v, std::size_t n) {
-  return std::vector<int64_t>(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(n));
-}
-
-}  // namespace
 
 void token_scores(const TokenScoresArgs& args) {
   const TensorView& s = args.student;

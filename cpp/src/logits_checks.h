@@ -1,0 +1,18 @@
+// Internal: argument checks shared by every public function that takes [..., V] logits.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "scrimp/tensor.h"
+
+namespace scrimp {
+
+// Throws scrimp::Error naming `name` unless `t` is float32/float16/bfloat16 logits of shape [..., V]
+// with V >= 1, a contiguous last dimension and a data pointer.
+void check_logits(const TensorView& t, const char* name);
+
+// The first n entries of a shape or stride vector (the leading dims of [..., V]).
+std::vector<int64_t> leading(const std::vector<int64_t>& v, std::size_t n);
+
+}  // namespace scrimp
