@@ -15,14 +15,6 @@ using scrimp::bindings::BorrowedTensor;
 
 namespace {
 
-scrimp::DType parse_dtype(const std::string& s) {
-  if (s == "float32") return scrimp::DType::Float32;
-  if (s == "float16") return scrimp::DType::Float16;
-  if (s == "bfloat16") return scrimp::DType::BFloat16;
-  SCRIMP_CHECK_KIND(scrimp::ErrorKind::Type, false, "dtype: expected float32, float16 or bfloat16, got " << s);
-  return scrimp::DType::Float32;
-}
-
 scrimp::PageScore parse_score(const std::string& s) {
   if (s == "bounds") return scrimp::PageScore::Bounds;
   if (s == "centroid") return scrimp::PageScore::Centroid;
@@ -67,7 +59,7 @@ class PyClusteredCache {
     c.page_size = page_size;
     c.max_pages = max_pages;
     c.cache_pages = cache_pages;
-    c.dtype = parse_dtype(dtype);
+    c.dtype = scrimp::bindings::float_dtype_from_name(dtype, "dtype");
     c.cluster = cluster;
     c.score = parse_score(score);
     c.kmeans_iters = kmeans_iters;

@@ -25,6 +25,14 @@ DType to_dtype(const DLDataType& t, const char* name) {
 
 }  // namespace
 
+DType float_dtype_from_name(const std::string& name, const char* what) {
+  if (name == "float32") return DType::Float32;
+  if (name == "float16") return DType::Float16;
+  if (name == "bfloat16") return DType::BFloat16;
+  SCRIMP_CHECK_TYPE(false, what << ": expected float32, float16 or bfloat16, got '" << name << "'");
+  return DType::Float32;
+}
+
 BorrowedTensor::BorrowedTensor(const py::handle& obj, const char* name) {
   SCRIMP_CHECK_TYPE(py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__"),
                     name << ": expected a torch.Tensor (any DLPack tensor), got "

@@ -11,6 +11,9 @@ namespace scrimp {
 namespace bindings {
 
 // Owns one consumed DLPack capsule; the producer's memory stays alive until this is destroyed.
+// "float32" | "float16" | "bfloat16" -> DType; anything else is a TypeError naming `what`.
+DType float_dtype_from_name(const std::string& name, const char* what);
+
 class BorrowedTensor {
  public:
   // `obj` must implement __dlpack__ / __dlpack_device__ (torch.Tensor does). `name` is the argument

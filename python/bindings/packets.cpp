@@ -20,14 +20,6 @@ using scrimp::bindings::BorrowedTensor;
 
 namespace {
 
-scrimp::DType dtype_from_name(const std::string& s) {
-  if (s == "float32") return scrimp::DType::Float32;
-  if (s == "float16") return scrimp::DType::Float16;
-  if (s == "bfloat16") return scrimp::DType::BFloat16;
-  SCRIMP_CHECK_TYPE(false, "packet dtype must be float32, float16 or bfloat16, got " << s);
-  return scrimp::DType::Float32;
-}
-
 scrimp::RopeLayout layout_from_name(const std::string& s) {
   if (s == "half") return scrimp::RopeLayout::Half;
   if (s == "interleaved") return scrimp::RopeLayout::Interleaved;
@@ -154,7 +146,7 @@ py::object store_get(scrimp::PacketStore& s, const std::string& key, const std::
   scrimp::PacketExpect x;
   if (!fingerprint.is_none()) x.model_fingerprint = fingerprint.cast<std::string>();
   if (!adapter_id.is_none()) x.adapter_id = adapter_id.cast<std::string>();
-  if (!dtype.is_none()) x.dtype = dtype_from_name(dtype.cast<std::string>());
+  if (!dtype.is_none()) x.dtype = scrimp::bindings::float_dtype_from_name(dtype.cast<std::string>(), "packet dtype");
   if (!num_layers.is_none()) x.num_layers = num_layers.cast<int32_t>();
   if (!num_kv_heads.is_none()) x.num_kv_heads = num_kv_heads.cast<int32_t>();
   if (!head_dim.is_none()) x.head_dim = head_dim.cast<int32_t>();
