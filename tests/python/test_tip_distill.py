@@ -103,6 +103,50 @@ def test_killed_run_resumes_bit_exact(models, tmp_path):
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
 
 
+def test_crash_between_rng_and_checkpoint_write_resumes_exactly(models, tmp_path, monkeypatch):
+    """The commit point is ``checkpoint.pt``: a crash after a step's RNG file is written but before the
+    checkpoint replaces the old one must resume from the previous step with that step's RNG state
+    (the CI failure of session 1 was exactly this window)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from scrimp.tip import OnPolicyDistiller, arith_prompts
+
+    tok = AutoTokenizer.from_pretrained(models["student"])
+
+    def distiller(out):
+        s = AutoModelForCausalLM.from_pretrained(models["student"])
+        t = AutoModelForCausalLM.from_pretrained(models["teacher"])
+        return OnPolicyDistiller(s, t, tok, rule="soft_or", ratio=0.5, batch_size=2, max_new_tokens=6,
+                                 progress=False, output_dir=str(out), checkpoint_every=1)
+
+    ref = distiller(tmp_path / "ref")
+    ref.train(3, arith_prompts(tok))
+    run = distiller(tmp_path / "run")
+    real_save = torch.save
+
+    def crash_on_step2_commit(obj, f, *a, **k):
+        if str(f).endswith("checkpoint.pt.tmp") and obj["step"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", crash_on_step2_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run.train(3, arith_prompts(tok))
+    monkeypatch.setattr(torch, "save", real_save)
+    names = sorted(os.listdir(tmp_path / "run"))
+    assert "rng-rank0-step1.pt" in names and "rng-rank0-step2.pt" in names
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 1
+    resumed = distiller(tmp_path / "run")
+    resumed.train(3, arith_prompts(tok))
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in ref.history]
+    for a, b in zip(ref.student.parameters(), resumed.student.parameters()):
+        assert torch.equal(a, b)
+    assert len(_read_metrics(tmp_path / "run")) == 3  # the step logged before the crash is not duplicated
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("rng")) == ["rng-rank0-step3.pt"]
+    os.remove(tmp_path / "run" / "rng-rank0-step3.pt")
+    with pytest.raises(RuntimeError, match="RNG state"):
+        distiller(tmp_path / "run").train(4, arith_prompts(tok))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -220,8 +220,16 @@ class OnPolicyDistiller:
     def _ckpt_path(self) -> Optional[str]:
         return os.path.join(self.output_dir, "checkpoint.pt") if self.output_dir else None
 
+    def _rng_path(self, step: int) -> str:
+        return os.path.join(self.output_dir, f"rng-rank{self.rank}-step{step}.pt")
+
     def save_checkpoint(self) -> Optional[str]:
-        """Atomically write ``output_dir/checkpoint.pt`` (rank 0 writes the weights; every rank its RNG)."""
+        """Atomically write ``output_dir/checkpoint.pt``.
+
+        Every rank first writes its RNG state for this step to its own file; only then does rank 0
+        replace ``checkpoint.pt`` (the commit point). A kill at any moment therefore leaves a
+        checkpoint whose RNG files all exist, so a resumed run continues bit-exactly. RNG files of
+        older steps are removed after the commit."""
         path = self._ckpt_path()
         if path is None:
             return None
@@ -229,6 +237,11 @@ class OnPolicyDistiller:
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(), "python": random.getstate()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rpath = self._rng_path(self.step_count)
+        torch.save({"step": self.step_count, "rng": rng}, rpath + ".tmp")
+        os.replace(rpath + ".tmp", rpath)
+        if self.distributed:
+            torch.distributed.barrier()
         if self.rank == 0:
             state = {"step": self.step_count, "student": self.student.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "history": self.history,
@@ -236,32 +249,45 @@ class OnPolicyDistiller:
             tmp = path + ".tmp"
             torch.save(state, tmp)
             os.replace(tmp, path)
-        rpath = os.path.join(self.output_dir, f"rng-rank{self.rank}.pt")
-        torch.save({"step": self.step_count, "rng": rng}, rpath + ".tmp")
-        os.replace(rpath + ".tmp", rpath)
         if self.distributed:
             torch.distributed.barrier()
+        prefix = f"rng-rank{self.rank}-step"
+        for name in os.listdir(self.output_dir):
+            if name.startswith(prefix) and name.endswith(".pt") and name != os.path.basename(rpath):
+                os.remove(os.path.join(self.output_dir, name))
         return path
 
     def load_checkpoint(self) -> bool:
-        """Resume from ``output_dir/checkpoint.pt`` if it exists; returns whether it did."""
+        """Resume from ``output_dir/checkpoint.pt`` if it exists; returns whether it did.
+
+        Restores weights, optimizer, history and this rank's RNG state of the same step, and rewrites
+        ``metrics.jsonl`` to the checkpoint's history (steps logged after the last checkpoint by a
+        killed run are dropped, since they will be redone)."""
         path = self._ckpt_path()
         if path is None or not os.path.isfile(path):
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
+        step = int(state["step"])
+        rpath = self._rng_path(step)
+        if not os.path.isfile(rpath):
+            raise RuntimeError(f"cannot resume from {path}: its RNG state {rpath} is missing "
+                               f"(was the output directory written by another world size?)")
+        r = torch.load(rpath, weights_only=False)
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step_count = int(state["step"])
+        self.step_count = step
         self.history = list(state.get("history", []))
-        rpath = os.path.join(self.output_dir, f"rng-rank{self.rank}.pt")
-        if os.path.isfile(rpath):
-            r = torch.load(rpath, weights_only=False)
-            if int(r["step"]) == self.step_count:
-                torch.set_rng_state(r["rng"]["torch"])
-                self.generator.set_state(r["rng"]["generator"])
-                random.setstate(r["rng"]["python"])
-                if "cuda" in r["rng"] and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(r["rng"]["cuda"], self.device)
+        torch.set_rng_state(r["rng"]["torch"])
+        self.generator.set_state(r["rng"]["generator"])
+        random.setstate(r["rng"]["python"])
+        if "cuda" in r["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(r["rng"]["cuda"], self.device)
+        if self.rank == 0:
+            metrics = os.path.join(self.output_dir, "metrics.jsonl")
+            with open(metrics + ".tmp", "w") as f:
+                for rec in self.history:
+                    f.write(json.dumps(rec) + "\n")
+            os.replace(metrics + ".tmp", metrics)
         return True
 
     # ------------------------------------------------------------------ the loop
