@@ -39,6 +39,16 @@ void PacketMeta::validate() const {
   SCRIMP_CHECK(static_cast<int64_t>(inv_freq.size()) * 2 <= head_dim,
                "inv_freq has " << inv_freq.size() << " entries; at most head_dim/2 = " << head_dim / 2);
   SCRIMP_CHECK(!model_fingerprint.empty(), "a packet needs a model fingerprint");
+  // payload_bytes() must not wrap around: layouts read back from files are untrusted
+  constexpr uint64_t kMaxPayload = 1ull << 48;
+  uint64_t bytes = dtype_size(dtype);
+  for (uint64_t f : {static_cast<uint64_t>(num_layers), uint64_t{2}, static_cast<uint64_t>(num_kv_heads),
+                     static_cast<uint64_t>(num_tokens), static_cast<uint64_t>(head_dim)}) {
+    SCRIMP_CHECK(bytes <= kMaxPayload / f, "packet layout num_layers=" << num_layers << " num_kv_heads=" << num_kv_heads
+                                               << " num_tokens=" << num_tokens << " head_dim=" << head_dim
+                                               << " exceeds the 2^48-byte payload limit");
+    bytes *= f;
+  }
 }
 
 PacketKey packet_key(const std::string& fp, const std::string& adapter, const int64_t* ids, int64_t n) {
@@ -502,8 +512,9 @@ PacketKey put_impl(const std::shared_ptr<StoreState>& state, const PacketMeta& m
   }
   s.index.erase(key);
   if (s.disk && detail::packet_file_bytes(meta_in) <= s.cap[int(Tier::Disk)])
-    SCRIMP_FAIL("cannot store packet " << key_hex(key) << " (" << bytes << " bytes): the memory tiers are full of "
-                "packets in use and the disk write failed (see messages())");
+    SCRIMP_FAIL("cannot store packet " << key_hex(key) << " (" << bytes << " bytes): no memory tier has room "
+                "(capacities gpu=" << s.cap[0] << " host=" << s.cap[1] << " bytes, packets in use are never evicted) "
+                "and the " << (s.msgs.empty() ? std::string("disk write failed") : s.msgs.back()));
   SCRIMP_CHECK(false, "cannot store packet " << key_hex(key) << " (" << bytes << " bytes): no tier has room "
                       "(capacities gpu=" << s.cap[0] << " host=" << s.cap[1] << " disk=" << s.cap[2]
                       << " bytes, packets in use are never evicted)");

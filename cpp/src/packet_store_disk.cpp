@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -194,6 +195,51 @@ std::string write_packet_file(const std::string& dir, const PacketKey& key, cons
   return "";
 }
 
+std::string parse_packet_header(const uint8_t* data, uint64_t available, uint64_t file_size, FileHeader* out) {
+  constexpr uint64_t kFixed = 60;
+  if (available < kFixed + 4 || file_size < kFixed + 4)
+    return "truncated (" + std::to_string(file_size) + " bytes, no complete header)";
+  if (std::memcmp(data, kMagic, 8) != 0) return "not a scrimp packet file (bad magic)";
+  uint32_t version, H, pcrc;
+  uint64_t P;
+  std::memcpy(&version, data + 8, 4);
+  std::memcpy(&H, data + 12, 4);
+  std::memcpy(&P, data + 16, 8);
+  std::memcpy(&pcrc, data + 24, 4);
+  if (version != kFormatVersion)
+    return "unsupported format version " + std::to_string(version) + " (this build reads " +
+           std::to_string(kFormatVersion) + ")";
+  if (H < kFixed + 4 || H > kMaxHeaderBytes || H > file_size) return "truncated or corrupt header";
+  if (H > available) return "header of " + std::to_string(H) + " bytes not fully read";
+  uint32_t stored_crc;
+  std::memcpy(&stored_crc, data + H - 4, 4);
+  if (crc32c(data, H - 4) != stored_crc) return "header checksum mismatch (corrupt)";
+  // P comes from the file: compare without overflowing H + P
+  if (P > file_size || file_size - P != H)
+    return "size " + std::to_string(file_size) + " != header " + std::to_string(H) + " + payload " +
+           std::to_string(P) + " (truncated or corrupt)";
+  FileHeader h;
+  std::memcpy(h.key.data(), data + 28, 32);
+  try {
+    Reader r{data + kFixed, H - kFixed - 4};
+    h.meta = get_meta(r);
+    if (r.off != r.n) return "trailing bytes in the header";
+    h.meta.validate();
+  } catch (const std::exception& e) {
+    return std::string("bad metadata: ") + e.what();
+  }
+  if (h.meta.payload_bytes() != P) return "payload size does not match the metadata";
+  const PacketKey expect = packet_key(h.meta.model_fingerprint, h.meta.adapter_id, h.meta.token_ids.data(),
+                                      static_cast<int64_t>(h.meta.token_ids.size()));
+  if (expect != h.key) return "the stored key does not match the metadata";
+  h.payload_bytes = P;
+  h.payload_crc = pcrc;
+  h.header_bytes = H;
+  h.file_bytes = file_size;
+  *out = std::move(h);
+  return "";
+}
+
 std::string read_packet_header(const std::string& path, FileHeader* out) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return errno_text("cannot open", path);
@@ -201,48 +247,19 @@ std::string read_packet_header(const std::string& path, FileHeader* out) {
   struct stat st;
   if (::fstat(fd, &st) != 0) return errno_text("cannot stat", path);
   const uint64_t size = static_cast<uint64_t>(st.st_size);
-  uint8_t fixed[60];
-  if (size < sizeof(fixed) + 4) return path + ": truncated (" + std::to_string(size) + " bytes, no complete header)";
-  if (!read_all(fd, fixed, sizeof(fixed), 0)) return errno_text("cannot read", path);
-  if (std::memcmp(fixed, kMagic, 8) != 0) return path + ": not a scrimp packet file (bad magic)";
-  uint32_t version, H, pcrc;
-  uint64_t P;
-  std::memcpy(&version, fixed + 8, 4);
-  std::memcpy(&H, fixed + 12, 4);
-  std::memcpy(&P, fixed + 16, 8);
-  std::memcpy(&pcrc, fixed + 24, 4);
-  if (version != kFormatVersion)
-    return path + ": unsupported format version " + std::to_string(version) + " (this build reads " +
-           std::to_string(kFormatVersion) + ")";
-  if (H < sizeof(fixed) + 4 || H > kMaxHeaderBytes || H > size) return path + ": truncated or corrupt header";
-  std::vector<uint8_t> hdr(H);
-  if (!read_all(fd, hdr.data(), H, 0)) return errno_text("cannot read", path);
-  uint32_t stored_crc;
-  std::memcpy(&stored_crc, hdr.data() + H - 4, 4);
-  if (crc32c(hdr.data(), H - 4) != stored_crc) return path + ": header checksum mismatch (corrupt)";
-  if (size != H + P)
-    return path + ": size " + std::to_string(size) + " != header " + std::to_string(H) + " + payload " +
-           std::to_string(P) + " (truncated or corrupt)";
-  FileHeader h;
-  std::memcpy(h.key.data(), hdr.data() + 28, 32);
-  try {
-    Reader r{hdr.data() + 60, H - 64};
-    h.meta = get_meta(r);
-    if (r.off != r.n) return path + ": trailing bytes in the header";
-    h.meta.validate();
-  } catch (const std::exception& e) {
-    return path + ": bad metadata: " + e.what();
+  // the fixed part first (it holds the header size), then the whole header
+  std::vector<uint8_t> hdr(std::min<uint64_t>(size, 64));
+  if (!read_all(fd, hdr.data(), hdr.size(), 0)) return errno_text("cannot read", path);
+  if (hdr.size() >= 16) {
+    uint32_t H;
+    std::memcpy(&H, hdr.data() + 12, 4);
+    if (H > hdr.size() && H <= size && H <= kMaxHeaderBytes) {
+      hdr.resize(H);
+      if (!read_all(fd, hdr.data(), H, 0)) return errno_text("cannot read", path);
+    }
   }
-  if (h.meta.payload_bytes() != P) return path + ": payload size does not match the metadata";
-  const PacketKey expect = packet_key(h.meta.model_fingerprint, h.meta.adapter_id, h.meta.token_ids.data(),
-                                      static_cast<int64_t>(h.meta.token_ids.size()));
-  if (expect != h.key) return path + ": the stored key does not match the metadata";
-  h.payload_bytes = P;
-  h.payload_crc = pcrc;
-  h.header_bytes = H;
-  h.file_bytes = size;
-  *out = std::move(h);
-  return "";
+  const std::string why = parse_packet_header(hdr.data(), hdr.size(), size, out);
+  return why.empty() ? why : path + ": " + why;
 }
 
 std::string read_packet_payload(const std::string& path, const FileHeader& header, void* dst) {

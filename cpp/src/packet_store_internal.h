@@ -49,6 +49,9 @@ struct FileHeader {
   uint64_t header_bytes = 0;
   uint64_t file_bytes = 0;
 };
+// Parses and checks a packet file's header from memory: `data` holds the first `available` bytes of a
+// file of `file_size` bytes. "" or why it is bad (never throws; the fuzz target calls it directly).
+std::string parse_packet_header(const uint8_t* data, uint64_t available, uint64_t file_size, FileHeader* header);
 // Reads and checks a file's header (magic, version, header checksum, sizes, key). "" or why it is bad.
 std::string read_packet_header(const std::string& path, FileHeader* header);
 // Reads the payload described by `header` into `dst` (header.payload_bytes) and checks its checksum.

@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 
 from .rope import assemble, rope_inv_freq
+
+#: the ``format`` metadata of an adapter file (safetensors: tensors ``header`` and ``trailer``)
+ADAPTER_FORMAT = "scrimp-kv-packet-adapters-v1"
 from .store import PacketStore, _layers_of
 
 __all__ = ["model_fingerprint", "Adapters", "split_prompt", "build_packet_kv", "PacketEngine",
@@ -121,18 +124,48 @@ class Adapters(nn.Module):
         if not fp:
             raise ValueError("save: pass the model (or set .fingerprint) so the file records which model it belongs to")
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        # adapter_id is a SHA-256 over the weights: stored, it doubles as the file's checksum
         save_file({"header": self.header.detach().cpu().contiguous(), "trailer": self.trailer.detach().cpu().contiguous()},
-                  path, metadata={"model_fingerprint": fp, "format": "scrimp-kv-packet-adapters-v1"})
+                  path, metadata={"model_fingerprint": fp, "format": ADAPTER_FORMAT, "adapter_id": self.adapter_id})
 
     @classmethod
     def load(cls, path: str, model=None) -> "Adapters":
-        """Load adapters; with ``model``, a file trained for another model raises ValueError."""
+        """Load adapters; with ``model``, a file trained for another model raises ValueError.
+
+        The file is outside data: anything that is not a complete, uncorrupted adapter file
+        (unreadable safetensors, missing or extra tensors, bad shapes or dtypes, non-finite values,
+        a checksum mismatch) raises ValueError naming the file and the problem."""
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            header, trailer = f.get_tensor("header"), f.get_tensor("trailer")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no adapter file at {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                names = set(f.keys())
+                if names != {"header", "trailer"}:
+                    raise ValueError(f"tensors {sorted(names)}, expected exactly 'header' and 'trailer'")
+                header, trailer = f.get_tensor("header"), f.get_tensor("trailer")
+        except ValueError as e:
+            raise ValueError(f"{path} is not a scrimp adapter file: {e}") from None
+        except Exception as e:  # safetensors' own error type for malformed files
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+        if meta.get("format") != ADAPTER_FORMAT:
+            raise ValueError(f"{path}: format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+        for name, t in (("header", header), ("trailer", trailer)):
+            if t.dim() != 3 or t.shape[0] != 1 or t.shape[1] < 1 or t.shape[2] < 1:
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected [1, n_tokens >= 1, hidden]")
+            if not t.is_floating_point():
+                raise ValueError(f"{path}: {name} has dtype {t.dtype}, expected a floating point dtype")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: {name} holds non-finite values (corrupt)")
+        if header.shape[2] != trailer.shape[2]:
+            raise ValueError(f"{path}: header hidden size {header.shape[2]} != trailer hidden size {trailer.shape[2]}")
         fp = meta.get("model_fingerprint")
+        if not fp:
+            raise ValueError(f"{path}: no model_fingerprint in the metadata")
         if model is not None:
             mine = model_fingerprint(model)
             if fp != mine:
@@ -143,6 +176,9 @@ class Adapters(nn.Module):
         with torch.no_grad():
             a.header.copy_(header)
             a.trailer.copy_(trailer)
+        if meta.get("adapter_id") != a.adapter_id:
+            raise ValueError(f"{path}: checksum mismatch (stored adapter_id {meta.get('adapter_id')!r}, "
+                             f"weights hash to {a.adapter_id!r}): the file is corrupt")
         a.fingerprint = fp
         return a
 

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Dict, Iterable, Iterator, List, Optional
 
-__all__ = ["JsonlWriter", "read_records", "latest_records", "finished_ids", "stats", "format_stats",
+__all__ = ["JsonlWriter", "read_records", "record_problem", "latest_records", "finished_ids", "stats", "format_stats",
            "to_chat_records", "write_chat", "repair_jsonl"]
 
 
@@ -81,8 +81,48 @@ class JsonlWriter:
         self.close()
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def record_problem(rec) -> Optional[str]:
+    """Why ``rec`` is not a TESSY record this module can use, or None when it is.
+
+    The fields every reader relies on: ``id`` (str or int), ``status`` ("ok" or "failed"),
+    ``n_tokens`` with non-negative int ``total``/``student`` (and ``think_*`` when present), a list
+    of ``spans``; an "ok" record also needs ``prompt`` and ``completion`` strings. Files are outside
+    data (a rerun resumes from them), so anything else is skipped with a warning, never trusted."""
+    if not isinstance(rec, dict):
+        return f"a record must be a JSON object, got {type(rec).__name__}"
+    if not isinstance(rec.get("id"), (str, int)) or isinstance(rec.get("id"), bool):
+        return "missing or non-string id"
+    if rec.get("status") not in ("ok", "failed"):
+        return f"status must be 'ok' or 'failed', got {rec.get('status')!r}"
+    n = rec.get("n_tokens")
+    if not isinstance(n, dict) or not _is_count(n.get("total")) or not _is_count(n.get("student")):
+        return "n_tokens must hold non-negative int total and student counts"
+    if n["student"] > n["total"]:
+        return "n_tokens.student exceeds n_tokens.total"
+    for k in ("think_total", "think_student"):
+        if k in n and not _is_count(n[k]):
+            return f"n_tokens.{k} must be a non-negative int"
+    if not isinstance(rec.get("spans", []), list):
+        return "spans must be a list"
+    if not isinstance(rec.get("finish_reason", ""), str):
+        return "finish_reason must be a string"
+    if "attempts" in rec and not _is_count(rec["attempts"]):
+        return "attempts must be a non-negative int"
+    share = rec.get("student_token_share", 0.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        return "student_token_share must be a number"
+    if rec["status"] == "ok" and not (isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str)):
+        return "an ok record needs prompt and completion strings"
+    return None
+
+
 def read_records(path: str, warn=True) -> Iterator[dict]:
-    """Records of a JSONL file; unreadable lines (a torn last line) are skipped."""
+    """Valid records of a JSONL file (see :func:`record_problem`); unreadable lines (a torn last
+    line, bytes that are not UTF-8 JSON) and malformed records are skipped with a warning."""
     if not os.path.exists(path):
         return
     with open(path, "rb") as f:
@@ -92,20 +132,23 @@ def read_records(path: str, warn=True) -> Iterator[dict]:
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 if warn:
                     print(f"warning: {path}:{n}: skipping an unreadable line", file=sys.stderr)
                 continue
-            if isinstance(rec, dict):
-                yield rec
+            why = record_problem(rec)
+            if why is not None:
+                if warn:
+                    print(f"warning: {path}:{n}: skipping a malformed record ({why})", file=sys.stderr)
+                continue
+            yield rec
 
 
 def latest_records(path: str) -> Dict[str, dict]:
     """id -> the last record written for it (a rerun's record supersedes a failure)."""
     out = {}
     for r in read_records(path):
-        if "id" in r:
-            out[str(r["id"])] = r
+        out[str(r["id"])] = r
     return out
 
 
@@ -115,7 +158,8 @@ def finished_ids(path: str, retry_failed: bool = False) -> set:
 
 
 def stats(path_or_records) -> dict:
-    recs = list(latest_records(path_or_records).values()) if isinstance(path_or_records, str) else list(path_or_records)
+    recs = list(latest_records(path_or_records).values()) if isinstance(path_or_records, str) else \
+        [r for r in path_or_records if record_problem(r) is None]
     ok = [r for r in recs if r.get("status") == "ok"]
     reasons: Dict[str, int] = {}
     for r in recs:
@@ -133,7 +177,7 @@ def stats(path_or_records) -> dict:
         "tokens_total": tot, "tokens_student": stu,
         "student_token_share": stu / tot if tot else 0.0,
         "student_think_share": think_stu / think_tot if think_tot else 0.0,
-        "mean_record_student_share": sum(r["student_token_share"] for r in ok) / len(ok) if ok else 0.0,
+        "mean_record_student_share": sum(r.get("student_token_share", 0.0) for r in ok) / len(ok) if ok else 0.0,
         "mean_tokens": tot / len(ok) if ok else 0.0,
         "mean_spans": n_spans / len(ok) if ok else 0.0,
         "mean_attempts": sum(r.get("attempts", 1) for r in recs) / len(recs) if recs else 0.0,
