@@ -120,7 +120,7 @@ def bench_arith(a):
         if path:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-        return testbed.load(f"arith-{which}")
+        return testbed.load("arith-teacher" if which == "teacher" else "arith-student-teacher-style")
 
     student0, tok = load("student")
     teacher, _ = load("teacher")
@@ -140,7 +140,7 @@ def bench_arith(a):
         mem = {}
         if a.arith_memory:
             from scrimp.tip.memory import measure_step_memory
-            m = measure_step_memory("lean", rule, ratio, student=a.student_path or "arith-student",  # shipped student
+            m = measure_step_memory("lean", rule, ratio, student=a.student_path or "arith-student-teacher-style",  # shipped TIP student
 
                                     teacher=a.teacher_path or "arith-teacher", batch=a.arith_batch,
                                     dtype="float32", threads=a.threads)
@@ -191,15 +191,15 @@ def main(argv=None):
     # arith
     p.add_argument("--arith", action="store_true")
     p.add_argument("--arith-memory", action="store_true", help="also one step's peak memory per arith config")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--arith-batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--eval-n", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--self-noise", type=float, default=0.0,
                    help="student = arith-teacher + this much Gaussian weight noise (a sanity setting)")
-    p.add_argument("--student-path", default=None, help="HF directory instead of the testbed arith-student")
+    p.add_argument("--student-path", default=None, help="HF directory instead of the testbed arith-student-teacher-style")
     p.add_argument("--teacher-path", default=None, help="HF directory instead of the testbed arith-teacher")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

@@ -19,6 +19,7 @@ RECORDED = {
     ("recall", 2048): 0.0,
     ("arith-teacher", None): 1.0,     # 30/30 (full set: 99.0% of 200)
     ("arith-student", None): 2 / 30,  # (full set: 8.0% of 200)
+    ("arith-student-teacher-style", None): 12 / 30,  # (full set: 36.0% of 200)
 }
 MARGIN = 0.10
 N_RECALL_SHORT, N_RECALL_LONG, N_ARITH = 30, 20, 30
@@ -207,10 +208,10 @@ def test_arith_validation():
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_names_and_paths():
-    assert set(tb.MODELS) == {"recall", "arith-teacher", "arith-student"}
+    assert set(tb.MODELS) == {"recall", "arith-teacher", "arith-student", "arith-student-teacher-style"}
     for name in tb.MODELS:
         assert os.path.isfile(os.path.join(tb.path(name), "config.json"))
-    with pytest.raises(ValueError, match="recall, arith-teacher, arith-student"):
+    with pytest.raises(ValueError, match="recall, arith-teacher, arith-student, arith-student-teacher-style"):
         tb.load("nope")
     with pytest.raises(ValueError, match="valid names"):
         tb.path("gpt2")
@@ -222,7 +223,7 @@ def test_checkpoints_are_standard_small_gqa_models():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     expected = {"recall": "LlamaForCausalLM", "arith-teacher": "Qwen3ForCausalLM",
-                "arith-student": "Qwen3ForCausalLM"}
+                "arith-student": "Qwen3ForCausalLM", "arith-student-teacher-style": "Qwen3ForCausalLM"}
     total = 0
     for name, cls in expected.items():
         d = tb.path(name)
@@ -284,6 +285,17 @@ def test_arith_teacher_accurate_student_weaker(models):
     assert sum(r["got"].isdigit() for r in res["results"]) >= 0.9 * N_ARITH
     assert sum("Okay" in o or "Alright" in o for o in outs) >= N_ARITH // 2
     assert not any(o.startswith("<think> First") for o in outs)
+
+
+def test_tip_student_writes_the_teacher_style_and_is_weaker(models):
+    m, t = models["arith-student-teacher-style"]
+    res = tb.evaluate(m, t, "arith", n=N_ARITH, style="teacher")
+    acc = res["accuracy"]
+    assert _recorded(("arith-student-teacher-style", None)) - MARGIN <= acc <= _recorded(("arith-student-teacher-style", None)) + MARGIN
+    assert acc <= _recorded(("arith-teacher", None)) - 0.3
+    outs = [r["output"] for r in res["results"]]
+    assert sum(o.startswith("<think> First") for o in outs) >= 0.9 * N_ARITH
+    assert not any("Okay" in o for o in outs)
 
 
 def test_evaluate_results_and_validation(models):

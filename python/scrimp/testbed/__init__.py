@@ -7,7 +7,8 @@ checkpoints such as Qwen3 or Llama-3.x):
   key/value look-ups over long multi-document contexts (KV Packet, IceCache);
 * ``arith-teacher`` / ``arith-student`` - Qwen3ForCausalLM models that solve
   multi-step arithmetic as ``<think> steps </think> answer`` in two writing
-  styles (TIP, TESSY).
+  styles (TESSY); ``arith-student-teacher-style`` is a weaker student that writes
+  the teacher's style (TIP's on-policy distillation pair with ``arith-teacher``).
 
 All share one small tokenizer (:mod:`scrimp.testbed.tokenizer`)::
 
@@ -31,6 +32,8 @@ MODELS = {
     "recall": ("recall", "recall", None),
     "arith-teacher": ("arith-teacher", "arith", "teacher"),
     "arith-student": ("arith-student", "arith", "student"),
+    # TIP's pair: the teacher's own style, smaller and trained less (distillation has room to help)
+    "arith-student-teacher-style": ("arith-student-teacher-style", "arith", "teacher"),
 }
 
 _CKPT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")

@@ -3,6 +3,7 @@
     python -m scrimp.testbed.train --task recall --seed 0 --out DIR
     python -m scrimp.testbed.train --task arith --role teacher --seed 0 --out DIR
     python -m scrimp.testbed.train --task arith --role student --seed 0 --out DIR
+    python -m scrimp.testbed.train --task arith --role student --style teacher --seed 0 --out DIR
 
 Writes ``model.safetensors``, ``config.json``, ``generation_config.json``, the
 tokenizer files and ``metrics.json`` into ``--out`` and prints a final
@@ -18,18 +19,27 @@ import random
 import sys
 import time
 
-# Recipes: model shape + optimisation defaults per (task, role).
+# Recipes: model shape + optimisation defaults per (task, role), or (task, role, style) where a role
+# trained on the other role's style has its own.
 RECIPES = {
     ("recall", "teacher"): dict(
-        arch="llama", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
-        max_pos=8192, steps=4000, lr=5e-4, warmup=50, tokens_per_step=2560,
-        min_len=160, start_len=160, max_len=2048, ramp_steps=600, ramp_loss=0.8, p_max=0.25,
+        # untied embeddings: the loss is only on answer tokens, and with tied embeddings the
+        # never-predicted key letters are all pushed the same way by the softmax (their mean pairwise
+        # cosine reached 0.64 after 2,500 steps), so keys became indistinguishable and the look-up
+        # never formed; untied, they stay distinct (0.04)
+        arch="llama", hidden=128, intermediate=384, layers=4, heads=8, kv_heads=4, tie=False,
+        max_pos=8192, steps=6000, lr=5e-4, warmup=100, tokens_per_step=2560,
+        min_len=160, start_len=160, max_len=2048, ramp_steps=1000, ramp_loss=0.3, p_max=0.25,
         queries_per_token=1 / 20),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
         max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
     ("arith", "student"): dict(
         arch="qwen3", hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2,
+        max_pos=512, steps=800, lr=2e-3, warmup=30, batch=32),
+    # the TIP pair's student: the teacher's style, a smaller model trained less (--style teacher)
+    ("arith", "student", "teacher"): dict(
+        arch="qwen3", hidden=96, intermediate=288, layers=3, heads=4, kv_heads=2,
         max_pos=512, steps=800, lr=2e-3, warmup=30, batch=32),
 }
 
@@ -42,7 +52,7 @@ def build_model(recipe, tokenizer, seed):
         intermediate_size=recipe["intermediate"], num_hidden_layers=recipe["layers"],
         num_attention_heads=recipe["heads"], num_key_value_heads=recipe["kv_heads"],
         max_position_embeddings=recipe["max_pos"], rope_theta=10000.0,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=recipe.get("tie", True), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.02, attention_dropout=0.0,
     )
@@ -120,9 +130,9 @@ def _collate(ids, masks, pad_id):
     return inp, att, lab
 
 
-def final_eval(model, tok, task, role, quick=False, n=None):
+def final_eval(model, tok, task, style, quick=False, n=None):
     """Greedy exact match on the fixed evaluation sets (seed 0): recall at several
-    context lengths (100 examples each), arith in the model's own style (200)."""
+    context lengths (100 examples each), arith in the model's own ``style`` (200)."""
     from .evaluate import evaluate
     out = {}
     if task == "recall":
@@ -131,7 +141,6 @@ def final_eval(model, tok, task, role, quick=False, n=None):
             k = n or (20 if quick else 100)
             out[f"accuracy@{L}"] = evaluate(model, tok, "recall", n=k, seed=0, context_tokens=L)["accuracy"]
     else:
-        style = "teacher" if role == "teacher" else "student"
         k = n or (30 if quick else 200)
         out["accuracy"] = evaluate(model, tok, "arith", n=k, seed=0, style=style)["accuracy"]
     return out
@@ -139,7 +148,10 @@ def final_eval(model, tok, task, role, quick=False, n=None):
 
 def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
           final_eval_quick=False, progress=True, eval_n=None, stop_after=None,
-          save_intermediate=False):
+          save_intermediate=False, style=None, overrides=None):
+    """Train one testbed model. ``style`` (arith only) is the writing style of the training traces;
+    default: the role's own style (teacher -> "teacher", student -> "student"). A student trained on
+    the teacher's style is the TIP pair's student (same style as its teacher, weaker)."""
     import torch
     from tqdm.auto import tqdm
     from .tokenizer import get_tokenizer
@@ -150,7 +162,17 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         raise ValueError(f"unknown role {role!r}; valid: teacher, student")
     if (task, role) not in RECIPES:
         raise ValueError(f"no recipe for task={task!r} role={role!r}; recall has only role 'teacher'")
-    r = dict(RECIPES[(task, role)])
+    if task == "arith":
+        style = role if style is None else style
+        if style not in ("teacher", "student"):
+            raise ValueError(f"unknown style {style!r}; valid: teacher, student")
+    elif style is not None:
+        raise ValueError("style applies to the arith task only")
+    r = dict(RECIPES.get((task, role, style), RECIPES[(task, role)]))
+    for k, v in (overrides or {}).items():
+        if k not in r:
+            raise ValueError(f"unknown recipe entry {k!r}; valid: {', '.join(sorted(r))}")
+        r[k] = type(r[k])(v) if not isinstance(r[k], str) else v
     if steps is not None:
         r["steps"] = steps
         r["warmup"] = min(r["warmup"], max(1, steps // 10))
@@ -160,7 +182,9 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     tok = get_tokenizer()
     model = build_model(r, tok, seed)
     n_params = sum(p.numel() for p in model.parameters())
-    rng = random.Random(f"train:{task}:{role}:{seed}")
+    # the data stream of the role's own style keeps its historical seed string (reproducible checkpoints)
+    stream = f"train:{task}:{role}:{seed}" if style in (None, role) else f"train:{task}:{role}:{style}:{seed}"
+    rng = random.Random(stream)
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
     t0 = time.time()
@@ -179,7 +203,7 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
                 curriculum += 1.0 / r["ramp_steps"]
             ids, masks = recall_batch(tok, rng, curriculum, r)
         else:
-            ids, masks = arith_batch(tok, rng, r["batch"], role)
+            ids, masks = arith_batch(tok, rng, r["batch"], style)
         inp, att, lab = _collate(ids, masks, tok.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r["steps"], r["lr"], r["warmup"])
@@ -192,7 +216,7 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}", L=inp.shape[1], cur=f"{curriculum:.2f}", tok_s=int(n_tok / (time.time() - t0)), refresh=False)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < r["steps"]:
-            m = final_eval(model, tok, task, role, quick=True)
+            m = final_eval(model, tok, task, style, quick=True)
             model.train()
             print(f"[step {step + 1}] loss={ema:.4f} curriculum={curriculum:.3f} " +
                   " ".join(f"{k}={v:.3f}" for k, v in m.items()), file=sys.stderr, flush=True)
@@ -203,9 +227,9 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     train_s = time.time() - t0
     model.eval()
     t1 = time.time()
-    metrics = final_eval(model, tok, task, role, quick=final_eval_quick, n=eval_n)
+    metrics = final_eval(model, tok, task, style, quick=final_eval_quick, n=eval_n)
     metrics.update(
-        task=task, role=role, seed=seed, steps=r["steps"],
+        task=task, role=role, style=style, seed=seed, steps=r["steps"],
         steps_run=min(r["steps"], stop_after) if stop_after is not None else r["steps"], lr=r["lr"], params=n_params,
         final_loss=round(ema, 5), curriculum=round(curriculum, 4), train_seconds=round(train_s, 1),
         eval_seconds=round(time.time() - t1, 1), tokens_seen=n_tok,
@@ -233,6 +257,8 @@ def build_parser(parser=None):
     p.add_argument("--task", required=True, choices=["recall", "arith"])
     p.add_argument("--role", default="teacher", choices=["teacher", "student"],
                    help="arith: teacher (larger, teacher-style traces) or student; recall: teacher only")
+    p.add_argument("--style", default=None, choices=["teacher", "student"],
+                   help="arith: writing style of the training traces (default: the role's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
@@ -241,6 +267,8 @@ def build_parser(parser=None):
     p.add_argument("--save-intermediate", action="store_true",
                    help="with --eval-every: also save a checkpoint to OUT/stepN at every evaluation")
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one entry of the recipe (repeatable), e.g. --set layers=6")
     p.add_argument("--eval-every", type=int, default=0, help="quick eval every N steps (0: never)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick-eval", action="store_true", help="small final evaluation (smoke tests)")
@@ -257,7 +285,18 @@ def run_from_args(args):
                  eval_every=args.eval_every, threads=args.threads,
                  final_eval_quick=args.quick_eval, progress=not args.no_progress,
                  eval_n=args.eval_n, stop_after=args.stop_after,
-                 save_intermediate=args.save_intermediate)
+                 save_intermediate=args.save_intermediate, style=args.style,
+                 overrides=_parse_overrides(args.set))
+
+
+def _parse_overrides(items):
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {it!r}")
+        out[k.strip()] = float(v) if any(c in v for c in ".e") else int(v)
+    return out
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """``scrimp distill``: on-policy distillation with TIP token selection from the command line.
 
-    scrimp distill --student arith-student --teacher arith-teacher --rule soft_or --ratio 0.5 \\
+    scrimp distill --student arith-student-teacher-style --teacher arith-teacher --rule soft_or --ratio 0.5 \\
         --steps 30 --batch-size 8 --output-dir runs/soft_or50 --eval-n 50
 
 ``--student`` / ``--teacher`` are testbed names or Hugging Face checkpoint directories (sharing a

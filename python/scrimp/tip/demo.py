@@ -10,11 +10,11 @@ import time
 def _models():
     from .. import testbed
 
-    have = all(os.path.isfile(os.path.join(testbed.path(n), "config.json")) for n in ("arith-student", "arith-teacher"))
+    have = all(os.path.isfile(os.path.join(testbed.path(n), "config.json")) for n in ("arith-student-teacher-style", "arith-teacher"))
     if have:
-        s, tok = testbed.load("arith-student")
+        s, tok = testbed.load("arith-student-teacher-style")
         t, _ = testbed.load("arith-teacher")
-        return s, t, tok, "testbed arith-student <- arith-teacher"
+        return s, t, tok, "testbed arith-student-teacher-style <- arith-teacher"
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
