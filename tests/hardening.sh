@@ -20,7 +20,7 @@ san_build() {  # dir, sanitizers, extra cmake args...
   local dir=$1 san=$2; shift 2
   cmake -S . -B "$dir" -DSCRIMP_CUDA=OFF -DSCRIMP_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
         -DSCRIMP_SANITIZE="$san" "$@" > "$dir.configure.log"
-  cmake --build "$dir" -j 2 > "$dir.build.log"
+  cmake --build "$dir" -j "${JOBS:-2}" > "$dir.build.log"
 }
 
 # 1. ASan + UBSan, every C++ test
@@ -41,7 +41,7 @@ CLANGXX=${CLANGXX:-$(command -v clang++ || command -v clang++-14 || true)}
 if [ -z "$CLANGXX" ]; then echo "clang++ not found (apt-get install clang libclang-rt-dev)"; exit 1; fi
 cmake -S . -B build/fuzz -DCMAKE_CXX_COMPILER="$CLANGXX" -DSCRIMP_CUDA=OFF -DSCRIMP_FUZZ=ON \
       -DSCRIMP_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo > build/fuzz.configure.log
-cmake --build build/fuzz -j 2 --target fuzz_packet_file > build/fuzz.build.log
+cmake --build build/fuzz -j "${JOBS:-2}" --target fuzz_packet_file > build/fuzz.build.log
 work=$(mktemp -d)
 cp fuzz/corpus/packet_file/* "$work/"
 build/fuzz/fuzz_packet_file "$work" -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 \

@@ -49,7 +49,7 @@ struct Reader {
   std::size_t n, off = 0;
   void raw(void* dst, std::size_t k) {
     if (k > n - off) throw std::runtime_error("metadata runs past the header");
-    std::memcpy(dst, p + off, k);
+    if (k) std::memcpy(dst, p + off, k);  // an empty field may have no buffer (dst == nullptr)
     off += k;
   }
   uint32_t u32() { uint32_t v; raw(&v, 4); return v; }
