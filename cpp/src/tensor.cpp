@@ -37,6 +37,10 @@ std::string device_name(Device device) {
 }
 
 bool TensorView::is_contiguous() const {
+  // no element is ever addressed in an empty tensor, whatever its strides (torch gives [0, 0] strides
+  // (1, 1), which the loop below would reject)
+  for (int64_t d = 0; d < ndim(); ++d)
+    if (shape[d] == 0) return true;
   int64_t expected = 1;
   for (int64_t d = ndim() - 1; d >= 0; --d) {
     if (shape[d] != 1 && strides[d] != expected) return false;

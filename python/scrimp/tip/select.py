@@ -16,7 +16,8 @@ them) and keeps ``k = max(1, floor(ratio * m))`` tokens (``ratio = 1`` keeps all
 
 q98 is the 98th percentile (linear interpolation) over the batch's response tokens, min-max is over
 the same tokens (a constant score maps to 0). The paper writes floor(rho m); the floor is raised to 1
-so that a tiny batch never gives an empty loss.
+so that a tiny batch never gives an empty loss, and the product gets a 1e-9 tolerance so that
+ratios written in decimal keep their intended count (0.29 * 100 is 28.999999999999996 in floating point).
 
 Quadrants (for the statistics): a token is "high entropy" when h > h_threshold and "high divergence"
 when KL(P_S||P_T) > d_threshold; the thresholds default to the batch medians. Q1 = high h / high d,
