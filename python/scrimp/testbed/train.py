@@ -23,11 +23,14 @@ import time
 # trained on the other role's style has its own.
 RECIPES = {
     ("recall", "teacher"): dict(
-        # untied embeddings: the loss is only on answer tokens, and with tied embeddings the
-        # never-predicted key letters are all pushed the same way by the softmax (their mean pairwise
-        # cosine reached 0.64 after 2,500 steps), so keys became indistinguishable and the look-up
-        # never formed; untied, they stay distinct (0.04)
-        arch="llama", hidden=128, intermediate=384, layers=4, heads=8, kv_heads=4, tie=False,
+        # answer_softmax: the loss is only on answer tokens, and over the full vocabulary the softmax
+        # pushed every never-predicted token - the key letters included - the same way through the
+        # tied embeddings (mean pairwise cosine of the letters 0.64 after 2,500 steps): keys became
+        # indistinguishable and the look-up never formed. The softmax over the answer vocabulary
+        # (digits, <eos>) leaves them alone. (Untied embeddings or a loss on the context tokens kept
+        # the letters apart but left even the digit copy unlearned after 1,000-2,300 steps.)
+        arch="llama", hidden=128, intermediate=384, layers=4, heads=8, kv_heads=4, tie=True,
+        context_loss=False, answer_softmax=True,
         max_pos=8192, steps=6000, lr=5e-4, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2048, ramp_steps=1000, ramp_loss=0.3, p_max=0.25,
         queries_per_token=1 / 20),
@@ -99,9 +102,33 @@ def recall_batch(tok, rng, progress, r):
         nq = max(1, min(32, int(L * r["queries_per_token"])))
         text, spans = tasks.recall_training_text(rng, L, nq)
         i, m = _encode_with_mask(tok, text, spans)
+        # 2 = answer token (loss, and the curriculum's criterion); 1 = context token with loss
+        m = [2 if a else (1 if r["context_loss"] else 0) for a in m]
         ids.append(i)
         masks.append(m)
     return ids, masks
+
+
+def _recall_losses(model, inp, att, lab, ids, masks, answer_vocab=None):
+    """(training loss over every labelled token, loss over the answer tokens only)."""
+    import torch
+    import torch.nn.functional as F
+
+    kind = torch.zeros_like(lab)
+    for b, m in enumerate(masks):
+        kind[b, :len(m)] = torch.tensor(m)
+    logits = model(input_ids=inp, attention_mask=att).logits[:, :-1].float()
+    tgt, kind = lab[:, 1:], kind[:, 1:]
+    if answer_vocab is not None:
+        # softmax over the answer vocabulary only (digits, <eos>): tokens that are never targets get
+        # no output gradient, so the tied embeddings of the key letters are not all pushed the same way
+        remap = torch.full((logits.shape[-1],), -100, dtype=torch.long)
+        remap[answer_vocab] = torch.arange(len(answer_vocab))
+        logits = logits[..., answer_vocab]
+        tgt = torch.where(tgt >= 0, remap[tgt.clamp(min=0)], tgt)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                         reduction="none").view_as(tgt)
+    return ce[tgt != -100].mean(), ce[kind == 2].detach().mean()
 
 
 def arith_batch(tok, rng, bs, style):
@@ -125,7 +152,7 @@ def _collate(ids, masks, pad_id):
         inp[b, :len(x)] = torch.tensor(x)
         att[b, :len(x)] = 1
         t = torch.tensor(x)
-        t[torch.tensor(m) == 0] = -100
+        t[torch.tensor(m) <= 0] = -100
         lab[b, :len(x)] = t
     return inp, att, lab
 
@@ -187,6 +214,7 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     rng = random.Random(stream)
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
+    answer_vocab = torch.tensor(tok.convert_tokens_to_ids(list("0123456789")) + [tok.eos_token_id])
     t0 = time.time()
     n_tok = 0
     ema = None
@@ -207,13 +235,17 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         inp, att, lab = _collate(ids, masks, tok.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r["steps"], r["lr"], r["warmup"])
-        loss = model(input_ids=inp, attention_mask=att, labels=lab).loss
+        if task == "recall":
+            loss, answer_loss = _recall_losses(model, inp, att, lab, ids, masks,
+                                               answer_vocab if r["answer_softmax"] else None)
+        else:
+            loss = answer_loss = model(input_ids=inp, attention_mask=att, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         n_tok += int(att.sum())
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = answer_loss.item() if ema is None else 0.95 * ema + 0.05 * answer_loss.item()
         bar.set_postfix(loss=f"{ema:.3f}", L=inp.shape[1], cur=f"{curriculum:.2f}", tok_s=int(n_tok / (time.time() - t0)), refresh=False)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < r["steps"]:
             m = final_eval(model, tok, task, style, quick=True)
