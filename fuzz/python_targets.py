@@ -49,9 +49,9 @@ def tessy_jsonl(data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
     recs = list(output.read_records(path, warn=False))
-    for r in recs:
-        assert output.record_problem(r) is None
+    assert all(isinstance(r, dict) for r in recs)
     latest = output.latest_records(path)
+    assert all(output.record_problem(r) is None for r in latest.values())
     assert set(output.finished_ids(path)) == set(latest)
     s = output.stats(path)
     assert s["records"] == len(latest) and 0 <= s["ok"] <= s["records"]

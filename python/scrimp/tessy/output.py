@@ -86,12 +86,14 @@ def _is_count(x) -> bool:
 
 
 def record_problem(rec) -> Optional[str]:
-    """Why ``rec`` is not a TESSY record this module can use, or None when it is.
+    """Why ``rec`` is not a TESSY output record this module can use, or None when it is.
 
-    The fields every reader relies on: ``id`` (str or int), ``status`` ("ok" or "failed"),
-    ``n_tokens`` with non-negative int ``total``/``student`` (and ``think_*`` when present), a list
-    of ``spans``; an "ok" record also needs ``prompt`` and ``completion`` strings. Files are outside
-    data (a rerun resumes from them), so anything else is skipped with a warning, never trusted."""
+    Required: ``id`` (str or int) and ``status`` ("ok" or "failed") - all that resume needs. Optional
+    fields must have their types when present: ``n_tokens`` with non-negative int ``total``/``student``
+    (and ``think_*``), ``spans`` a list, ``prompt``/``completion``/``answer``/``finish_reason``
+    strings, ``attempts`` a count, ``student_token_share`` a number (readers default the missing). Output
+    files are outside data (a rerun resumes from them), so anything else is skipped with a warning by
+    :func:`latest_records` (resume, stats, convert), never trusted."""
     if not isinstance(rec, dict):
         return f"a record must be a JSON object, got {type(rec).__name__}"
     if not isinstance(rec.get("id"), (str, int)) or isinstance(rec.get("id"), bool):
@@ -99,13 +101,14 @@ def record_problem(rec) -> Optional[str]:
     if rec.get("status") not in ("ok", "failed"):
         return f"status must be 'ok' or 'failed', got {rec.get('status')!r}"
     n = rec.get("n_tokens")
-    if not isinstance(n, dict) or not _is_count(n.get("total")) or not _is_count(n.get("student")):
-        return "n_tokens must hold non-negative int total and student counts"
-    if n["student"] > n["total"]:
-        return "n_tokens.student exceeds n_tokens.total"
-    for k in ("think_total", "think_student"):
-        if k in n and not _is_count(n[k]):
-            return f"n_tokens.{k} must be a non-negative int"
+    if n is not None:
+        if not isinstance(n, dict) or not _is_count(n.get("total")) or not _is_count(n.get("student")):
+            return "n_tokens must hold non-negative int total and student counts"
+        if n["student"] > n["total"]:
+            return "n_tokens.student exceeds n_tokens.total"
+        for k in ("think_total", "think_student"):
+            if k in n and not _is_count(n[k]):
+                return f"n_tokens.{k} must be a non-negative int"
     if not isinstance(rec.get("spans", []), list):
         return "spans must be a list"
     if not isinstance(rec.get("finish_reason", ""), str):
@@ -115,14 +118,17 @@ def record_problem(rec) -> Optional[str]:
     share = rec.get("student_token_share", 0.0)
     if isinstance(share, bool) or not isinstance(share, (int, float)):
         return "student_token_share must be a number"
-    if rec["status"] == "ok" and not (isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str)):
-        return "an ok record needs prompt and completion strings"
+    if "models" in rec and not isinstance(rec["models"], dict):
+        return "models must be an object"
+    for k in ("prompt", "completion", "answer"):
+        if k in rec and not isinstance(rec[k], str):
+            return f"{k} must be a string"
     return None
 
 
 def read_records(path: str, warn=True) -> Iterator[dict]:
-    """Valid records of a JSONL file (see :func:`record_problem`); unreadable lines (a torn last
-    line, bytes that are not UTF-8 JSON) and malformed records are skipped with a warning."""
+    """JSON objects of a JSONL file (problems, labelled spans, TESSY output); unreadable lines (a torn
+    last line, bytes that are not UTF-8 JSON) and non-object lines are skipped with a warning."""
     if not os.path.exists(path):
         return
     with open(path, "rb") as f:
@@ -136,18 +142,18 @@ def read_records(path: str, warn=True) -> Iterator[dict]:
                 if warn:
                     print(f"warning: {path}:{n}: skipping an unreadable line", file=sys.stderr)
                 continue
-            why = record_problem(rec)
-            if why is not None:
-                if warn:
-                    print(f"warning: {path}:{n}: skipping a malformed record ({why})", file=sys.stderr)
-                continue
-            yield rec
+            if isinstance(rec, dict):
+                yield rec
 
 
 def latest_records(path: str) -> Dict[str, dict]:
     """id -> the last record written for it (a rerun's record supersedes a failure)."""
     out = {}
-    for r in read_records(path):
+    for n, r in enumerate(read_records(path), 1):
+        why = record_problem(r)
+        if why is not None:
+            print(f"warning: {path}: skipping malformed record {n} ({why})", file=sys.stderr)
+            continue
         out[str(r["id"])] = r
     return out
 
@@ -164,10 +170,11 @@ def stats(path_or_records) -> dict:
     reasons: Dict[str, int] = {}
     for r in recs:
         reasons[r.get("finish_reason", "?")] = reasons.get(r.get("finish_reason", "?"), 0) + 1
-    tot = sum(r["n_tokens"]["total"] for r in ok)
-    stu = sum(r["n_tokens"]["student"] for r in ok)
-    think_tot = sum(r["n_tokens"].get("think_total", 0) for r in ok)
-    think_stu = sum(r["n_tokens"].get("think_student", 0) for r in ok)
+    counts = [r.get("n_tokens") or {} for r in ok]
+    tot = sum(c.get("total", 0) for c in counts)
+    stu = sum(c.get("student", 0) for c in counts)
+    think_tot = sum(c.get("think_total", 0) for c in counts)
+    think_stu = sum(c.get("think_student", 0) for c in counts)
     graded = [r for r in ok if r.get("reference") is not None]
     correct = sum(1 for r in graded if str(r.get("answer", "")).strip() == str(r["reference"]).strip())
     n_spans = sum(len(r.get("spans", [])) for r in ok)
@@ -206,7 +213,8 @@ def to_chat_records(records: Iterable[dict], only_ok: bool = True, system: Optio
     assistant turn is the whole synthesized completion (thinking + answer)."""
     out = []
     for r in records:
-        if (only_ok and r.get("status") != "ok") or not isinstance(r.get("completion"), str):
+        if (only_ok and r.get("status") != "ok") or not isinstance(r.get("completion"), str) \
+                or not isinstance(r.get("prompt"), str):
             continue  # a failure record has no completion
         msgs = [{"role": "system", "content": system}] if system else []
         msgs += [{"role": "user", "content": r["prompt"]},
