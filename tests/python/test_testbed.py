@@ -445,3 +445,16 @@ def test_cli_demo_and_errors(capsys):
         assert main(["tmp-test-cmd", "--x", "1"]) == 7
     finally:
         COMMANDS.pop("tmp-test-cmd")
+
+
+def test_train_recipe_overrides_are_checked(tmp_path):
+    from scrimp.testbed import train as T
+
+    with pytest.raises(SystemExit, match="expected a number"):
+        T.main(["--task", "recall", "--out", str(tmp_path / "a"), "--set", "lr=abc"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        T.main(["--task", "recall", "--out", str(tmp_path / "a"), "--set", "lr"])
+    with pytest.raises(ValueError, match="unknown recipe entry 'nope'"):
+        T.main(["--task", "recall", "--out", str(tmp_path / "a"), "--set", "nope=1", "--steps", "1"])
+    with pytest.raises(ValueError, match="unknown style"):
+        T.train("arith", "student", 0, str(tmp_path / "b"), steps=1, style="pirate")

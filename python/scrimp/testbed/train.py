@@ -327,7 +327,10 @@ def _parse_overrides(items):
         k, sep, v = it.partition("=")
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {it!r}")
-        out[k.strip()] = float(v) if any(c in v for c in ".e") else int(v)
+        try:
+            out[k.strip()] = float(v) if any(c in v for c in ".e") else int(v)
+        except ValueError:
+            raise SystemExit(f"--set {k.strip()}: expected a number, got {v!r}") from None
     return out
 
 
