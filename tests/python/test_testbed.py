@@ -458,3 +458,27 @@ def test_train_recipe_overrides_are_checked(tmp_path):
         T.main(["--task", "recall", "--out", str(tmp_path / "a"), "--set", "nope=1", "--steps", "1"])
     with pytest.raises(ValueError, match="unknown style"):
         T.train("arith", "student", 0, str(tmp_path / "b"), steps=1, style="pirate")
+
+
+def test_induction_training_ids_every_masked_token_is_a_chunk_continuation(tok):
+    """The dense induction sequences: deterministic per seed, about the requested length, and every
+    masked token continues (in the random string) the chunk written so far after a separator."""
+    import random
+    from scrimp.testbed import train
+
+    sep = tok.convert_tokens_to_ids("<doc>")
+    for seed, length in [(0, 40), (1, 160), (2, 2048)]:
+        ids, mask = train.induction_training_ids(tok, random.Random(seed), length)
+        assert (ids, mask) == train.induction_training_ids(tok, random.Random(seed), length)
+        assert len(ids) == len(mask) and length - 11 <= len(ids) <= length
+        assert ids[0] == tok.bos_token_id and set(mask) == {0, 3}
+        s = ids[1:ids.index(sep)]
+        assert tok.decode(s) and all(c in train.INDUCTION_ALPHABET for c in tok.decode(s))
+        starts = [i for i, t in enumerate(ids) if t == sep]
+        for a, b in zip(starts, starts[1:] + [len(ids)]):
+            chunk = ids[a + 1:b]
+            assert 4 <= len(chunk) <= 10 and mask[a:b] == [0, 0] + [3] * (len(chunk) - 1)
+            assert any(s[i:i + len(chunk)] == chunk for i in range(len(s)))
+    with_seq = train.recall_batch(tok, random.Random(0), 0.0, dict(train.RECIPES[("recall", "teacher")]))
+    kinds = [set(m) for m in with_seq[1]]
+    assert any(3 in k for k in kinds) and any(2 in k for k in kinds)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import string
 import sys
 import time
 
@@ -23,16 +24,21 @@ import time
 # trained on the other role's style has its own.
 RECIPES = {
     ("recall", "teacher"): dict(
-        # answer_softmax: the loss is only on answer tokens, and over the full vocabulary the softmax
-        # pushed every never-predicted token - the key letters included - the same way through the
-        # tied embeddings (mean pairwise cosine of the letters 0.64 after 2,500 steps): keys became
-        # indistinguishable and the look-up never formed. The softmax over the answer vocabulary
-        # (digits, <eos>) leaves them alone. (Untied embeddings or a loss on the context tokens kept
-        # the letters apart but left even the digit copy unlearned after 1,000-2,300 steps.)
+        # answer_softmax: until the curriculum starts, the answer loss is a softmax over the answer
+        # vocabulary (digits, <eos>) only. Over the full vocabulary it pushes every never-predicted
+        # token - the key letters included - the same way through the tied embeddings (mean pairwise
+        # cosine of the letters 0.64 after 2,500 steps) and the induction circuit did not form by
+        # step 3,000 (induction loss still ln 36), where with the answer softmax it formed by ~2,000.
+        # Once the look-up has formed (the curriculum starts) the full softmax takes over: it is
+        # what calibrates <eos> against the letters (with the answer softmax throughout, greedy
+        # decoding wrote a letter instead of <eos>: 0% exact match with the digits right).
         arch="llama", hidden=128, intermediate=384, layers=4, heads=8, kv_heads=4, tie=True,
-        context_loss=False, answer_softmax=True,
+        # induction_share: that share of the training sequences is the dense induction task
+        # (`induction_training_ids`); without it the look-up of the key never formed (digit 1 of the
+        # value stayed at 33-38% through 6,000 steps), with it the look-up formed by step ~1,250.
+        context_loss=False, answer_softmax=True, induction_share=0.5,
         max_pos=8192, steps=6000, lr=5e-4, warmup=100, tokens_per_step=2560,
-        min_len=160, start_len=160, max_len=2048, ramp_steps=1000, ramp_loss=0.3, p_max=0.25,
+        min_len=160, start_len=160, max_len=2048, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
         queries_per_token=1 / 20),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
@@ -87,9 +93,35 @@ def _encode_with_mask(tok, text, spans):
     return list(enc["input_ids"]), mask
 
 
+INDUCTION_ALPHABET = string.ascii_uppercase + string.digits
+
+
+def induction_training_ids(tok, rng, length):
+    """A dense induction sequence of about ``length`` tokens: ``<bos>`` and a random string S of
+    letters and digits (55% of the length), then chunks of S (random start, 4-10 tokens), each after a
+    ``<doc>`` separator. Returns (ids, mask) with mask 3 on every chunk token after the first.
+
+    Every masked token is predictable only by finding the chunk so far in S (n-gram induction at a
+    random distance, no fixed offset to learn), so every one of them trains the circuit the recall
+    look-up needs, where a recall sequence trains it on one token per ~20 (the first value digit).
+    """
+    n = max(12, int(length * 0.55))
+    s = "".join(rng.choice(INDUCTION_ALPHABET) for _ in range(n))
+    ids = tok("<bos>" + s, add_special_tokens=False)["input_ids"]
+    mask = [0] * len(ids)
+    sep = tok.convert_tokens_to_ids("<doc>")
+    while len(ids) < length - 11:
+        k = rng.randint(4, 10)
+        i = rng.randrange(0, n - k)
+        ids += [sep] + tok(s[i:i + k], add_special_tokens=False)["input_ids"]
+        mask += [0, 0] + [3] * (k - 1)
+    return ids, mask
+
+
 def recall_batch(tok, rng, progress, r):
     """One recall batch. ``progress`` in [0, 1] is the curriculum position: the longest
-    context grows from ``start_len`` to ``max_len`` with it."""
+    context grows from ``start_len`` to ``max_len`` with it. A share ``induction_share`` of the
+    sequences are dense induction sequences (`induction_training_ids`) of the same length."""
     from . import tasks
     cur_max = int(r["start_len"] + (r["max_len"] - r["start_len"]) * min(1.0, progress))
     # a share p_max of the batches at the current maximum length, the rest anywhere below
@@ -97,20 +129,25 @@ def recall_batch(tok, rng, progress, r):
     bs = max(1, r["tokens_per_step"] // L)
     ids, masks = [], []
     for _ in range(bs):
-        # Many answered queries per sequence: far more look-up signal per forward pass, which is
-        # what gets the induction circuit past its plateau (one query per sequence did not in 950 steps).
-        nq = max(1, min(32, int(L * r["queries_per_token"])))
-        text, spans = tasks.recall_training_text(rng, L, nq)
-        i, m = _encode_with_mask(tok, text, spans)
-        # 2 = answer token (loss, and the curriculum's criterion); 1 = context token with loss
-        m = [2 if a else (1 if r["context_loss"] else 0) for a in m]
+        if rng.random() < r["induction_share"]:
+            i, m = induction_training_ids(tok, rng, L)
+        else:
+            # Many answered queries per sequence: far more look-up signal per forward pass.
+            nq = max(1, min(32, int(L * r["queries_per_token"])))
+            text, spans = tasks.recall_training_text(rng, L, nq)
+            i, m = _encode_with_mask(tok, text, spans)
+            # 2 = answer token (loss, and the curriculum's criterion); 1 = context token with loss
+            m = [2 if a else (1 if r["context_loss"] else 0) for a in m]
         ids.append(i)
         masks.append(m)
     return ids, masks
 
 
 def _recall_losses(model, inp, att, lab, ids, masks, answer_vocab=None):
-    """(training loss over every labelled token, loss over the answer tokens only)."""
+    """(training loss, loss over the answer tokens only or None when the batch has none).
+
+    The training loss is the mean over the answer (and context) tokens plus the mean over the
+    induction tokens (full-vocabulary softmax: their targets are letters and digits)."""
     import torch
     import torch.nn.functional as F
 
@@ -119,16 +156,24 @@ def _recall_losses(model, inp, att, lab, ids, masks, answer_vocab=None):
         kind[b, :len(m)] = torch.tensor(m)
     logits = model(input_ids=inp, attention_mask=att).logits[:, :-1].float()
     tgt, kind = lab[:, 1:], kind[:, 1:]
-    if answer_vocab is not None:
-        # softmax over the answer vocabulary only (digits, <eos>): tokens that are never targets get
-        # no output gradient, so the tied embeddings of the key letters are not all pushed the same way
-        remap = torch.full((logits.shape[-1],), -100, dtype=torch.long)
-        remap[answer_vocab] = torch.arange(len(answer_vocab))
-        logits = logits[..., answer_vocab]
-        tgt = torch.where(tgt >= 0, remap[tgt.clamp(min=0)], tgt)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                         reduction="none").view_as(tgt)
-    return ce[tgt != -100].mean(), ce[kind == 2].detach().mean()
+    induction = kind == 3
+    loss = logits.new_zeros(())
+    if induction.any():
+        loss = loss + F.cross_entropy(logits[induction], tgt[induction])
+    recall = (kind == 1) | (kind == 2)
+    answer_loss = None
+    if recall.any():
+        rl, rt = logits[recall], tgt[recall]
+        if answer_vocab is not None:
+            # softmax over the answer vocabulary only (digits, <eos>): tokens that are never targets get
+            # no output gradient, so the tied embeddings of the key letters are not all pushed the same way
+            remap = torch.full((logits.shape[-1],), -100, dtype=torch.long)
+            remap[answer_vocab] = torch.arange(len(answer_vocab))
+            rl, rt = rl[:, answer_vocab], remap[rt]
+        ce = F.cross_entropy(rl, rt, ignore_index=-100, reduction="none")
+        loss = loss + ce[rt != -100].mean()
+        answer_loss = ce[kind[recall] == 2].detach().mean()
+    return loss, answer_loss
 
 
 def arith_batch(tok, rng, bs, style):
@@ -225,9 +270,11 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         if stop_after is not None and step >= stop_after:
             break
         if task == "recall":
-            # the curriculum advances only while the answer loss is low: contexts get
-            # longer once the model has learned the look-up at the current lengths
-            if ema is not None and ema < r["ramp_loss"]:
+            # the curriculum starts once the answer loss is low (the look-up has formed at the
+            # shortest lengths), then contexts grow linearly: the look-up is an induction circuit,
+            # which does not depend on the length, and a loss gate at every step stalled the
+            # curriculum (the loss over ever longer contexts hovers at the gate)
+            if curriculum > 0 or (ema is not None and ema < r["ramp_loss"]):
                 curriculum += 1.0 / r["ramp_steps"]
             ids, masks = recall_batch(tok, rng, curriculum, r)
         else:
@@ -236,8 +283,9 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r["steps"], r["lr"], r["warmup"])
         if task == "recall":
+            answer_only = r["answer_softmax"] and curriculum == 0
             loss, answer_loss = _recall_losses(model, inp, att, lab, ids, masks,
-                                               answer_vocab if r["answer_softmax"] else None)
+                                               answer_vocab if answer_only else None)
         else:
             loss = answer_loss = model(input_ids=inp, attention_mask=att, labels=lab).loss
         opt.zero_grad(set_to_none=True)
@@ -245,12 +293,13 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         n_tok += int(att.sum())
-        ema = answer_loss.item() if ema is None else 0.95 * ema + 0.05 * answer_loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", L=inp.shape[1], cur=f"{curriculum:.2f}", tok_s=int(n_tok / (time.time() - t0)), refresh=False)
+        if answer_loss is not None:  # (a batch of induction sequences only has none)
+            ema = answer_loss.item() if ema is None else 0.95 * ema + 0.05 * answer_loss.item()
+        bar.set_postfix(loss="-" if ema is None else f"{ema:.3f}", L=inp.shape[1], cur=f"{curriculum:.2f}", tok_s=int(n_tok / (time.time() - t0)), refresh=False)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < r["steps"]:
             m = final_eval(model, tok, task, style, quick=True)
             model.train()
-            print(f"[step {step + 1}] loss={ema:.4f} curriculum={curriculum:.3f} " +
+            print(f"[step {step + 1}] loss={ema if ema is None else round(ema, 4)} curriculum={curriculum:.3f} " +
                   " ".join(f"{k}={v:.3f}" for k, v in m.items()), file=sys.stderr, flush=True)
             if save_intermediate:
                 _save(model, tok, os.path.join(out, f"step{step + 1}"),
@@ -263,7 +312,7 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     metrics.update(
         task=task, role=role, style=style, seed=seed, steps=r["steps"],
         steps_run=min(r["steps"], stop_after) if stop_after is not None else r["steps"], lr=r["lr"], params=n_params,
-        final_loss=round(ema, 5), curriculum=round(curriculum, 4), train_seconds=round(train_s, 1),
+        final_loss=None if ema is None else round(ema, 5), curriculum=round(curriculum, 4), train_seconds=round(train_s, 1),
         eval_seconds=round(time.time() - t1, 1), tokens_seen=n_tok,
         recipe={k: v for k, v in r.items()})
     _save(model, tok, out, metrics)
