@@ -15,8 +15,8 @@ from scrimp.testbed.tokenizer import get_tokenizer
 # below (seed 0), measured when they were committed. The tests allow MARGIN below
 # these (float differences across machines / library versions can flip an example).
 RECORDED = {
-    ("recall", 512): 0.0,    # shipped recall checkpoint is NOT trained to target (see docs/testbed.md)
-    ("recall", 2048): 0.0,
+    ("recall", 512): 26 / 30,   # (full set: 89% of 100; 70% at 1024 tokens)
+    ("recall", 2048): 4 / 20,   # below the 90% target (full set: 17% of 100; see docs/testbed.md)
     ("arith-teacher", None): 1.0,     # 30/30 (full set: 99.0% of 200)
     ("arith-student", None): 2 / 30,  # (full set: 8.0% of 200)
     ("arith-student-teacher-style", None): 12 / 30,  # (full set: 36.0% of 200)
@@ -245,19 +245,17 @@ def _recorded(key):
     return v
 
 
-# The task's target: >= 90% greedy exact match at 2048 tokens with the full cache. While the
-# shipped recall checkpoint is below it (see docs/testbed.md), these are strict xfails: a
-# checkpoint that reaches the target turns them into XPASS failures, so RECORDED gets updated.
-RECALL_AT_TARGET = (RECORDED[("recall", 2048)] or 0.0) >= 0.9
-
-
-@pytest.mark.xfail(not RECALL_AT_TARGET, strict=True,
-                   reason="shipped recall checkpoint did not reach the accuracy target")
-def test_recall_accuracy_short(models):
+def test_recall_accuracy_512_holds_its_recorded_value(models):
     m, t = models["recall"]
     acc = tb.evaluate(m, t, "recall", n=N_RECALL_SHORT, context_tokens=512)["accuracy"]
-    assert acc >= 0.9 - MARGIN
     assert acc >= _recorded(("recall", 512)) - MARGIN
+    assert acc >= 0.75  # the look-up works at 512 tokens (random digits: 0.1%)
+
+
+# The task's target: >= 90% greedy exact match at 2048 tokens with the full cache. While the
+# shipped recall checkpoint is below it (see docs/testbed.md), this is a strict xfail: a
+# checkpoint that reaches the target turns it into an XPASS failure, so RECORDED gets updated.
+RECALL_AT_TARGET = RECORDED[("recall", 2048)] >= 0.9
 
 
 @pytest.mark.xfail(not RECALL_AT_TARGET, strict=True,
@@ -265,8 +263,8 @@ def test_recall_accuracy_short(models):
 def test_recall_accuracy_2048(models):
     m, t = models["recall"]
     acc = tb.evaluate(m, t, "recall", n=N_RECALL_LONG, context_tokens=2048)["accuracy"]
-    assert acc >= 0.9 - MARGIN
     assert acc >= _recorded(("recall", 2048)) - MARGIN
+    assert acc >= 0.9 - MARGIN
 
 
 def test_arith_teacher_accurate_student_weaker(models):
