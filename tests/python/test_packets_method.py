@@ -132,8 +132,8 @@ def test_flops_counts(setup):
 
 def test_shipped_adapters_on_the_shipped_recall_model():
     """The shipped adapters load for the shipped recall model (fingerprint checked) and KV Packet keeps
-    its recorded accuracy on 20 held-out prompts (full 20/20, no recompute 18/20, KV Packet 17/20 when
-    committed; see docs/packets.md - KV Packet is below no recompute on this testbed)."""
+    its recorded accuracy on 20 held-out prompts (full 20/20, no recompute 18/20, KV Packet 18/20 when
+    committed; see docs/packets.md - on 40 prompts KV Packet is one below no recompute)."""
     import io
 
     from scrimp.packets.compare import compare_methods, load_adapters
@@ -143,6 +143,6 @@ def test_shipped_adapters_on_the_shipped_recall_model():
     rows = {r["method"]: r for r in compare_methods(model, tok, ad, n=20, context_tokens=512,
                                                     methods=["full", "none", "kvpacket"], out=io.StringIO())}
     assert rows["full"]["accuracy"] >= 0.9
-    assert rows["kvpacket"]["accuracy"] >= 0.85 - 0.10
+    assert rows["kvpacket"]["accuracy"] >= 0.90 - 0.10
     assert rows["kvpacket"]["flops"] < rows["full"]["flops"] / 1000
     assert 0.0 <= rows["kvpacket"]["kl"] < 0.1
