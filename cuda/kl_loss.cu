@@ -3,7 +3,7 @@
 // One 256-thread block per row (grid-stride over rows). The math mirrors cpp/src/kl_loss_kernel.inc:
 //   pass 1: each thread keeps an online (max, sum of exps) pair per model over its strided
 //           elements; the block combines the pairs -> lse_s, lse_t;
-//   pass 2: per-thread loss sums with x = s/T - lse_s, y = t/T - lse_t, block-reduced;
+//   pass 2: per-thread loss sums with x = (s/T - max_s) - log Z_s = log p, y likewise, block-reduced;
 //   pass 3: the gradient, written in the logits' dtype (the forward KL writes it in pass 2).
 // Terms with p = 0 (q = 0 for teacher sums) are skipped so -inf entries contribute exactly 0.
 #include "cuda_check.cuh"
@@ -133,7 +133,10 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p) {
     block_lse(ms, zs, sh_a, sh_b);
     block_lse(mt, zt, sh_a, sh_b);
     nan_flag = block_sum(nan_flag, sh_a);
-    const float lse_s = ms + logf(zs), lse_t = mt + logf(zt);
+    // log p = (s - ms) - log zs, never s - lse_s: ms (a row maximum) cancels s exactly, while lse_s
+    // rounded to float would put half an ulp of |s| into every log p (see kl_loss_kernel.inc)
+    const float lzs = logf(zs), lzt = logf(zt);
+    const float lse_s = ms + lzs, lse_t = mt + lzt;
     if (nan_flag > 0.f || !isfinite(lse_s) || !isfinite(lse_t)) {
       if (threadIdx.x == 0) p.loss[row] = NAN;
       if (kGrad)
@@ -144,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p) {
     // pass 2
     float acc_a = 0.f, acc_b = 0.f;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-      const float x = to_f(s[j]) * p.inv_t - lse_s, y = to_f(t[j]) * p.inv_t - lse_t;
+      const float x = (to_f(s[j]) * p.inv_t - ms) - lzs, y = (to_f(t[j]) * p.inv_t - mt) - lzt;
       const float pp = expf(x), q = expf(y);
       if (K == 0) {
         if (pp > 0.f) acc_a += pp * (x - y);
@@ -166,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p) {
       const float center = K == 2 ? acc_b : acc_a;
       const float scale = K == 2 ? p.factor * (1.f - p.beta) : p.factor;
       for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-        const float x = to_f(s[j]) * p.inv_t - lse_s, y = to_f(t[j]) * p.inv_t - lse_t;
+        const float x = (to_f(s[j]) * p.inv_t - ms) - lzs, y = (to_f(t[j]) * p.inv_t - mt) - lzt;
         const float pp = expf(x);
         const float z = K == 2 ? log_mixture(x, y, p) : y;
         g[j] = from_f<T>(pp > 0.f ? pp * (x - z - center) * scale : 0.f);

@@ -245,3 +245,26 @@ def test_torch_compile_fullgraph_forward_and_backward():
     lb.backward()
     torch.testing.assert_close(la, lb)
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_huge_logits_gradient_matches_float64(kind):
+    """|logits| ~ 2e4 with the top two 0.19 apart (a hypothesis finding): log p must be formed as
+    (s - max) - log Z, not s - lse with lse rounded to float32 (that was off by 1e-4 in the gradient)."""
+    from scrimp.distill_loss import kl_loss_reference
+
+    s = torch.tensor([[
+        3382.9150, -17933.4316, -8918.0830, 3480.6040, 6563.5806, -4464.7222, 22178.8633, 2026.7570,
+        11466.8350, -10749.5205, 5906.8760, -5310.9019, -13982.8047, -5717.7207, -4801.5220, -17227.7031,
+        8185.6484, -1456.3649, 15397.9863, 5330.2686, -3235.2673, 4138.5776, -11221.6436, 9622.7422,
+        18558.3379, -5880.1572, 6105.9077, 5267.7251, -9806.1289, 1780.3976, 10768.5498, 3466.0427,
+        -11074.3213, -14148.6084, -8814.2061, 1177.3822, -14833.8828, -1745.6062, 3323.2981, 4927.1836,
+        3098.2173, -13101.8262, 21694.4941, -5639.4707, 8074.9302, -10182.3594, -10332.5488, -3402.8411,
+        -2560.7188, -3737.1885, -15916.6445, 11702.8164, 162.7553, 7233.2075, 15855.2715, 2775.2700,
+        -10148.5391, -37794.6992, -2102.9749, -1796.5734, -1208.1996, 4458.8394, 22178.6699, 5272.6831]])  # the failing example, as hypothesis printed it
+    t = s * 0.5 + torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    s1 = s.clone().requires_grad_()
+    s2 = s.double().requires_grad_()
+    scrimp.kl_loss(s1, t, kind, beta=0.1, reduction="mean").backward()
+    kl_loss_reference(s2, t.double(), kind, beta=0.1, reduction="mean").backward()
+    assert torch.allclose(s1.grad.double(), s2.grad, atol=1e-5, rtol=1e-4)
