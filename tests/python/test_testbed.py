@@ -477,6 +477,10 @@ def test_induction_training_ids_every_masked_token_is_a_chunk_continuation(tok):
             chunk = ids[a + 1:b]
             assert 4 <= len(chunk) <= 10 and mask[a:b] == [0, 0] + [3] * (len(chunk) - 1)
             assert any(s[i:i + len(chunk)] == chunk for i in range(len(s)))
+    with pytest.raises(TypeError, match="length must be an int"):
+        train.induction_training_ids(tok, random.Random(0), 40.0)
+    with pytest.raises(ValueError, match="length must be >= 16"):
+        train.induction_training_ids(tok, random.Random(0), 8)
     with_seq = train.recall_batch(tok, random.Random(0), 0.0, dict(train.RECIPES[("recall", "teacher")]))
     kinds = [set(m) for m in with_seq[1]]
     assert any(3 in k for k in kinds) and any(2 in k for k in kinds)

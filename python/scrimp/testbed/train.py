@@ -35,7 +35,7 @@ RECIPES = {
         arch="llama", hidden=128, intermediate=384, layers=4, heads=8, kv_heads=4, tie=True,
         # induction_share: that share of the training sequences is the dense induction task
         # (`induction_training_ids`); without it the look-up of the key never formed (digit 1 of the
-        # value stayed at 33-38% through 6,000 steps), with it the look-up formed by step ~1,250.
+        # value stayed at 33-38% through 6,000 steps), with it the look-up formed by step ~1,800-2,500.
         context_loss=False, answer_softmax=True, induction_share=0.5,
         max_pos=8192, steps=6000, lr=5e-4, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2048, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
@@ -105,6 +105,10 @@ def induction_training_ids(tok, rng, length):
     random distance, no fixed offset to learn), so every one of them trains the circuit the recall
     look-up needs, where a recall sequence trains it on one token per ~20 (the first value digit).
     """
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise TypeError(f"length must be an int, got {type(length).__name__}")
+    if length < 16:
+        raise ValueError(f"length must be >= 16 tokens (a string and one chunk), got {length}")
     n = max(12, int(length * 0.55))
     s = "".join(rng.choice(INDUCTION_ALPHABET) for _ in range(n))
     ids = tok("<bos>" + s, add_special_tokens=False)["input_ids"]
