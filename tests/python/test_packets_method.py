@@ -49,8 +49,15 @@ def test_packets_equal_block_diagonal_student(setup, with_adapters):
     # second time: every packet comes from the store
     eng.prepare(ex.prompt_ids)
     assert eng.built == len(docs) and eng.store.stats()["hits"] >= len(docs)
-    if with_adapters:
-        assert n == len(prefix) + sum(len(d) + 16 for d in docs)
+    # every document token keeps its plain-prompt position, shifted by the header length
+    assert n == len(prefix) + sum(len(d) for d in docs) + (ad.n_header if with_adapters else 0)
+    assert kv.keys[0].shape[2] == len(prefix) + sum(len(d) + (16 if with_adapters else 0) for d in docs)
+
+
+def test_packet_positions_keep_document_positions():
+    starts, q = M.packet_positions(1, [5, 7, 3], n_header=4)
+    assert starts == [1, 6, 13] and q == 20  # doc tokens at 5..9, 10..16, 17..19
+    assert M.packet_positions(2, [5, 7], n_header=0) == ([2, 7], 14)
 
 
 def test_recomputing_everything_equals_full_prefill(setup):

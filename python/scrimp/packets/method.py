@@ -25,7 +25,7 @@ from .rope import assemble, rope_inv_freq
 ADAPTER_FORMAT = "scrimp-kv-packet-adapters-v1"
 from .store import PacketStore, _layers_of
 
-__all__ = ["model_fingerprint", "Adapters", "split_prompt", "build_packet_kv", "PacketEngine",
+__all__ = ["model_fingerprint", "Adapters", "split_prompt", "packet_positions", "build_packet_kv", "PacketEngine",
            "SelectiveRecompute", "full_recompute_generate", "flops_prefill", "flops_rerotation",
            "method_flops"]
 
@@ -208,6 +208,23 @@ def split_prompt(ids: Sequence[int], tokenizer) -> Tuple[List[int], List[List[in
 
 # ----------------------------------------------------------------------------- packets
 
+def packet_positions(prefix_len: int, doc_lens: Sequence[int], n_header: int = 0) -> Tuple[List[int], int]:
+    """(start position of each packet, position of the first question token).
+
+    Every document token keeps the position it has in the plain prompt, shifted by ``n_header``:
+    packet i (``[header, doc_i, trailer]``) starts ``n_header`` positions before its document, so
+    its header overlaps the previous packet's trailer positions (RoPE attention only sees relative
+    positions; repeated positions are harmless). The context then spans ``n_header`` more positions
+    than the plain prompt, not ``(n_header + n_trailer)`` per document: with 17 documents of a
+    2,048-token prompt back-to-back packets would push the question 272 positions further, past
+    where the model was trained."""
+    starts, pos = [], prefix_len + n_header
+    for n in doc_lens:
+        starts.append(pos - n_header)
+        pos += n
+    return starts, pos
+
+
 @torch.no_grad()
 def build_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Adapters] = None):
     """Prefill ``[header, doc, trailer]`` alone from position 0; returns (K, V) per layer."""
@@ -302,7 +319,8 @@ class PacketEngine:
 
     @torch.no_grad()
     def prepare(self, prompt_ids: List[int]):
-        """(cache, sequence length, question ids, assembled KV, packets) for a prompt."""
+        """(cache, position of the first question token, question ids, assembled KV, documents, prefix)
+        for a prompt. Without adapters the position equals the cache length."""
         prefix, docs, question = split_prompt(prompt_ids, self.tokenizer)
         dev = _device(self.model)
         pre = self._prefix_kv.get(tuple(prefix))
@@ -313,10 +331,11 @@ class PacketEngine:
             pre = [(k.clone(), v.clone()) for k, v in _layers_of(_out_cache(out))]
             self._prefix_kv[tuple(prefix)] = pre
         packets = [self.packet(d) for d in docs]
+        n_header = self.adapters.n_header if self.adapters is not None else 0
         if packets:
-            kv = assemble(packets, prefix=pre)
+            starts, n = packet_positions(len(prefix), [len(d) for d in docs], n_header)
+            kv = assemble(packets, starts, prefix=pre)
             cache = kv.to_cache(self.model.config)
-            n = kv.keys[0].shape[2]
         else:
             kv = None
             from transformers import DynamicCache

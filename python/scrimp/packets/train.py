@@ -3,7 +3,8 @@
 Teacher = the model with full attention on the plain prompt: its greedy answer and the logits of
 every answer token. Student = one forward over ``[prefix, (header, doc, trailer)*, question,
 answer[:-1]]`` with a block-diagonal 4-D mask (each wrapped document attends only to itself, the
-question and answer attend to everything), sequential positions; loss = KL(teacher || student) on
+question and answer attend to everything), every document token at its plain-prompt position (shifted
+by the header length; `method.packet_positions`); loss = KL(teacher || student) on
 the answer tokens; AdamW with linear decay. Because RoPE attention only sees relative positions,
 the student's document KV equals a packet prefilled alone and re-rotated: what inference uses.
 """
@@ -17,7 +18,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .method import Adapters, _embed, _forward, _greedy_from, _new_cache, _device, model_fingerprint, split_prompt
+from .method import (Adapters, _embed, _forward, _greedy_from, _new_cache, _device, model_fingerprint, packet_positions,
+                     split_prompt)
 
 __all__ = ["teacher_targets", "student_answer_logits", "train_adapters", "TRAIN_SEED_BASE"]
 
@@ -36,25 +38,31 @@ def teacher_targets(model, tokenizer, prompt_ids: List[int], max_answer_tokens: 
 
 
 def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail):
+    """(input embeddings [1, n, hidden], allowed-attention mask [1, 1, n, n], position ids [1, n]) of
+    the student sequence; positions as at inference (`packet_positions`)."""
     dev = _device(model)
-    parts, seg = [], []
+    parts, seg, pos = [], [], list(range(len(prefix)))
     if prefix:
         parts.append(_embed(model, torch.tensor([prefix], device=dev)))
         seg += [0] * len(prefix)
-    for i, d in enumerate(docs):
+    n_header = adapters.n_header if adapters is not None else 0
+    starts, q_pos = packet_positions(len(prefix), [len(d) for d in docs], n_header)
+    for i, (d, start) in enumerate(zip(docs, starts)):
         x = _embed(model, torch.tensor([d], device=dev))
         if adapters is not None:
             x = adapters.wrap(x)
         parts.append(x)
         seg += [i + 1] * x.shape[1]
+        pos += range(start, start + x.shape[1])
     parts.append(_embed(model, torch.tensor([tail], device=dev)))
     seg += [-1] * len(tail)
+    pos += range(q_pos, q_pos + len(tail))
     x = torch.cat(parts, dim=1)
     s = torch.tensor(seg, device=dev)
     n = len(seg)
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     allowed = causal & ((s[:, None] == s[None, :]) | (s[:, None] == -1))
-    return x, allowed[None, None]
+    return x, allowed[None, None], torch.tensor([pos], device=dev)
 
 
 def student_answer_logits(model, adapters: Optional[Adapters], tokenizer, prompt_ids: List[int],
@@ -62,9 +70,8 @@ def student_answer_logits(model, adapters: Optional[Adapters], tokenizer, prompt
     """Student logits [len(answer), V] of the answer tokens under the block-diagonal mask."""
     prefix, docs, question = split_prompt(prompt_ids, tokenizer)
     tail = list(question) + list(answer[:-1])
-    x, mask = _student_inputs(model, adapters, prefix, docs, tail)
+    x, mask, pos = _student_inputs(model, adapters, prefix, docs, tail)
     n = x.shape[1]
-    pos = torch.arange(n, device=x.device)[None]
     out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False)
     return out.logits[0, n - len(answer):].float()
 
