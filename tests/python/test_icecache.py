@@ -320,3 +320,23 @@ def test_shipped_qwen3_model_is_exact_at_full_budget():
                                                         max_context=1024))
     assert [r["output"] for r in ice["results"]] == [r["output"] for r in full["results"]]
     assert sum(r["misses"] for r in rec) > 0  # decode really read pages from the host pool
+
+
+def test_shipped_recall_model_keeps_its_accuracy_at_budget_256():
+    """The method's claim on the shipped recall model, 2,048-token contexts, 20 prompts: budget 256
+    (8-token pages, sink 2 + window 2 pages, no dense layers) answers as well as the full cache within
+    2 examples, while holding a fixed-size device buffer instead of the whole context."""
+    import scrimp.testbed as tb
+    from scrimp.icecache import make_generate_fn
+
+    model, tok = tb.load("recall")
+    geo = dict(page_size=8, sink_pages=2, window_pages=2, dense_layers=0, max_context=2112)
+    full = tb.evaluate(model, tok, "recall", n=20, context_tokens=2048)["accuracy"]
+    rec = []
+    ice = tb.evaluate(model, tok, "recall", n=20, context_tokens=2048,
+                      generate_fn=make_generate_fn("icecache", budget=256, record=rec, **geo))["accuracy"]
+    assert full >= 0.75
+    assert ice >= full - 0.10
+    c = model.config
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # K+V, float32, per token
+    assert all(r["device_bytes"] < r["prompt_tokens"] * kv_bytes / 2 for r in rec)

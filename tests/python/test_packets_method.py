@@ -139,17 +139,18 @@ def test_flops_counts(setup):
 
 def test_shipped_adapters_on_the_shipped_recall_model():
     """The shipped adapters load for the shipped recall model (fingerprint checked) and KV Packet keeps
-    its recorded accuracy on 20 held-out prompts (full 20/20, no recompute 18/20, KV Packet 18/20 when
-    committed; see docs/packets.md - on 40 prompts KV Packet is one below no recompute)."""
+    what it was committed with on 20 held-out 2,048-token prompts: accuracy within 2 examples of full
+    recompute, and a first-answer-token distribution closer to full recompute's than no recompute's
+    (KL 0.008 vs 0.061 on 40 prompts when committed; see docs/packets.md)."""
     import io
 
-    from scrimp.packets.compare import compare_methods, load_adapters
+    from scrimp.packets.compare import RECALL_CONTEXT, compare_methods, load_adapters
 
     model, tok = tb.load("recall")
     ad = load_adapters(model)
-    rows = {r["method"]: r for r in compare_methods(model, tok, ad, n=20, context_tokens=512,
+    rows = {r["method"]: r for r in compare_methods(model, tok, ad, n=20, context_tokens=RECALL_CONTEXT,
                                                     methods=["full", "none", "kvpacket"], out=io.StringIO())}
-    assert rows["full"]["accuracy"] >= 0.9
-    assert rows["kvpacket"]["accuracy"] >= 0.90 - 0.10
+    assert rows["full"]["accuracy"] >= 0.75
+    assert rows["kvpacket"]["accuracy"] >= rows["full"]["accuracy"] - 0.10
     assert rows["kvpacket"]["flops"] < rows["full"]["flops"] / 1000
-    assert 0.0 <= rows["kvpacket"]["kl"] < 0.1
+    assert 0.0 <= rows["kvpacket"]["kl"] < rows["none"]["kl"] / 2

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from ..cli import register_command
+from .compare import RECALL_CONTEXT
 
 
 def _load_model(name: str):
@@ -59,7 +60,7 @@ def _build(p: argparse.ArgumentParser) -> None:
     t.add_argument("--out", default=None, help="adapter file (default: the shipped scrimp/packets/adapters/recall.safetensors)")
     t.add_argument("--n-train", type=int, default=64)
     t.add_argument("--epochs", type=int, default=2)
-    t.add_argument("--context-tokens", type=int, default=512)
+    t.add_argument("--context-tokens", type=int, default=RECALL_CONTEXT)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--n-header", type=int, default=8)
     t.add_argument("--n-trailer", type=int, default=8)
@@ -72,7 +73,7 @@ def _build(p: argparse.ArgumentParser) -> None:
     e.add_argument("--model", default="recall")
     e.add_argument("--adapters", default=None)
     e.add_argument("--n", type=int, default=20)
-    e.add_argument("--context-tokens", type=int, default=512)
+    e.add_argument("--context-tokens", type=int, default=RECALL_CONTEXT)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--methods", nargs="*", default=None,
                    help="subset of: full none kvpacket cacheblend-10 cacheblend-30 cacheblend-50 epic")

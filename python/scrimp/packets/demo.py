@@ -38,7 +38,7 @@ def demo_section(quick: bool = True) -> str:
     out = io.StringIO()
     print("== KV Packet: recomputation-free packets vs recompute (testbed recall) ==", file=out)
     try:
-        from .compare import DEFAULT_ADAPTERS, compare_methods, format_table, load_adapters
+        from .compare import DEFAULT_ADAPTERS, RECALL_CONTEXT, compare_methods, format_table, load_adapters
         from .. import testbed
 
         model, tok = testbed.load("recall")
@@ -56,8 +56,10 @@ def demo_section(quick: bool = True) -> str:
             else:
                 n = 10 if quick else 40
                 methods = ["full", "none", "kvpacket"] + ([] if quick else ["cacheblend-10", "cacheblend-30", "epic"])
-                rows = compare_methods(model, tok, ad, n=n, context_tokens=512, methods=methods, out=io.StringIO())
-                print(f"n={n} examples, 512-token contexts, greedy exact match; prep FLOPs exclude the question", file=out)
+                rows = compare_methods(model, tok, ad, n=n, context_tokens=RECALL_CONTEXT, methods=methods,
+                                       out=io.StringIO())
+                print(f"n={n} examples, {RECALL_CONTEXT}-token contexts, greedy exact match; prep FLOPs exclude the "
+                      "question", file=out)
                 print(format_table(rows), file=out)
     try:
         for line in _store_lines():
