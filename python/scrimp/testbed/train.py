@@ -38,9 +38,9 @@ RECIPES = {
         arch="llama", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2, head_dim=32, tie=True,
         # induction_share: that share of the training sequences is the dense induction task
         # (`induction_training_ids`); without it the look-up of the key never formed (digit 1 of the
-        # value stayed at 33-38% through 6,000 steps), with it the look-up formed by step ~1,800-2,500.
+        # value stayed at 33-38% through 6,000 steps), with it the look-up formed by step ~1,800-2,500 (lr 5e-4).
         context_loss=False, answer_softmax=True, induction_share=0.5,
-        # lr 1e-3: at 5e-4 the induction circuit had not formed by step 3,500 in two runs; at 1e-3 it
+        # lr 1e-3: at 5e-4 the induction circuit had not formed by step 2,500 / 3,500 in two runs; at 1e-3 it
         # formed by step ~1,200 (seed 1). max_len 2432: a training sequence of L tokens holds 32
         # answered queries (L - 372 tokens of context), so the longest contexts reach 2,060 tokens,
         # past the 2,048 the model is evaluated at (with max_len 2048 they stopped at 1,676).
@@ -135,7 +135,10 @@ def induction_training_ids(tok, rng, length):
 def recall_batch(tok, rng, progress, r):
     """One recall batch. ``progress`` in [0, 1] is the curriculum position: the longest
     context grows from ``start_len`` to ``max_len`` with it. A share ``induction_share`` of the
-    sequences are dense induction sequences (`induction_training_ids`) of the same length."""
+    sequences are dense induction sequences (`induction_training_ids`) of the same length. Once the
+    curriculum has started, ``p_max_late`` and ``induction_share_late`` replace ``p_max`` and
+    ``induction_share``; before it they are not read, so the data stream up to the step where the
+    look-up forms does not depend on them."""
     from . import tasks
     cur_max = int(r["start_len"] + (r["max_len"] - r["start_len"]) * min(1.0, progress))
     # once the curriculum has started (the look-up has formed) the *_late shares apply
