@@ -58,6 +58,10 @@ def test_packet_positions_keep_document_positions():
     starts, q = M.packet_positions(1, [5, 7, 3], n_header=4)
     assert starts == [1, 6, 13] and q == 20  # doc tokens at 5..9, 10..16, 17..19
     assert M.packet_positions(2, [5, 7], n_header=0) == ([2, 7], 14)
+    with pytest.raises(ValueError, match="doc_lens"):
+        M.packet_positions(1, [5, -1])
+    with pytest.raises(TypeError, match="n_header"):
+        M.packet_positions(1, [5], n_header=2.0)
 
 
 def test_recomputing_everything_equals_full_prefill(setup):

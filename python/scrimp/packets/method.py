@@ -218,6 +218,11 @@ def packet_positions(prefix_len: int, doc_lens: Sequence[int], n_header: int = 0
     than the plain prompt, not ``(n_header + n_trailer)`` per document: with 17 documents of a
     2,048-token prompt back-to-back packets would push the question 272 positions further, past
     where the model was trained."""
+    for name, v in (("prefix_len", prefix_len), ("n_header", n_header), *(("doc_lens[]", d) for d in doc_lens)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"packet_positions: {name} must be an int, got {type(v).__name__}")
+        if v < 0:
+            raise ValueError(f"packet_positions: {name} must be >= 0, got {v}")
     starts, pos = [], prefix_len + n_header
     for n in doc_lens:
         starts.append(pos - n_header)

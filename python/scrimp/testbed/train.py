@@ -46,8 +46,6 @@ RECIPES = {
         # past the 2,048 the model is evaluated at (with max_len 2048 they stopped at 1,676).
         max_pos=8192, steps=6000, lr=1e-3, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2432, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
-        # shares used once the curriculum has started (the data before it is unchanged by them)
-        p_max_late=0.25, induction_share_late=0.5,
         queries_per_token=1 / 20),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
@@ -135,22 +133,15 @@ def induction_training_ids(tok, rng, length):
 def recall_batch(tok, rng, progress, r):
     """One recall batch. ``progress`` in [0, 1] is the curriculum position: the longest
     context grows from ``start_len`` to ``max_len`` with it. A share ``induction_share`` of the
-    sequences are dense induction sequences (`induction_training_ids`) of the same length. Once the
-    curriculum has started, ``p_max_late`` and ``induction_share_late`` replace ``p_max`` and
-    ``induction_share``; before it they are not read, so the data stream up to the step where the
-    look-up forms does not depend on them."""
+    sequences are dense induction sequences (`induction_training_ids`) of the same length."""
     from . import tasks
     cur_max = int(r["start_len"] + (r["max_len"] - r["start_len"]) * min(1.0, progress))
-    # once the curriculum has started (the look-up has formed) the *_late shares apply
-    late = progress > 0
-    p_max = r.get("p_max_late", r["p_max"]) if late else r["p_max"]
-    induction_share = r.get("induction_share_late", r["induction_share"]) if late else r["induction_share"]
     # a share p_max of the batches at the current maximum length, the rest anywhere below
-    L = cur_max if rng.random() < p_max else rng.randint(r["min_len"], cur_max)
+    L = cur_max if rng.random() < r["p_max"] else rng.randint(r["min_len"], cur_max)
     bs = max(1, r["tokens_per_step"] // L)
     ids, masks = [], []
     for _ in range(bs):
-        if rng.random() < induction_share:
+        if rng.random() < r["induction_share"]:
             i, m = induction_training_ids(tok, rng, L)
         else:
             # Many answered queries per sequence: far more look-up signal per forward pass.
