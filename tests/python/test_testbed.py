@@ -490,3 +490,44 @@ def test_induction_training_ids_every_masked_token_is_a_chunk_continuation(tok):
     with_seq = train.recall_batch(tok, random.Random(0), 0.0, dict(train.RECIPES[("recall", "teacher")]))
     kinds = [set(m) for m in with_seq[1]]
     assert any(3 in k for k in kinds) and any(2 in k for k in kinds)
+
+
+def test_recall_training_text_records_per_prefix_groups_the_values():
+    """With records_per_prefix the value prefixes (first two digits) come from a small pool, so many
+    records share each one; every answer span is still its own record's value; bad values raise."""
+    import collections
+    import random
+    import re
+    from scrimp.testbed import tasks
+
+    text, spans = tasks.recall_training_text(random.Random(3), 2048, 32, records_per_prefix=8)
+    assert (text, spans) == tasks.recall_training_text(random.Random(3), 2048, 32, records_per_prefix=8)
+    context, _, queries = text.partition("Query: ")
+    records = dict(re.findall(r"([A-Z]{2})=(\d{3})\n", context))
+    prefixes = collections.Counter(v[:2] for v in records.values())
+    assert len(records) > 200 and len(prefixes) == -(-len(records) // 8)
+    assert max(prefixes.values()) > 1 and sum(prefixes.values()) == len(records)
+    for (a, b), (k, v) in zip(spans, re.findall(r"Query: ([A-Z]{2})=(\d{3})", text)):
+        assert text[a:b] == v + "<eos>" and records[k] == v
+    plain, _ = tasks.recall_training_text(random.Random(3), 2048, 32)
+    assert len(collections.Counter(v[:2] for v in dict(
+        re.findall(r"([A-Z]{2})=(\d{3})\n", plain.partition("Query: ")[0])).values())) > 80
+    with pytest.raises(ValueError, match="records_per_prefix must be >= 1"):
+        tasks.recall_training_text(random.Random(0), 512, 4, records_per_prefix=0)
+    with pytest.raises(TypeError, match="records_per_prefix must be an int"):
+        tasks.recall_training_text(random.Random(0), 512, 4, records_per_prefix=2.5)
+
+
+def test_recall_batch_collisions_leave_the_stream_before_the_look_up_alone(tok):
+    """collision_share draws nothing before the curriculum starts (progress 0): the batches up to the
+    look-up are the recipe's historical ones; after it, the share of grouped-prefix contexts shows."""
+    import random
+    from scrimp.testbed import train
+
+    base = dict(train.RECIPES[("recall", "teacher")])
+    hard = dict(base, collision_share=1.0)
+    assert train.recall_batch(tok, random.Random(5), 0.0, base) == \
+        train.recall_batch(tok, random.Random(5), 0.0, hard)
+    assert train.recall_batch(tok, random.Random(5), 0.5, base) != \
+        train.recall_batch(tok, random.Random(5), 0.5, hard)
+

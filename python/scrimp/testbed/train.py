@@ -46,7 +46,7 @@ RECIPES = {
         # past the 2,048 the model is evaluated at (with max_len 2048 they stopped at 1,676).
         max_pos=8192, steps=6000, lr=1e-3, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2432, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
-        queries_per_token=1 / 20),
+        queries_per_token=1 / 20, collision_share=0.0, collision_records=8),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
         max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
@@ -146,7 +146,13 @@ def recall_batch(tok, rng, progress, r):
         else:
             # Many answered queries per sequence: far more look-up signal per forward pass.
             nq = max(1, min(32, int(L * r["queries_per_token"])))
-            text, spans = tasks.recall_training_text(rng, L, nq)
+            # after the look-up has formed, a share of the contexts has values that share their first
+            # two digits in groups (hard negatives for the last digit). No random draw happens before
+            # that, so the data stream up to the look-up is the one the recipe always had.
+            share = r.get("collision_share", 0.0)
+            collide = progress > 0 and share > 0 and rng.random() < share
+            text, spans = tasks.recall_training_text(
+                rng, L, nq, records_per_prefix=r["collision_records"] if collide else None)
             i, m = _encode_with_mask(tok, text, spans)
             # 2 = answer token (loss, and the curriculum's criterion); 1 = context token with loss
             m = [2 if a else (1 if r["context_loss"] else 0) for a in m]
@@ -273,6 +279,7 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     model.train()
     answer_vocab = torch.tensor(tok.convert_tokens_to_ids(list("0123456789")) + [tok.eos_token_id])
     t0 = time.time()
+    cpu0 = time.process_time()  # CPU seconds of all threads: the cost without other jobs' contention
     n_tok = 0
     ema = None
     curriculum = 0.0
@@ -318,6 +325,7 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
                       dict(m, steps=r["steps"], steps_run=step + 1, quick_eval=True))
     bar.close()
     train_s = time.time() - t0
+    train_cpu_s = time.process_time() - cpu0
     model.eval()
     t1 = time.time()
     metrics = final_eval(model, tok, task, style, quick=final_eval_quick, n=eval_n)
@@ -325,6 +333,7 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         task=task, role=role, style=style, seed=seed, steps=r["steps"],
         steps_run=min(r["steps"], stop_after) if stop_after is not None else r["steps"], lr=r["lr"], params=n_params,
         final_loss=None if ema is None else round(ema, 5), curriculum=round(curriculum, 4), train_seconds=round(train_s, 1),
+        train_cpu_seconds=round(train_cpu_s, 1),
         eval_seconds=round(time.time() - t1, 1), tokens_seen=n_tok,
         recipe={k: v for k, v in r.items()})
     _save(model, tok, out, metrics)
