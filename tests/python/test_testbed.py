@@ -492,42 +492,54 @@ def test_induction_training_ids_every_masked_token_is_a_chunk_continuation(tok):
     assert any(3 in k for k in kinds) and any(2 in k for k in kinds)
 
 
-def test_recall_training_text_records_per_prefix_groups_the_values():
-    """With records_per_prefix the value prefixes (first two digits) come from a small pool, so many
-    records share each one; every answer span is still its own record's value; bad values raise."""
-    import collections
+def test_recall_training_text_confusable_keys_share_letters():
+    """confusable_keys draws the keys from a small alphabet (a * a >= 1.2 * records), so keys share
+    letters and reversed pairs occur; keys stay unique and every answer span is its record's value."""
     import random
     import re
     from scrimp.testbed import tasks
 
-    text, spans = tasks.recall_training_text(random.Random(3), 2048, 32, records_per_prefix=8)
-    assert (text, spans) == tasks.recall_training_text(random.Random(3), 2048, 32, records_per_prefix=8)
-    context, _, queries = text.partition("Query: ")
-    records = dict(re.findall(r"([A-Z]{2})=(\d{3})\n", context))
-    prefixes = collections.Counter(v[:2] for v in records.values())
-    assert len(records) > 200 and len(prefixes) == -(-len(records) // 8)
-    assert max(prefixes.values()) > 1 and sum(prefixes.values()) == len(records)
-    for (a, b), (k, v) in zip(spans, re.findall(r"Query: ([A-Z]{2})=(\d{3})", text)):
-        assert text[a:b] == v + "<eos>" and records[k] == v
+    for L, nq in [(160, 8), (2048, 32)]:
+        text, spans = tasks.recall_training_text(random.Random(3), L, nq, confusable_keys=True)
+        assert (text, spans) == tasks.recall_training_text(random.Random(3), L, nq, confusable_keys=True)
+        context = text.partition("Query: ")[0]
+        pairs = re.findall(r"([A-Z]{2})=(\d{3})\n", context)
+        records = dict(pairs)
+        assert len(records) == len(pairs)  # unique keys
+        letters = set("".join(records))
+        assert len(letters) ** 2 >= 1.2 * len(records) and (len(letters) - 1) ** 2 < 1.2 * len(records) \
+            or len(letters) == 3
+        assert any(k[::-1] in records for k in records if k[0] != k[1])
+        for (a, b), (k, v) in zip(spans, re.findall(r"Query: ([A-Z]{2})=(\d{3})", text)):
+            assert text[a:b] == v + "<eos>" and records[k] == v
     plain, _ = tasks.recall_training_text(random.Random(3), 2048, 32)
-    assert len(collections.Counter(v[:2] for v in dict(
-        re.findall(r"([A-Z]{2})=(\d{3})\n", plain.partition("Query: ")[0])).values())) > 80
-    with pytest.raises(ValueError, match="records_per_prefix must be >= 1"):
-        tasks.recall_training_text(random.Random(0), 512, 4, records_per_prefix=0)
-    with pytest.raises(TypeError, match="records_per_prefix must be an int"):
-        tasks.recall_training_text(random.Random(0), 512, 4, records_per_prefix=2.5)
+    assert len(set("".join(re.findall(r"([A-Z]{2})=\d{3}\n", plain)))) == 26
 
 
-def test_recall_batch_collisions_leave_the_stream_before_the_look_up_alone(tok):
-    """collision_share draws nothing before the curriculum starts (progress 0): the batches up to the
-    look-up are the recipe's historical ones; after it, the share of grouped-prefix contexts shows."""
+def test_recall_batch_confusable_keys_leave_the_stream_before_the_look_up_alone(tok):
+    """confusable_share draws nothing before the curriculum starts (progress 0): the batches up to the
+    look-up are the recipe's historical ones; after it, the share of confusable contexts shows."""
     import random
     from scrimp.testbed import train
 
-    base = dict(train.RECIPES[("recall", "teacher")])
-    hard = dict(base, collision_share=1.0)
+    base = dict(train.RECIPES[("recall", "teacher")], confusable_share=0.0)
+    hard = dict(base, confusable_share=1.0)
     assert train.recall_batch(tok, random.Random(5), 0.0, base) == \
         train.recall_batch(tok, random.Random(5), 0.0, hard)
     assert train.recall_batch(tok, random.Random(5), 0.5, base) != \
         train.recall_batch(tok, random.Random(5), 0.5, hard)
 
+
+def test_schedule_step_keeps_the_lr_before_the_gate_and_stretches_it_after():
+    """A recall run longer than lr_horizon uses the horizon's learning rates up to the gate (so the
+    look-up forms at the same step) and spreads the rest of the schedule over the remaining steps."""
+    from scrimp.testbed import train
+
+    lr = lambda s, steps, gate: train._lr_at(train._schedule_step(s, steps, 6000, gate), 6000, 1e-3, 100)
+    for s in (0, 50, 99, 100, 700, 1215):
+        assert lr(s, 8000, None) == train._lr_at(s, 6000, 1e-3, 100)
+    assert lr(1216, 8000, 1216) == train._lr_at(1216, 6000, 1e-3, 100)  # continuous at the gate
+    assert abs(lr(7999, 8000, 1216) - train._lr_at(5999, 6000, 1e-3, 100)) < 1e-8  # ends at the floor
+    steps = [lr(s, 8000, 1216) for s in range(1216, 8000)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # still decays monotonically
+    assert train._schedule_step(3000, 6000, 6000, 1216) == 3000  # steps == horizon: the plain schedule

@@ -25,6 +25,7 @@ tokenizer, or with the tokenizer passed in), and the expected answer.
 """
 from __future__ import annotations
 
+import math
 import random
 import string
 from dataclasses import dataclass, field
@@ -192,24 +193,29 @@ def recall(n_docs: int = 8, records_per_doc: int = 16, seed: int = 0,
 
 def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int,
                          records_per_doc: int = 16,
-                         records_per_prefix: Optional[int] = None) -> Tuple[str, List[Tuple[int, int]]]:
+                         confusable_keys: bool = False) -> Tuple[str, List[Tuple[int, int]]]:
     """A training sequence: a recall context followed by ``n_queries`` answered
     queries ``Query: K=VVV<eos>\\n``. Returns the text and the character spans of
     every answer (value digits plus ``<eos>``), on which the loss is taken.
 
-    ``records_per_prefix`` (optional, >= 1): the first two digits of the values come from a pool of
-    ``ceil(records / records_per_prefix)`` random prefixes, so about that many records share each
-    prefix. The last digit can then only be copied from the queried record itself, not from any
-    record whose value starts with the digits written so far (the model's typical error at 2,048
-    tokens: 681 -> 688, where another record's value is 688)."""
+    ``confusable_keys``: the keys are drawn from a random alphabet of only ``a`` letters, the
+    smallest with ``a * a >= 1.2 * records`` (at least 3), so most keys share a letter with many
+    others and reversed pairs (``KE`` / ``EK``) occur even in short contexts. The look-up then has to
+    match both letters in order; the typical error of a model trained without it at 2,048 tokens is
+    the value of a record whose key shares one letter with the queried key (``XS`` -> ``SS``'s value).
+    """
     counts = recall_records_for_context(context_tokens - (n_queries - 1) * 12, records_per_doc)
-    records = _recall_layout(rng, counts)
-    if records_per_prefix is not None:
-        _check_int("records_per_prefix", records_per_prefix, 1)
+    if confusable_keys:
         total = sum(counts)
-        pool = rng.sample(range(100), min(100, -(-total // records_per_prefix)))
-        records = [[(k, "%02d%d" % (rng.choice(pool), rng.randrange(10))) for k, _ in recs]
-                   for recs in records]
+        a = max(3, math.ceil(math.sqrt(1.2 * total)))
+        letters = rng.sample(string.ascii_uppercase, min(a, 26))
+        keys = rng.sample([x + y for x in letters for y in letters], total)
+        records, k = [], 0
+        for c in counts:
+            records.append([(keys[k + j], "%03d" % rng.randrange(1000)) for j in range(c)])
+            k += c
+    else:
+        records = _recall_layout(rng, counts)
     _, text = _recall_context_text(records)
     flat = [kv for recs in records for kv in recs]
     spans = []

@@ -46,7 +46,7 @@ RECIPES = {
         # past the 2,048 the model is evaluated at (with max_len 2048 they stopped at 1,676).
         max_pos=8192, steps=6000, lr=1e-3, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2432, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
-        queries_per_token=1 / 20, collision_share=0.0, collision_records=8),
+        queries_per_token=1 / 20, confusable_share=0.0, lr_horizon=6000),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
         max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
@@ -87,6 +87,20 @@ def _lr_at(step, steps, lr, warmup):
         return lr * (step + 1) / warmup
     p = (step - warmup) / max(1, steps - warmup)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _schedule_step(step, steps, horizon, gate_step):
+    """The step of the ``horizon``-step lr schedule that ``step`` of a ``steps``-step run uses.
+
+    Before the gate (``gate_step`` None: the look-up has not formed yet) it is ``step`` itself, so the
+    learning rates up to the gate - and with them the step at which the look-up forms - do not depend
+    on ``steps``; after it the rest of the schedule is stretched over the remaining ``steps - gate``
+    steps. With ``horizon == steps`` this is the plain schedule."""
+    if gate_step is None or steps <= horizon:
+        return step
+    if gate_step >= horizon:
+        return horizon - 1
+    return gate_step + (step - gate_step) * (horizon - gate_step) / (steps - gate_step)
 
 
 def _encode_with_mask(tok, text, spans):
@@ -146,13 +160,12 @@ def recall_batch(tok, rng, progress, r):
         else:
             # Many answered queries per sequence: far more look-up signal per forward pass.
             nq = max(1, min(32, int(L * r["queries_per_token"])))
-            # after the look-up has formed, a share of the contexts has values that share their first
-            # two digits in groups (hard negatives for the last digit). No random draw happens before
-            # that, so the data stream up to the look-up is the one the recipe always had.
-            share = r.get("collision_share", 0.0)
-            collide = progress > 0 and share > 0 and rng.random() < share
-            text, spans = tasks.recall_training_text(
-                rng, L, nq, records_per_prefix=r["collision_records"] if collide else None)
+            # after the look-up has formed, a share of the contexts draws its keys from a small
+            # alphabet (hard negatives: keys sharing a letter, reversed pairs). No random draw happens
+            # before that, so the data stream up to the look-up is the one the recipe always had.
+            share = r.get("confusable_share", 0.0)
+            confusable = progress > 0 and share > 0 and rng.random() < share
+            text, spans = tasks.recall_training_text(rng, L, nq, confusable_keys=confusable)
             i, m = _encode_with_mask(tok, text, spans)
             # 2 = answer token (loss, and the curriculum's criterion); 1 = context token with loss
             m = [2 if a else (1 if r["context_loss"] else 0) for a in m]
@@ -283,6 +296,10 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     n_tok = 0
     ema = None
     curriculum = 0.0
+    # recall: the lr schedule up to the gate (the look-up forming) is the one of `lr_horizon` steps
+    # whatever `steps` is; a longer run stretches only the schedule after the gate (`_schedule_step`)
+    horizon = r["steps"] if task != "recall" else min(r["steps"], r.get("lr_horizon", r["steps"]))
+    gate_step = None
     bar = tqdm(range(r["steps"]), desc=f"train {task}-{role}", disable=not progress,
                mininterval=5.0, file=sys.stderr)
     for step in bar:
@@ -294,13 +311,16 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
             # which does not depend on the length, and a loss gate at every step stalled the
             # curriculum (the loss over ever longer contexts hovers at the gate)
             if curriculum > 0 or (ema is not None and ema < r["ramp_loss"]):
+                if gate_step is None:
+                    gate_step = step
                 curriculum += 1.0 / r["ramp_steps"]
             ids, masks = recall_batch(tok, rng, curriculum, r)
         else:
             ids, masks = arith_batch(tok, rng, r["batch"], style)
         inp, att, lab = _collate(ids, masks, tok.pad_token_id)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, r["steps"], r["lr"], r["warmup"])
+            g["lr"] = _lr_at(_schedule_step(step, r["steps"], horizon, gate_step), horizon,
+                             r["lr"], r["warmup"])
         if task == "recall":
             answer_only = r["answer_softmax"] and curriculum == 0
             loss, answer_loss = _recall_losses(model, inp, att, lab, ids, masks,
@@ -332,7 +352,7 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     metrics.update(
         task=task, role=role, style=style, seed=seed, steps=r["steps"],
         steps_run=min(r["steps"], stop_after) if stop_after is not None else r["steps"], lr=r["lr"], params=n_params,
-        final_loss=None if ema is None else round(ema, 5), curriculum=round(curriculum, 4), train_seconds=round(train_s, 1),
+        final_loss=None if ema is None else round(ema, 5), curriculum=round(curriculum, 4), gate_step=gate_step, train_seconds=round(train_s, 1),
         train_cpu_seconds=round(train_cpu_s, 1),
         eval_seconds=round(time.time() - t1, 1), tokens_seen=n_tok,
         recipe={k: v for k, v in r.items()})
