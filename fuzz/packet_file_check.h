@@ -40,7 +40,13 @@ inline bool check_packet_file_bytes(const uint8_t* data, size_t size) {
   if (!why.empty()) return false;
   if (header.header_bytes + header.payload_bytes != file.size()) std::abort();
   if (header.meta.payload_bytes() != header.payload_bytes) std::abort();
-  if (header.meta.token_ids.size() != static_cast<size_t>(header.meta.num_tokens)) std::abort();
+  const PacketMeta& m = header.meta;
+  if (m.kept.empty() ? m.token_ids.size() != static_cast<size_t>(m.num_tokens)
+                     : (m.kept.size() != static_cast<size_t>(m.num_tokens) || m.pruning.empty()))
+    std::abort();
+  for (size_t i = 0; i < m.kept.size(); ++i)
+    if (m.kept[i] < 0 || static_cast<size_t>(m.kept[i]) >= m.token_ids.size() || (i && m.kept[i] <= m.kept[i - 1]))
+      std::abort();
   if (crc32c(file.data() + header.header_bytes, header.payload_bytes) != header.payload_crc) std::abort();
   return true;
 }

@@ -33,8 +33,23 @@ void PacketMeta::validate() const {
                "packet layout must be positive: num_layers=" << num_layers << " num_kv_heads=" << num_kv_heads
                                                             << " head_dim=" << head_dim);
   SCRIMP_CHECK(num_tokens > 0, "a packet needs at least one token, got num_tokens=" << num_tokens);
-  SCRIMP_CHECK(static_cast<int64_t>(token_ids.size()) == num_tokens,
-               "token_ids has " << token_ids.size() << " entries but num_tokens=" << num_tokens);
+  if (kept.empty()) {
+    SCRIMP_CHECK(static_cast<int64_t>(token_ids.size()) == num_tokens,
+                 "token_ids has " << token_ids.size() << " entries but num_tokens=" << num_tokens);
+  } else {
+    SCRIMP_CHECK(!pruning.empty(), "a pruned packet (kept given) needs a non-empty pruning rule");
+    SCRIMP_CHECK(static_cast<int64_t>(kept.size()) == num_tokens,
+                 "kept has " << kept.size() << " entries but num_tokens=" << num_tokens);
+    for (std::size_t i = 0; i < kept.size(); ++i) {
+      SCRIMP_CHECK(kept[i] >= 0 && kept[i] < static_cast<int64_t>(token_ids.size()),
+                   "kept[" << i << "] = " << kept[i] << " is not an index into the " << token_ids.size()
+                           << " token_ids");
+      SCRIMP_CHECK(i == 0 || kept[i] > kept[i - 1], "kept must be strictly increasing (kept[" << i << "] = "
+                                                        << kept[i] << " after " << kept[i - 1] << ")");
+    }
+  }
+  SCRIMP_CHECK(!kept.empty() || pruning.empty(),
+               "pruning rule '" << pruning << "' given without kept indices");
   SCRIMP_CHECK(position_start >= 0, "position_start must be >= 0, got " << position_start);
   SCRIMP_CHECK(static_cast<int64_t>(inv_freq.size()) * 2 <= head_dim,
                "inv_freq has " << inv_freq.size() << " entries; at most head_dim/2 = " << head_dim / 2);
@@ -52,6 +67,16 @@ void PacketMeta::validate() const {
 }
 
 PacketKey packet_key(const std::string& fp, const std::string& adapter, const int64_t* ids, int64_t n) {
+  return packet_key(fp, adapter, ids, n, std::string());
+}
+
+PacketKey packet_key(const PacketMeta& m) {
+  return packet_key(m.model_fingerprint, m.adapter_id, m.token_ids.data(), static_cast<int64_t>(m.token_ids.size()),
+                    m.pruning);
+}
+
+PacketKey packet_key(const std::string& fp, const std::string& adapter, const int64_t* ids, int64_t n,
+                     const std::string& pruning) {
   Sha256 h;
   const char domain[] = "scrimp-kv-packet-key-v1";
   h.update(domain, sizeof(domain));
@@ -62,6 +87,13 @@ PacketKey packet_key(const std::string& fp, const std::string& adapter, const in
   h.update(adapter.data(), adapter.size());
   h.update(&ln, 8);
   if (n > 0) h.update(ids, static_cast<std::size_t>(n) * 8);
+  if (!pruning.empty()) {  // unpruned keys stay as they were (format v1 files keep their names)
+    const char tag[] = "pruning";
+    const uint64_t lp = pruning.size();
+    h.update(tag, sizeof(tag));
+    h.update(&lp, 8);
+    h.update(pruning.data(), pruning.size());
+  }
   return h.finish();
 }
 
@@ -454,8 +486,7 @@ PacketKey put_impl(const std::shared_ptr<StoreState>& state, const PacketMeta& m
                    Device device, std::shared_ptr<Buffer> owned) {
   meta_in.validate();
   SCRIMP_CHECK(payload != nullptr, "put_payload: null payload");
-  const PacketKey key = packet_key(meta_in.model_fingerprint, meta_in.adapter_id, meta_in.token_ids.data(),
-                                   meta_in.num_tokens);
+  const PacketKey key = packet_key(meta_in);
   StoreState& s = *state;
   const uint64_t bytes = meta_in.payload_bytes();
   {

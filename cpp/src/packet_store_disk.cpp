@@ -1,11 +1,11 @@
 // Disk format of a KV packet (little-endian):
 //   0   magic "SCRIMPKV"            8 bytes
-//   8   format version (1)          u32
+//   8   format version (2; 1 is read) u32
 //   12  header bytes H              u32  (everything before the payload, header checksum included)
 //   16  payload bytes P             u64
 //   24  payload CRC32C              u32
 //   28  key (SHA-256)               32 bytes
-//   60  metadata                    (length-prefixed fields, see put_meta)
+//   60  metadata                    (length-prefixed fields, see put_meta; v2 adds pruning + kept)
 //   H-4 header CRC32C over [0, H-4) u32
 //   H   payload                     P bytes; file size must be exactly H + P
 // Written to "<dir>/.<hex>.tmp.<pid>.<n>", fsynced, renamed to "<dir>/<hex>.kvp", directory fsynced:
@@ -80,9 +80,12 @@ void put_meta(Writer& w, const PacketMeta& m) {
   w.u64(m.inv_freq.size());
   w.raw(m.inv_freq.data(), m.inv_freq.size() * 4);
   w.str(m.extra);
+  w.str(m.pruning);  // format v2
+  w.u64(m.kept.size());
+  w.raw(m.kept.data(), m.kept.size() * 8);
 }
 
-PacketMeta get_meta(Reader& r) {
+PacketMeta get_meta(Reader& r, uint32_t version) {
   PacketMeta m;
   m.model_fingerprint = r.str();
   m.adapter_id = r.str();
@@ -107,6 +110,13 @@ PacketMeta get_meta(Reader& r) {
   m.inv_freq.resize(nf);
   r.raw(m.inv_freq.data(), nf * 4);
   m.extra = r.str();
+  if (version >= 2) {
+    m.pruning = r.str();
+    const uint64_t nk = r.u64();
+    if (nk > (r.n - r.off) / 8) throw std::runtime_error("kept count runs past the header");
+    m.kept.resize(nk);
+    r.raw(m.kept.data(), nk * 8);
+  }
   return m;
 }
 
@@ -206,8 +216,8 @@ std::string parse_packet_header(const uint8_t* data, uint64_t available, uint64_
   std::memcpy(&H, data + 12, 4);
   std::memcpy(&P, data + 16, 8);
   std::memcpy(&pcrc, data + 24, 4);
-  if (version != kFormatVersion)
-    return "unsupported format version " + std::to_string(version) + " (this build reads " +
+  if (version != kFormatVersion && version != 1)
+    return "unsupported format version " + std::to_string(version) + " (this build reads 1 to " +
            std::to_string(kFormatVersion) + ")";
   if (H < kFixed + 4 || H > kMaxHeaderBytes || H > file_size) return "truncated or corrupt header";
   if (H > available) return "header of " + std::to_string(H) + " bytes not fully read";
@@ -222,15 +232,14 @@ std::string parse_packet_header(const uint8_t* data, uint64_t available, uint64_
   std::memcpy(h.key.data(), data + 28, 32);
   try {
     Reader r{data + kFixed, H - kFixed - 4};
-    h.meta = get_meta(r);
+    h.meta = get_meta(r, version);
     if (r.off != r.n) return "trailing bytes in the header";
     h.meta.validate();
   } catch (const std::exception& e) {
     return std::string("bad metadata: ") + e.what();
   }
   if (h.meta.payload_bytes() != P) return "payload size does not match the metadata";
-  const PacketKey expect = packet_key(h.meta.model_fingerprint, h.meta.adapter_id, h.meta.token_ids.data(),
-                                      static_cast<int64_t>(h.meta.token_ids.size()));
+  const PacketKey expect = packet_key(h.meta);
   if (expect != h.key) return "the stored key does not match the metadata";
   h.payload_bytes = P;
   h.payload_crc = pcrc;

@@ -35,7 +35,7 @@ void copy_kv_rows(void* dst, Device dst_dev, const TensorView& src, std::size_t 
 int cuda_devices();
 
 // ---- disk format (see packet_store_disk.cpp) ----
-constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kFormatVersion = 2;  // 2: pruned packets (pruning rule + kept indices); 1 is still read
 std::string packet_file_name(const PacketKey& key);  // "<64 hex>.kvp"
 uint64_t packet_file_bytes(const PacketMeta& meta);  // exact size of the file write_packet_file makes
 // Writes atomically (temp file, fsync, rename, fsync dir). Returns "" or an error message.

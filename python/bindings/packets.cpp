@@ -48,6 +48,8 @@ py::dict meta_dict(const scrimp::PacketMeta& m) {
   d["rope_layout"] = std::string(m.rope_layout == scrimp::RopeLayout::Half ? "half" : "interleaved");
   d["inv_freq"] = m.inv_freq;
   d["extra"] = m.extra;
+  d["pruning"] = m.pruning;
+  d["kept"] = m.kept;
   return d;
 }
 
@@ -103,7 +105,7 @@ scrimp::PacketHandle& live(scrimp::PacketHandle& h) {
 std::string store_put(scrimp::PacketStore& s, const std::string& fingerprint, const std::string& adapter_id,
                       const std::vector<int64_t>& token_ids, int64_t position_start, const std::string& layout,
                       const std::vector<float>& inv_freq, const std::string& extra, const py::list& keys,
-                      const py::list& values) {
+                      const py::list& values, const std::vector<int64_t>& kept, const std::string& pruning) {
   std::vector<std::unique_ptr<BorrowedTensor>> keep;
   std::vector<scrimp::TensorView> ks, vs;
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -131,6 +133,8 @@ std::string store_put(scrimp::PacketStore& s, const std::string& fingerprint, co
   m.rope_layout = layout_from_name(layout);
   m.inv_freq = inv_freq;
   m.extra = extra;
+  m.kept = kept;
+  m.pruning = pruning;
   scrimp::PacketKey key;
   {
     py::gil_scoped_release release;
@@ -268,7 +272,8 @@ SCRIMP_BINDINGS(packets) {
            py::arg("path"), py::arg("gpu_bytes"), py::arg("host_bytes"), py::arg("disk_bytes"), py::arg("cuda_device") = 0,
            py::arg("fsync") = true, py::arg("verify_on_open") = false)
       .def("put", &store_put, py::arg("fingerprint"), py::arg("adapter_id"), py::arg("token_ids"), py::arg("position_start"),
-           py::arg("layout"), py::arg("inv_freq"), py::arg("extra"), py::arg("keys"), py::arg("values"))
+           py::arg("layout"), py::arg("inv_freq"), py::arg("extra"), py::arg("keys"), py::arg("values"),
+           py::arg("kept") = std::vector<int64_t>(), py::arg("pruning") = "")
       .def("get", &store_get, py::arg("key"), py::arg("tier") = "host", py::arg("fingerprint") = py::none(),
            py::arg("adapter_id") = py::none(), py::arg("dtype") = py::none(), py::arg("num_layers") = py::none(),
            py::arg("num_kv_heads") = py::none(), py::arg("head_dim") = py::none())
@@ -308,9 +313,10 @@ SCRIMP_BINDINGS(packets) {
       .def("take_messages", &scrimp::PacketStore::take_messages, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("gpu_enabled", &scrimp::PacketStore::gpu_enabled);
 
-  m.def("packet_key", [](const std::string& fp, const std::string& adapter, const std::vector<int64_t>& ids) {
-    return scrimp::key_hex(scrimp::packet_key(fp, adapter, ids.data(), static_cast<int64_t>(ids.size())));
-  }, py::arg("fingerprint"), py::arg("adapter_id"), py::arg("token_ids"));
+  m.def("packet_key", [](const std::string& fp, const std::string& adapter, const std::vector<int64_t>& ids,
+                         const std::string& pruning) {
+    return scrimp::key_hex(scrimp::packet_key(fp, adapter, ids.data(), static_cast<int64_t>(ids.size()), pruning));
+  }, py::arg("fingerprint"), py::arg("adapter_id"), py::arg("token_ids"), py::arg("pruning") = "");
   m.def("sha256_hex", [](const py::bytes& b) {
     std::string s = b;
     return scrimp::Sha256::hex(scrimp::Sha256::hash(s.data(), s.size()));

@@ -5,11 +5,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <thread>
@@ -407,6 +409,117 @@ TEST(PacketStoreDisk, ReopenRebuildsTheIndex) {
     ASSERT_TRUE(h);
     EXPECT_TRUE(payload_ok(h, i));
   }
+}
+
+// ---- pruned packets (score-based pruning keeps some tokens; format v2) ----
+PacketMeta make_pruned_meta(int64_t seed) {
+  PacketMeta m = make_meta(seed, 8);  // a wrapped document of 8 tokens ...
+  m.kept = {0, 2, 5, 7};              // ... of which the payload holds 4
+  m.num_tokens = 4;
+  m.pruning = "key_norm:0.5";
+  m.position_start = 3;
+  return m;
+}
+
+bool throws_value_error(const PacketMeta& m) {
+  try {
+    m.validate();
+  } catch (const Error& e) {
+    return e.kind() == ErrorKind::Value;
+  }
+  return false;
+}
+
+TEST(PacketStore, PrunedPacketKeyPositionsAndValidation) {
+  PacketStore s(PacketStoreConfig{});
+  const PacketMeta m = make_pruned_meta(2);
+  auto p = make_payload(2, m);
+  const PacketKey k = s.put_payload(m, p.data(), Device{});
+  EXPECT_EQ(k, packet_key(m));
+  EXPECT_EQ(k, packet_key(m.model_fingerprint, m.adapter_id, m.token_ids.data(), 8, "key_norm:0.5"));
+  // never the key of the full packet of the same document, nor of another rule
+  EXPECT_NE(k, packet_key(m.model_fingerprint, m.adapter_id, m.token_ids.data(), 8));
+  EXPECT_NE(k, packet_key(m.model_fingerprint, m.adapter_id, m.token_ids.data(), 8, "key_norm:0.6"));
+  // "" is exactly the unpruned key
+  EXPECT_EQ(packet_key(m.model_fingerprint, m.adapter_id, m.token_ids.data(), 8, ""),
+            packet_key(m.model_fingerprint, m.adapter_id, m.token_ids.data(), 8));
+  PacketHandle h = s.get(k);
+  ASSERT_TRUE(h);
+  EXPECT_TRUE(payload_ok(h, 2));
+  EXPECT_EQ(h.bytes(), pkt_bytes(4));
+  EXPECT_EQ(h.meta().kept, m.kept);
+  EXPECT_EQ(h.meta().position(0), 3);
+  EXPECT_EQ(h.meta().position(3), 10);
+  EXPECT_EQ(make_meta(1, 5).position(4), 4);
+
+  PacketMeta bad = m;
+  bad.kept = {0, 2, 2, 7};  // not strictly increasing
+  EXPECT_TRUE(throws_value_error(bad));
+  bad.kept = {0, 2, 5, 8};  // past the 8 token ids
+  EXPECT_TRUE(throws_value_error(bad));
+  bad.kept = {-1, 2, 5, 7};
+  EXPECT_TRUE(throws_value_error(bad));
+  bad.kept = {0, 2, 5};  // != num_tokens
+  EXPECT_TRUE(throws_value_error(bad));
+  bad = m;
+  bad.pruning = "";  // kept without a rule
+  EXPECT_TRUE(throws_value_error(bad));
+  bad = make_meta(1, 5);
+  bad.pruning = "key_norm:0.5";  // a rule without kept
+  EXPECT_TRUE(throws_value_error(bad));
+  EXPECT_THROW(s.put_payload(bad, p.data(), Device{}), Error);
+  EXPECT_EQ(s.stats().packets, 1u);
+}
+
+TEST(PacketStoreDisk, PrunedPacketSurvivesReopenAndVersion1FilesAreRead) {
+  TmpDir dir;
+  PacketKey kp, k1;
+  {
+    PacketStore s(disk_cfg(dir.path));
+    const PacketMeta m = make_pruned_meta(4);
+    auto p = make_payload(4, m);
+    kp = s.put_payload(m, p.data(), Device{});
+    k1 = put_seed(s, 5, 6);
+  }
+  // Rewrite the unpruned packet's file as format version 1 (no pruning fields): what a store written
+  // by an earlier build holds. v2 appends an empty pruning string (8-byte length) and a 0 kept count.
+  const std::string path = dir.path + "/" + key_hex(k1) + ".kvp";
+  std::vector<uint8_t> f;
+  {
+    std::ifstream in(path, std::ios::binary);
+    f.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  uint32_t version, H;
+  std::memcpy(&version, f.data() + 8, 4);
+  std::memcpy(&H, f.data() + 12, 4);
+  ASSERT_EQ(version, 2u);
+  std::vector<uint8_t> zeros(16, 0);
+  ASSERT_TRUE(std::equal(zeros.begin(), zeros.end(), f.begin() + (H - 4 - 16)));
+  f.erase(f.begin() + (H - 4 - 16), f.begin() + (H - 4));
+  const uint32_t v1 = 1, H1 = H - 16;
+  std::memcpy(f.data() + 8, &v1, 4);
+  std::memcpy(f.data() + 12, &H1, 4);
+  const uint32_t crc = crc32c(f.data(), H1 - 4);
+  std::memcpy(f.data() + H1 - 4, &crc, 4);
+  {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(f.data()), static_cast<std::streamsize>(f.size()));
+  }
+  PacketStoreConfig c = disk_cfg(dir.path);
+  c.verify_on_open = true;
+  PacketStore s(c);
+  EXPECT_TRUE(s.messages().empty());
+  EXPECT_EQ(s.stats().packets, 2u);
+  PacketHandle hp = s.get(kp), h1 = s.get(k1);
+  ASSERT_TRUE(hp);
+  ASSERT_TRUE(h1);
+  EXPECT_TRUE(payload_ok(hp, 4));
+  EXPECT_TRUE(payload_ok(h1, 5));
+  EXPECT_EQ(hp.meta().kept, (std::vector<int64_t>{0, 2, 5, 7}));
+  EXPECT_EQ(hp.meta().pruning, "key_norm:0.5");
+  EXPECT_EQ(hp.meta().token_ids.size(), 8u);
+  EXPECT_TRUE(h1.meta().kept.empty());
+  EXPECT_TRUE(h1.meta().pruning.empty());
 }
 
 TEST(PacketStoreDisk, CorruptPayloadIsDetectedOnGetAndNeverServed) {

@@ -5,7 +5,12 @@
 //
 // Payload layout of a packet (one contiguous buffer, `dtype` elements):
 //   [num_layers][2 (K, V)][num_kv_heads][num_tokens][head_dim]
-// Key of a packet: SHA-256 over (model fingerprint, adapter id, token ids), see packet_key().
+// Key of a packet: SHA-256 over (model fingerprint, adapter id, token ids[, pruning]), see packet_key().
+//
+// A pruned packet (score-based KV pruning, e.g. key norm) keeps only some of its document's tokens:
+// `token_ids` still lists the whole wrapped document (its identity and key), `kept` the indices into
+// it of the `num_tokens` tokens whose K/V the payload holds, and `pruning` names the rule that chose
+// them (part of the key, so the pruned and the full packet of a document never share a key).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -29,12 +34,19 @@ struct PacketMeta {
   int32_t head_dim = 0;
   int64_t num_tokens = 0;
   int64_t position_start = 0;     // the keys were rotated for positions start .. start+num_tokens-1
-  std::vector<int64_t> token_ids; // [num_tokens] (part of the key)
+                                  // (pruned: start + kept[i] for payload token i)
+  std::vector<int64_t> token_ids; // [num_tokens], or [document tokens] when pruned (part of the key)
+  std::vector<int64_t> kept;      // pruned: [num_tokens] strictly increasing indices into token_ids;
+                                  // empty: not pruned
+  std::string pruning;            // pruned: the rule that chose `kept` (non-empty, part of the key)
   RopeLayout rope_layout = RopeLayout::Half;
   std::vector<float> inv_freq;    // [rotary_dim / 2]: what moving the packet needs
   std::string extra;              // free-form caller metadata (e.g. JSON), stored verbatim
 
   uint64_t payload_bytes() const;
+  bool pruned() const { return !kept.empty(); }
+  // The position payload token i was rotated for.
+  int64_t position(int64_t i) const { return position_start + (kept.empty() ? i : kept[static_cast<std::size_t>(i)]); }
   // Throws ValueError/TypeError on an inconsistent description.
   void validate() const;
 };
@@ -42,6 +54,10 @@ struct PacketMeta {
 using PacketKey = Sha256::Digest;
 PacketKey packet_key(const std::string& model_fingerprint, const std::string& adapter_id,
                      const int64_t* token_ids, int64_t n);
+// With a pruning rule ("" gives the key above): the key of the packet of these tokens pruned by it.
+PacketKey packet_key(const std::string& model_fingerprint, const std::string& adapter_id,
+                     const int64_t* token_ids, int64_t n, const std::string& pruning);
+PacketKey packet_key(const PacketMeta& meta);  // the key a packet with this metadata is stored under
 std::string key_hex(const PacketKey& key);
 PacketKey key_from_hex(const std::string& hex);  // ValueError unless 64 hex digits
 

@@ -3,6 +3,7 @@ all through :func:`scrimp.testbed.evaluate` with a different ``generate_fn``."""
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 import time
@@ -42,6 +43,24 @@ def llama8b_config():
                        num_key_value_heads=8, head_dim=128, vocab_size=128256)
 
 
+#: ``kvpacket-<score>-<percent kept>``: KV Packet with pruned packets (e.g. kvpacket-knorm-50)
+_PRUNED = re.compile(r"^kvpacket-(knorm|attn)-(\d{1,3})$")
+_PRUNE_SCORES = {"knorm": "key_norm", "attn": "attention"}
+
+
+def pruning_of(name: str):
+    """The :class:`~scrimp.packets.prune.Pruning` a method name asks for, or None."""
+    from .prune import Pruning
+
+    m = _PRUNED.match(name)
+    if m is None:
+        return None
+    pct = int(m.group(2))
+    if not 0 < pct <= 100:
+        raise ValueError(f"{name}: the kept percentage must be in 1..100, got {pct}")
+    return Pruning(score=_PRUNE_SCORES[m.group(1)], keep=pct / 100)
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else float("nan")
@@ -59,8 +78,9 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
     out = out if out is not None else sys.stdout
     all_methods = ["full", "none", "kvpacket"] + [f"cacheblend-{int(r * 100)}" for r in cacheblend_ratios] + ["epic"]
     methods = list(methods or all_methods)
-    if "kvpacket" in methods and adapters is None:
-        raise ValueError("kvpacket needs adapters (train them with `scrimp packets train`)")
+    for name in methods:
+        if (name == "kvpacket" or pruning_of(name)) and adapters is None:
+            raise ValueError(f"{name} needs adapters (train them with `scrimp packets train`)")
     store = None
     rows = []
     ex0 = testbed.tasks.recall(seed=seed * 1_000_003, context_tokens=context_tokens, tokenizer=tokenizer)
@@ -74,16 +94,20 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
     for name in methods:
         t0 = time.time()
         recomputed = 0.0
+        eng = None
         if name == "full":
             ttfts: List[float] = []
             fn = M.full_recompute_generate(ttfts)
             logit_fn = lambda p: M.full_first_token_logits(model, p)  # noqa: E731
             flops = M.method_flops(cfg, "full", doc_lens)
-        elif name in ("none", "kvpacket"):
-            eng = M.PacketEngine(model, tokenizer, adapters if name == "kvpacket" else None)
+        elif name in ("none", "kvpacket") or pruning_of(name):
+            pruning = pruning_of(name)
+            eng = M.PacketEngine(model, tokenizer, adapters if name != "none" else None, pruning=pruning)
             fn, ttfts, logit_fn = eng.generate, eng.ttfts, eng.first_token_logits
-            flops = M.method_flops(cfg, name, doc_lens, n_header=adapters.n_header if name == "kvpacket" else 0,
-                                   n_trailer=adapters.n_trailer if name == "kvpacket" else 0)
+            kept_lens = doc_lens if pruning is None else [pruning.n_keep(n) for n in doc_lens]
+            flops = M.method_flops(cfg, "none" if name == "none" else "kvpacket", kept_lens,
+                                   n_header=adapters.n_header if name != "none" else 0,
+                                   n_trailer=adapters.n_trailer if name != "none" else 0)
         elif name.startswith("cacheblend-"):
             r = int(name.split("-")[1]) / 100
             sr = M.SelectiveRecompute(model, tokenizer, ratio=r)
@@ -94,11 +118,15 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
             fn, ttfts, logit_fn = sr.generate, sr.ttfts, sr.first_token_logits
             flops = M.method_flops(cfg, "epic", doc_lens, first_k=epic_k)
         else:
-            raise ValueError(f"unknown method {name!r}; valid: {', '.join(all_methods)}")
-        kind = {"full": "full", "none": "none", "kvpacket": "kvpacket", "epic": "epic"}.get(name, "cacheblend")
-        flops_big = M.method_flops(big, kind, doc_lens, ratio=int(name.split("-")[1]) / 100 if kind == "cacheblend" else 0.0,
-                                   first_k=epic_k, n_header=adapters.n_header if name == "kvpacket" else 0,
-                                   n_trailer=adapters.n_trailer if name == "kvpacket" else 0)
+            raise ValueError(f"unknown method {name!r}; valid: {', '.join(all_methods)}, "
+                             "kvpacket-knorm-<pct>, kvpacket-attn-<pct>")
+        kind = {"full": "full", "none": "none", "kvpacket": "kvpacket", "epic": "epic"}.get(
+            name, "kvpacket" if pruning_of(name) else "cacheblend")
+        with_adapters = kind == "kvpacket"
+        flops_big = M.method_flops(big, kind, kept_lens if with_adapters else doc_lens,
+                                   ratio=int(name.split("-")[1]) / 100 if kind == "cacheblend" else 0.0,
+                                   first_k=epic_k, n_header=adapters.n_header if with_adapters else 0,
+                                   n_trailer=adapters.n_trailer if with_adapters else 0)
         res = testbed.evaluate(model, tokenizer, "recall", n=n, seed=seed, context_tokens=context_tokens, generate_fn=fn)
         kl = agree = float("nan")
         if fidelity:
@@ -110,7 +138,9 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
                 agr.append(int(fl.argmax()) == int(ml.argmax()))
             kl, agree = sum(kls) / len(kls), sum(agr) / len(agr)
         row = {"method": name, "n": n, "accuracy": res["accuracy"], "ttft_ms": 1000 * _median(ttfts),
-               "flops": flops, "flops_llama8b": flops_big, "kl": kl, "agree": agree, "seconds": time.time() - t0}
+               "flops": flops, "flops_llama8b": flops_big, "kl": kl, "agree": agree, "seconds": time.time() - t0,
+               # bytes of all packets this method stored for the n prompts (packet methods only)
+               "packet_bytes": eng.store.stats()["bytes_host"] if eng is not None else None}
         rows.append(row)
         print(f"  {name:<14} acc {100 * row['accuracy']:5.1f}%  KL {kl:.4f}  agree {100 * agree:5.1f}%  "
               f"ttft {row['ttft_ms']:7.1f} ms  "
@@ -121,10 +151,11 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
 def format_table(rows: List[Dict], anchor: str = "full") -> str:
     base = next((r for r in rows if r["method"] == anchor), rows[0])
     hdr = (f"{'method':<14} {'accuracy':>9} {'vs full':>8} {'KL->full':>9} {'top1=full':>9} {'TTFT ms':>9} "
-           f"{'TTFT x':>7} {'prep FLOPs':>11} {'FLOPs x':>9} {'@Llama-8B':>10}")
+           f"{'TTFT x':>7} {'prep FLOPs':>11} {'FLOPs x':>9} {'@Llama-8B':>10} {'packets MiB':>11}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(f"{r['method']:<14} {100 * r['accuracy']:8.1f}% {100 * (r['accuracy'] - base['accuracy']):+7.1f} "
                      f"{r.get('kl', float('nan')):9.4f} {100 * r.get('agree', float('nan')):8.1f}% {r['ttft_ms']:9.1f} {r['ttft_ms'] / base['ttft_ms']:7.2f} {r['flops']:11.3g} "
-                     f"{r['flops'] / base['flops']:9.2g} {r['flops_llama8b']:10.3g}")
+                     f"{r['flops'] / base['flops']:9.2g} {r['flops_llama8b']:10.3g} "
+                     + (f"{r['packet_bytes'] / 2**20:11.2f}" if r.get("packet_bytes") is not None else f"{'-':>11}"))
     return "\n".join(lines)

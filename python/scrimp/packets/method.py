@@ -231,8 +231,15 @@ def packet_positions(prefix_len: int, doc_lens: Sequence[int], n_header: int = 0
 
 
 @torch.no_grad()
-def build_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Adapters] = None):
-    """Prefill ``[header, doc, trailer]`` alone from position 0; returns (K, V) per layer."""
+def build_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Adapters] = None, pruning=None):
+    """Prefill ``[header, doc, trailer]`` alone from position 0; returns (K, V) per layer, each
+    ``[1, kv_heads, tokens, head_dim]``. With a :class:`~scrimp.packets.prune.Pruning` returns
+    ``(layers, kept)``: only the kept tokens' K/V (every adapter token, the best-scored document
+    tokens) and their indices into the wrapped packet."""
+    from .prune import Pruning, attention_scores, key_norm_scores
+
+    if pruning is not None and not isinstance(pruning, Pruning):
+        raise TypeError(f"pruning must be a scrimp.packets.prune.Pruning or None, got {type(pruning).__name__}")
     dev = _device(model)
     ids = torch.tensor([list(doc_ids)], dtype=torch.long, device=dev)
     x = _embed(model, ids)
@@ -240,7 +247,19 @@ def build_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Adapters] 
         x = adapters.wrap(x)
     pos = torch.arange(x.shape[1], device=dev)[None]
     out = _forward(model, inputs_embeds=x, position_ids=pos, use_cache=True, cache=_new_cache(model))
-    return _layers_of(_out_cache(out))
+    layers = _layers_of(_out_cache(out))
+    if pruning is None:
+        return layers
+    nh = adapters.n_header if adapters is not None else 0
+    nt = adapters.n_trailer if adapters is not None else 0
+    start, end = nh, nh + len(doc_ids)
+    if pruning.score == "key_norm":
+        scores = key_norm_scores(layers, start, end)
+    else:
+        scores = attention_scores(model, x, pos, start, end, pruning.window, nt)
+    kept = pruning.kept(scores, nh, nt)
+    idx = torch.tensor(kept, dtype=torch.long, device=dev)
+    return [(k.index_select(2, idx), v.index_select(2, idx)) for k, v in layers], kept
 
 
 def _new_cache(model):
@@ -284,7 +303,13 @@ class PacketEngine:
     the store are built on first use (offline work, not part of the time to first token).
     """
 
-    def __init__(self, model, tokenizer, adapters: Optional[Adapters] = None, store: Optional[PacketStore] = None):
+    def __init__(self, model, tokenizer, adapters: Optional[Adapters] = None, store: Optional[PacketStore] = None,
+                 pruning=None):
+        from .prune import Pruning
+
+        if pruning is not None and not isinstance(pruning, Pruning):
+            raise TypeError(f"pruning must be a scrimp.packets.prune.Pruning or None, got {type(pruning).__name__}")
+        self.pruning = pruning
         self.model = model
         self.tokenizer = tokenizer
         self.adapters = adapters
@@ -309,15 +334,19 @@ class PacketEngine:
         from .store import packet_key
 
         toks = self._packet_tokens(doc)
-        key = packet_key(toks, self.fingerprint, self.adapter_id)
+        rule = self.pruning.rule if self.pruning is not None else ""
+        key = packet_key(toks, self.fingerprint, self.adapter_id, rule)
         L, H, D = self.layout
         dev = _device(self.model)
         p = self.store.get(key, device=dev, model_fingerprint=self.fingerprint, adapter_id=self.adapter_id,
                            num_layers=L, num_kv_heads=H, head_dim=D)
         if p is None:
-            kv = build_packet_kv(self.model, doc, self.adapters)
+            if self.pruning is None:
+                kv, kept = build_packet_kv(self.model, doc, self.adapters), None
+            else:
+                kv, kept = build_packet_kv(self.model, doc, self.adapters, self.pruning)
             self.store.put(kv, toks, model_fingerprint=self.fingerprint, adapter_id=self.adapter_id,
-                           inv_freq=self.inv_freq)
+                           inv_freq=self.inv_freq, kept=kept, pruning=rule)
             self.built += 1
             p = self.store.get(key, device=dev)
         return p

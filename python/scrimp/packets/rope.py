@@ -133,10 +133,11 @@ def assemble(packets: Sequence, starts: Optional[Sequence[int]] = None, *, prefi
         P = plist[0][0].shape[-2]
     lens = [p.num_tokens for p in packets]
     if starts is None:
+        # back to back: a pruned packet still spans the positions of its whole document
         starts, pos = [], P
-        for n in lens:
+        for p in packets:
             starts.append(pos)
-            pos += n
+            pos += len(p.meta["token_ids"])
     starts = [int(s) for s in starts]
     if len(starts) != len(packets):
         raise ValueError(f"assemble: {len(packets)} packets but {len(starts)} starts")

@@ -21,9 +21,12 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
 
-def packet_key(token_ids, model_fingerprint: str, adapter_id: str = "") -> str:
-    """The key (64 hex digits) a packet of ``token_ids`` for this model and adapter is stored under."""
-    return _C.packet_key(str(model_fingerprint), str(adapter_id), _ids_list(token_ids))
+def packet_key(token_ids, model_fingerprint: str, adapter_id: str = "", pruning: str = "") -> str:
+    """The key (64 hex digits) a packet of ``token_ids`` for this model and adapter is stored under
+    (``pruning``: the rule a pruned packet was pruned by; "" for a full packet)."""
+    if not isinstance(pruning, str):
+        raise TypeError(f"pruning must be a str, got {type(pruning).__name__}")
+    return _C.packet_key(str(model_fingerprint), str(adapter_id), _ids_list(token_ids), pruning)
 
 
 def _ids_list(token_ids) -> List[int]:
@@ -90,7 +93,22 @@ class Packet:
 
     @property
     def token_ids(self) -> List[int]:
+        """The whole wrapped document's token ids (also for a pruned packet)."""
         return self.meta["token_ids"]
+
+    @property
+    def pruned(self) -> bool:
+        return bool(self.meta["kept"])
+
+    @property
+    def kept(self) -> List[int]:
+        """Indices into :attr:`token_ids` of the tokens the payload holds (all of them if not pruned)."""
+        return self.meta["kept"] or list(range(self.num_tokens))
+
+    @property
+    def positions(self) -> List[int]:
+        """The position each payload token's key was rotated for."""
+        return [self.position_start + i for i in self.kept]
 
     @property
     def extra(self) -> Any:
@@ -175,12 +193,15 @@ class PacketStore:
                                  cuda_device, fsync, verify_on_open)
 
     def put(self, kv, token_ids, *, model_fingerprint: str, adapter_id: str = "", position_start: int = 0,
-            inv_freq: Optional[torch.Tensor] = None, rope_layout: str = "half", extra: Any = None) -> str:
+            inv_freq: Optional[torch.Tensor] = None, rope_layout: str = "half", extra: Any = None,
+            kept: Optional[Sequence[int]] = None, pruning: str = "") -> str:
         """Store the KV of one wrapped document; returns its key.
 
         ``kv``: a transformers Cache or a sequence of ``(keys, values)`` per layer, each
         ``[1, kv_heads, tokens, head_dim]`` (float32/float16/bfloat16, CPU or CUDA).
         ``inv_freq``: the model's RoPE frequencies (``[rotary_dim / 2]``), needed to move the packet.
+        A pruned packet gives ``kept`` (strictly increasing indices into ``token_ids``, one per KV
+        token) and ``pruning`` (the rule that chose them; part of the key).
         """
         layers = _layers_of(kv)
         if not layers:
@@ -196,7 +217,17 @@ class PacketStore:
             ks.append(k.detach())
             vs.append(v.detach())
         n = ks[0].shape[-2]
-        if len(ids) != n:
+        if not isinstance(pruning, str):
+            raise TypeError(f"pruning must be a str, got {type(pruning).__name__}")
+        kept_l = [] if kept is None else _ids_list(kept)
+        if kept is None and pruning:
+            raise ValueError(f"pruning rule {pruning!r} given without kept indices")
+        if kept is not None:
+            if not pruning:
+                raise ValueError("a pruned packet (kept given) needs a non-empty pruning rule")
+            if len(kept_l) != n:
+                raise ValueError(f"kept has {len(kept_l)} indices but the KV holds {n} tokens")
+        elif len(ids) != n:
             raise ValueError(f"token_ids has {len(ids)} ids but the KV holds {n} tokens")
         if inv_freq is None:
             freqs: List[float] = []
@@ -208,7 +239,7 @@ class PacketStore:
             raise ValueError("model_fingerprint must be a non-empty str (see scrimp.packets.model_fingerprint)")
         extra_s = "" if extra is None else (extra if isinstance(extra, str) else json.dumps(extra))
         return self._s.put(model_fingerprint, str(adapter_id), ids, int(position_start), rope_layout, freqs,
-                           extra_s, ks, vs)
+                           extra_s, ks, vs, kept_l, pruning)
 
     def get(self, key: str, device="cpu", *, model_fingerprint: Optional[str] = None,
             adapter_id: Optional[str] = None, dtype: Optional[torch.dtype] = None,

@@ -46,7 +46,7 @@ RECIPES = {
         # past the 2,048 the model is evaluated at (with max_len 2048 they stopped at 1,676).
         max_pos=8192, steps=6000, lr=1e-3, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2432, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
-        queries_per_token=1 / 20, confusable_share=0.0, lr_horizon=6000),
+        queries_per_token=1 / 20, confusable_share=0.0, lr_horizon=6000, small_alphabet_share=0.0),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
         max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
@@ -118,10 +118,12 @@ def _encode_with_mask(tok, text, spans):
 INDUCTION_ALPHABET = string.ascii_uppercase + string.digits
 
 
-def induction_training_ids(tok, rng, length):
+def induction_training_ids(tok, rng, length, alphabet=INDUCTION_ALPHABET):
     """A dense induction sequence of about ``length`` tokens: ``<bos>`` and a random string S of
     letters and digits (55% of the length), then chunks of S (random start, 4-10 tokens), each after a
     ``<doc>`` separator. Returns (ids, mask) with mask 3 on every chunk token after the first.
+    ``alphabet`` (default: the 36 upper-case letters and digits) is what S is drawn from; a small one
+    makes short n-grams recur, so a chunk is found only by matching its longer prefix.
 
     Every masked token is predictable only by finding the chunk so far in S (n-gram induction at a
     random distance, no fixed offset to learn), so every one of them trains the circuit the recall
@@ -131,8 +133,10 @@ def induction_training_ids(tok, rng, length):
         raise TypeError(f"length must be an int, got {type(length).__name__}")
     if length < 16:
         raise ValueError(f"length must be >= 16 tokens (a string and one chunk), got {length}")
+    if not isinstance(alphabet, str) or len(set(alphabet)) < 2 or not set(alphabet) <= set(INDUCTION_ALPHABET):
+        raise ValueError(f"alphabet must be a str of >= 2 distinct letters/digits, got {alphabet!r}")
     n = max(12, int(length * 0.55))
-    s = "".join(rng.choice(INDUCTION_ALPHABET) for _ in range(n))
+    s = "".join(rng.choice(alphabet) for _ in range(n))
     ids = tok("<bos>" + s, add_special_tokens=False)["input_ids"]
     mask = [0] * len(ids)
     sep = tok.convert_tokens_to_ids("<doc>")
@@ -156,7 +160,16 @@ def recall_batch(tok, rng, progress, r):
     ids, masks = [], []
     for _ in range(bs):
         if rng.random() < r["induction_share"]:
-            i, m = induction_training_ids(tok, rng, L)
+            # after the look-up has formed, a share of the induction strings uses a random small
+            # alphabet (6-35 symbols): at 2,048 tokens a recall value's digits 2-3 are ambiguous given
+            # one or two digits (~29 / ~3 records share them), so the copy must match the whole
+            # "KEY=d1d2" prefix; over 36 symbols a 2-gram already identifies the chunk. No random
+            # draw happens before the gate, so the stream up to the look-up is unchanged.
+            share = r.get("small_alphabet_share", 0.0)
+            alphabet = INDUCTION_ALPHABET
+            if progress > 0 and share > 0 and rng.random() < share:
+                alphabet = "".join(rng.sample(INDUCTION_ALPHABET, rng.randint(6, 35)))
+            i, m = induction_training_ids(tok, rng, L, alphabet)
         else:
             # Many answered queries per sequence: far more look-up signal per forward pass.
             nq = max(1, min(32, int(L * r["queries_per_token"])))

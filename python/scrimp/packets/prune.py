@@ -1,0 +1,91 @@
+"""Score-based pruning of KV packets: keep the most useful document tokens, always the adapters.
+
+A packet of ``[header, doc, trailer]`` can be stored smaller by dropping document tokens whose K/V
+matter least (the paper: KV Packet composes with kvpress-style presses, adapter tokens pinned). The
+same tokens are dropped in every layer and head, so a pruned packet keeps the store's one-buffer
+layout ``[layers][K, V][kv_heads][kept tokens][head_dim]``; each kept key stays rotated for its
+original position (``PacketMeta.kept``), so assembly moves it by the same delta as an unpruned one
+and the context keeps the positions of the plain prompt.
+
+Scores (higher = kept), per document token, averaged over layers and KV heads:
+
+* ``key_norm``: minus the L2 norm of the key (KnormPress: low-norm keys draw the most attention).
+  Needs nothing beyond the packet's own KV.
+* ``attention``: the attention the observation window pays to the token (SnapKV-style), averaged
+  over layers and query heads. The window is the trailer (the adapter tokens, which see the whole
+  document) or, without adapters, the last ``window`` document tokens. Needs one eager forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+__all__ = ["Pruning", "SCORES"]
+
+SCORES = ("key_norm", "attention")
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Keep ``ceil(keep * n)`` of a packet's ``n`` document tokens (at least 1), chosen by ``score``."""
+    score: str = "key_norm"
+    keep: float = 0.5
+    window: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.score, str) or self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ValueError(f"keep must be a share in (0, 1], got {self.keep!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+
+    @property
+    def rule(self) -> str:
+        """The pruning rule as stored in the packet (part of its key)."""
+        w = f":w{self.window}" if self.score == "attention" else ""
+        return f"{self.score}:{self.keep:g}{w}"
+
+    def n_keep(self, n_doc: int) -> int:
+        return max(1, min(n_doc, math.ceil(self.keep * n_doc - 1e-9)))
+
+    def kept(self, scores: torch.Tensor, n_header: int, n_trailer: int) -> List[int]:
+        """Indices into the wrapped packet ``[header, doc, trailer]`` to keep: every adapter token and
+        the ``n_keep`` best-scored document tokens, in order. ``scores``: ``[n_doc]``."""
+        n_doc = scores.shape[0]
+        k = self.n_keep(n_doc)
+        # ties broken towards earlier tokens (stable, deterministic)
+        order = torch.sort(scores.double(), descending=True, stable=True).indices[:k]
+        doc = sorted(int(i) + n_header for i in order)
+        return list(range(n_header)) + doc + list(range(n_header + n_doc, n_header + n_doc + n_trailer))
+
+
+def key_norm_scores(layers: Sequence, start: int, end: int) -> torch.Tensor:
+    """``-mean ||k||`` over layers and KV heads for tokens ``start:end`` of ``[1, H, T, D]`` keys."""
+    norms = torch.stack([k[0, :, start:end].float().norm(dim=-1).mean(0) for k, _ in layers])
+    return -norms.mean(0)
+
+
+@torch.no_grad()
+def attention_scores(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, start: int, end: int,
+                     window: Optional[int], n_trailer: int) -> torch.Tensor:
+    """Attention from the observation window to tokens ``start:end``, mean over layers and heads.
+
+    The window is the last ``n_trailer`` tokens when there are adapters, else the last ``window``
+    document tokens (which then score each other too, as in SnapKV)."""
+    total = inputs_embeds.shape[1]
+    w0 = total - n_trailer if n_trailer > 0 else max(start, end - window)
+    impl = model.config._attn_implementation
+    try:
+        if impl != "eager":
+            model.set_attn_implementation("eager")  # the only implementation that returns weights
+        out = model(inputs_embeds=inputs_embeds, position_ids=position_ids, output_attentions=True, use_cache=False)
+    finally:
+        if impl != "eager":
+            model.set_attn_implementation(impl)
+    # attentions: per layer [1, heads, T, T]
+    per_layer = [a[0, :, w0:, start:end].float().mean(dim=(0, 1)) for a in out.attentions]
+    return torch.stack(per_layer).mean(0)
