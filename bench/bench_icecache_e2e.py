@@ -77,6 +77,13 @@ def main(argv=None):
                 row = {"L": L, "cache": impl, "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 print(f"L={L:>6} {impl:<9} failed: {row['error']}")
             res["rows"].append(row)
+        dyn, ice = (next((r for r in res["rows"] if r["L"] == L and r["cache"] == c and "error" not in r), None)
+                    for c in ("dynamic", "icecache"))
+        if dyn and ice:  # what IceCache adds to the prefill: clustering and the index build
+            over = (ice["prefill_s"] - dyn["prefill_s"]) / dyn["prefill_s"]
+            res.setdefault("prefill_overhead", {})[L] = over
+            print(f"L={L:>6} IceCache prefill overhead (clustering + index) {100 * over:+.1f}% of the dynamic "
+                  f"cache's prefill (target <= 10% at 32k)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -157,12 +157,35 @@ def decode_bench(device, L, Hq, H, D, budget, reps):
             "index_build_s_host": build_s}
 
 
+def cluster_bench(device, L, Hq, H, D, tokens_per_group, reps):
+    """Prefill clustering's device part at L tokens (one layer, all H KV heads): the coarse k-means
+    assignment (keys x centroids + argmax, `nearest_centroid`: CUTLASS tensor cores for bf16 when built
+    with them) for ceil(L / tokens_per_group) centroids, vs the anchor, the same layer's causal
+    prefill attention (SDPA over L tokens, Hq / H heads). The 10% target is for the whole clustering
+    at 32k tokens; this row is its assignment step (the host tree is `index_build_s_host` above)."""
+    dtype = torch.bfloat16
+    C = max(1, -(-L // tokens_per_group))
+    keys = torch.randn(H * L, D, dtype=dtype, device=device)
+    cen = torch.randn(H * C, D, dtype=dtype, device=device)[:C]
+    out = torch.empty(H * L, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    run = timer(device)
+    assign_ms = run(lambda: _C.nearest_centroid(keys, cen, out, stream), reps)
+    q = torch.randn(1, Hq, L, D, dtype=dtype, device=device)
+    k = torch.randn(1, H, L, D, dtype=dtype, device=device)
+    attn_ms = run(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True),
+                  max(1, reps // 2))
+    return {"L": L, "centroids": C, "assign_ms": assign_ms, "prefill_attention_ms": attn_ms,
+            "ratio": assign_ms / attn_ms, "cutlass": bool(_C.build_info()["cutlass"])}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--L", type=int, default=131072)
     ap.add_argument("--gather-mib", type=int, default=64)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--cluster-L", type=int, default=32768)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -182,6 +205,11 @@ def main(argv=None):
           f"(select on host {d['select_ms_host']:.3f} ms, paged attention {d['paged_attention_ms']:.3f} ms); "
           f"speedup {d['speedup']:.2f}x; with selection on the device {d['icecache_step_device_select_ms']:.3f} ms; "
           f"index build on host {d['index_build_s_host']:.2f} s")
+    c = cluster_bench(device, args.cluster_L, 32, 8, 128, 1024, args.reps)
+    res["cluster"] = c
+    print(f"3. prefill clustering, one layer, L={c['L']}, 8 KV heads, d=128, bf16: coarse assignment to "
+          f"{c['centroids']} centroids {c['assign_ms']:.3f} ms vs the layer's prefill attention "
+          f"{c['prefill_attention_ms']:.3f} ms: ratio {c['ratio']:.3f} (CUTLASS kernel: {c['cutlass']})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -13,13 +13,27 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 { nvidia-smi || true; } > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' | tee "$OUT/build_info.txt"
 
+# CUTLASS / CuTe headers for the tensor-core clustering kernel. The device machine has no network:
+# carry the wheel (pip download --no-deps nvidia-cutlass -d .carry; run with carry [".carry"]).
+if [ -z "${SCRIMP_CUTLASS_DIR:-}" ]; then
+  whl=$(ls .carry/nvidia_cutlass-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -n "$whl" ]; then
+    rm -rf /tmp/scrimp_cutlass && python3 -m zipfile -e "$whl" /tmp/scrimp_cutlass
+    export SCRIMP_CUTLASS_DIR=/tmp/scrimp_cutlass/cutlass_library/source/include
+  else
+    SCRIMP_CUTLASS_DIR=$(python3 -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))' 2>/dev/null || true)
+    export SCRIMP_CUTLASS_DIR
+  fi
+fi
+echo "CUTLASS headers: ${SCRIMP_CUTLASS_DIR:-none (plain CUDA clustering kernel)}" | tee -a "$OUT/build_info.txt"
+
 echo "== build (pip install, nvcc via CMake) =="
 python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 || {
   tail -n 60 "$OUT/build.log"
   echo "gpu_check: build failed (full log: $OUT/build.log)" >&2
   exit 1
 }
-grep -E "scrimp: CUDA backend|ptxas|warning" "$OUT/build.log" | tail -n 20 || true
+grep -E "scrimp: CUDA backend|scrimp: CUTLASS|ptxas|warning" "$OUT/build.log" | tail -n 20 || true
 
 # Run from outside the source tree so the installed package (with _C) is the one imported.
 python3 - <<'PY' 2>&1 | tee -a "$OUT/build_info.txt"

@@ -347,6 +347,9 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
 void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream) {
   SCRIMP_CUDA_CHECK(cudaSetDevice(keys.device.index));
   const int64_t N = keys.shape[0], C = centroids.shape[0], D = keys.shape[1];
+#if defined(SCRIMP_WITH_CUTLASS)
+  if (nearest_centroid_mma(keys, centroids, out, stream)) return;  // fp16 / bf16 on tensor cores
+#endif
   const unsigned blocks = static_cast<unsigned>((N * 32 + 255) / 256);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (keys.dtype) {

@@ -18,6 +18,9 @@ BuildInfo build_info() {
 #if defined(SCRIMP_WITH_CUDA)
   info.cuda_compiled = true;
   info.cuda_architectures = SCRIMP_CUDA_ARCHS;
+#if defined(SCRIMP_WITH_CUTLASS)
+  info.cutlass = true;
+#endif
   info.cuda_device_count = cuda::device_count(&info.cuda_status);
   info.cuda_device_usable = info.cuda_device_count > 0;
 #else

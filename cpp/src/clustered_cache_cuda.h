@@ -30,6 +30,9 @@ void paged_decode_attention(const PagedAttentionArgs& args);
 
 // out[n] = argmax_c keys[n] . centroids[c]; keys [N, D], centroids [C, D], same float dtype, CUDA.
 void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream);
+// The same on tensor cores, argmax fused into the GEMM epilogue (cuda/nearest_centroid_mma.cu; CUTLASS /
+// CuTe builds only). Returns false when it does not handle the input (float32, no CUTLASS).
+bool nearest_centroid_mma(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream);
 
 }  // namespace ice_cuda
 }  // namespace scrimp

@@ -46,6 +46,7 @@ py::dict build_info() {
   d["version"] = info.version;
   d["cuda_compiled"] = info.cuda_compiled;
   d["cuda_architectures"] = info.cuda_architectures;
+  d["cutlass"] = info.cutlass;
   d["cuda_device_usable"] = info.cuda_device_usable;
   d["cuda_device_count"] = info.cuda_device_count;
   d["cuda_status"] = info.cuda_status;

@@ -53,6 +53,40 @@ def test_nearest_centroid_cuda_matches_cpu(dtype):
     assert agree > 0.995  # ties / rounding order may differ on a handful of rows
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,C,D", [(1, 1, 32), (65, 3, 100), (200, 65, 128), (1000, 130, 64), (7, 200, 256)])
+def test_nearest_centroid_cuda_picks_a_best_centroid(dtype, N, C, D):
+    """Odd sizes for the tensor-core kernel (fp16/bf16 with CUTLASS: 64 x 64 tiles, D zero-padded to 32s):
+    the chosen centroid's float64 score is within the dtype's rounding of the best one, and where the
+    best is clear (gap above that tolerance) the choice equals the float64 argmax."""
+    g = torch.Generator().manual_seed(N + C + D)
+    k = (torch.randn(N, D, generator=g) * 3).to(dtype)
+    c = torch.randn(C, D, generator=g).to(dtype)
+    out = torch.full((N,), -1, dtype=torch.int32, device="cuda")
+    _C.nearest_centroid(k.cuda(), c.cuda(), out, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    out = out.cpu().long()
+    assert ((out >= 0) & (out < C)).all()
+    s = k.double() @ c.double().T  # [N, C], exact products of the rounded inputs
+    best = s.max(dim=1).values
+    # fp16 / bf16 products are exact in fp32 and every kernel accumulates in fp32: rounding of the sums only
+    tol = 1e-5 * (k.double().abs() @ c.double().abs().T).max(dim=1).values
+    chosen = s.gather(1, out[:, None])[:, 0]
+    assert (best - chosen <= tol + 1e-12).all()
+    top2 = s.topk(min(2, C), dim=1).values
+    clear = (top2[:, 0] - top2[:, -1] > 2 * tol) if C > 1 else torch.ones(N, dtype=torch.bool)
+    assert torch.equal(out[clear], s.argmax(dim=1)[clear])
+
+
+def test_nearest_centroid_ties_go_to_the_lowest_centroid():
+    k = torch.ones(70, 64, dtype=torch.bfloat16)
+    c = torch.ones(90, 64, dtype=torch.bfloat16)  # every score equal
+    out = torch.full((70,), -1, dtype=torch.int32, device="cuda")
+    _C.nearest_centroid(k.cuda(), c.cuda(), out, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert (out.cpu() == 0).all()
+
+
 def test_recall_gathers_pinned_pages_to_the_device():
     B, H, D, N, ps = 2, 4, 64, 300, 16
     idx = _C.ClusteredCache(B, H, 2 * H, D, ps, 32, 8, "bfloat16", True, "bounds")

@@ -543,3 +543,24 @@ def test_schedule_step_keeps_the_lr_before_the_gate_and_stretches_it_after():
     steps = [lr(s, 8000, 1216) for s in range(1216, 8000)]
     assert all(a >= b for a, b in zip(steps, steps[1:]))  # still decays monotonically
     assert train._schedule_step(3000, 6000, 6000, 1216) == 3000  # steps == horizon: the plain schedule
+
+
+def test_induction_strings_over_a_small_alphabet_only_after_the_look_up(tok):
+    """small_alphabet_share: induction strings over a random 6-35 symbol sub-alphabet (short n-grams
+    recur, so a chunk is found only by its longer prefix), drawn only after the curriculum starts; the
+    stream before it is the recipe's historical one. A bad alphabet is a clear error."""
+    import random
+    from scrimp.testbed import train
+
+    ids, mask = train.induction_training_ids(tok, random.Random(4), 400, alphabet="ABC123")
+    sep = tok.convert_tokens_to_ids("<doc>")
+    assert set(tok.decode(ids[1:ids.index(sep)])) <= set("ABC123")
+    for bad in ("", "A", "AAAA", "ab", 7):
+        with pytest.raises(ValueError, match="alphabet"):
+            train.induction_training_ids(tok, random.Random(0), 40, alphabet=bad)
+    base = dict(train.RECIPES[("recall", "teacher")], small_alphabet_share=0.0, induction_share=1.0)
+    small = dict(base, small_alphabet_share=1.0)
+    assert train.recall_batch(tok, random.Random(5), 0.0, base) == train.recall_batch(tok, random.Random(5), 0.0, small)
+    ids_s, _ = train.recall_batch(tok, random.Random(5), 0.5, small)
+    for seq in ids_s:  # every induction string of the batch uses fewer than the 36 symbols
+        assert len(set(tok.decode(seq[1:seq.index(sep)]))) < len(train.INDUCTION_ALPHABET)

@@ -8,6 +8,7 @@ struct BuildInfo {
   std::string version;
   bool cuda_compiled = false;        // CUDA kernels are in this binary
   std::string cuda_architectures;    // e.g. "80;90" ("" without CUDA)
+  bool cutlass = false;              // CUTLASS / CuTe tensor-core kernels are in this binary
   bool cuda_device_usable = false;   // a driver and at least one device are present right now
   int cuda_device_count = 0;
   std::string cuda_status;           // why no device is usable, when it is not
