@@ -5,21 +5,14 @@ import pytest
 import torch
 
 import scrimp.testbed as tb
+from conftest import tiny_recall_setup
 from scrimp.packets import method as M
 from scrimp.packets.train import student_answer_logits, train_adapters
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = tb.get_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    model = LlamaForCausalLM(cfg).eval()
-    ex = tb.tasks.recall(seed=1, context_tokens=200, tokenizer=tok)
-    return model, tok, ex
+    return tiny_recall_setup(1, 200)
 
 
 def _question_logits(model, cache, n, question):

@@ -6,6 +6,7 @@ import torch
 
 import scrimp
 import scrimp.testbed as tb
+from conftest import tiny_recall_setup
 from scrimp.packets import method as M
 from scrimp.packets.compare import pruning_of
 from scrimp.packets.prune import Pruning, attention_scores
@@ -14,15 +15,7 @@ from scrimp.packets.store import packet_key
 
 @pytest.fixture(scope="module")
 def setup():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = tb.get_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    model = LlamaForCausalLM(cfg).eval()
-    ex = tb.tasks.recall(seed=2, context_tokens=220, tokenizer=tok)
-    return model, tok, ex
+    return tiny_recall_setup(2, 220)
 
 
 def test_pruning_arguments_are_checked():

@@ -46,7 +46,7 @@ RECIPES = {
         # past the 2,048 the model is evaluated at (with max_len 2048 they stopped at 1,676).
         max_pos=8192, steps=6000, lr=1e-3, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2432, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
-        queries_per_token=1 / 20, confusable_share=0.0, lr_horizon=6000, small_alphabet_share=0.0),
+        queries_per_token=1 / 20, confusable_share=0.0, lr_horizon=6000, small_alphabet_share=0.5),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
         max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
