@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import scrimp.testbed as tb
-from conftest import tiny_recall_setup
+from packets_helpers import tiny_recall_setup
 from scrimp.packets import method as M
 from scrimp.packets.train import student_answer_logits, train_adapters
 

@@ -6,7 +6,7 @@ import torch
 
 import scrimp
 import scrimp.testbed as tb
-from conftest import tiny_recall_setup
+from packets_helpers import tiny_recall_setup
 from scrimp.packets import method as M
 from scrimp.packets.compare import pruning_of
 from scrimp.packets.prune import Pruning, attention_scores
