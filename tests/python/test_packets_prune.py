@@ -39,7 +39,7 @@ def test_engine_rejects_a_non_pruning(setup):
     with pytest.raises(TypeError):
         M.PacketEngine(model, tok, None, pruning="key_norm")
     with pytest.raises(TypeError):
-        M.build_packet_kv(model, [5, 6, 7], None, pruning=0.5)
+        M.build_pruned_packet_kv(model, [5, 6, 7], None, 0.5)
 
 
 @pytest.mark.parametrize("score", ["key_norm", "attention"])
@@ -89,16 +89,37 @@ def test_pruned_cache_is_the_full_cache_without_the_dropped_tokens(setup, score,
     assert (a - b).abs().max() < 1e-5
 
 
-def test_attention_scores_are_attention_shares_and_restore_the_implementation(setup):
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_attention_scores_equal_the_eager_attention_weights(setup, with_adapters):
+    # the scores are recomputed from the prefill's hidden states and cached keys; the reference is
+    # the model's own eager attention (output_attentions), float32
     model, tok, ex = setup
     _, docs, _ = M.split_prompt(ex.prompt_ids, tok)
-    ad = M.Adapters(model.config.hidden_size, seed=1)
-    x = ad.wrap(M._embed(model, torch.tensor([docs[0]])))
-    pos = torch.arange(x.shape[1])[None]
+    ad = M.Adapters(model.config.hidden_size, seed=1) if with_adapters else None
+    nh, nt = (ad.n_header, ad.n_trailer) if ad else (0, 0)
+    start, end, window = nh, nh + len(docs[0]), 5
     impl = model.config._attn_implementation
-    s = attention_scores(model, x, pos, ad.n_header, ad.n_header + len(docs[0]), None, ad.n_trailer)
+    layers, hidden, pos = M._wrapped_prefill(model, docs[0], ad, hidden_states=True)
+    s = attention_scores(model, hidden, layers, pos, start, end, window, nt)
     assert model.config._attn_implementation == impl
+    x = M._embed(model, torch.tensor([docs[0]]))
+    x = ad.wrap(x) if ad else x
+    try:
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            att = model(inputs_embeds=x, position_ids=pos, output_attentions=True, use_cache=False).attentions
+    finally:
+        model.set_attn_implementation(impl)
+    w0 = x.shape[1] - nt if nt else end - window
+    want = torch.stack([a[0, :, w0:, start:end].double().mean(dim=(0, 1)) for a in att]).mean(0)
     assert s.shape == (len(docs[0]),) and (s >= 0).all() and float(s.sum()) <= 1 + 1e-5
+    torch.testing.assert_close(s.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_scores_reject_an_unknown_model(setup):
+    model, tok, ex = setup
+    with pytest.raises(ValueError, match="Llama/Qwen3"):
+        attention_scores(torch.nn.Linear(2, 2), [], [], torch.zeros(1, 3, dtype=torch.long), 0, 2, 2, 0)
 
 
 def test_pruned_packets_on_a_reopened_disk_tier(setup, tmp_path):
@@ -142,3 +163,36 @@ def test_compare_method_names():
     assert pruning_of("kvpacket-attn-75") == Pruning("attention", 0.75)
     with pytest.raises(ValueError):
         pruning_of("kvpacket-attn-0")
+
+
+def test_attention_pruning_from_many_threads_at_once(setup):
+    # scoring touches no model-wide state (no switch to eager attention), so concurrent builds all
+    # get the single-threaded packet
+    import threading
+
+    model, tok, ex = setup
+    doc = list(ex.prompt_ids[5:60])
+    pr = Pruning("attention", keep=0.5, window=4)
+    want_kv, want_kept = M.build_pruned_packet_kv(model, doc, None, pr)
+    impl = model.config._attn_implementation
+    errors, results = [], []
+
+    def work():
+        try:
+            for _ in range(4):
+                results.append(M.build_pruned_packet_kv(model, doc, None, pr))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 16 and model.config._attn_implementation == impl
+    for kv, kept in results:
+        assert kept == want_kept
+        for (k, v), (wk, wv) in zip(kv, want_kv):
+            torch.testing.assert_close(k, wk)
+            torch.testing.assert_close(v, wv)

@@ -25,7 +25,7 @@ from .rope import assemble, rope_inv_freq
 ADAPTER_FORMAT = "scrimp-kv-packet-adapters-v1"
 from .store import PacketStore, _layers_of
 
-__all__ = ["model_fingerprint", "Adapters", "split_prompt", "packet_positions", "build_packet_kv", "PacketEngine",
+__all__ = ["model_fingerprint", "Adapters", "split_prompt", "packet_positions", "build_packet_kv", "build_pruned_packet_kv", "PacketEngine",
            "SelectiveRecompute", "full_recompute_generate", "flops_prefill", "flops_rerotation",
            "method_flops"]
 
@@ -231,34 +231,46 @@ def packet_positions(prefix_len: int, doc_lens: Sequence[int], n_header: int = 0
 
 
 @torch.no_grad()
-def build_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Adapters] = None, pruning=None):
-    """Prefill ``[header, doc, trailer]`` alone from position 0; returns (K, V) per layer, each
-    ``[1, kv_heads, tokens, head_dim]``. With a :class:`~scrimp.packets.prune.Pruning` returns
-    ``(layers, kept)``: only the kept tokens' K/V (every adapter token, the best-scored document
-    tokens) and their indices into the wrapped packet."""
-    from .prune import Pruning, attention_scores, key_norm_scores
-
-    if pruning is not None and not isinstance(pruning, Pruning):
-        raise TypeError(f"pruning must be a scrimp.packets.prune.Pruning or None, got {type(pruning).__name__}")
+def _wrapped_prefill(model, doc_ids: Sequence[int], adapters: Optional[Adapters], hidden_states: bool = False):
+    """Prefill ``[header, doc, trailer]`` alone from position 0. Returns (per-layer (K, V), each
+    ``[1, kv_heads, tokens, head_dim]``; with ``hidden_states`` every layer's input ``[1, tokens, hidden]``,
+    else None; positions ``[1, tokens]``)."""
     dev = _device(model)
     ids = torch.tensor([list(doc_ids)], dtype=torch.long, device=dev)
     x = _embed(model, ids)
     if adapters is not None:
         x = adapters.wrap(x)
     pos = torch.arange(x.shape[1], device=dev)[None]
-    out = _forward(model, inputs_embeds=x, position_ids=pos, use_cache=True, cache=_new_cache(model))
-    layers = _layers_of(_out_cache(out))
-    if pruning is None:
-        return layers
+    out = _forward(model, inputs_embeds=x, position_ids=pos, use_cache=True, cache=_new_cache(model),
+                   output_hidden_states=hidden_states)
+    return _layers_of(_out_cache(out)), out.hidden_states, pos
+
+
+def build_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Adapters] = None):
+    """Prefill ``[header, doc, trailer]`` alone from position 0; returns (K, V) per layer, each
+    ``[1, kv_heads, tokens, head_dim]``."""
+    return _wrapped_prefill(model, doc_ids, adapters)[0]
+
+
+def build_pruned_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Adapters], pruning):
+    """Like :func:`build_packet_kv`, then keep only every adapter token and the best-scored document
+    tokens under ``pruning`` (a :class:`~scrimp.packets.prune.Pruning`). Returns ``(layers, kept)``:
+    the kept tokens' (K, V) per layer, ``[1, kv_heads, len(kept), head_dim]``, and their indices into
+    the wrapped packet, in order."""
+    from .prune import Pruning, attention_scores, key_norm_scores
+
+    if not isinstance(pruning, Pruning):
+        raise TypeError(f"pruning must be a scrimp.packets.prune.Pruning, got {type(pruning).__name__}")
+    layers, hidden, pos = _wrapped_prefill(model, doc_ids, adapters, hidden_states=pruning.score == "attention")
     nh = adapters.n_header if adapters is not None else 0
     nt = adapters.n_trailer if adapters is not None else 0
     start, end = nh, nh + len(doc_ids)
     if pruning.score == "key_norm":
         scores = key_norm_scores(layers, start, end)
     else:
-        scores = attention_scores(model, x, pos, start, end, pruning.window, nt)
+        scores = attention_scores(model, hidden, layers, pos, start, end, pruning.window, nt)
     kept = pruning.kept(scores, nh, nt)
-    idx = torch.tensor(kept, dtype=torch.long, device=dev)
+    idx = torch.tensor(kept, dtype=torch.long, device=pos.device)
     return [(k.index_select(2, idx), v.index_select(2, idx)) for k, v in layers], kept
 
 
@@ -344,7 +356,7 @@ class PacketEngine:
             if self.pruning is None:
                 kv, kept = build_packet_kv(self.model, doc, self.adapters), None
             else:
-                kv, kept = build_packet_kv(self.model, doc, self.adapters, self.pruning)
+                kv, kept = build_pruned_packet_kv(self.model, doc, self.adapters, self.pruning)
             self.store.put(kv, toks, model_fingerprint=self.fingerprint, adapter_id=self.adapter_id,
                            inv_freq=self.inv_freq, kept=kept, pruning=rule)
             self.built += 1

@@ -13,7 +13,8 @@ Scores (higher = kept), per document token, averaged over layers and KV heads:
   Needs nothing beyond the packet's own KV.
 * ``attention``: the attention the observation window pays to the token (SnapKV-style), averaged
   over layers and query heads. The window is the trailer (the adapter tokens, which see the whole
-  document) or, without adapters, the last ``window`` document tokens. Needs one eager forward.
+  document) or, without adapters, the last ``window`` document tokens. Recomputed from the
+  build's own prefill (its hidden states and cached keys): no second forward.
 """
 from __future__ import annotations
 
@@ -69,23 +70,49 @@ def key_norm_scores(layers: Sequence, start: int, end: int) -> torch.Tensor:
     return -norms.mean(0)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
 @torch.no_grad()
-def attention_scores(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, start: int, end: int,
-                     window: Optional[int], n_trailer: int) -> torch.Tensor:
+def attention_scores(model, hidden_states: Sequence[torch.Tensor], layers: Sequence, position_ids: torch.Tensor,
+                     start: int, end: int, window: Optional[int], n_trailer: int) -> torch.Tensor:
     """Attention from the observation window to tokens ``start:end``, mean over layers and heads.
 
     The window is the last ``n_trailer`` tokens when there are adapters, else the last ``window``
-    document tokens (which then score each other too, as in SnapKV)."""
-    total = inputs_embeds.shape[1]
+    document tokens (which then score each other too, as in SnapKV).
+
+    Computed from the prefill that built the packet, without a second forward and without switching
+    the model to eager attention (a model-wide change that other threads would see):
+    ``hidden_states`` are each layer's inputs ``[1, T, hidden]`` (``output_hidden_states``), ``layers``
+    the cached (K, V) ``[1, kv_heads, T, head_dim]`` (keys already rotated). The window's queries are
+    recomputed with the layer's own input norm, q projection, q norm (Qwen3) and rotary embedding.
+    Works for Llama- and Qwen3-style decoder layers."""
+    decoder = getattr(getattr(model, "model", None), "layers", None)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if decoder is None or rotary is None or len(hidden_states) < len(decoder) or len(layers) != len(decoder):
+        raise ValueError("attention pruning needs a Llama/Qwen3-style model (model.model.layers, rotary_emb) "
+                         "and the hidden states and KV of every layer")
+    total = hidden_states[0].shape[1]
     w0 = total - n_trailer if n_trailer > 0 else max(start, end - window)
-    impl = model.config._attn_implementation
-    try:
-        if impl != "eager":
-            model.set_attn_implementation("eager")  # the only implementation that returns weights
-        out = model(inputs_embeds=inputs_embeds, position_ids=position_ids, output_attentions=True, use_cache=False)
-    finally:
-        if impl != "eager":
-            model.set_attn_implementation(impl)
-    # attentions: per layer [1, heads, T, T]
-    per_layer = [a[0, :, w0:, start:end].float().mean(dim=(0, 1)) for a in out.attentions]
+    pos_w = position_ids[:, w0:]
+    per_layer = []
+    for layer, h, (k, _) in zip(decoder, hidden_states, layers):
+        attn = layer.self_attn
+        if not (hasattr(layer, "input_layernorm") and hasattr(attn, "q_proj")):
+            raise ValueError(f"attention pruning does not know the layer type {type(layer).__name__}")
+        x = layer.input_layernorm(h[:, w0:])
+        n_heads, head_dim = model.config.num_attention_heads, k.shape[-1]
+        q = attn.q_proj(x).view(1, x.shape[1], n_heads, head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)  # [1, heads, W, D]
+        cos, sin = rotary(x, pos_w)  # [1, W, D] (RoPE scaling and attention factor included)
+        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        kk = k.repeat_interleave(n_heads // k.shape[1], dim=1)  # GQA: [1, heads, T, D]
+        logits = (q.float() @ kk.float().transpose(-1, -2)) * getattr(attn, "scaling", head_dim ** -0.5)
+        causal = torch.arange(total, device=q.device)[None, :] > torch.arange(w0, total, device=q.device)[:, None]
+        probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
+        per_layer.append(probs[0, :, :, start:end].mean(dim=(0, 1)))
     return torch.stack(per_layer).mean(0)
