@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -64,27 +65,20 @@ __global__ void gather_pages_kernel(const char* pool, int64_t page_bytes, const 
 }
 
 // One dedicated copy stream per device, plus a pinned mapped buffer for the index lists.
-struct CopyState {
+// One copy stream per device, shared by every cache: gathers run in order on it, overlapping the
+// compute stream.
+struct CopyStream {
   cudaStream_t stream = nullptr;
-  cudaEvent_t ready = nullptr, done = nullptr;
-  int32_t* lists = nullptr;  // pinned, mapped: [2 * capacity]
-  int32_t* lists_dev = nullptr;
-  int64_t capacity = 0;
-  bool pending = false;
 };
 
 std::mutex g_copy_mutex;
-std::vector<CopyState> g_copy;
+std::vector<CopyStream> g_copy;
 
-CopyState& copy_state(int device) {
+cudaStream_t copy_stream(int device) {
   if (static_cast<int>(g_copy.size()) <= device) g_copy.resize(static_cast<std::size_t>(device) + 1);
-  CopyState& s = g_copy[static_cast<std::size_t>(device)];
-  if (s.stream == nullptr) {
-    SCRIMP_CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
-    SCRIMP_CUDA_CHECK(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming));
-    SCRIMP_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
-  }
-  return s;
+  CopyStream& s = g_copy[static_cast<std::size_t>(device)];
+  if (s.stream == nullptr) SCRIMP_CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+  return s.stream;
 }
 
 // ---- split-K decode attention over a page list ---------------------------------------------------------
@@ -298,39 +292,82 @@ void host_free(void* ptr) {
   if (ptr) cudaFreeHost(ptr);
 }
 
-void gather_pages(const void* pool_device_base, int64_t page_bytes, const int32_t* src, const int32_t* dst, int64_t n,
-                  void* k_store, void* v_store, int64_t row_bytes, int device, void* stream) {
-  if (n == 0) return;
-  std::lock_guard<std::mutex> lock(g_copy_mutex);
+// Per-cache transfer state: the page lists the gather kernel reads (pinned, mapped) and the events
+// that order one cache's gathers against the compute stream.
+struct Transfers {
+  int device = -1;
+  cudaEvent_t ready = nullptr, done = nullptr;
+  int32_t* lists = nullptr;  // pinned, mapped: [2 * capacity]
+  int32_t* lists_dev = nullptr;
+  int64_t capacity = 0;
+  bool in_flight = false;  // a gather may still read `lists`
+  bool wait_owed = false;  // a gather the compute stream has not been made to wait for (a prefetch)
+};
+
+Transfers* transfers_create(int device) {
+  auto t = std::make_unique<Transfers>();
+  t->device = device;
   SCRIMP_CUDA_CHECK(cudaSetDevice(device));
-  CopyState& cs = copy_state(device);
-  // The index lists live in pinned mapped memory read by the kernel: wait for the previous gather.
-  if (cs.pending) SCRIMP_CUDA_CHECK(cudaEventSynchronize(cs.done));
-  if (n > cs.capacity) {
-    if (cs.lists) cudaFreeHost(cs.lists);
-    cs.lists = nullptr;
-    cs.capacity = 0;
+  SCRIMP_CUDA_CHECK(cudaEventCreateWithFlags(&t->ready, cudaEventDisableTiming));
+  SCRIMP_CUDA_CHECK(cudaEventCreateWithFlags(&t->done, cudaEventDisableTiming));
+  return t.release();
+}
+
+void transfers_destroy(Transfers* t) {
+  if (t == nullptr) return;
+  cudaSetDevice(t->device);
+  if (t->in_flight) cudaEventSynchronize(t->done);  // the kernel may still read the lists
+  if (t->lists) cudaFreeHost(t->lists);
+  if (t->ready) cudaEventDestroy(t->ready);
+  if (t->done) cudaEventDestroy(t->done);
+  cudaGetLastError();
+  delete t;
+}
+
+void gather_pages(Transfers* t, const void* pool_device_base, int64_t page_bytes, const int32_t* src,
+                  const int32_t* dst, int64_t n, void* k_store, void* v_store, int64_t row_bytes, void* stream,
+                  bool wait) {
+  if (n == 0) return;
+  SCRIMP_CUDA_CHECK(cudaSetDevice(t->device));
+  // The lists are rewritten below: wait for this cache's previous gather to have read them.
+  if (t->in_flight) SCRIMP_CUDA_CHECK(cudaEventSynchronize(t->done));
+  t->in_flight = false;
+  if (n > t->capacity) {
+    if (t->lists) cudaFreeHost(t->lists);
+    t->lists = nullptr;
+    t->capacity = 0;
     void* dev = nullptr;
-    cs.lists = static_cast<int32_t*>(host_alloc_mapped(static_cast<std::size_t>(2 * n) * sizeof(int32_t), &dev));
-    if (!cs.lists) SCRIMP_FAIL("gather_pages: pinned allocation of the page lists failed");
-    cs.lists_dev = static_cast<int32_t*>(dev);
-    cs.capacity = n;
+    t->lists = static_cast<int32_t*>(host_alloc_mapped(static_cast<std::size_t>(2 * n) * sizeof(int32_t), &dev));
+    if (!t->lists) SCRIMP_FAIL("gather_pages: pinned allocation of the page lists failed");
+    t->lists_dev = static_cast<int32_t*>(dev);
+    t->capacity = n;
   }
-  std::memcpy(cs.lists, src, static_cast<std::size_t>(n) * sizeof(int32_t));
-  std::memcpy(cs.lists + cs.capacity, dst, static_cast<std::size_t>(n) * sizeof(int32_t));
+  std::memcpy(t->lists, src, static_cast<std::size_t>(n) * sizeof(int32_t));
+  std::memcpy(t->lists + t->capacity, dst, static_cast<std::size_t>(n) * sizeof(int32_t));
   cudaStream_t compute = static_cast<cudaStream_t>(stream);
+  std::lock_guard<std::mutex> lock(g_copy_mutex);
+  cudaStream_t copy = copy_stream(t->device);
   // The copy may overwrite slots that earlier attention on the compute stream still reads.
-  SCRIMP_CUDA_CHECK(cudaEventRecord(cs.ready, compute));
-  SCRIMP_CUDA_CHECK(cudaStreamWaitEvent(cs.stream, cs.ready, 0));
+  SCRIMP_CUDA_CHECK(cudaEventRecord(t->ready, compute));
+  SCRIMP_CUDA_CHECK(cudaStreamWaitEvent(copy, t->ready, 0));
   dim3 grid(static_cast<unsigned>(n), 2);
-  gather_pages_kernel<<<grid, 256, 0, cs.stream>>>(static_cast<const char*>(pool_device_base), page_bytes,
-                                                  cs.lists_dev, cs.lists_dev + cs.capacity,
-                                                  static_cast<char*>(k_store), static_cast<char*>(v_store), row_bytes);
+  gather_pages_kernel<<<grid, 256, 0, copy>>>(static_cast<const char*>(pool_device_base), page_bytes, t->lists_dev,
+                                              t->lists_dev + t->capacity, static_cast<char*>(k_store),
+                                              static_cast<char*>(v_store), row_bytes);
   SCRIMP_CUDA_CHECK(cudaGetLastError());
-  SCRIMP_CUDA_CHECK(cudaEventRecord(cs.done, cs.stream));
-  cs.pending = true;
-  // Only this layer's attention (queued after this call on `compute`) waits for its pages.
-  SCRIMP_CUDA_CHECK(cudaStreamWaitEvent(compute, cs.done, 0));
+  SCRIMP_CUDA_CHECK(cudaEventRecord(t->done, copy));
+  t->in_flight = true;
+  t->wait_owed = true;
+  // Only the work queued after this call on `compute` (this layer's attention) waits for its pages;
+  // a prefetch (wait = false) leaves the wait to wait_transfers, just before the attention that reads them.
+  if (wait) wait_transfers(t, stream);
+}
+
+void wait_transfers(Transfers* t, void* stream) {
+  if (t == nullptr || !t->wait_owed) return;
+  SCRIMP_CUDA_CHECK(cudaSetDevice(t->device));
+  SCRIMP_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), t->done, 0));
+  t->wait_owed = false;
 }
 
 void paged_decode_attention(const PagedAttentionArgs& a) {

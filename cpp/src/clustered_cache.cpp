@@ -205,7 +205,11 @@ ClusteredCache::ClusteredCache(const ClusteredCacheConfig& c) : cfg_(c) {
   }
 }
 
-ClusteredCache::~ClusteredCache() = default;
+ClusteredCache::~ClusteredCache() {
+#if defined(SCRIMP_WITH_CUDA)
+  ice_cuda::transfers_destroy(static_cast<ice_cuda::Transfers*>(transfers_));
+#endif
+}
 
 int64_t ClusteredCache::num_pages(int64_t s) const {
   SCRIMP_CHECK(s >= 0 && s < static_cast<int64_t>(streams_.size()), "stream " << s << " out of range");
@@ -358,6 +362,136 @@ void ClusteredCache::append_page(const TensorView& keys, const TensorView& value
   }
 }
 
+void ClusteredCache::drop_tail(Stream& st, int64_t n) {
+  const int64_t P = static_cast<int64_t>(st.len.size()), D = cfg_.head_dim, ps = cfg_.page_size;
+  for (int64_t p = P - n; p < P; ++p) {
+    const int32_t slot = st.page_slot[static_cast<std::size_t>(p)];
+    if (slot >= 0) {
+      st.slot_page[static_cast<std::size_t>(slot)] = -1;
+      st.slot_tick[static_cast<std::size_t>(slot)] = 0;
+    }
+  }
+  st.len.resize(static_cast<std::size_t>(P - n));
+  st.page_slot.resize(static_cast<std::size_t>(P - n));
+  st.cen.resize(static_cast<std::size_t>((P - n) * D));
+  st.lo.resize(st.cen.size());
+  st.hi.resize(st.cen.size());
+  st.pos.resize(static_cast<std::size_t>((P - n) * ps));
+}
+
+int64_t ClusteredCache::relayout_tail(int64_t n, const int64_t* positions) {
+  SCRIMP_CHECK(n >= 0, "relayout_tail: n must be >= 0, got " << n);
+  const int64_t S = cfg_.batch * cfg_.kv_heads, D = cfg_.head_dim, ps = cfg_.page_size;
+  if (n == 0) return 0;
+  SCRIMP_CHECK(positions != nullptr, "relayout_tail: positions missing");
+  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  // Validate every stream before changing any (an error leaves the cache as it was).
+  std::vector<std::vector<int32_t>> rows_of(static_cast<std::size_t>(S));  // tail row of each entry, -1 skipped
+  for (int64_t s = 0; s < S; ++s) {
+    const Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t* want = positions + s * n * ps;
+    if (std::all_of(want, want + n * ps, [](int64_t p) { return p < 0; })) continue;
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    SCRIMP_CHECK(P >= n, "relayout_tail: stream " << s << " has " << P << " pages, fewer than " << n);
+    // tail row r = page (P - n + r / ps), token r % ps
+    std::vector<std::pair<int64_t, int32_t>> have;  // (position, tail row)
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t t = 0; t < st.len[static_cast<std::size_t>(P - n + p)]; ++t)
+        have.emplace_back(st.pos[static_cast<std::size_t>((P - n + p) * ps + t)], static_cast<int32_t>(p * ps + t));
+    std::sort(have.begin(), have.end());
+    std::vector<int32_t>& rows = rows_of[static_cast<std::size_t>(s)];
+    rows.assign(static_cast<std::size_t>(n * ps), -1);
+    int64_t count = 0;
+    bool same = true;
+    for (int64_t i = 0; i < n * ps; ++i) {
+      if (want[i] < 0) continue;
+      auto it = std::lower_bound(have.begin(), have.end(),
+                                 std::make_pair(want[i], std::numeric_limits<int32_t>::min()));
+      SCRIMP_CHECK(it != have.end() && it->first == want[i],
+                   "relayout_tail: position " << want[i] << " is not in the last " << n << " pages of stream " << s);
+      SCRIMP_CHECK(it->second >= 0, "relayout_tail: position " << want[i] << " given twice for stream " << s);
+      rows[static_cast<std::size_t>(i)] = it->second;
+      same = same && it->second == i;
+      it->second = -1 - it->second;  // mark it used
+      ++count;
+    }
+    SCRIMP_CHECK(count == static_cast<int64_t>(have.size()),
+                 "relayout_tail: stream " << s << " holds " << have.size() << " tokens in its last " << n
+                                          << " pages, positions name " << count);
+    if (same) rows.clear();  // already in that order
+  }
+  int64_t done = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const std::vector<int32_t>& rows = rows_of[static_cast<std::size_t>(s)];
+    if (rows.empty()) continue;
+    Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    std::vector<char> kb(static_cast<std::size_t>(n * ps * row_bytes)), vb(kb.size());
+    std::vector<int64_t> pos(static_cast<std::size_t>(n * ps), -1);
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t page = s * cfg_.max_pages + (P - n + p);
+      std::memcpy(kb.data() + p * ps * row_bytes, pool_->keys(page), static_cast<std::size_t>(ps * row_bytes));
+      std::memcpy(vb.data() + p * ps * row_bytes, pool_->values(page), static_cast<std::size_t>(ps * row_bytes));
+      for (int64_t t = 0; t < ps; ++t) pos[static_cast<std::size_t>(p * ps + t)] = st.pos[static_cast<std::size_t>((P - n + p) * ps + t)];
+    }
+    drop_tail(st, n);
+    std::vector<int32_t> page_rows;
+    for (int64_t j = 0; j < n; ++j) {
+      page_rows.clear();
+      for (int64_t t = 0; t < ps; ++t)
+        if (rows[static_cast<std::size_t>(j * ps + t)] >= 0) page_rows.push_back(rows[static_cast<std::size_t>(j * ps + t)]);
+      if (!page_rows.empty())
+        add_page(st, s, kb.data(), vb.data(), row_bytes, page_rows.data(), static_cast<int64_t>(page_rows.size()),
+                 pos.data());
+    }
+    ++done;
+  }
+  return done;
+}
+
+void ClusteredCache::build_paged(const TensorView& keys, const TensorView& values, const int64_t* positions,
+                                 const int64_t* page_bounds, int64_t pages) {
+  check_kv(keys, "keys", cfg_, -1);
+  check_kv(values, "values", cfg_, -1);
+  SCRIMP_CHECK(values.shape == keys.shape, "values: expected the keys' shape " << describe(keys) << ", got "
+                                                                              << describe(values));
+  SCRIMP_CHECK(pages >= 0, "build_paged: pages must be >= 0, got " << pages);
+  SCRIMP_CHECK(positions != nullptr && page_bounds != nullptr, "build_paged: positions and page_bounds are required");
+  const int64_t N = keys.shape[2], ps = cfg_.page_size, S = cfg_.batch * cfg_.kv_heads;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t* pb = page_bounds + s * (pages + 1);
+    SCRIMP_CHECK(pb[0] == 0 && pb[pages] <= N, "page_bounds of stream " << s << " must run from 0 to at most " << N);
+    bool ended = false;
+    int64_t used = 0;
+    for (int64_t p = 0; p < pages; ++p) {
+      const int64_t n = pb[p + 1] - pb[p];
+      SCRIMP_CHECK(n >= 0 && n <= ps, "page_bounds of stream " << s << ": page " << p << " has " << n
+                                                              << " tokens (expected 0.." << ps << ")");
+      SCRIMP_CHECK(n == 0 || !ended, "page_bounds of stream " << s << ": an empty page before a non-empty one");
+      ended = ended || n == 0;
+      used += n > 0;
+    }
+    SCRIMP_CHECK(num_pages(s) + used <= cfg_.max_pages,
+                 "page pool full: " << num_pages(s) << " + " << used << " pages exceed max_pages = " << cfg_.max_pages
+                                    << " per stream (raise max_context)");
+  }
+  const int64_t row_bytes = cfg_.head_dim * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  const char* kb = static_cast<const char*>(keys.data);
+  const char* vb = static_cast<const char*>(values.data);
+#pragma omp parallel for schedule(dynamic, 1) if (S > 1)
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t* pb = page_bounds + s * (pages + 1);
+    std::vector<int32_t> rows(static_cast<std::size_t>(ps));
+    for (int64_t p = 0; p < pages; ++p) {
+      const int64_t n = pb[p + 1] - pb[p];
+      if (n == 0) break;
+      for (int64_t t = 0; t < n; ++t) rows[static_cast<std::size_t>(t)] = static_cast<int32_t>(pb[p] + t);
+      add_page(streams_[static_cast<std::size_t>(s)], s, kb + s * N * row_bytes, vb + s * N * row_bytes, row_bytes,
+               rows.data(), n, positions + s * N);
+    }
+  }
+}
+
 int64_t ClusteredCache::recluster_tail(int64_t n) {
   SCRIMP_CHECK(n >= 0, "recluster_tail: n must be >= 0, got " << n);
   if (n < 2) return 0;
@@ -388,19 +522,7 @@ int64_t ClusteredCache::recluster_tail(int64_t n) {
     const auto bounds = cluster_into_pages(kf.data(), N, D, ps, cfg_.kmeans_iters,
                                            cfg_.seed + static_cast<uint64_t>(s * 104729 + P), order.data());
     // Drop the old pages (and their device slots), then add the re-clustered ones in their place.
-    for (int64_t p = P - n; p < P; ++p) {
-      const int32_t slot = st.page_slot[static_cast<std::size_t>(p)];
-      if (slot >= 0) {
-        st.slot_page[static_cast<std::size_t>(slot)] = -1;
-        st.slot_tick[static_cast<std::size_t>(slot)] = 0;
-      }
-    }
-    st.len.resize(static_cast<std::size_t>(P - n));
-    st.page_slot.resize(static_cast<std::size_t>(P - n));
-    st.cen.resize(static_cast<std::size_t>((P - n) * D));
-    st.lo.resize(st.cen.size());
-    st.hi.resize(st.cen.size());
-    st.pos.resize(static_cast<std::size_t>((P - n) * ps));
+    drop_tail(st, n);
     std::vector<int32_t> rows(static_cast<std::size_t>(ps));
     for (std::size_t b = 0; b + 1 < bounds.size(); ++b) {
       const int64_t m = bounds[b + 1] - bounds[b];
@@ -551,7 +673,7 @@ void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pag
 }
 
 void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k_store, const TensorView& v_store,
-                            int32_t* out_slots, int32_t* out_lens, void* stream) {
+                            int32_t* out_slots, int32_t* out_lens, void* stream, bool wait) {
   const int64_t S = cfg_.batch * cfg_.kv_heads, C = cfg_.cache_pages, ps = cfg_.page_size, D = cfg_.head_dim;
   SCRIMP_CHECK(k >= 0 && k <= C, "recall: k = " << k << " pages exceed the device page cache (cache_pages = " << C
                                                 << " per stream)");
@@ -563,7 +685,10 @@ void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k
     SCRIMP_CHECK(t->is_contiguous(), "page store: expected a contiguous tensor, got " << describe(*t));
   }
   SCRIMP_CHECK(k_store.device == v_store.device, "k_store and v_store are on different devices");
-  if (k == 0) return;
+  if (k == 0) {
+    if (wait) wait_transfers(stream);
+    return;
+  }
   ++tick_;
   std::vector<int32_t> src, dst;  // pool page -> store row copies
   for (int64_t s = 0; s < S; ++s) {
@@ -611,20 +736,26 @@ void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k
   }
   const int64_t row_bytes = ps * D * static_cast<int64_t>(dtype_size(cfg_.dtype));  // one page of K (or V)
   stats_.bytes_copied += static_cast<int64_t>(src.size()) * 2 * row_bytes;
-  if (src.empty()) return;
   if (k_store.device.type == DeviceType::CUDA) {
 #if defined(SCRIMP_WITH_CUDA)
-    SCRIMP_CHECK(pool_->pinned(), "recall: a CUDA page store needs a pinned page pool (pin_memory=True with a "
-                                  "usable CUDA device when the cache was created)");
-    ice_cuda::gather_pages(pool_->device_base(), pool_->page_bytes(), src.data(), dst.data(),
-                           static_cast<int64_t>(src.size()), k_store.data, v_store.data, row_bytes,
-                           k_store.device.index, stream);
+    if (!src.empty()) {
+      SCRIMP_CHECK(pool_->pinned(), "recall: a CUDA page store needs a pinned page pool (pin_memory=True with a "
+                                    "usable CUDA device when the cache was created)");
+      if (transfers_ == nullptr) transfers_ = ice_cuda::transfers_create(k_store.device.index);
+      ice_cuda::gather_pages(static_cast<ice_cuda::Transfers*>(transfers_), pool_->device_base(),
+                             pool_->page_bytes(), src.data(), dst.data(), static_cast<int64_t>(src.size()),
+                             k_store.data, v_store.data, row_bytes, stream, wait);
+    }
+    // hits of a prefetch still in flight: the attention after this call must wait for it too
+    if (wait) wait_transfers(stream);
     return;
 #else
     SCRIMP_FAIL("page store is on " << device_name(k_store.device) << " but this build has no CUDA backend");
 #endif
   }
   (void)stream;
+  (void)wait;
+  if (src.empty()) return;
   char* kd = static_cast<char*>(k_store.data);
   char* vd = static_cast<char*>(v_store.data);
   const int64_t n = static_cast<int64_t>(src.size());
@@ -633,6 +764,14 @@ void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k
     std::memcpy(kd + dst[i] * row_bytes, pool_->keys(src[i]), static_cast<std::size_t>(row_bytes));
     std::memcpy(vd + dst[i] * row_bytes, pool_->values(src[i]), static_cast<std::size_t>(row_bytes));
   }
+}
+
+void ClusteredCache::wait_transfers(void* stream) {
+#if defined(SCRIMP_WITH_CUDA)
+  ice_cuda::wait_transfers(static_cast<ice_cuda::Transfers*>(transfers_), stream);
+#else
+  (void)stream;
+#endif
 }
 
 void ClusteredCache::page_positions(const int32_t* pages, int64_t k, int64_t* out) const {

@@ -98,6 +98,37 @@ class PyClusteredCache {
     impl_->build_grouped(kv, v.view(), pos, true, gb, groups, batch_row);
   }
 
+  void build_paged(const py::object& keys, const py::object& values, const py::object& positions,
+                   const py::object& page_bounds) {
+    BorrowedTensor k(keys, "keys"), v(values, "values"), p(positions, "positions"), b(page_bounds, "page_bounds");
+    const auto& kv = k.view();
+    SCRIMP_CHECK(kv.ndim() == 4, "keys: expected [B, Hkv, N, D], got " << describe(kv));
+    const int64_t S = kv.shape[0] * kv.shape[1], N = kv.shape[2];
+    const auto& bv = b.view();
+    SCRIMP_CHECK(bv.ndim() == 2 && bv.shape[0] == S && bv.shape[1] >= 1,
+                 "page_bounds: expected [" << S << ", pages + 1], got " << describe(bv));
+    const int64_t pages = bv.shape[1] - 1;
+    const int64_t* pb = host_buffer<int64_t>(b, scrimp::DType::Int64, S * (pages + 1), "page_bounds");
+    const int64_t* pos = host_buffer<int64_t>(p, scrimp::DType::Int64, S * N, "positions");
+    py::gil_scoped_release release;
+    impl_->build_paged(kv, v.view(), pos, pb, pages);
+  }
+
+  int64_t relayout_tail(int64_t n, const py::object& positions) {
+    const auto& c = impl_->config();
+    SCRIMP_CHECK(n >= 0, "relayout_tail: n must be >= 0, got " << n);
+    BorrowedTensor p(positions, "positions");
+    const int64_t* pos = host_buffer<int64_t>(p, scrimp::DType::Int64, c.batch * c.kv_heads * n * c.page_size,
+                                              "positions");
+    py::gil_scoped_release release;
+    return impl_->relayout_tail(n, pos);
+  }
+
+  void wait_transfers(uintptr_t stream) {
+    py::gil_scoped_release release;
+    impl_->wait_transfers(reinterpret_cast<void*>(stream));
+  }
+
   void append_page(const py::object& keys, const py::object& values, int64_t first_position,
                    const py::object& skip) {
     BorrowedTensor k(keys, "keys"), v(values, "values");
@@ -126,7 +157,7 @@ class PyClusteredCache {
   }
 
   void recall(const py::object& pages, int64_t k, const py::object& k_store, const py::object& v_store,
-              const py::object& out_slots, const py::object& out_lens, uintptr_t stream) {
+              const py::object& out_slots, const py::object& out_lens, uintptr_t stream, bool wait) {
     const auto& c = impl_->config();
     const int64_t n = c.batch * c.kv_heads * k;
     BorrowedTensor p(pages, "pages"), ks(k_store, "k_store"), vs(v_store, "v_store"), sl(out_slots, "out_slots"),
@@ -135,7 +166,7 @@ class PyClusteredCache {
     int32_t* slots = host_buffer<int32_t>(sl, scrimp::DType::Int32, n, "out_slots");
     int32_t* lens = host_buffer<int32_t>(ln, scrimp::DType::Int32, n, "out_lens");
     py::gil_scoped_release release;
-    impl_->recall(pp, k, ks.view(), vs.view(), slots, lens, reinterpret_cast<void*>(stream));
+    impl_->recall(pp, k, ks.view(), vs.view(), slots, lens, reinterpret_cast<void*>(stream), wait);
   }
 
   void page_positions(const py::object& pages, int64_t k, const py::object& out) {
@@ -255,12 +286,17 @@ SCRIMP_BINDINGS(clustered_cache) {
            py::arg("batch_row") = -1)
       .def("build_grouped", &PyClusteredCache::build_grouped, py::arg("keys"), py::arg("values"),
            py::arg("positions"), py::arg("group_bounds"), py::arg("batch_row") = -1)
+      .def("build_paged", &PyClusteredCache::build_paged, py::arg("keys"), py::arg("values"), py::arg("positions"),
+           py::arg("page_bounds"))
+      .def("relayout_tail", &PyClusteredCache::relayout_tail, py::arg("n"), py::arg("positions"))
       .def("append_page", &PyClusteredCache::append_page, py::arg("keys"), py::arg("values"),
            py::arg("first_position"), py::arg("skip") = py::none())
       .def("select", &PyClusteredCache::select, py::arg("query"), py::arg("k"), py::arg("out_pages"),
            py::arg("out_scores") = py::none())
       .def("recall", &PyClusteredCache::recall, py::arg("pages"), py::arg("k"), py::arg("k_store"),
-           py::arg("v_store"), py::arg("out_slots"), py::arg("out_lens"), py::arg("stream") = 0)
+           py::arg("v_store"), py::arg("out_slots"), py::arg("out_lens"), py::arg("stream") = 0,
+           py::arg("wait") = true)
+      .def("wait_transfers", &PyClusteredCache::wait_transfers, py::arg("stream") = 0)
       .def("page_positions", &PyClusteredCache::page_positions, py::arg("pages"), py::arg("k"), py::arg("out"))
       .def("read_page", &PyClusteredCache::read_page, py::arg("stream"), py::arg("page"), py::arg("keys"),
            py::arg("values"))

@@ -516,3 +516,145 @@ TEST(ClusteredCache, ReclusterTailMakesAppendedPagesPureAndInvalidatesSlots) {
     for (int64_t t = 0; t < ps; ++t)
       EXPECT_EQ(std::memcmp(&ks[(slots[p] * ps + t) * D], &k[pos[p * ps + t] * D], D * 4), 0);
 }
+
+// A follower layer (reusing another layer's page selection) must hold the same tokens in the same
+// pages: build_paged copies a leader's prefill layout, relayout_tail its re-clustered tail.
+TEST(ClusteredCache, FollowerCopiesTheLeadersLayout) {
+  const int64_t B = 1, H = 2, D = 8, N = 37, ps = 4;
+  auto c = small_config(B, H, 1, D, true, PageScore::Bounds);
+  c.cache_pages = 4;
+  ClusteredCache leader(c), follower(c);
+  auto kl = randn(B * H * N * D, 51), vl = randn(B * H * N * D, 52);
+  auto kf = randn(B * H * N * D, 53), vf = randn(B * H * N * D, 54);  // the follower's own K/V
+  std::vector<int64_t> pos(N);
+  for (int64_t i = 0; i < N; ++i) pos[i] = 10 + i;
+  leader.build(view(kl.data(), DType::Float32, {B, H, N, D}), view(vl.data(), DType::Float32, {B, H, N, D}),
+               pos.data());
+  const int64_t P = leader.num_pages();
+  ASSERT_EQ(P, 10);
+  std::vector<int32_t> all(static_cast<std::size_t>(B * H * P));
+  for (int64_t s = 0; s < B * H; ++s)
+    for (int32_t p = 0; p < P; ++p) all[s * P + p] = p;
+  std::vector<int64_t> lpos(static_cast<std::size_t>(B * H * P * ps));
+  leader.page_positions(all.data(), P, lpos.data());
+  // the follower's rows in the leader's page order, and the page bounds
+  std::vector<float> kp(static_cast<std::size_t>(B * H * N * D)), vp(kp.size());
+  std::vector<int64_t> fpos(static_cast<std::size_t>(B * H * N)), bounds(static_cast<std::size_t>(B * H * (P + 1)));
+  for (int64_t s = 0; s < B * H; ++s) {
+    int64_t r = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      bounds[s * (P + 1) + p] = r;
+      for (int64_t t = 0; t < ps; ++t) {
+        const int64_t q = lpos[(s * P + p) * ps + t];
+        if (q < 0) continue;
+        std::memcpy(&kp[(s * N + r) * D], &kf[(s * N + q - 10) * D], D * 4);
+        std::memcpy(&vp[(s * N + r) * D], &vf[(s * N + q - 10) * D], D * 4);
+        fpos[s * N + r] = q;
+        ++r;
+      }
+    }
+    bounds[s * (P + 1) + P] = r;
+    ASSERT_EQ(r, N);
+  }
+  follower.build_paged(view(kp.data(), DType::Float32, {B, H, N, D}), view(vp.data(), DType::Float32, {B, H, N, D}),
+                       fpos.data(), bounds.data(), P);
+  ASSERT_EQ(follower.num_pages(), P);
+  std::vector<int64_t> got(lpos.size());
+  follower.page_positions(all.data(), P, got.data());
+  EXPECT_EQ(got, lpos);
+  // the follower's pages hold its own K/V for those positions
+  std::vector<float> pk(ps * D), pv(ps * D);
+  for (int64_t s = 0; s < B * H; ++s)
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t n = follower.read_page(s, p, pk.data(), pv.data());
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t q = got[(s * P + p) * ps + t] - 10;
+        EXPECT_EQ(std::memcmp(&pk[t * D], &kf[(s * N + q) * D], D * 4), 0);
+        EXPECT_EQ(std::memcmp(&pv[t * D], &vf[(s * N + q) * D], D * 4), 0);
+        for (int64_t d = 0; d < D; ++d) {
+          EXPECT_LE(follower.lower(s, p)[d], pk[t * D + d]);
+          EXPECT_GE(follower.upper(s, p)[d], pk[t * D + d]);
+        }
+      }
+    }
+
+  // Window pages appended to both, the leader re-clusters them, the follower copies that layout.
+  auto ka = randn(B * H * 4 * ps * D, 55), kb = randn(B * H * 4 * ps * D, 56);
+  for (int64_t p = 0; p < 4; ++p) {
+    std::vector<float> chunk_a(static_cast<std::size_t>(B * H * ps * D)), chunk_b(chunk_a.size());
+    for (int64_t s = 0; s < B * H; ++s) {
+      std::memcpy(&chunk_a[s * ps * D], &ka[(s * 4 * ps + p * ps) * D], ps * D * 4);
+      std::memcpy(&chunk_b[s * ps * D], &kb[(s * 4 * ps + p * ps) * D], ps * D * 4);
+    }
+    auto va = view(chunk_a.data(), DType::Float32, {B, H, ps, D});
+    auto vb = view(chunk_b.data(), DType::Float32, {B, H, ps, D});
+    leader.append_page(va, va, 100 + p * ps);
+    follower.append_page(vb, vb, 100 + p * ps);
+  }
+  // a tail page of the follower resident in its page cache must leave it when rewritten
+  std::vector<float> ks(static_cast<std::size_t>(B * H * 4 * ps * D)), vs(ks.size());
+  auto kst = view(ks.data(), DType::Float32, {B * H * 4, ps, D});
+  auto vst = view(vs.data(), DType::Float32, {B * H * 4, ps, D});
+  std::vector<int32_t> last(static_cast<std::size_t>(B * H), static_cast<int32_t>(P + 3)), slots(B * H), lens(B * H);
+  follower.recall(last.data(), 1, kst, vst, slots.data(), lens.data());
+  EXPECT_EQ(leader.recluster_tail(4), B * H);
+  std::vector<int32_t> tail(static_cast<std::size_t>(B * H * 4));
+  for (int64_t s = 0; s < B * H; ++s)
+    for (int32_t j = 0; j < 4; ++j) tail[s * 4 + j] = static_cast<int32_t>(P + j);
+  std::vector<int64_t> tpos(static_cast<std::size_t>(B * H * 4 * ps));
+  leader.page_positions(tail.data(), 4, tpos.data());
+  EXPECT_EQ(follower.relayout_tail(4, tpos.data()), B * H);
+  std::vector<int64_t> ftpos(tpos.size());
+  follower.page_positions(tail.data(), 4, ftpos.data());
+  EXPECT_EQ(ftpos, tpos);
+  for (int64_t s = 0; s < B * H; ++s)
+    for (int64_t j = 0; j < 4; ++j) {
+      follower.read_page(s, P + j, pk.data(), pv.data());
+      for (int64_t t = 0; t < ps; ++t) {
+        const int64_t q = ftpos[(s * 4 + j) * ps + t] - 100;
+        EXPECT_EQ(std::memcmp(&pk[t * D], &kb[(s * 4 * ps + q) * D], D * 4), 0);
+      }
+    }
+  const int64_t misses = follower.stats().misses;
+  follower.recall(last.data(), 1, kst, vst, slots.data(), lens.data());
+  EXPECT_EQ(follower.stats().misses, misses + B * H);  // the stale copy was dropped
+  // the same order again rewrites nothing; all -1 leaves a stream alone
+  EXPECT_EQ(follower.relayout_tail(4, tpos.data()), 0);
+  std::vector<int64_t> none(tpos.size(), -1);
+  EXPECT_EQ(follower.relayout_tail(4, none.data()), 0);
+  // prefetch and wait are no-ops on the CPU but keep the contract
+  follower.recall(last.data(), 1, kst, vst, slots.data(), lens.data(), nullptr, /*wait=*/false);
+  follower.wait_transfers(nullptr);
+}
+
+TEST(ClusteredCache, FollowerLayoutRejectsBadInput) {
+  const int64_t D = 4, ps = 4, N = 8;
+  auto c = small_config(1, 1, 1, D, true, PageScore::Bounds);
+  ClusteredCache cache(c);
+  auto k = randn(N * D, 61);
+  auto kv = view(k.data(), DType::Float32, {1, 1, N, D});
+  std::vector<int64_t> pos{0, 1, 2, 3, 4, 5, 6, 7};
+  std::vector<int64_t> too_big{0, 5, 8};  // a page of 5 > page_size
+  EXPECT_THROW(cache.build_paged(kv, kv, pos.data(), too_big.data(), 2), Error);
+  std::vector<int64_t> gap{0, 0, 4};  // an empty page before a full one
+  EXPECT_THROW(cache.build_paged(kv, kv, pos.data(), gap.data(), 2), Error);
+  std::vector<int64_t> past{0, 4, 9};  // past N
+  EXPECT_THROW(cache.build_paged(kv, kv, pos.data(), past.data(), 2), Error);
+  EXPECT_EQ(cache.num_pages(), 0);  // nothing was added by a rejected call
+  std::vector<int64_t> ok{0, 4, 8};
+  cache.build_paged(kv, kv, pos.data(), ok.data(), 2);
+  EXPECT_EQ(cache.num_pages(), 2);
+  std::vector<int64_t> missing{0, 1, 2, 3, 4, 5, 6, 99};
+  EXPECT_THROW(cache.relayout_tail(2, missing.data()), Error);
+  std::vector<int64_t> twice{0, 1, 2, 3, 4, 5, 6, 6};
+  EXPECT_THROW(cache.relayout_tail(2, twice.data()), Error);
+  std::vector<int64_t> short_list{0, 1, 2, 3, 4, 5, 6, -1};  // names 7 of the 8 tokens
+  EXPECT_THROW(cache.relayout_tail(2, short_list.data()), Error);
+  std::vector<int64_t> three_pages{0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1};
+  EXPECT_THROW(cache.relayout_tail(3, three_pages.data()), Error);  // more pages than the stream has
+  EXPECT_THROW(cache.relayout_tail(-1, pos.data()), Error);
+  std::vector<int64_t> after(2 * ps);
+  std::vector<int32_t> both{0, 1};
+  cache.page_positions(both.data(), 2, after.data());
+  EXPECT_EQ(after, pos);  // unchanged by the rejected calls
+}

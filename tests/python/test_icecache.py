@@ -340,3 +340,75 @@ def test_shipped_recall_model_keeps_its_accuracy_at_budget_256():
     c = model.config
     kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # K+V, float32, per token
     assert all(r["device_bytes"] < r["prompt_tokens"] * kv_bytes / 2 for r in rec)
+
+
+def _all_page_positions(layer):
+    """[B, H, pages, page_size] positions of every page of a layer's index (-1 padding)."""
+    idx, B, H = layer.index, layer.B, layer.H
+    n = idx.num_pages()
+    pages = torch.full((B * H, n), -1, dtype=torch.int32)
+    for s in range(B * H):
+        pages[s, :idx.num_pages(s)] = torch.arange(idx.num_pages(s), dtype=torch.int32)
+    pos = torch.empty((B, H, n, layer.owner.page_size), dtype=torch.long)
+    idx.page_positions(pages, n, pos)
+    return pos
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_reuse_selection_is_exact_at_full_budget_and_followers_share_the_leaders_pages(prefetch):
+    # 4 layers, 1 dense: sparse layers 1 (leader), 2 (its follower), 3 (a leader). A left-padded batch,
+    # two-level clustering at prefill and re-clustering of evicted window pages in the leader: the
+    # follower's pages must keep holding the leader's tokens through all of it.
+    model = _tiny(layers=4)
+    a = torch.randint(1, 96, (1, 300))
+    b = torch.randint(1, 96, (1, 240))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 60, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :60] = 0
+    ref = _generate(model, ids, mask=mask, n=80)
+    cache = scrimp.IceCache(model.config, budget=1024, dense_layers=1, max_context=1024, coarse_tokens=64,
+                            recluster_pages=2, reuse_selection=1, prefetch=prefetch)
+    assert cache.prefetch is prefetch
+    out = _generate(model, ids, cache, mask=mask, n=80)
+    assert torch.equal(out, ref)
+    leader, follower, third = cache.layers[1], cache.layers[2], cache.layers[3]
+    assert follower.leader is leader and leader.followers == [follower] and third.leader is None
+    assert leader.evicted >= 4 and follower.evicted == leader.evicted
+    assert torch.equal(_all_page_positions(follower), _all_page_positions(leader))
+    assert follower.dev_bounds is None  # a follower never scores pages
+    assert follower.index.stats()["misses"] > 0
+
+
+def test_reuse_selection_at_a_small_budget_attends_the_leaders_pages():
+    model = _tiny(layers=3)
+    ids = torch.randint(1, 96, (1, 400))
+    seen = []
+    cache = scrimp.IceCache(model.config, budget=96, dense_layers=1, max_context=1024, reuse_selection=1,
+                            measure=True)
+    follower = cache.layers[2]
+    real = follower.decode_attention
+
+    def spy(module, query, scaling):
+        out = real(module, query, scaling)
+        seen.append(follower.leader.shared_pages.clone())
+        return out
+
+    follower.decode_attention = spy
+    _generate(model, ids, cache, n=6)
+    assert len(seen) == 5  # every decode step after the first token
+    pos_l = torch.empty((1, 2, seen[-1].shape[2], 16), dtype=torch.long)
+    pos_f = torch.empty_like(pos_l)
+    cache.layers[1].index.page_positions(seen[-1], seen[-1].shape[2], pos_l)
+    follower.index.page_positions(seen[-1], seen[-1].shape[2], pos_f)
+    assert torch.equal(pos_l, pos_f) and (pos_f >= 0).any()  # the same tokens in the two layers
+    assert 0.0 < cache.stats()["attention_mass"] <= 1.0 + 1e-6
+
+
+def test_reuse_selection_bad_arguments():
+    model = _tiny()
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="reuse_selection"):
+            scrimp.IceCache(model.config, budget=128, reuse_selection=bad)
+    with pytest.raises(TypeError, match="prefetch"):
+        scrimp.IceCache(model.config, budget=128, reuse_selection=1, prefetch="yes")
+    assert scrimp.IceCache(model.config, budget=128, prefetch=True).prefetch is False  # nothing to prefetch

@@ -127,3 +127,48 @@ def test_generate_on_cuda_is_exact_at_full_budget():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=12,
                              do_sample=False, pad_token_id=0)
     assert torch.equal(ref, out)
+
+
+def test_prefetch_then_recall_waits_for_the_copy():
+    # a prefetch (wait=False) queues the gather on the copy stream; the recall with wait that follows
+    # (all hits) must still order the compute stream after it
+    B, H, D, N, ps = 1, 2, 64, 400, 16
+    idx = _C.ClusteredCache(B, H, H, D, ps, 64, 16, "float16", True, "bounds")
+    k = torch.randn(B, H, N, D).half()
+    idx.build(k, k, torch.arange(N))
+    pages = torch.arange(12, dtype=torch.int32).repeat(B, H, 1).contiguous()
+    ks = torch.zeros(B * H * 16, ps, D, dtype=torch.float16, device="cuda")
+    vs = torch.zeros_like(ks)
+    slots, lens = torch.empty_like(pages), torch.empty_like(pages)
+    stream = torch.cuda.current_stream().cuda_stream
+    idx.recall(pages, 12, ks, vs, slots, lens, stream, wait=False)
+    misses = idx.stats()["misses"]
+    idx.recall(pages, 12, ks, vs, slots, lens, stream)  # hits only
+    assert idx.stats()["misses"] == misses
+    got = ks[slots.view(-1).long().cuda()].cpu()  # queued on the compute stream after the wait
+    pos = torch.empty(B, H, 12, ps, dtype=torch.long)
+    idx.page_positions(pages, 12, pos)
+    for h in range(H):
+        for i in range(12):
+            n = int(lens[0, h, i])
+            assert torch.equal(got[h * 12 + i, :n], k[0, h, pos[0, h, i, :n]])
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_generate_on_cuda_with_reuse_selection_is_exact_at_full_budget(prefetch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         attn_implementation="sdpa")).cuda().eval()
+    ids = torch.randint(1, 96, (2, 300), device="cuda")
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                             pad_token_id=0)
+        cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, device="cuda", max_context=1024,
+                                reuse_selection=1, prefetch=prefetch, recluster_pages=2)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=40,
+                             do_sample=False, pad_token_id=0)
+    assert cache.prefetch is prefetch
+    assert torch.equal(ref, out)

@@ -109,6 +109,15 @@ class ClusteredCache {
                      bool positions_per_stream, const int64_t* group_bounds, int64_t groups,
                      int64_t batch_row = -1);
 
+  // Follower build, for a layer that reuses another layer's page selection (so it must hold the same
+  // tokens in the same pages): stream i's tokens form exactly the given pages, in order. Page p of
+  // stream i holds rows [page_bounds[i][p], page_bounds[i][p + 1]) of that stream's keys/values (at
+  // most page_size rows; empty ranges add no page and may only come last). keys, values
+  // [B, Hkv, N, D] as for build (rows past a stream's last bound are ignored); positions [S, N]
+  // (S = B * Hkv); page_bounds [S, pages + 1] from 0, non-decreasing, at most N.
+  void build_paged(const TensorView& keys, const TensorView& values, const int64_t* positions,
+                   const int64_t* page_bounds, int64_t pages);
+
   // Incremental insertion of tokens evicted from the window: keys, values [B, Hkv, T, D] with
   // 1 <= T <= page_size, CPU, cfg.dtype, contiguous; first_position: the position of token 0.
   // Each stream gets one new page. skip (optional) [B]: leading tokens of each batch row to leave out
@@ -121,6 +130,14 @@ class ClusteredCache {
   // cache. Streams whose last n pages are not all full are left as they are. Returns the number of
   // streams re-clustered.
   int64_t recluster_tail(int64_t n);
+
+  // Rewrites the last n pages of every stream to hold their tokens in the order of `positions`
+  // [S, n * page_size]: the absolute positions of exactly the tokens now in those pages, page after
+  // page (page j of the tail holds the entries [j * page_size, (j + 1) * page_size), -1 entries
+  // skipped). A stream whose row is all -1, or already in that order, is left as it is. Gives a
+  // follower the leader's re-clustered tail (recluster_tail); rewritten pages leave the device page
+  // cache. Returns the number of streams rewritten.
+  int64_t relayout_tail(int64_t n, const int64_t* positions);
 
   // Pages in stream s; without an argument, the most pages of any stream.
   int64_t num_pages(int64_t stream) const;
@@ -135,9 +152,17 @@ class ClusteredCache {
   // page cache k_store / v_store, each [B * Hkv * cache_pages, page_size, D] of cfg.dtype (CPU or
   // CUDA, contiguous), and writes out_slots [B, Hkv, k] (store row of each page, -1 for padding) and
   // out_lens [B, Hkv, k] (valid tokens in it, 0 for padding). Hits are reused (LRU order); misses are
-  // copied (on CUDA: a gather kernel on `stream` reading mapped pinned memory when the pool is pinned).
+  // copied (on CUDA: a gather kernel on a dedicated copy stream reading mapped pinned memory, ordered
+  // after the work queued on `stream`). With `wait` (the default) the work queued on `stream` after
+  // this call waits for the copy; wait = false is a prefetch: the wait is added by the next recall
+  // with wait, or by wait_transfers, just before the attention that reads the pages. On the CPU the
+  // copy is done when recall returns.
   void recall(const int32_t* pages, int64_t k, const TensorView& k_store, const TensorView& v_store,
-              int32_t* out_slots, int32_t* out_lens, void* stream = nullptr);
+              int32_t* out_slots, int32_t* out_lens, void* stream = nullptr, bool wait = true);
+
+  // Makes `stream` wait for this cache's prefetched copies (recall with wait = false) not yet waited
+  // for. A no-op on the CPU or when none is owed.
+  void wait_transfers(void* stream);
 
   // Absolute token positions of the given pages: out [B, Hkv, k, page_size], -1 for padding.
   void page_positions(const int32_t* pages, int64_t k, int64_t* out) const;
@@ -165,11 +190,13 @@ class ClusteredCache {
   struct Stream;
   void add_page(Stream& st, int64_t stream, const char* k, const char* v, int64_t k_row_stride,
                 const int32_t* rows, int64_t n, const int64_t* positions);
+  void drop_tail(Stream& st, int64_t n);
   ClusteredCacheConfig cfg_;
   std::unique_ptr<HostPagePool> pool_;
   std::vector<Stream> streams_;
   ClusteredCacheStats stats_;
   uint64_t tick_ = 0;
+  void* transfers_ = nullptr;  // CUDA backend state (page lists, events), made on the first CUDA recall
 };
 
 // Clusters the rows of keys [N, D] (float32, contiguous) into pages of at most page_size rows with a

@@ -40,8 +40,14 @@ def geometry(budget: int, page_size: int = TESTBED_PAGE_SIZE) -> dict:
     return {"page_size": page_size, "sink_pages": sink, "window_pages": window}
 
 
-def accuracy_table(model, tok, n, context, budgets, dense_layers, page_size=TESTBED_PAGE_SIZE):
+def accuracy_table(model, tok, n, context, budgets, dense_layers, page_size=TESTBED_PAGE_SIZE,
+                   reuse_selection=0, methods=METHODS):
+    """With ``reuse_selection`` > 0 a row ``icecache+reuseN`` is added per budget: IceCache whose
+    selecting layers hand their pages to the next N sparse layers."""
     rows = []
+    variants = [(m, m, {}) for m in methods]
+    if reuse_selection:
+        variants.append((f"icecache+reuse{reuse_selection}", "icecache", {"reuse_selection": reuse_selection}))
     full = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context,
                             generate_fn=make_generate_fn("full", budget=64, max_context=context + 64))
     full_acc = full["accuracy"]
@@ -49,21 +55,22 @@ def accuracy_table(model, tok, n, context, budgets, dense_layers, page_size=TEST
                  "rel_mass": None})
     for budget in budgets:
         per = {}
-        for method in METHODS:
+        for name, method, extra in variants:
             rec = []
             fn = make_generate_fn(method, budget=budget, record=rec, measure=True, dense_layers=dense_layers,
-                                  max_context=context + 64, **geometry(budget, page_size))
+                                  max_context=context + 64, **geometry(budget, page_size), **extra)
             res = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context, generate_fn=fn)
             masses = [r["attention_mass"] for r in rec if r["attention_mass"] is not None]
             hits = sum(r["hits"] for r in rec)
             misses = sum(r["misses"] for r in rec)
-            per[method] = {"method": method, "budget": budget, "accuracy": res["accuracy"],
+            per[name] = {"method": name, "budget": budget, "accuracy": res["accuracy"],
                            "rel_accuracy": res["accuracy"] / full_acc if full_acc else float("nan"),
                            "mass": statistics.mean(masses) if masses else float("nan"),
                            "page_cache_hit_rate": hits / (hits + misses) if hits + misses else None}
-        for method in METHODS:
-            per[method]["rel_mass"] = per[method]["mass"] / per["oracle"]["mass"]
-            rows.append(per[method])
+        for name, _, _ in variants:
+            oracle = per["oracle"]["mass"] if "oracle" in per else float("nan")
+            per[name]["rel_mass"] = per[name]["mass"] / oracle
+            rows.append(per[name])
     return rows
 
 
@@ -181,6 +188,10 @@ def main(argv=None):
                     help="first layers kept dense (default 0: the testbed model has only 4 layers)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--reuse-selection", type=int, default=0,
+                    help="also measure IceCache with each selection reused by the next N sparse layers")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                    help="methods of the accuracy table (the oracle is the reference of 'rel.oracle')")
     ap.add_argument("--skip-arith", action="store_true")
     ap.add_argument("--random-weights", action="store_true",
                     help="the recall model's architecture with random weights (memory and timing only; no accuracy)")
@@ -234,17 +245,18 @@ def main(argv=None):
 
     if not args.skip_accuracy:
         t0 = time.perf_counter()
-        rows = accuracy_table(model, tok, args.n, args.context, args.budgets, args.dense_layers, args.page_size)
+        rows = accuracy_table(model, tok, args.n, args.context, args.budgets, args.dense_layers, args.page_size,
+                              args.reuse_selection, tuple(args.methods))
         result["accuracy"] = rows
         print(f"\n1. recall accuracy, n={args.n}, context {args.context}, page size {args.page_size} "
               f"({time.perf_counter() - t0:.0f} s)")
-        print(f"  {'method':<10} {'budget':>6} {'sink+win':>8} {'accuracy':>8} {'rel.full':>8} {'mass':>7} "
+        print(f"  {'method':<16} {'budget':>6} {'sink+win':>8} {'accuracy':>8} {'rel.full':>8} {'mass':>7} "
               f"{'rel.oracle':>10} {'hit rate':>8}")
         for r in rows:
             g = geometry(r["budget"], args.page_size) if r["budget"] else None
             sw = f"{g['sink_pages']}+{g['window_pages']}" if g else "-"
             hr = r.get("page_cache_hit_rate")
-            print(f"  {r['method']:<10} {str(r['budget'] or 'all'):>6} {sw:>8} {r['accuracy']:>8.3f} "
+            print(f"  {r['method']:<16} {str(r['budget'] or 'all'):>6} {sw:>8} {r['accuracy']:>8.3f} "
                   f"{r['rel_accuracy']:>8.3f} {r['mass']:>7.3f} "
                   f"{(r['rel_mass'] if r['rel_mass'] is not None else float('nan')):>10.3f} "
                   f"{(hr if hr is not None else float('nan')):>8.3f}")

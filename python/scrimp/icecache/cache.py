@@ -97,6 +97,11 @@ class IceCacheLayer(CacheLayerMixin):
         self.length = 0  # tokens seen (cache positions 0..length-1)
         self.index = None
         self.stats = {"steps": 0, "mass": []}
+        # reuse_selection: a follower uses its leader's page selection (same tokens in the same pages:
+        # its layout is copied from the leader's, not clustered on its own keys); see IceCache
+        self.leader: Optional["IceCacheLayer"] = None
+        self.followers: list = []
+        self.shared_pages = None  # this step's selected pages [B, H, k] int32 (leaders, for followers)
 
     # ---- CacheLayerMixin -----------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -212,7 +217,9 @@ class IceCacheLayer(CacheLayerMixin):
         self.index = o._new_index(B, H, D, self.dtype)
         if self.index is not None:
             starts = [p + S for p in pads]
-            if len(set(starts)) == 1:
+            if self.leader is not None:
+                self._build_from_leader(k_all, v_all)
+            elif len(set(starts)) == 1:
                 if starts[0] < ws:
                     self._build_rows(k_all, v_all, slice(None), starts[0], ws, -1)
             else:
@@ -222,7 +229,7 @@ class IceCacheLayer(CacheLayerMixin):
             C = o.cache_pages
             self.k_store = torch.zeros((B * H * C, ps, D), dtype=self.dtype, device=dev)
             self.dev_bounds = None
-            if o._select_on_device(dev):
+            if o._select_on_device(dev) and self.leader is None:  # a follower never selects
                 self._sync_bounds(0)
             self.v_store = torch.zeros_like(self.k_store)
 
@@ -243,6 +250,46 @@ class IceCacheLayer(CacheLayerMixin):
         vp = torch.gather(vm, 2, idx).to("cpu").contiguous()
         pos = (order + start).to("cpu").contiguous()
         self.index.build_grouped(kp, vp, pos, bounds.to("cpu").contiguous(), batch_row)
+
+    def _leader_positions(self, first=None, n=None):
+        """Positions of the leader's pages, per stream: all of them (first None), or the last n
+        (the tail). [B, H, pages, page_size] int64, -1 padding."""
+        L, ps = self.leader.index, self.owner.page_size
+        B, H = self.B, self.H
+        counts = [L.num_pages(s) for s in range(B * H)]
+        k = max(counts) if first is None else n
+        pages = torch.full((B * H, k), -1, dtype=torch.int32)
+        for s, c in enumerate(counts):
+            if first is None:
+                pages[s, :c] = torch.arange(c, dtype=torch.int32)
+            elif c >= n:
+                pages[s] = torch.arange(c - n, c, dtype=torch.int32)
+        pos = torch.empty((B * H, k, ps), dtype=torch.long)
+        if k:
+            L.page_positions(pages.contiguous(), k, pos)
+        return pos.view(B, H, k, ps)
+
+    def _build_from_leader(self, k_all, v_all):
+        """A follower's prefill index: this layer's K/V in exactly the leader's pages (page p of a
+        stream holds the tokens of the leader's page p), so the leader's selection applies here."""
+        B, H, N, D = k_all.shape
+        pos = self._leader_positions()  # [B, H, P, ps]
+        P = pos.shape[2]
+        if P == 0:
+            return
+        valid = pos >= 0
+        lens = valid.sum(-1).view(B * H, P)
+        bounds = torch.cat([torch.zeros((B * H, 1), dtype=torch.long), lens.cumsum(1)], dim=1)
+        flat, fvalid = pos.view(B * H, -1), valid.view(B * H, -1)
+        n_max = int(lens.sum(1).max())
+        # the valid positions of each stream in page order, then padding (row 0, ignored by the bounds)
+        order = torch.argsort((~fvalid).to(torch.int8), dim=1, stable=True)[:, :n_max]
+        rows = torch.gather(flat, 1, order).clamp(min=0)  # [S, n_max]
+        idx = rows.to(k_all.device)[..., None].expand(B * H, n_max, D)
+        kp = torch.gather(k_all.reshape(B * H, N, D), 1, idx).view(B, H, n_max, D)
+        vp = torch.gather(v_all.reshape(B * H, N, D), 1, idx).view(B, H, n_max, D)
+        self.index.build_paged(kp.to("cpu").contiguous(), vp.to("cpu").contiguous(), rows.contiguous(),
+                               bounds.contiguous())
 
     # ---- decode ------------------------------------------------------------------------------------
     def _append(self, k, v):
@@ -267,7 +314,11 @@ class IceCacheLayer(CacheLayerMixin):
             self.evicted += 1
             if self.index is not None and o.recluster_pages > 1 and o.method == "icecache" \
                     and self.evicted % o.recluster_pages == 0:
-                self.index.recluster_tail(o.recluster_pages)  # cluster the evicted pages together
+                if self.leader is not None:  # the leader re-clustered its tail this step: copy its layout
+                    n = o.recluster_pages
+                    self.index.relayout_tail(n, self._leader_positions(first=-1, n=n).contiguous())
+                else:
+                    self.index.recluster_tail(o.recluster_pages)  # cluster the evicted pages together
                 if self.dev_bounds is not None:
                     self._sync_bounds(max(self._min_pages() - o.recluster_pages, 0))
         w = self.length - self.ws
@@ -342,15 +393,22 @@ class IceCacheLayer(CacheLayerMixin):
         k_dense, v_dense, mask = self.dense_k, self.dense_v, self.dense_mask
         pages = None
         if self.index is not None and k_sel > 0 and self.index.num_pages() > 0:
-            if self.dev_bounds is not None:
+            if self.leader is not None:
+                pages = self.leader.shared_pages  # reuse_selection: the leader's pages, this step
+            elif self.dev_bounds is not None:
                 pages = self.select_on_device(q, k_sel)
             else:
                 pages = torch.empty((B, H, k_sel), dtype=torch.int32)
                 self.index.select(q.float().cpu().contiguous(), k_sel, pages)
+            self.shared_pages = pages if self.followers else None
             slots = torch.empty_like(pages)
             lens = torch.empty_like(pages)
             stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+            # (waits for this layer's pages, prefetched ones included)
             self.index.recall(pages, k_sel, self.k_store, self.v_store, slots, lens, stream)
+            if o.prefetch:
+                for f in self.followers:
+                    f.prefetch(pages, stream)
             table, tlens = slots.to(dev), lens.to(dev)
             k_store, v_store = self.k_store, self.v_store
         else:
@@ -364,6 +422,18 @@ class IceCacheLayer(CacheLayerMixin):
         if o.measure:
             self._measure(q, pages, mask, scaling)
         return out.to(query.device).unsqueeze(1)  # [B, 1, Hq, D] like sdpa_attention_forward
+
+    def prefetch(self, pages, stream):
+        """Start copying a follower's pages for this step (the leader's selection) while the layers
+        before it run: recall without wait on the copy stream; the recall in this layer's own
+        attention then waits for it (and copies pages appended or re-laid out since)."""
+        if self.index is None or self.index.num_pages() == 0:
+            return
+        counts = torch.tensor([self.index.num_pages(s) for s in range(self.B * self.H)], dtype=torch.int32)
+        # pages the leader has and this layer does not yet (its window page is appended in its update)
+        p = torch.where(pages < counts.view(self.B, self.H, 1), pages, torch.full_like(pages, -1)).contiguous()
+        slots, lens = torch.empty_like(p), torch.empty_like(p)
+        self.index.recall(p, p.shape[2], self.k_store, self.v_store, slots, lens, stream, wait=False)
 
     def _measure(self, q, pages, mask, scaling):
         """Fraction of the true attention mass (over every cached token) that the attended set holds."""
@@ -429,12 +499,19 @@ class IceCache(Cache):
         two matmuls + top-k) instead of on the host; default: on for CUDA, for icecache / quest.
     max_context : longest sequence the host pool is sized for (allocated once per layer).
     measure : record the attention mass captured per step (keeps a full key copy; for evaluation).
+    reuse_selection : each selecting sparse layer's pages are reused by the next this many sparse
+        layers ("followers"), which then do no page scoring. A follower holds the same tokens in the
+        same pages as its leader (its layout is copied at prefill and after re-clustering, not
+        clustered on its own keys). 0 (default): every sparse layer selects its own pages.
+    prefetch : with reuse_selection, copy each follower's pages as soon as its leader has selected
+        them, on the copy stream, overlapping the layers in between (default: on for CUDA).
     """
 
     def __init__(self, config, budget: int = 256, page_size: int = 16, sink_pages: int = 2, window_pages: int = 2,
                  dense_layers: int = 2, device=None, method: str = "icecache", cache_pages: Optional[int] = None,
                  max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True,
-                 coarse_tokens: int = 1024, recluster_pages: int = 4, select_on_device: Optional[bool] = None):
+                 coarse_tokens: int = 1024, recluster_pages: int = 4, select_on_device: Optional[bool] = None,
+                 reuse_selection: int = 0, prefetch: Optional[bool] = None):
         for name, v in (("budget", budget), ("page_size", page_size), ("sink_pages", sink_pages),
                         ("window_pages", window_pages), ("dense_layers", dense_layers), ("max_context", max_context)):
             if not isinstance(v, int) or isinstance(v, bool):
@@ -476,9 +553,20 @@ class IceCache(Cache):
             raise ValueError(f"recluster_pages must be an int >= 0, got {recluster_pages!r}")
         self.recluster_pages = recluster_pages
         self.select_on_device = select_on_device
+        if not isinstance(reuse_selection, int) or isinstance(reuse_selection, bool) or reuse_selection < 0:
+            raise ValueError(f"reuse_selection must be an int >= 0, got {reuse_selection!r}")
+        if prefetch is not None and not isinstance(prefetch, bool):
+            raise TypeError(f"prefetch must be a bool or None, got {type(prefetch).__name__}")
+        self.reuse_selection = reuse_selection
+        self._prefetch = prefetch
         layers = []
         for i in range(self.num_layers):
             layers.append(DynamicLayer() if (method == "full" or i < dense_layers) else IceCacheLayer(self, i))
+        sparse = [l for l in layers if isinstance(l, IceCacheLayer)]
+        for j, layer in enumerate(sparse):
+            if j % (reuse_selection + 1):
+                layer.leader = sparse[j - j % (reuse_selection + 1)]
+                layer.leader.followers.append(layer)
         super().__init__(layers=layers)
         if method != "full":
             _register_attention()
@@ -486,6 +574,16 @@ class IceCache(Cache):
                 raise ValueError(f"IceCache needs a model with attn_implementation='sdpa' (got "
                                  f"{config._attn_implementation!r}); load it with attn_implementation='sdpa'")
             config._attn_implementation = ATTN_NAME
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether followers' pages are copied ahead (see ``prefetch``); decided on the device in use."""
+        if not self.reuse_selection:
+            return False
+        if self._prefetch is not None:
+            return self._prefetch
+        dev = next((l.device for l in self.layers if isinstance(l, IceCacheLayer) and l.is_initialized), None)
+        return dev is not None and torch.device(dev).type == "cuda"
 
     # ---- checks ------------------------------------------------------------------------------------
     def _check_states(self, k, v, layer_idx, shape=None, dtype=None):
