@@ -135,11 +135,12 @@ def test_flops_counts(setup):
 
 
 def test_shipped_adapters_on_the_shipped_recall_model():
-    """The shipped adapters load for the shipped recall model (fingerprint checked) and KV Packet keeps
-    what it was committed with on 20 held-out 2,048-token prompts: at least no recompute's accuracy and
-    within 4 examples of full recompute (100 prompts when committed: 81% vs 88% full, 72% none), and a
-    first-answer-token distribution much closer to full recompute's than no recompute's (KL 0.018 vs
-    0.073 on those 100; see docs/packets.md)."""
+    """The shipped adapters (24 + 8 tokens) load for the shipped recall model (fingerprint checked) and
+    KV Packet keeps what it was committed with on 20 held-out 2,048-token prompts (then: 95% for both
+    full recompute and KV Packet, 65% no recompute; KL 0.030 vs 0.078): within 2 examples of full
+    recompute, clearly above no recompute, and a first-answer-token distribution much closer to full
+    recompute's than no recompute's. On 100 prompts: 85% vs 88% full, 72% none, KL 0.025 vs 0.073
+    (docs/packets.md)."""
     import io
 
     from scrimp.packets.compare import RECALL_CONTEXT, compare_methods, load_adapters
@@ -149,7 +150,7 @@ def test_shipped_adapters_on_the_shipped_recall_model():
     rows = {r["method"]: r for r in compare_methods(model, tok, ad, n=20, context_tokens=RECALL_CONTEXT,
                                                     methods=["full", "none", "kvpacket"], out=io.StringIO())}
     assert rows["full"]["accuracy"] >= 0.75
-    assert rows["kvpacket"]["accuracy"] >= rows["full"]["accuracy"] - 0.20
-    assert rows["kvpacket"]["accuracy"] >= rows["none"]["accuracy"]
+    assert rows["kvpacket"]["accuracy"] >= rows["full"]["accuracy"] - 0.10
+    assert rows["kvpacket"]["accuracy"] >= rows["none"]["accuracy"] + 0.15
     assert rows["kvpacket"]["flops"] < rows["full"]["flops"] / 1000
     assert 0.0 <= rows["kvpacket"]["kl"] < rows["none"]["kl"] / 2
