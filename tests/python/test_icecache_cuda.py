@@ -112,20 +112,27 @@ def test_recall_gathers_pinned_pages_to_the_device():
                 assert torch.equal(vs[slots[b, h, i], :n].cpu(), v[b, h, pos[b, h, i, :n]])
 
 
-def test_generate_on_cuda_is_exact_at_full_budget():
+def _greedy_on_cuda_with_and_without(layers, new_tokens, **cache_kwargs):
+    """(reference greedy ids with the default cache, ids with an IceCache, the cache) for a random
+    tiny Llama on the GPU, 2 prompts of 300 tokens, budget 512 (every page selected)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                          attn_implementation="sdpa")).cuda().eval()
     ids = torch.randint(1, 96, (2, 300), device="cuda")
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                             pad_token_id=0)
-        cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, device="cuda", max_context=1024)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=12,
-                             do_sample=False, pad_token_id=0)
+        ref = model.generate(ids, **gen)
+        cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, device="cuda", max_context=1024,
+                                **cache_kwargs)
+        out = model.generate(ids, past_key_values=cache, **gen)
+    return ref, out, cache
+
+
+def test_generate_on_cuda_is_exact_at_full_budget():
+    ref, out, _ = _greedy_on_cuda_with_and_without(3, 12)
     assert torch.equal(ref, out)
 
 
@@ -156,19 +163,7 @@ def test_prefetch_then_recall_waits_for_the_copy():
 
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_generate_on_cuda_with_reuse_selection_is_exact_at_full_budget(prefetch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         attn_implementation="sdpa")).cuda().eval()
-    ids = torch.randint(1, 96, (2, 300), device="cuda")
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
-                             pad_token_id=0)
-        cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, device="cuda", max_context=1024,
-                                reuse_selection=1, prefetch=prefetch, recluster_pages=2)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=40,
-                             do_sample=False, pad_token_id=0)
+    ref, out, cache = _greedy_on_cuda_with_and_without(4, 40, reuse_selection=1, prefetch=prefetch,
+                                                       recluster_pages=2)
     assert cache.prefetch is prefetch
     assert torch.equal(ref, out)
