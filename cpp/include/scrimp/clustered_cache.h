@@ -196,7 +196,7 @@ class ClusteredCache {
   std::vector<Stream> streams_;
   ClusteredCacheStats stats_;
   uint64_t tick_ = 0;
-  void* transfers_ = nullptr;  // CUDA backend state (page lists, events), made on the first CUDA recall
+  [[maybe_unused]] void* transfers_ = nullptr;  // CUDA backend state (page lists, events), made on the first CUDA recall
 };
 
 // Clusters the rows of keys [N, D] (float32, contiguous) into pages of at most page_size rows with a
