@@ -46,6 +46,16 @@ const T* device_buffer(const BorrowedTensor& t, scrimp::DType dtype, int64_t num
   return static_cast<const T*>(v.data);
 }
 
+// A contiguous CPU int64 table [S, n + 1] of per-stream bounds with n >= min_n; returns its data and n.
+const int64_t* bounds_table(const BorrowedTensor& t, int64_t S, int64_t min_n, const char* name, const char* what,
+                            int64_t* n) {
+  const auto& v = t.view();
+  SCRIMP_CHECK(v.ndim() == 2 && v.shape[0] == S && v.shape[1] >= min_n + 1,
+               name << ": expected [" << S << ", " << what << " + 1], got " << describe(v));
+  *n = v.shape[1] - 1;
+  return host_buffer<int64_t>(t, scrimp::DType::Int64, S * (*n + 1), name);
+}
+
 class PyClusteredCache {
  public:
   PyClusteredCache(int64_t batch, int64_t kv_heads, int64_t q_heads, int64_t head_dim, int64_t page_size,
@@ -88,11 +98,8 @@ class PyClusteredCache {
     const auto& kv = k.view();
     SCRIMP_CHECK(kv.ndim() == 4, "keys: expected [B, Hkv, N, D], got " << describe(kv));
     const int64_t S = kv.shape[0] * kv.shape[1], N = kv.shape[2];
-    const auto& gv = g.view();
-    SCRIMP_CHECK(gv.ndim() == 2 && gv.shape[0] == S && gv.shape[1] >= 2,
-                 "group_bounds: expected [" << S << ", groups + 1], got " << describe(gv));
-    const int64_t groups = gv.shape[1] - 1;
-    const int64_t* gb = host_buffer<int64_t>(g, scrimp::DType::Int64, S * (groups + 1), "group_bounds");
+    int64_t groups = 0;
+    const int64_t* gb = bounds_table(g, S, 1, "group_bounds", "groups", &groups);
     const int64_t* pos = host_buffer<int64_t>(p, scrimp::DType::Int64, S * N, "positions");
     py::gil_scoped_release release;
     impl_->build_grouped(kv, v.view(), pos, true, gb, groups, batch_row);
@@ -104,11 +111,8 @@ class PyClusteredCache {
     const auto& kv = k.view();
     SCRIMP_CHECK(kv.ndim() == 4, "keys: expected [B, Hkv, N, D], got " << describe(kv));
     const int64_t S = kv.shape[0] * kv.shape[1], N = kv.shape[2];
-    const auto& bv = b.view();
-    SCRIMP_CHECK(bv.ndim() == 2 && bv.shape[0] == S && bv.shape[1] >= 1,
-                 "page_bounds: expected [" << S << ", pages + 1], got " << describe(bv));
-    const int64_t pages = bv.shape[1] - 1;
-    const int64_t* pb = host_buffer<int64_t>(b, scrimp::DType::Int64, S * (pages + 1), "page_bounds");
+    int64_t pages = 0;
+    const int64_t* pb = bounds_table(b, S, 0, "page_bounds", "pages", &pages);
     const int64_t* pos = host_buffer<int64_t>(p, scrimp::DType::Int64, S * N, "positions");
     py::gil_scoped_release release;
     impl_->build_paged(kv, v.view(), pos, pb, pages);

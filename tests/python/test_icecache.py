@@ -412,3 +412,27 @@ def test_reuse_selection_bad_arguments():
     with pytest.raises(TypeError, match="prefetch"):
         scrimp.IceCache(model.config, budget=128, reuse_selection=1, prefetch="yes")
     assert scrimp.IceCache(model.config, budget=128, prefetch=True).prefetch is False  # nothing to prefetch
+
+
+def test_follower_layout_bindings_reject_bad_input():
+    idx = _C.ClusteredCache(1, 2, 2, 8, 4, 16, 4, "float32", True, "bounds")
+    k = torch.randn(1, 2, 8, 8)
+    pos = torch.arange(8).repeat(2, 1).contiguous()
+    ok = torch.tensor([[0, 4, 8], [0, 4, 8]])
+    with pytest.raises(ValueError, match="page_bounds"):
+        idx.build_paged(k, k, pos, ok[:1].contiguous())  # one row for two streams
+    with pytest.raises(ValueError, match="page_bounds"):
+        idx.build_paged(k, k, pos, torch.tensor([[0, 5, 8], [0, 4, 8]]))  # a page of 5 > page_size 4
+    with pytest.raises(TypeError):
+        idx.build_paged(k, k, pos, ok.int())
+    with pytest.raises(ValueError, match="positions"):
+        idx.build_paged(k, k, pos[:, :5].contiguous(), ok)
+    assert idx.num_pages() == 0
+    idx.build_paged(k, k, pos, ok)
+    assert idx.num_pages() == 2
+    with pytest.raises(ValueError, match="positions"):
+        idx.relayout_tail(2, torch.arange(8))  # [S, 2 * 4] = 16 entries expected
+    with pytest.raises(ValueError, match="not in the last"):
+        idx.relayout_tail(2, torch.full((2, 8), 99))
+    with pytest.raises(ValueError):
+        idx.relayout_tail(-1, torch.zeros(0, dtype=torch.long))

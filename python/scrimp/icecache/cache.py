@@ -251,19 +251,19 @@ class IceCacheLayer(CacheLayerMixin):
         pos = (order + start).to("cpu").contiguous()
         self.index.build_grouped(kp, vp, pos, bounds.to("cpu").contiguous(), batch_row)
 
-    def _leader_positions(self, first=None, n=None):
-        """Positions of the leader's pages, per stream: all of them (first None), or the last n
-        (the tail). [B, H, pages, page_size] int64, -1 padding."""
+    def _leader_positions(self, tail: Optional[int] = None):
+        """Positions of the leader's pages, per stream: all of them, or with ``tail`` the last that
+        many (a stream with fewer gets -1 rows). [B, H, pages, page_size] int64, -1 padding."""
         L, ps = self.leader.index, self.owner.page_size
         B, H = self.B, self.H
         counts = [L.num_pages(s) for s in range(B * H)]
-        k = max(counts) if first is None else n
+        k = max(counts) if tail is None else tail
         pages = torch.full((B * H, k), -1, dtype=torch.int32)
         for s, c in enumerate(counts):
-            if first is None:
+            if tail is None:
                 pages[s, :c] = torch.arange(c, dtype=torch.int32)
-            elif c >= n:
-                pages[s] = torch.arange(c - n, c, dtype=torch.int32)
+            elif c >= tail:
+                pages[s] = torch.arange(c - tail, c, dtype=torch.int32)
         pos = torch.empty((B * H, k, ps), dtype=torch.long)
         if k:
             L.page_positions(pages.contiguous(), k, pos)
@@ -316,7 +316,7 @@ class IceCacheLayer(CacheLayerMixin):
                     and self.evicted % o.recluster_pages == 0:
                 if self.leader is not None:  # the leader re-clustered its tail this step: copy its layout
                     n = o.recluster_pages
-                    self.index.relayout_tail(n, self._leader_positions(first=-1, n=n).contiguous())
+                    self.index.relayout_tail(n, self._leader_positions(tail=n).contiguous())
                 else:
                     self.index.recluster_tail(o.recluster_pages)  # cluster the evicted pages together
                 if self.dev_bounds is not None:
@@ -406,7 +406,7 @@ class IceCacheLayer(CacheLayerMixin):
             stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
             # (waits for this layer's pages, prefetched ones included)
             self.index.recall(pages, k_sel, self.k_store, self.v_store, slots, lens, stream)
-            if o.prefetch:
+            if self.followers and o.prefetch:
                 for f in self.followers:
                     f.prefetch(pages, stream)
             table, tlens = slots.to(dev), lens.to(dev)
