@@ -96,8 +96,11 @@ struct AttnParams {
   const void* k_dense;
   const void* v_dense;
   const uint8_t* mask;
+  const void* k_sum;      // [B, H, R, D] page summaries (optional)
+  const void* v_sum;
+  const float* sum_bias;  // [B, H, R]
   float* part;  // [B * Hq, splits, D + 2] (m, l, acc)
-  int64_t B, Hq, H, G, D, ps, P, T, dense_units, units, splits;
+  int64_t B, Hq, H, G, D, ps, P, T, R, dense_units, units, splits;
   float scale;
 };
 
@@ -126,18 +129,25 @@ __global__ void paged_attention_split_kernel(AttnParams p) {
     const T* vp;
     int64_t n;
     const uint8_t* mask = nullptr;
+    const float* bias = nullptr;
     if (u < p.dense_units) {
       const int64_t t0 = u * p.ps;
       n = min(p.ps, p.T - t0);
       kp = static_cast<const T*>(p.k_dense) + (s * p.T + t0) * D;
       vp = static_cast<const T*>(p.v_dense) + (s * p.T + t0) * D;
       if (p.mask) mask = p.mask + b * p.T + t0;
-    } else {
+    } else if (u < p.dense_units + p.P) {
       const int64_t e = s * p.P + (u - p.dense_units);
       const int32_t r = p.table[e];
       n = r < 0 ? 0 : p.lens[e];
       kp = static_cast<const T*>(p.k_store) + static_cast<int64_t>(r < 0 ? 0 : r) * p.ps * D;
       vp = static_cast<const T*>(p.v_store) + static_cast<int64_t>(r < 0 ? 0 : r) * p.ps * D;
+    } else {  // a chunk of page summaries: one row per unselected page, score + log(count) bias
+      const int64_t r0 = (u - p.dense_units - p.P) * p.ps;
+      n = min(p.ps, p.R - r0);
+      kp = static_cast<const T*>(p.k_sum) + (s * p.R + r0) * D;
+      vp = static_cast<const T*>(p.v_sum) + (s * p.R + r0) * D;
+      bias = p.sum_bias + s * p.R + r0;
     }
     if (n <= 0) continue;
     // Scores: one warp per (token, head) pair.
@@ -146,6 +156,7 @@ __global__ void paged_attention_split_kernel(AttnParams p) {
       float v = 0.0f;
       for (int64_t d = lane; d < D; d += 32) v += q_s[g * D + d] * to_f(kp[t * D + d]);
       v = warp_sum(v);
+      if (bias) v += bias[t];  // -inf bias: skipped
       if (lane == 0) sc[g * kMaxTile + t] = (mask && !mask[t]) ? -INFINITY : v;
     }
     __syncthreads();
@@ -232,9 +243,13 @@ void launch_attention(const PagedAttentionArgs& a, cudaStream_t stream) {
   p.k_dense = a.k_dense ? a.k_dense->data : nullptr;
   p.v_dense = a.v_dense ? a.v_dense->data : nullptr;
   p.mask = a.dense_mask;
+  p.R = a.summary_keys ? a.summary_keys->shape[2] : 0;
+  p.k_sum = a.summary_keys ? a.summary_keys->data : nullptr;
+  p.v_sum = a.summary_values ? a.summary_values->data : nullptr;
+  p.sum_bias = a.summary_bias;
   p.scale = a.scale != 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(p.D));
   p.dense_units = (p.T + p.ps - 1) / p.ps;
-  p.units = p.dense_units + p.P;
+  p.units = p.dense_units + p.P + (p.R + p.ps - 1) / p.ps;
   // Split-K over pages: about 4 units per block, at most 64 splits.
   p.splits = std::max<int64_t>(1, std::min<int64_t>(64, (p.units + 3) / 4));
   float* part = nullptr;

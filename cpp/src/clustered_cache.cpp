@@ -158,6 +158,7 @@ std::vector<int64_t> cluster_into_pages(const float* keys, int64_t N, int64_t D,
 struct ClusteredCache::Stream {
   std::vector<int32_t> len;          // tokens per page
   std::vector<float> cen, lo, hi;    // [P, D]
+  std::vector<float> vmean;          // [P, D] mean value (page summaries)
   std::vector<int64_t> pos;          // [P, page_size]
   std::vector<int32_t> slot_page;    // [cache_pages] page held by each slot, -1 free
   std::vector<uint64_t> slot_tick;   // last step the slot was used
@@ -232,11 +233,14 @@ void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* 
   st.cen.resize(static_cast<std::size_t>((local + 1) * D));
   st.lo.resize(st.cen.size());
   st.hi.resize(st.cen.size());
+  st.vmean.resize(st.cen.size());
   st.pos.resize(static_cast<std::size_t>((local + 1) * ps), -1);
   float* cen = st.cen.data() + local * D;
   float* lo = st.lo.data() + local * D;
   float* hi = st.hi.data() + local * D;
+  float* vm = st.vmean.data() + local * D;
   std::fill(cen, cen + D, 0.0f);
+  std::fill(vm, vm + D, 0.0f);
   std::fill(lo, lo + D, std::numeric_limits<float>::infinity());
   std::fill(hi, hi + D, -std::numeric_limits<float>::infinity());
   std::vector<float> row(static_cast<std::size_t>(D));
@@ -250,6 +254,8 @@ void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* 
       lo[d] = std::min(lo[d], row[d]);
       hi[d] = std::max(hi[d], row[d]);
     }
+    ice::load_row(v + r * row_bytes, cfg_.dtype, D, row.data());
+    for (int64_t d = 0; d < D; ++d) vm[d] += row[d];
     st.pos[static_cast<std::size_t>(local * ps + i)] = positions ? positions[r] : r;
   }
   // Unused rows are zeroed so a whole-page copy never moves uninitialised bytes.
@@ -257,7 +263,10 @@ void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* 
     std::memset(pk + n * row_bytes, 0, static_cast<std::size_t>((ps - n) * row_bytes));
     std::memset(pv + n * row_bytes, 0, static_cast<std::size_t>((ps - n) * row_bytes));
   }
-  for (int64_t d = 0; d < D; ++d) cen[d] /= static_cast<float>(std::max<int64_t>(n, 1));
+  for (int64_t d = 0; d < D; ++d) {
+    cen[d] /= static_cast<float>(std::max<int64_t>(n, 1));
+    vm[d] /= static_cast<float>(std::max<int64_t>(n, 1));
+  }
   st.len.push_back(static_cast<int32_t>(n));
   st.page_slot.push_back(-1);
 }
@@ -376,6 +385,7 @@ void ClusteredCache::drop_tail(Stream& st, int64_t n) {
   st.cen.resize(static_cast<std::size_t>((P - n) * D));
   st.lo.resize(st.cen.size());
   st.hi.resize(st.cen.size());
+  st.vmean.resize(st.cen.size());
   st.pos.resize(static_cast<std::size_t>((P - n) * ps));
 }
 
@@ -557,6 +567,30 @@ void ClusteredCache::export_bounds(int64_t first_page, int64_t n, float* lower, 
   }
 }
 
+void ClusteredCache::export_summaries(int64_t first_page, int64_t n, float* key_means, float* value_means,
+                                      int32_t* lens) const {
+  SCRIMP_CHECK(first_page >= 0 && n >= 0, "export_summaries: bad range");
+  const int64_t D = cfg_.head_dim;
+  for (std::size_t s = 0; s < streams_.size(); ++s) {
+    const Stream& st = streams_[s];
+    const int64_t P = static_cast<int64_t>(st.len.size());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = first_page + i;
+      float* km = key_means + (static_cast<int64_t>(s) * n + i) * D;
+      float* vm = value_means + (static_cast<int64_t>(s) * n + i) * D;
+      if (p < P) {
+        std::memcpy(km, st.cen.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
+        std::memcpy(vm, st.vmean.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
+        lens[static_cast<int64_t>(s) * n + i] = st.len[static_cast<std::size_t>(p)];
+      } else {
+        std::fill(km, km + D, 0.0f);
+        std::fill(vm, vm + D, 0.0f);
+        lens[static_cast<int64_t>(s) * n + i] = 0;
+      }
+    }
+  }
+}
+
 const float* ClusteredCache::centroid(int64_t s, int64_t p) const {
   return streams_.at(static_cast<std::size_t>(s)).cen.data() + p * cfg_.head_dim;
 }
@@ -586,7 +620,7 @@ int64_t ClusteredCache::read_page(int64_t s, int64_t p, float* keys, float* valu
 int64_t ClusteredCache::representative_bytes() const {
   int64_t b = 0;
   for (const Stream& st : streams_)
-    b += static_cast<int64_t>((st.cen.size() + st.lo.size() + st.hi.size()) * sizeof(float) +
+    b += static_cast<int64_t>((st.cen.size() + st.lo.size() + st.hi.size() + st.vmean.size()) * sizeof(float) +
                               st.pos.size() * sizeof(int64_t) + st.len.size() * 8);
   return b;
 }

@@ -30,15 +30,16 @@ struct Partial {
 };
 
 // Attention of G queries (already scaled, float) over n rows of keys/values; result merged into `tot`.
+// mask (optional): 0 skips a row; bias (optional): added to each row's score, -inf skips it.
 void attend_split(const float* q, int64_t G, int64_t D, const char* k, const char* v, int64_t n, DType dt,
-                  const uint8_t* mask, std::vector<float>& scores, std::vector<float>& krow, Partial& part,
+                  const uint8_t* mask, const float* bias, std::vector<float>& scores, std::vector<float>& krow, Partial& part,
                   Partial& tot) {
   const int64_t esz = static_cast<int64_t>(dtype_size(dt));
   scores.resize(static_cast<std::size_t>(G * n));
   for (int64_t g = 0; g < G; ++g) part.m[g] = -std::numeric_limits<float>::infinity(), part.l[g] = 0;
   std::fill(part.acc.begin(), part.acc.end(), 0.0f);
   for (int64_t t = 0; t < n; ++t) {
-    if (mask && !mask[t]) {
+    if ((mask && !mask[t]) || (bias && bias[t] == -std::numeric_limits<float>::infinity())) {
       for (int64_t g = 0; g < G; ++g) scores[g * n + t] = -std::numeric_limits<float>::infinity();
       continue;
     }
@@ -48,12 +49,13 @@ void attend_split(const float* q, int64_t G, int64_t D, const char* k, const cha
       const float* qg = q + g * D;
 #pragma omp simd reduction(+ : s)
       for (int64_t d = 0; d < D; ++d) s += qg[d] * krow[d];
+      if (bias) s += bias[t];
       scores[g * n + t] = s;
       part.m[g] = std::max(part.m[g], s);
     }
   }
   for (int64_t t = 0; t < n; ++t) {
-    if (mask && !mask[t]) continue;
+    if ((mask && !mask[t]) || (bias && bias[t] == -std::numeric_limits<float>::infinity())) continue;
     ice::load_row(v + t * D * esz, dt, D, krow.data());
     for (int64_t g = 0; g < G; ++g) {
       const float p = std::exp(scores[g * n + t] - part.m[g]);
@@ -114,6 +116,23 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
     }
     T = a.k_dense->shape[2];
   }
+  int64_t R = 0;
+  if (a.summary_keys || a.summary_values || a.summary_bias) {
+    SCRIMP_CHECK(a.summary_keys && a.summary_values && a.summary_bias,
+                 "summary_keys, summary_values and summary_bias must be given together");
+    check_float_tensor(*a.summary_keys, "summary_keys", 4);
+    check_float_tensor(*a.summary_values, "summary_values", 4);
+    SCRIMP_CHECK(a.summary_keys->shape == a.summary_values->shape && a.summary_keys->shape[0] == B &&
+                     a.summary_keys->shape[1] == H && a.summary_keys->shape[3] == D,
+                 "summary_keys/summary_values: expected [" << B << ", " << H << ", R, " << D << "], got "
+                                                           << describe(*a.summary_keys) << " and "
+                                                           << describe(*a.summary_values));
+    for (const TensorView* t : {a.summary_keys, a.summary_values}) {
+      SCRIMP_CHECK_TYPE(t->dtype == dt, "summaries: expected dtype " << dtype_name(dt) << ", got " << describe(*t));
+      SCRIMP_CHECK(t->device == dev, "summaries: expected device " << device_name(dev) << ", got " << describe(*t));
+    }
+    R = a.summary_keys->shape[2];
+  }
   if (B == 0 || Hq == 0) return;
   const float scale = a.scale != 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(D));
   if (dev.type == DeviceType::CUDA) {
@@ -132,6 +151,11 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
     SCRIMP_CHECK(r >= -1 && r < S, "page_table: row " << r << " outside the store [0, " << S << ")");
     SCRIMP_CHECK(n >= 0 && n <= ps, "page_lens: " << n << " outside [0, " << ps << "]");
   }
+  for (int64_t i = 0; i < B * H * R; ++i) {
+    const float x = a.summary_bias[i];
+    SCRIMP_CHECK(x == -std::numeric_limits<float>::infinity() || std::isfinite(x),
+                 "summary_bias: expected finite values or -inf, got " << x << " at " << i);
+  }
   const char* kd = static_cast<const char*>(a.k_store.data);
   const char* vd = static_cast<const char*>(a.v_store.data);
 #pragma omp parallel for schedule(static) if (B * H > 1)
@@ -149,13 +173,20 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
       const char* vb = static_cast<const char*>(a.v_dense->data) + s * T * D * esz;
       for (int64_t t0 = 0; t0 < T; t0 += ps)
         attend_split(q.data(), G, D, kb + t0 * D * esz, vb + t0 * D * esz, std::min(ps, T - t0), dt,
-                     a.dense_mask ? a.dense_mask + b * T + t0 : nullptr, scores, krow, part, tot);
+                     a.dense_mask ? a.dense_mask + b * T + t0 : nullptr, nullptr, scores, krow, part, tot);
     }
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = a.page_table[s * P + p], n = a.page_lens[s * P + p];
       if (r < 0 || n == 0) continue;
-      attend_split(q.data(), G, D, kd + r * ps * D * esz, vd + r * ps * D * esz, n, dt, nullptr, scores, krow, part,
-                   tot);
+      attend_split(q.data(), G, D, kd + r * ps * D * esz, vd + r * ps * D * esz, n, dt, nullptr, nullptr, scores, krow,
+                   part, tot);
+    }
+    if (R > 0) {
+      const char* kb = static_cast<const char*>(a.summary_keys->data) + s * R * D * esz;
+      const char* vb = static_cast<const char*>(a.summary_values->data) + s * R * D * esz;
+      for (int64_t r0 = 0; r0 < R; r0 += ps)
+        attend_split(q.data(), G, D, kb + r0 * D * esz, vb + r0 * D * esz, std::min(ps, R - r0), dt, nullptr,
+                     a.summary_bias + s * R + r0, scores, krow, part, tot);
     }
     char* o = static_cast<char*>(a.out.data);
     for (int64_t g = 0; g < G; ++g) {

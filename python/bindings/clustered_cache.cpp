@@ -200,6 +200,17 @@ class PyClusteredCache {
     impl_->export_bounds(first_page, n, plo, phi, pl);
   }
 
+  void export_summaries(int64_t first_page, int64_t n, const py::object& key_means, const py::object& value_means,
+                        const py::object& lens) {
+    const auto& c = impl_->config();
+    const int64_t S = c.batch * c.kv_heads;
+    BorrowedTensor km(key_means, "key_means"), vm(value_means, "value_means"), ln(lens, "lens");
+    float* pk = host_buffer<float>(km, scrimp::DType::Float32, S * n * c.head_dim, "key_means");
+    float* pv = host_buffer<float>(vm, scrimp::DType::Float32, S * n * c.head_dim, "value_means");
+    int32_t* pl = host_buffer<int32_t>(ln, scrimp::DType::Int32, S * n, "lens");
+    impl_->export_summaries(first_page, n, pk, pv, pl);
+  }
+
   int64_t recluster_tail(int64_t n) {
     py::gil_scoped_release release;
     return impl_->recluster_tail(n);
@@ -228,7 +239,8 @@ class PyClusteredCache {
 void paged_decode_attention(const py::object& query, const py::object& k_store, const py::object& v_store,
                             const py::object& page_table, const py::object& page_lens, const py::object& k_dense,
                             const py::object& v_dense, const py::object& dense_mask, int64_t kv_heads, double scale,
-                            const py::object& out, uintptr_t stream) {
+                            const py::object& out, uintptr_t stream, const py::object& summary_keys,
+                            const py::object& summary_values, const py::object& summary_bias) {
   BorrowedTensor q(query, "query"), ks(k_store, "k_store"), vs(v_store, "v_store"), o(out, "out");
   scrimp::PagedAttentionArgs a;
   a.query = q.view();
@@ -262,6 +274,25 @@ void paged_decode_attention(const py::object& query, const py::object& k_store, 
       const int64_t T = a.k_dense->ndim() == 4 ? a.k_dense->shape[2] : 0;
       a.dense_mask = device_buffer<uint8_t>(*dm, scrimp::DType::UInt8, B * T, a.query.device, "dense_mask");
     }
+  }
+  std::unique_ptr<BorrowedTensor> sk, sv, sb;
+  if (!summary_keys.is_none() || !summary_values.is_none() || !summary_bias.is_none()) {
+    SCRIMP_CHECK(!summary_keys.is_none() && !summary_values.is_none() && !summary_bias.is_none(),
+                 "summary_keys, summary_values and summary_bias must be given together");
+    sk = std::make_unique<BorrowedTensor>(summary_keys, "summary_keys");
+    sv = std::make_unique<BorrowedTensor>(summary_values, "summary_values");
+    sb = std::make_unique<BorrowedTensor>(summary_bias, "summary_bias");
+    a.summary_keys = &sk->view();
+    a.summary_values = &sv->view();
+    const auto& kv = sk->view();
+    SCRIMP_CHECK(kv.ndim() == 4 && kv.shape[0] == B && kv.shape[1] == kv_heads,
+                 "summary_keys: expected [B, Hkv, R, D], got " << describe(kv));
+    SCRIMP_CHECK(sb->view().ndim() == 3 && sb->view().shape[0] == B && sb->view().shape[1] == kv_heads &&
+                     sb->view().shape[2] == kv.shape[2],
+                 "summary_bias: expected [" << B << ", " << kv_heads << ", " << kv.shape[2] << "], got "
+                                            << describe(sb->view()));
+    a.summary_bias = device_buffer<float>(*sb, scrimp::DType::Float32, B * kv_heads * kv.shape[2], a.query.device,
+                                          "summary_bias");
   }
   py::gil_scoped_release release;
   scrimp::paged_decode_attention(a);
@@ -306,6 +337,8 @@ SCRIMP_BINDINGS(clustered_cache) {
            py::arg("values"))
       .def("export_bounds", &PyClusteredCache::export_bounds, py::arg("first_page"), py::arg("n"),
            py::arg("lower"), py::arg("upper"), py::arg("lens"))
+      .def("export_summaries", &PyClusteredCache::export_summaries, py::arg("first_page"), py::arg("n"),
+           py::arg("key_means"), py::arg("value_means"), py::arg("lens"))
       .def("recluster_tail", &PyClusteredCache::recluster_tail, py::arg("n"))
       .def("num_pages", &PyClusteredCache::num_pages, py::arg("stream") = -1)
       .def("stats", &PyClusteredCache::stats)
@@ -313,7 +346,10 @@ SCRIMP_BINDINGS(clustered_cache) {
   m.def("paged_decode_attention", &paged_decode_attention, py::arg("query"), py::arg("k_store"), py::arg("v_store"),
         py::arg("page_table"), py::arg("page_lens"), py::arg("k_dense"), py::arg("v_dense"), py::arg("dense_mask"),
         py::arg("kv_heads"), py::arg("scale"), py::arg("out"), py::arg("stream") = 0,
-        "Decode attention over a page list plus an optional dense (sink + window) segment.");
+        py::arg("summary_keys") = py::none(), py::arg("summary_values") = py::none(),
+        py::arg("summary_bias") = py::none(),
+        "Decode attention over a page list plus an optional dense (sink + window) segment and optional page "
+        "summaries (one key/value row per unselected page, scored with an additive bias).");
   m.def("nearest_centroid", &nearest_centroid, py::arg("keys"), py::arg("centroids"), py::arg("out"),
         py::arg("stream") = 0, "out[n] = argmax_c keys[n] . centroids[c].");
   m.def("clustered_cache_cuda_usable", &scrimp::clustered_cache_cuda_usable);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <set>
 #include <vector>
@@ -89,12 +90,14 @@ TEST(ClusterIntoPages, SeparatedClustersArePure) {
 
 namespace {
 
-// float64 reference: softmax(q.k * scale) v over the union of dense tokens and page tokens.
+// float64 reference: softmax(q.k * scale [+ bias]) v over the union of dense tokens, page tokens and
+// summary rows (each with its bias; -inf bias = not attended).
 void reference_attention(const std::vector<float>& q, int64_t B, int64_t Hq, int64_t H, int64_t D,
                          const std::vector<float>& ks, const std::vector<float>& vs, int64_t ps,
                          const std::vector<int32_t>& table, const std::vector<int32_t>& lens, int64_t P,
                          const std::vector<float>& kd, const std::vector<float>& vd, int64_t T,
-                         std::vector<double>& out) {
+                         std::vector<double>& out, const std::vector<float>& sk = {},
+                         const std::vector<float>& sv = {}, const std::vector<float>& sbias = {}, int64_t R = 0) {
   const int64_t G = Hq / H;
   out.assign(static_cast<std::size_t>(B * Hq * D), 0.0);
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
@@ -102,6 +105,7 @@ void reference_attention(const std::vector<float>& q, int64_t B, int64_t Hq, int
     for (int64_t hq = 0; hq < Hq; ++hq) {
       const int64_t h = hq / G, s = b * H + h;
       std::vector<const float*> krows, vrows;
+      std::vector<double> bias;
       for (int64_t t = 0; t < T; ++t) {
         krows.push_back(kd.data() + (s * T + t) * D);
         vrows.push_back(vd.data() + (s * T + t) * D);
@@ -114,12 +118,19 @@ void reference_attention(const std::vector<float>& q, int64_t B, int64_t Hq, int
           vrows.push_back(vs.data() + (r * ps + t) * D);
         }
       }
+      bias.assign(krows.size(), 0.0);
+      for (int64_t r = 0; r < R; ++r) {
+        if (std::isinf(sbias[s * R + r])) continue;
+        krows.push_back(sk.data() + (s * R + r) * D);
+        vrows.push_back(sv.data() + (s * R + r) * D);
+        bias.push_back(sbias[s * R + r]);
+      }
       std::vector<double> sc(krows.size());
       double m = -1e300;
       for (std::size_t i = 0; i < krows.size(); ++i) {
         double x = 0;
         for (int64_t d = 0; d < D; ++d) x += static_cast<double>(q[(b * Hq + hq) * D + d]) * krows[i][d];
-        sc[i] = x * scale;
+        sc[i] = x * scale + bias[i];
         m = std::max(m, sc[i]);
       }
       double z = 0;
@@ -129,11 +140,19 @@ void reference_attention(const std::vector<float>& q, int64_t B, int64_t Hq, int
     }
 }
 
-void run_attention_case(DType dt, int64_t B, int64_t Hq, int64_t H, int64_t D, int64_t T, int64_t P, uint64_t seed) {
+// R > 0 adds R summary rows per stream whose biases mix log counts, large magnitudes and -inf.
+void run_attention_case(DType dt, int64_t B, int64_t Hq, int64_t H, int64_t D, int64_t T, int64_t P, uint64_t seed,
+                        int64_t R = 0) {
   const int64_t ps = 16, S = 3 * B * H + 2;
   auto q = randn(B * Hq * D, seed), ks = randn(S * ps * D, seed + 1), vs = randn(S * ps * D, seed + 2);
   auto kd = randn(B * H * T * D, seed + 3), vd = randn(B * H * T * D, seed + 4);
+  auto sk = randn(B * H * R * D, seed + 5), sv = randn(B * H * R * D, seed + 6);
   std::mt19937_64 g(seed);
+  std::vector<float> sbias(static_cast<std::size_t>(B * H * R));
+  for (float& x : sbias) {
+    const int c = static_cast<int>(g() % 4);
+    x = c == 0 ? -std::numeric_limits<float>::infinity() : c == 1 ? 12.0f : std::log(1.0f + static_cast<float>(g() % 16));
+  }
   std::vector<int32_t> table(static_cast<std::size_t>(B * H * P)), lens(table.size());
   for (std::size_t i = 0; i < table.size(); ++i) {
     table[i] = (g() % 5 == 0) ? -1 : static_cast<int32_t>(g() % S);
@@ -145,15 +164,19 @@ void run_attention_case(DType dt, int64_t B, int64_t Hq, int64_t H, int64_t D, i
   PagedAttentionArgs a;
   std::vector<uint16_t> hq, hks, hvs, hkd, hvd;
   std::vector<float> rq, rks, rvs, rkd, rvd;
-  TensorView kdv, vdv;
+  TensorView kdv, vdv, skv, svv;
+  std::vector<uint16_t> hsk, hsv;
+  std::vector<float> rsk, rsv;
   if (dt == DType::Float32) {
     a.query = view(q.data(), dt, {B, Hq, D});
     a.k_store = view(ks.data(), dt, {S, ps, D});
     a.v_store = view(vs.data(), dt, {S, ps, D});
     kdv = view(kd.data(), dt, {B, H, T, D});
     vdv = view(vd.data(), dt, {B, H, T, D});
+    skv = view(sk.data(), dt, {B, H, R, D});
+    svv = view(sv.data(), dt, {B, H, R, D});
     a.out = view(out32.data(), dt, {B, Hq, D});
-    reference_attention(q, B, Hq, H, D, ks, vs, ps, table, lens, P, kd, vd, T, ref);
+    reference_attention(q, B, Hq, H, D, ks, vs, ps, table, lens, P, kd, vd, T, ref, sk, sv, sbias, R);
   } else {
     hq = encode(q, dt, rq), hks = encode(ks, dt, rks), hvs = encode(vs, dt, rvs);
     hkd = encode(kd, dt, rkd), hvd = encode(vd, dt, rvd);
@@ -162,13 +185,17 @@ void run_attention_case(DType dt, int64_t B, int64_t Hq, int64_t H, int64_t D, i
     a.v_store = view(hvs.data(), dt, {S, ps, D});
     kdv = view(hkd.data(), dt, {B, H, T, D});
     vdv = view(hvd.data(), dt, {B, H, T, D});
+    hsk = encode(sk, dt, rsk), hsv = encode(sv, dt, rsv);
+    skv = view(hsk.data(), dt, {B, H, R, D});
+    svv = view(hsv.data(), dt, {B, H, R, D});
     a.out = view(out16.data(), dt, {B, Hq, D});
-    reference_attention(rq, B, Hq, H, D, rks, rvs, ps, table, lens, P, rkd, rvd, T, ref);
+    reference_attention(rq, B, Hq, H, D, rks, rvs, ps, table, lens, P, rkd, rvd, T, ref, rsk, rsv, sbias, R);
   }
   a.page_table = table.data();
   a.page_lens = lens.data();
   a.pages_per_stream = P;
   if (T > 0) a.k_dense = &kdv, a.v_dense = &vdv;
+  if (R > 0) a.summary_keys = &skv, a.summary_values = &svv, a.summary_bias = sbias.data();
   a.kv_heads = H;
   paged_decode_attention(a);
   const double tol = dt == DType::Float32 ? 2e-5 : (dt == DType::Float16 ? 2e-3 : 1.6e-2);
@@ -189,27 +216,59 @@ TEST(PagedDecodeAttention, MatchesFloat64Reference) {
   }
 }
 
-TEST(PagedDecodeAttention, RejectsBadInput) {
-  std::vector<float> q(2 * 4 * 8), ks(4 * 16 * 8), out(q.size());
-  std::vector<int32_t> table{0, 5}, lens{16, 16};
+TEST(PagedDecodeAttention, PageSummariesMatchFloat64Reference) {
+  for (DType dt : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    run_attention_case(dt, 1, 4, 2, 32, 20, 6, 21, 37);  // summaries over several 16-row chunks
+    run_attention_case(dt, 2, 2, 1, 16, 0, 0, 22, 5);    // summaries only
+    run_attention_case(dt, 3, 8, 2, 64, 37, 9, 23, 1);   // one row
+  }
+}
+
+TEST(PagedDecodeAttention, AllSummariesSkippedEqualsNoSummaries) {
+  const int64_t B = 2, Hq = 4, H = 2, D = 8, T = 12, R = 7;
+  auto q = randn(B * Hq * D, 31), kd = randn(B * H * T * D, 32), vd = randn(B * H * T * D, 33);
+  auto sk = randn(B * H * R * D, 34, 50.0f), sv = randn(B * H * R * D, 35, 50.0f);
+  std::vector<float> ks(16 * D), bias(static_cast<std::size_t>(B * H * R), -std::numeric_limits<float>::infinity());
+  std::vector<float> plain(B * Hq * D), with(plain.size());
+  TensorView kdv = view(kd.data(), DType::Float32, {B, H, T, D}), vdv = view(vd.data(), DType::Float32, {B, H, T, D});
+  TensorView skv = view(sk.data(), DType::Float32, {B, H, R, D}), svv = view(sv.data(), DType::Float32, {B, H, R, D});
   PagedAttentionArgs a;
-  a.query = view(q.data(), DType::Float32, {2, 4, 8});
-  a.k_store = view(ks.data(), DType::Float32, {4, 16, 8});
-  a.v_store = a.k_store;
-  a.out = view(out.data(), DType::Float32, {2, 4, 8});
-  a.page_table = table.data();
-  a.page_lens = lens.data();
-  a.pages_per_stream = 1;
-  a.kv_heads = 3;  // does not divide 4
+  a.query = view(q.data(), DType::Float32, {B, Hq, D});
+  a.k_store = a.v_store = view(ks.data(), DType::Float32, {1, 16, D});
+  a.k_dense = &kdv, a.v_dense = &vdv, a.kv_heads = H;
+  a.out = view(plain.data(), DType::Float32, {B, Hq, D});
+  paged_decode_attention(a);
+  a.summary_keys = &skv, a.summary_values = &svv, a.summary_bias = bias.data();
+  a.out = view(with.data(), DType::Float32, {B, Hq, D});
+  paged_decode_attention(a);
+  EXPECT_EQ(std::memcmp(plain.data(), with.data(), plain.size() * sizeof(float)), 0);
+}
+
+TEST(PagedDecodeAttention, RejectsBadSummaries) {
+  const int64_t B = 1, Hq = 2, H = 1, D = 8, R = 3;
+  std::vector<float> q(B * Hq * D), ks(16 * D), out(q.size()), sk(B * H * R * D), bias(B * H * R, 0.0f);
+  std::vector<uint16_t> sk16(sk.size());
+  TensorView skv = view(sk.data(), DType::Float32, {B, H, R, D});
+  TensorView bad_shape = view(sk.data(), DType::Float32, {B, H, R, D / 2});
+  TensorView bad_dtype = view(sk16.data(), DType::Float16, {B, H, R, D});
+  PagedAttentionArgs a;
+  a.query = view(q.data(), DType::Float32, {B, Hq, D});
+  a.k_store = a.v_store = view(ks.data(), DType::Float32, {1, 16, D});
+  a.out = view(out.data(), DType::Float32, {B, Hq, D});
+  a.kv_heads = H;
+  a.summary_keys = &skv;  // values and bias missing
   EXPECT_THROW(paged_decode_attention(a), Error);
-  a.kv_heads = 1;
-  EXPECT_THROW(paged_decode_attention(a), Error);  // row 5 outside the store
-  table[1] = 1;
-  lens[1] = 17;
-  EXPECT_THROW(paged_decode_attention(a), Error);  // length > page size
-  lens[1] = 3;
-  a.out = view(out.data(), DType::Float16, {2, 4, 8});
-  EXPECT_THROW(paged_decode_attention(a), Error);  // dtype mismatch
+  a.summary_values = &skv, a.summary_bias = bias.data();
+  paged_decode_attention(a);  // complete: fine
+  a.summary_values = &bad_shape;
+  EXPECT_THROW(paged_decode_attention(a), Error);
+  a.summary_values = &bad_dtype;
+  EXPECT_THROW(paged_decode_attention(a), Error);
+  a.summary_values = &skv;
+  bias[1] = std::numeric_limits<float>::infinity();
+  EXPECT_THROW(paged_decode_attention(a), Error);
+  bias[1] = std::nanf("");
+  EXPECT_THROW(paged_decode_attention(a), Error);
 }
 
 namespace {
@@ -657,4 +716,56 @@ TEST(ClusteredCache, FollowerLayoutRejectsBadInput) {
   std::vector<int32_t> both{0, 1};
   cache.page_positions(both.data(), 2, after.data());
   EXPECT_EQ(after, pos);  // unchanged by the rejected calls
+}
+
+TEST(ClusteredCache, ExportSummariesAreThePageMeans) {
+  const int64_t B = 1, H = 2, D = 8, N = 22;
+  ClusteredCache cache(small_config(B, H, 2, D, true, PageScore::Bounds));
+  auto k = randn(B * H * N * D, 41), v = randn(B * H * N * D, 42);
+  cache.build(view(k.data(), DType::Float32, {B, H, N, D}), view(v.data(), DType::Float32, {B, H, N, D}), nullptr);
+  auto k2 = randn(B * H * 4 * D, 43), v2 = randn(B * H * 4 * D, 44);
+  cache.append_page(view(k2.data(), DType::Float32, {B, H, 4, D}), view(v2.data(), DType::Float32, {B, H, 4, D}),
+                    N);
+  const int64_t P = cache.num_pages(), n = P + 2;  // two rows past the last page
+  std::vector<float> km(B * H * n * D), vm(km.size()), pk(4 * D), pv(4 * D);
+  std::vector<int32_t> lens(B * H * n);
+  cache.export_summaries(0, n, km.data(), vm.data(), lens.data());
+  for (int64_t s = 0; s < B * H; ++s)
+    for (int64_t p = 0; p < n; ++p) {
+      if (p >= P) {
+        EXPECT_EQ(lens[s * n + p], 0);
+        continue;
+      }
+      const int64_t len = cache.read_page(s, p, pk.data(), pv.data());
+      ASSERT_EQ(lens[s * n + p], len);
+      for (int64_t d = 0; d < D; ++d) {
+        double mk = 0, mv = 0;
+        for (int64_t t = 0; t < len; ++t) mk += pk[t * D + d], mv += pv[t * D + d];
+        EXPECT_NEAR(km[(s * n + p) * D + d], mk / len, 1e-5);
+        EXPECT_NEAR(vm[(s * n + p) * D + d], mv / len, 1e-5);
+      }
+    }
+}
+
+TEST(PagedDecodeAttention, RejectsBadInput) {
+  std::vector<float> q(2 * 4 * 8), ks(4 * 16 * 8), out(q.size());
+  std::vector<int32_t> table{0, 5}, lens{16, 16};
+  PagedAttentionArgs a;
+  a.query = view(q.data(), DType::Float32, {2, 4, 8});
+  a.k_store = view(ks.data(), DType::Float32, {4, 16, 8});
+  a.v_store = a.k_store;
+  a.out = view(out.data(), DType::Float32, {2, 4, 8});
+  a.page_table = table.data();
+  a.page_lens = lens.data();
+  a.pages_per_stream = 1;
+  a.kv_heads = 3;  // does not divide 4
+  EXPECT_THROW(paged_decode_attention(a), Error);
+  a.kv_heads = 1;
+  EXPECT_THROW(paged_decode_attention(a), Error);  // row 5 outside the store
+  table[1] = 1;
+  lens[1] = 17;
+  EXPECT_THROW(paged_decode_attention(a), Error);  // length > page size
+  lens[1] = 3;
+  a.out = view(out.data(), DType::Float16, {2, 4, 8});
+  EXPECT_THROW(paged_decode_attention(a), Error);  // dtype mismatch
 }

@@ -176,6 +176,11 @@ class ClusteredCache {
   // for scoring on the device.
   void export_bounds(int64_t first_page, int64_t n, float* lower, float* upper, int32_t* lens) const;
 
+  // Page summaries for PagedAttentionArgs::summary_*: the mean key and mean value of pages
+  // [first_page, first_page + n) of every stream to key_means / value_means [S, n, D] float32 (host),
+  // token counts to lens [S, n] int32 (0 past a stream's pages).
+  void export_summaries(int64_t first_page, int64_t n, float* key_means, float* value_means, int32_t* lens) const;
+
   // Representatives: centroid, min, max, each [D] floats of page `page` of stream `stream`.
   const float* centroid(int64_t stream, int64_t page) const;
   const float* lower(int64_t stream, int64_t page) const;
@@ -207,7 +212,8 @@ std::vector<int64_t> cluster_into_pages(const float* keys, int64_t N, int64_t D,
                                         int iterations, uint64_t seed, int64_t* order);
 
 // Decode attention over a page list (one query token per batch row), split over pages: every page
-// (and the dense segment) yields a partial (max, sum, weighted values) merged with log-sum-exp.
+// (and the dense segment, and each chunk of page_size summary rows) yields a partial (max, sum,
+// weighted values) merged with log-sum-exp.
 struct PagedAttentionArgs {
   TensorView query;    // [B, Hq, D] float32/float16/bfloat16, contiguous
   TensorView k_store;  // [S, page_size, D] same dtype and device, contiguous
@@ -218,6 +224,13 @@ struct PagedAttentionArgs {
   const TensorView* k_dense = nullptr;  // optional [B, Hkv, T, D] resident tokens (sink + window)
   const TensorView* v_dense = nullptr;  // optional [B, Hkv, T, D]
   const uint8_t* dense_mask = nullptr;  // optional [B, T]: 0 = skip the token (padding) (device memory)
+  // Optional page summaries (scrimp's extension of IceCache): each row r stands for a page that is not
+  // attended exactly, as one key/value pair scored q . key_r * scale + bias_r; with the page's mean key
+  // and value and bias = log(tokens in the page) it approximates the page's n * exp(q . k) * v terms,
+  // so the softmax keeps the mass of unselected pages. bias -inf skips a row (e.g. a selected page).
+  const TensorView* summary_keys = nullptr;    // [B, Hkv, R, D], the query's dtype and device
+  const TensorView* summary_values = nullptr;  // [B, Hkv, R, D]
+  const float* summary_bias = nullptr;         // [B, Hkv, R] float32 (device memory)
   int64_t kv_heads = 0;                 // Hkv (Hq must be a multiple)
   float scale = 0.0f;                   // softmax scale (0: 1/sqrt(D))
   TensorView out;                       // [B, Hq, D] same dtype as query

@@ -41,11 +41,14 @@ def geometry(budget: int, page_size: int = TESTBED_PAGE_SIZE) -> dict:
 
 
 def accuracy_table(model, tok, n, context, budgets, dense_layers, page_size=TESTBED_PAGE_SIZE,
-                   reuse_selection=0, methods=METHODS):
+                   reuse_selection=0, methods=METHODS, summaries=False):
     """With ``reuse_selection`` > 0 a row ``icecache+reuseN`` is added per budget: IceCache whose
-    selecting layers hand their pages to the next N sparse layers."""
+    selecting layers hand their pages to the next N sparse layers. With ``summaries`` a row
+    ``icecache+summaries``: the unselected pages take part through their mean key and value."""
     rows = []
     variants = [(m, m, {}) for m in methods]
+    if summaries:
+        variants.append(("icecache+summaries", "icecache", {"summaries": True}))
     if reuse_selection:
         variants.append((f"icecache+reuse{reuse_selection}", "icecache", {"reuse_selection": reuse_selection}))
     full = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context,
@@ -80,21 +83,22 @@ def memory_table(model, tok, lengths, dense_layers):
         ex = testbed.tasks.recall(seed=123, context_tokens=L, tokenizer=tok)
         ids = torch.tensor([ex.prompt_ids])
         out = {}
-        for method, dl in (("full", dense_layers), ("icecache", dense_layers), ("icecache0", 0)):
-            cache = IceCache(model.config, budget=256, method=method.rstrip("0"), dense_layers=dl,
-                             max_context=ids.shape[1] + 64)
+        for method, dl in (("full", dense_layers), ("icecache", dense_layers), ("icecache0", 0),
+                           ("icecache+summaries", dense_layers)):
+            cache = IceCache(model.config, budget=256, method=method.rstrip("0").split("+")[0], dense_layers=dl,
+                             max_context=ids.shape[1] + 64, summaries=method.endswith("+summaries"))
             with torch.no_grad():
                 model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
                                do_sample=False, pad_token_id=tok.pad_token_id)
             out[method] = cache.device_bytes()
-            if method == "icecache0":
+            if method in ("icecache0", "icecache+summaries"):
                 continue
             if method == "icecache":
                 out["host_pool"] = cache.stats()["host_pool_bytes"]
                 sparse = [l for l in cache.layers if hasattr(l, "device_bytes")]
                 out["sparse_layer"] = sparse[0].device_bytes() if sparse else 0
         rows.append({"prompt_tokens": int(ids.shape[1]), "full_bytes": out["full"], "icecache_bytes": out["icecache"],
-                     "icecache_no_dense_bytes": out["icecache0"],
+                     "icecache_no_dense_bytes": out["icecache0"], "icecache_summaries_bytes": out["icecache+summaries"],
                      "icecache_sparse_layer_bytes": out["sparse_layer"], "host_pool_bytes": out["host_pool"]})
     return rows
 
@@ -190,6 +194,8 @@ def main(argv=None):
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--reuse-selection", type=int, default=0,
                     help="also measure IceCache with each selection reused by the next N sparse layers")
+    ap.add_argument("--summaries", action="store_true",
+                    help="also measure IceCache with page summaries for the unselected pages (scrimp's extension)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                     help="methods of the accuracy table (the oracle is the reference of 'rel.oracle')")
     ap.add_argument("--skip-arith", action="store_true")
@@ -246,17 +252,17 @@ def main(argv=None):
     if not args.skip_accuracy:
         t0 = time.perf_counter()
         rows = accuracy_table(model, tok, args.n, args.context, args.budgets, args.dense_layers, args.page_size,
-                              args.reuse_selection, tuple(args.methods))
+                              args.reuse_selection, tuple(args.methods), args.summaries)
         result["accuracy"] = rows
         print(f"\n1. recall accuracy, n={args.n}, context {args.context}, page size {args.page_size} "
               f"({time.perf_counter() - t0:.0f} s)")
-        print(f"  {'method':<16} {'budget':>6} {'sink+win':>8} {'accuracy':>8} {'rel.full':>8} {'mass':>7} "
+        print(f"  {'method':<18} {'budget':>6} {'sink+win':>8} {'accuracy':>8} {'rel.full':>8} {'mass':>7} "
               f"{'rel.oracle':>10} {'hit rate':>8}")
         for r in rows:
             g = geometry(r["budget"], args.page_size) if r["budget"] else None
             sw = f"{g['sink_pages']}+{g['window_pages']}" if g else "-"
             hr = r.get("page_cache_hit_rate")
-            print(f"  {r['method']:<16} {str(r['budget'] or 'all'):>6} {sw:>8} {r['accuracy']:>8.3f} "
+            print(f"  {r['method']:<18} {str(r['budget'] or 'all'):>6} {sw:>8} {r['accuracy']:>8.3f} "
                   f"{r['rel_accuracy']:>8.3f} {r['mass']:>7.3f} "
                   f"{(r['rel_mass'] if r['rel_mass'] is not None else float('nan')):>10.3f} "
                   f"{(hr if hr is not None else float('nan')):>8.3f}")
@@ -265,11 +271,12 @@ def main(argv=None):
     result["memory"] = mem
     print("\n2. device memory held by the KV cache (budget 256; the first dense_layers layers stay full)")
     print(f"  {'prompt':>7} {'full KiB':>10} {'IceCache KiB':>13} {'ratio':>6} {'dense_layers=0 KiB':>19} "
-          f"{'per sparse layer KiB':>21} {'host pool KiB':>14}")
+          f"{'per sparse layer KiB':>21} {'host pool KiB':>14} {'+summaries KiB':>15}")
     for r in mem:
         print(f"  {r['prompt_tokens']:>7} {r['full_bytes'] / 1024:>10.1f} {r['icecache_bytes'] / 1024:>13.1f} "
               f"{r['icecache_bytes'] / r['full_bytes']:>6.3f} {r['icecache_no_dense_bytes'] / 1024:>19.1f} "
-              f"{r['icecache_sparse_layer_bytes'] / 1024:>21.1f} {r['host_pool_bytes'] / 1024:>14.1f}")
+              f"{r['icecache_sparse_layer_bytes'] / 1024:>21.1f} {r['host_pool_bytes'] / 1024:>14.1f} "
+              f"{r['icecache_summaries_bytes'] / 1024:>15.1f}")
 
     t = timing_table(model, tok, max(args.lengths), args.dense_layers)
     result["timing"] = t

@@ -231,6 +231,9 @@ class IceCacheLayer(CacheLayerMixin):
             self.dev_bounds = None
             if o._select_on_device(dev) and self.leader is None:  # a follower never selects
                 self._sync_bounds(0)
+            self.dev_summaries = None
+            if o.summaries:
+                self._sync_summaries(0)
             self.v_store = torch.zeros_like(self.k_store)
 
     def _build_rows(self, k_all, v_all, rows, start, end, batch_row):
@@ -306,6 +309,8 @@ class IceCacheLayer(CacheLayerMixin):
                                        skip if bool(skip.any()) else None)
                 if self.dev_bounds is not None:
                     self._sync_bounds(first)
+                if self.dev_summaries is not None:
+                    self._sync_summaries(first)
             w = self.length - self.ws
             self.dense_k[:, :, S:S + w - ps] = self.dense_k[:, :, S + ps:S + w].clone()
             self.dense_v[:, :, S:S + w - ps] = self.dense_v[:, :, S + ps:S + w].clone()
@@ -321,6 +326,8 @@ class IceCacheLayer(CacheLayerMixin):
                     self.index.recluster_tail(o.recluster_pages)  # cluster the evicted pages together
                 if self.dev_bounds is not None:
                     self._sync_bounds(max(self._min_pages() - o.recluster_pages, 0))
+                if self.dev_summaries is not None:
+                    self._sync_summaries(max(self._min_pages() - o.recluster_pages, 0))
         w = self.length - self.ws
         self.dense_k[:, :, S + w] = k[:, :, 0]
         self.dense_v[:, :, S + w] = v[:, :, 0]
@@ -359,6 +366,46 @@ class IceCacheLayer(CacheLayerMixin):
         hi[:, first:P] = hi_h.to(self.device)
         lens[:, first:P] = lens_h.to(self.device)
         del o
+
+    def _sync_summaries(self, first):
+        """Mirror the page summaries (mean key and value in the cache dtype, log token count) from page
+        `first` on to the device: [B, H, cap, D] x 2 and [B, H, cap] float32 (-inf for no page), grown
+        by doubling; the attention reads all `cap` rows (the padding rows are skipped by their bias)."""
+        P = self.index.num_pages()
+        B, H, D = self.B, self.H, self.D
+        n = P - first
+        if n <= 0:
+            return
+        if self.dev_summaries is None or self.dev_summaries[0].shape[2] < P:
+            cap = max(P, 2 * (self.dev_summaries[0].shape[2] if self.dev_summaries is not None else 0), 16)
+            keys = torch.zeros((B, H, cap, D), dtype=self.dtype, device=self.device)
+            values = torch.zeros_like(keys)
+            bias = torch.full((B, H, cap), float("-inf"), dtype=torch.float32, device=self.device)
+            if self.dev_summaries is not None:
+                old = self.dev_summaries[0].shape[2]
+                keys[:, :, :old], values[:, :, :old], bias[:, :, :old] = self.dev_summaries
+            self.dev_summaries = (keys, values, bias)
+        km = torch.empty((B * H, n, D), dtype=torch.float32)
+        vm = torch.empty_like(km)
+        lens = torch.empty((B * H, n), dtype=torch.int32)
+        self.index.export_summaries(first, n, km, vm, lens)
+        keys, values, bias = self.dev_summaries
+        keys[:, :, first:P] = km.view(B, H, n, D).to(device=self.device, dtype=self.dtype)
+        values[:, :, first:P] = vm.view(B, H, n, D).to(device=self.device, dtype=self.dtype)
+        log_n = torch.where(lens > 0, lens.float().clamp(min=1).log(), torch.full_like(lens, float("-inf"), dtype=torch.float32))
+        bias[:, :, first:P] = log_n.view(B, H, n).to(self.device)
+
+    def _summary_bias(self, pages):
+        """This step's summary bias [B, H, cap]: the pages attended exactly (pages [B, H, k], -1
+        padding) are skipped (-inf), every other page counts through its summary."""
+        bias = self.dev_summaries[2]
+        if pages is None or not pages.numel():
+            return bias
+        cap = bias.shape[2]
+        p = pages.to(self.device, torch.long)
+        selected = torch.zeros(bias.shape[:2] + (cap + 1,), dtype=torch.bool, device=self.device)
+        selected.scatter_(2, torch.where(p >= 0, p, torch.full_like(p, cap)), True)  # -1 -> the spare column
+        return bias.masked_fill(selected[:, :, :cap], float("-inf"))
 
     def select_on_device(self, q, k):
         """Bound scores on the device as two matmuls: sum_d max(q lo, q hi) = q+ . hi + q- . lo; the GQA
@@ -416,8 +463,13 @@ class IceCacheLayer(CacheLayerMixin):
             k_store = v_store = k_dense.new_zeros((1, o.page_size, D))
         out = torch.empty_like(q)
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+        summaries = {}
+        if getattr(self, "dev_summaries", None) is not None and self.index.num_pages() > 0:
+            sk, sv, _ = self.dev_summaries
+            summaries = dict(summary_keys=sk, summary_values=sv, summary_bias=self._summary_bias(pages))
         _C.paged_decode_attention(q, k_store, v_store, table, tlens, k_dense, v_dense, mask, H,
-                                  float(scaling if scaling is not None else 1.0 / math.sqrt(D)), out, stream)
+                                  float(scaling if scaling is not None else 1.0 / math.sqrt(D)), out, stream,
+                                  **summaries)
         self.stats["steps"] += 1
         if o.measure:
             self._measure(q, pages, mask, scaling)
@@ -470,6 +522,8 @@ class IceCacheLayer(CacheLayerMixin):
                 n += x.numel() * x.element_size()
         for x in getattr(self, "dev_bounds", None) or ():
             n += x.numel() * x.element_size()
+        for x in getattr(self, "dev_summaries", None) or ():
+            n += x.numel() * x.element_size()
         return n
 
 
@@ -505,13 +559,18 @@ class IceCache(Cache):
         clustered on its own keys). 0 (default): every sparse layer selects its own pages.
     prefetch : with reuse_selection, copy each follower's pages as soon as its leader has selected
         them, on the copy stream, overlapping the layers in between (default: on for CUDA).
+    summaries : scrimp's extension (off by default, not in the IceCache paper): every page that is
+        not selected still takes part in the softmax through one summary row, its mean key scored
+        with a log(token count) bias and its mean value, so heads whose attention is spread over
+        the whole context keep that mass. Costs a device mirror of one key and one value per page
+        (2 x head_dim per page and KV head, the cache dtype) and reading them each step.
     """
 
     def __init__(self, config, budget: int = 256, page_size: int = 16, sink_pages: int = 2, window_pages: int = 2,
                  dense_layers: int = 2, device=None, method: str = "icecache", cache_pages: Optional[int] = None,
                  max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True,
                  coarse_tokens: int = 1024, recluster_pages: int = 4, select_on_device: Optional[bool] = None,
-                 reuse_selection: int = 0, prefetch: Optional[bool] = None):
+                 reuse_selection: int = 0, prefetch: Optional[bool] = None, summaries: bool = False):
         for name, v in (("budget", budget), ("page_size", page_size), ("sink_pages", sink_pages),
                         ("window_pages", window_pages), ("dense_layers", dense_layers), ("max_context", max_context)):
             if not isinstance(v, int) or isinstance(v, bool):
@@ -559,6 +618,9 @@ class IceCache(Cache):
             raise TypeError(f"prefetch must be a bool or None, got {type(prefetch).__name__}")
         self.reuse_selection = reuse_selection
         self._prefetch = prefetch
+        if not isinstance(summaries, bool):
+            raise TypeError(f"summaries must be a bool, got {type(summaries).__name__}")
+        self.summaries = summaries
         layers = []
         for i in range(self.num_layers):
             layers.append(DynamicLayer() if (method == "full" or i < dense_layers) else IceCacheLayer(self, i))
