@@ -40,6 +40,36 @@ def test_paged_attention_cuda_matches_cpu(dtype, B, Hq, H, D, P, T):
     torch.testing.assert_close(out.cpu().float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,H,D,P,T,R", [(1, 4, 2, 64, 7, 40, 37), (3, 32, 8, 128, 20, 64, 1000),
+                                            (2, 8, 8, 64, 0, 0, 5)])
+def test_paged_attention_with_summaries_cuda_matches_cpu(dtype, B, Hq, H, D, P, T, R):
+    g = torch.Generator().manual_seed(R + D)
+    ps, S = 16, 3 * B * H + 1
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    ks = torch.randn(S, ps, D, generator=g).to(dtype)
+    vs = torch.randn(S, ps, D, generator=g).to(dtype)
+    kd = torch.randn(B, H, T, D, generator=g).to(dtype) if T else None
+    vd = torch.randn(B, H, T, D, generator=g).to(dtype) if T else None
+    table = torch.randint(-1, S, (B, H, P), generator=g, dtype=torch.int32)
+    lens = torch.where(table >= 0, torch.randint(1, ps + 1, (B, H, P), generator=g, dtype=torch.int32), 0).int()
+    sk = torch.randn(B, H, R, D, generator=g).to(dtype)
+    sv = torch.randn(B, H, R, D, generator=g).to(dtype)
+    bias = torch.rand(B, H, R, generator=g) * 3
+    bias[torch.rand(B, H, R, generator=g) < 0.3] = float("-inf")
+    bias[0, 0, 0] = 12.0  # one dominant summary
+    tt, ll = (table, lens) if P else (None, None)
+    ref = torch.empty_like(q)
+    _C.paged_decode_attention(q, ks, vs, tt, ll, kd, vd, None, H, 1 / math.sqrt(D), ref,
+                              summary_keys=sk, summary_values=sv, summary_bias=bias)
+    c = lambda x: None if x is None else x.cuda()  # noqa: E731
+    out = torch.empty_like(q).cuda()
+    _C.paged_decode_attention(q.cuda(), ks.cuda(), vs.cuda(), c(tt), c(ll), c(kd), c(vd), None, H, 1 / math.sqrt(D),
+                              out, torch.cuda.current_stream().cuda_stream, summary_keys=sk.cuda(),
+                              summary_values=sv.cuda(), summary_bias=bias.cuda())
+    torch.testing.assert_close(out.cpu().float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nearest_centroid_cuda_matches_cpu(dtype):
     k = torch.randn(3000, 128).to(dtype)
@@ -134,6 +164,12 @@ def _greedy_on_cuda_with_and_without(layers, new_tokens, **cache_kwargs):
 def test_generate_on_cuda_is_exact_at_full_budget():
     ref, out, _ = _greedy_on_cuda_with_and_without(3, 12)
     assert torch.equal(ref, out)
+
+
+def test_generate_on_cuda_with_page_summaries_is_exact_at_full_budget():
+    ref, out, cache = _greedy_on_cuda_with_and_without(3, 40, summaries=True)
+    assert torch.equal(ref, out)
+    assert cache.layers[1].dev_summaries[0].is_cuda
 
 
 def test_prefetch_then_recall_waits_for_the_copy():

@@ -369,15 +369,15 @@ class IceCacheLayer(CacheLayerMixin):
 
     def _sync_summaries(self, first):
         """Mirror the page summaries (mean key and value in the cache dtype, log token count) from page
-        `first` on to the device: [B, H, cap, D] x 2 and [B, H, cap] float32 (-inf for no page), grown
-        by doubling; the attention reads all `cap` rows (the padding rows are skipped by their bias)."""
+        `first` on to the device: [B, H, cap, D] x 2 and [B, H, cap] float32 (-inf for no page); the
+        attention reads all `cap` rows (the padding rows are skipped by their bias)."""
         P = self.index.num_pages()
         B, H, D = self.B, self.H, self.D
         n = P - first
         if n <= 0:
             return
         if self.dev_summaries is None or self.dev_summaries[0].shape[2] < P:
-            cap = max(P, 2 * (self.dev_summaries[0].shape[2] if self.dev_summaries is not None else 0), 16)
+            cap = P + max(16, P // 8)  # room for window evictions; grows by >= 1/8 (not doubling: it is big)
             keys = torch.zeros((B, H, cap, D), dtype=self.dtype, device=self.device)
             values = torch.zeros_like(keys)
             bias = torch.full((B, H, cap), float("-inf"), dtype=torch.float32, device=self.device)
