@@ -104,9 +104,10 @@ def memory_table(model, tok, lengths, dense_layers):
 
 
 def decode_ms(model, ids, method, dense_layers, steps=16):
-    """Milliseconds per decode step after a prefill of `ids`, timing only the decode forwards."""
-    cache = IceCache(model.config, budget=256, method=method, dense_layers=dense_layers,
-                     max_context=ids.shape[1] + steps + 16)
+    """Milliseconds per decode step after a prefill of `ids`, timing only the decode forwards
+    (method "icecache+summaries": IceCache with page summaries)."""
+    cache = IceCache(model.config, budget=256, method=method.split("+")[0], dense_layers=dense_layers,
+                     max_context=ids.shape[1] + steps + 16, summaries=method.endswith("+summaries"))
     with torch.no_grad():
         out = model(ids, past_key_values=cache)
         tok = out.logits[:, -1:].argmax(-1)
@@ -120,14 +121,16 @@ def decode_ms(model, ids, method, dense_layers, steps=16):
 def timing_table(model, tok, context, dense_layers, reps=5):
     ex = testbed.tasks.recall(seed=7, context_tokens=context, tokenizer=tok)
     ids = torch.tensor([ex.prompt_ids])
-    times = {"full": [], "icecache": []}
-    for _ in range(reps):  # anchor and candidate alternate in the same process
-        for method in ("full", "icecache"):
+    times = {"full": [], "icecache": [], "icecache+summaries": []}
+    for _ in range(reps):  # anchor and candidates alternate in the same process
+        for method in times:
             times[method].append(decode_ms(model, ids, method, dense_layers))
     full = statistics.median(times["full"])
     ice = statistics.median(times["icecache"])
+    summ = statistics.median(times["icecache+summaries"])
     return {"prompt_tokens": int(ids.shape[1]), "full_ms_per_token": full, "icecache_ms_per_token": ice,
-            "ratio_icecache_over_full": ice / full, "samples_ms": times}
+            "ratio_icecache_over_full": ice / full, "icecache_summaries_ms_per_token": summ,
+            "ratio_summaries_over_full": summ / full, "samples_ms": times}
 
 
 def arith_table(n=30, budgets=(48, 64, 96), methods=("icecache", "quest", "oracle", "random", "streaming")):
@@ -281,8 +284,9 @@ def main(argv=None):
     t = timing_table(model, tok, max(args.lengths), args.dense_layers)
     result["timing"] = t
     print(f"\n3. CPU decode time per token at {t['prompt_tokens']} prompt tokens (median of alternating runs)")
-    print(f"  full {t['full_ms_per_token']:.2f} ms, IceCache {t['icecache_ms_per_token']:.2f} ms, "
-          f"ratio {t['ratio_icecache_over_full']:.2f}; load avg now {os.getloadavg()[0]:.2f}")
+    print(f"  full {t['full_ms_per_token']:.2f} ms, IceCache {t['icecache_ms_per_token']:.2f} ms "
+          f"(ratio {t['ratio_icecache_over_full']:.2f}), with summaries {t['icecache_summaries_ms_per_token']:.2f} ms "
+          f"(ratio {t['ratio_summaries_over_full']:.2f}); load avg now {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
