@@ -544,51 +544,38 @@ int64_t ClusteredCache::recluster_tail(int64_t n) {
   return done;
 }
 
-void ClusteredCache::export_bounds(int64_t first_page, int64_t n, float* lower, float* upper, int32_t* lens) const {
-  SCRIMP_CHECK(first_page >= 0 && n >= 0, "export_bounds: bad range");
+void ClusteredCache::export_rows(int64_t first_page, int64_t n, bool summaries, float* out_a, float* out_b,
+                                 int32_t* lens) const {
+  SCRIMP_CHECK(first_page >= 0 && n >= 0, (summaries ? "export_summaries" : "export_bounds") << ": bad range");
   const int64_t D = cfg_.head_dim;
+  const std::size_t row = static_cast<std::size_t>(D) * sizeof(float);
   for (std::size_t s = 0; s < streams_.size(); ++s) {
     const Stream& st = streams_[s];
+    const float* a = summaries ? st.cen.data() : st.lo.data();
+    const float* b = summaries ? st.vmean.data() : st.hi.data();
     const int64_t P = static_cast<int64_t>(st.len.size());
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t p = first_page + i;
-      float* lo = lower + (static_cast<int64_t>(s) * n + i) * D;
-      float* hi = upper + (static_cast<int64_t>(s) * n + i) * D;
+      const int64_t p = first_page + i, out = static_cast<int64_t>(s) * n + i;
       if (p < P) {
-        std::memcpy(lo, st.lo.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
-        std::memcpy(hi, st.hi.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
-        lens[static_cast<int64_t>(s) * n + i] = st.len[static_cast<std::size_t>(p)];
+        std::memcpy(out_a + out * D, a + p * D, row);
+        std::memcpy(out_b + out * D, b + p * D, row);
+        lens[out] = st.len[static_cast<std::size_t>(p)];
       } else {
-        std::fill(lo, lo + D, 0.0f);
-        std::fill(hi, hi + D, 0.0f);
-        lens[static_cast<int64_t>(s) * n + i] = 0;
+        std::fill(out_a + out * D, out_a + (out + 1) * D, 0.0f);
+        std::fill(out_b + out * D, out_b + (out + 1) * D, 0.0f);
+        lens[out] = 0;
       }
     }
   }
 }
 
+void ClusteredCache::export_bounds(int64_t first_page, int64_t n, float* lower, float* upper, int32_t* lens) const {
+  export_rows(first_page, n, false, lower, upper, lens);
+}
+
 void ClusteredCache::export_summaries(int64_t first_page, int64_t n, float* key_means, float* value_means,
                                       int32_t* lens) const {
-  SCRIMP_CHECK(first_page >= 0 && n >= 0, "export_summaries: bad range");
-  const int64_t D = cfg_.head_dim;
-  for (std::size_t s = 0; s < streams_.size(); ++s) {
-    const Stream& st = streams_[s];
-    const int64_t P = static_cast<int64_t>(st.len.size());
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t p = first_page + i;
-      float* km = key_means + (static_cast<int64_t>(s) * n + i) * D;
-      float* vm = value_means + (static_cast<int64_t>(s) * n + i) * D;
-      if (p < P) {
-        std::memcpy(km, st.cen.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
-        std::memcpy(vm, st.vmean.data() + p * D, static_cast<std::size_t>(D) * sizeof(float));
-        lens[static_cast<int64_t>(s) * n + i] = st.len[static_cast<std::size_t>(p)];
-      } else {
-        std::fill(km, km + D, 0.0f);
-        std::fill(vm, vm + D, 0.0f);
-        lens[static_cast<int64_t>(s) * n + i] = 0;
-      }
-    }
-  }
+  export_rows(first_page, n, true, key_means, value_means, lens);
 }
 
 const float* ClusteredCache::centroid(int64_t s, int64_t p) const {

@@ -191,24 +191,12 @@ class PyClusteredCache {
 
   void export_bounds(int64_t first_page, int64_t n, const py::object& lower, const py::object& upper,
                      const py::object& lens) {
-    const auto& c = impl_->config();
-    const int64_t S = c.batch * c.kv_heads;
-    BorrowedTensor lo(lower, "lower"), hi(upper, "upper"), ln(lens, "lens");
-    float* plo = host_buffer<float>(lo, scrimp::DType::Float32, S * n * c.head_dim, "lower");
-    float* phi = host_buffer<float>(hi, scrimp::DType::Float32, S * n * c.head_dim, "upper");
-    int32_t* pl = host_buffer<int32_t>(ln, scrimp::DType::Int32, S * n, "lens");
-    impl_->export_bounds(first_page, n, plo, phi, pl);
+    export_rows(first_page, n, false, lower, "lower", upper, "upper", lens);
   }
 
   void export_summaries(int64_t first_page, int64_t n, const py::object& key_means, const py::object& value_means,
                         const py::object& lens) {
-    const auto& c = impl_->config();
-    const int64_t S = c.batch * c.kv_heads;
-    BorrowedTensor km(key_means, "key_means"), vm(value_means, "value_means"), ln(lens, "lens");
-    float* pk = host_buffer<float>(km, scrimp::DType::Float32, S * n * c.head_dim, "key_means");
-    float* pv = host_buffer<float>(vm, scrimp::DType::Float32, S * n * c.head_dim, "value_means");
-    int32_t* pl = host_buffer<int32_t>(ln, scrimp::DType::Int32, S * n, "lens");
-    impl_->export_summaries(first_page, n, pk, pv, pl);
+    export_rows(first_page, n, true, key_means, "key_means", value_means, "value_means", lens);
   }
 
   int64_t recluster_tail(int64_t n) {
@@ -233,6 +221,21 @@ class PyClusteredCache {
   void reset_stats() { impl_->reset_stats(); }
 
  private:
+  // Host float32 outputs a, b [S, n, D] and int32 lens [S, n] for ClusteredCache::export_rows.
+  void export_rows(int64_t first_page, int64_t n, bool summaries, const py::object& a, const char* a_name,
+                   const py::object& b, const char* b_name, const py::object& lens) {
+    const auto& c = impl_->config();
+    const int64_t S = c.batch * c.kv_heads;
+    BorrowedTensor ta(a, a_name), tb(b, b_name), tl(lens, "lens");
+    float* pa = host_buffer<float>(ta, scrimp::DType::Float32, S * n * c.head_dim, a_name);
+    float* pb = host_buffer<float>(tb, scrimp::DType::Float32, S * n * c.head_dim, b_name);
+    int32_t* pl = host_buffer<int32_t>(tl, scrimp::DType::Int32, S * n, "lens");
+    if (summaries)
+      impl_->export_summaries(first_page, n, pa, pb, pl);
+    else
+      impl_->export_bounds(first_page, n, pa, pb, pl);
+  }
+
   std::unique_ptr<scrimp::ClusteredCache> impl_;
 };
 

@@ -196,6 +196,8 @@ class ClusteredCache {
   void add_page(Stream& st, int64_t stream, const char* k, const char* v, int64_t k_row_stride,
                 const int32_t* rows, int64_t n, const int64_t* positions);
   void drop_tail(Stream& st, int64_t n);
+  // export_bounds (lo, hi) or export_summaries (mean key, mean value) of pages [first_page, +n).
+  void export_rows(int64_t first_page, int64_t n, bool summaries, float* out_a, float* out_b, int32_t* lens) const;
   ClusteredCacheConfig cfg_;
   std::unique_ptr<HostPagePool> pool_;
   std::vector<Stream> streams_;
