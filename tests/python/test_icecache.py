@@ -533,3 +533,20 @@ def test_page_summaries_keep_the_shipped_recall_models_accuracy_at_budget_64():
                           generate_fn=make_generate_fn("icecache", budget=64, summaries=s, **geo))["accuracy"]
            for s in (False, True)}
     assert acc[True] >= acc[False]
+
+
+def test_page_summaries_with_reuse_selection_are_exact_at_full_budget_and_followers_keep_summaries():
+    model = _tiny("llama", layers=4)
+    ids = torch.randint(1, 96, (2, 230))
+    ref = _generate(model, ids, n=40)
+    cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, max_context=1024, summaries=True,
+                            reuse_selection=1)
+    assert torch.equal(_generate(model, ids, cache, n=40), ref)
+    small = scrimp.IceCache(model.config, budget=64, page_size=8, dense_layers=0, max_context=1024, summaries=True,
+                            reuse_selection=1)
+    _generate(model, ids, small, n=40)
+    follower = small.layers[1]
+    assert follower.leader is small.layers[0]
+    P = follower.index.num_pages()
+    # every follower page (its layout is the leader's, re-laid out after re-clustering) has a live summary
+    assert P > 0 and torch.isfinite(follower.dev_summaries[2][:, :, :P]).all()
