@@ -38,8 +38,11 @@ void attend_split(const float* q, int64_t G, int64_t D, const char* k, const cha
   scores.resize(static_cast<std::size_t>(G * n));
   for (int64_t g = 0; g < G; ++g) part.m[g] = -std::numeric_limits<float>::infinity(), part.l[g] = 0;
   std::fill(part.acc.begin(), part.acc.end(), 0.0f);
+  const auto skipped = [&](int64_t t) {
+    return (mask && !mask[t]) || (bias && bias[t] == -std::numeric_limits<float>::infinity());
+  };
   for (int64_t t = 0; t < n; ++t) {
-    if ((mask && !mask[t]) || (bias && bias[t] == -std::numeric_limits<float>::infinity())) {
+    if (skipped(t)) {
       for (int64_t g = 0; g < G; ++g) scores[g * n + t] = -std::numeric_limits<float>::infinity();
       continue;
     }
@@ -55,7 +58,7 @@ void attend_split(const float* q, int64_t G, int64_t D, const char* k, const cha
     }
   }
   for (int64_t t = 0; t < n; ++t) {
-    if ((mask && !mask[t]) || (bias && bias[t] == -std::numeric_limits<float>::infinity())) continue;
+    if (skipped(t)) continue;
     ice::load_row(v + t * D * esz, dt, D, krow.data());
     for (int64_t g = 0; g < G; ++g) {
       const float p = std::exp(scores[g * n + t] - part.m[g]);

@@ -83,17 +83,17 @@ def memory_table(model, tok, lengths, dense_layers):
         ex = testbed.tasks.recall(seed=123, context_tokens=L, tokenizer=tok)
         ids = torch.tensor([ex.prompt_ids])
         out = {}
-        for method, dl in (("full", dense_layers), ("icecache", dense_layers), ("icecache0", 0),
-                           ("icecache+summaries", dense_layers)):
-            cache = IceCache(model.config, budget=256, method=method.rstrip("0").split("+")[0], dense_layers=dl,
-                             max_context=ids.shape[1] + 64, summaries=method.endswith("+summaries"))
+        for name, method, dl, summaries in (("full", "full", dense_layers, False),
+                                            ("icecache", "icecache", dense_layers, False),
+                                            ("icecache0", "icecache", 0, False),
+                                            ("icecache+summaries", "icecache", dense_layers, True)):
+            cache = IceCache(model.config, budget=256, method=method, dense_layers=dl,
+                             max_context=ids.shape[1] + 64, summaries=summaries)
             with torch.no_grad():
                 model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
                                do_sample=False, pad_token_id=tok.pad_token_id)
-            out[method] = cache.device_bytes()
-            if method in ("icecache0", "icecache+summaries"):
-                continue
-            if method == "icecache":
+            out[name] = cache.device_bytes()
+            if name == "icecache":
                 out["host_pool"] = cache.stats()["host_pool_bytes"]
                 sparse = [l for l in cache.layers if hasattr(l, "device_bytes")]
                 out["sparse_layer"] = sparse[0].device_bytes() if sparse else 0
@@ -103,11 +103,10 @@ def memory_table(model, tok, lengths, dense_layers):
     return rows
 
 
-def decode_ms(model, ids, method, dense_layers, steps=16):
-    """Milliseconds per decode step after a prefill of `ids`, timing only the decode forwards
-    (method "icecache+summaries": IceCache with page summaries)."""
-    cache = IceCache(model.config, budget=256, method=method.split("+")[0], dense_layers=dense_layers,
-                     max_context=ids.shape[1] + steps + 16, summaries=method.endswith("+summaries"))
+def decode_ms(model, ids, method, dense_layers, steps=16, summaries=False):
+    """Milliseconds per decode step after a prefill of `ids`, timing only the decode forwards."""
+    cache = IceCache(model.config, budget=256, method=method, dense_layers=dense_layers,
+                     max_context=ids.shape[1] + steps + 16, summaries=summaries)
     with torch.no_grad():
         out = model(ids, past_key_values=cache)
         tok = out.logits[:, -1:].argmax(-1)
@@ -121,10 +120,11 @@ def decode_ms(model, ids, method, dense_layers, steps=16):
 def timing_table(model, tok, context, dense_layers, reps=5):
     ex = testbed.tasks.recall(seed=7, context_tokens=context, tokenizer=tok)
     ids = torch.tensor([ex.prompt_ids])
-    times = {"full": [], "icecache": [], "icecache+summaries": []}
+    variants = {"full": ("full", False), "icecache": ("icecache", False), "icecache+summaries": ("icecache", True)}
+    times = {name: [] for name in variants}
     for _ in range(reps):  # anchor and candidates alternate in the same process
-        for method in times:
-            times[method].append(decode_ms(model, ids, method, dense_layers))
+        for name, (method, summaries) in variants.items():
+            times[name].append(decode_ms(model, ids, method, dense_layers, summaries=summaries))
     full = statistics.median(times["full"])
     ice = statistics.median(times["icecache"])
     summ = statistics.median(times["icecache+summaries"])

@@ -97,6 +97,7 @@ class IceCacheLayer(CacheLayerMixin):
         self.length = 0  # tokens seen (cache positions 0..length-1)
         self.index = None
         self.stats = {"steps": 0, "mass": []}
+        self.dev_summaries = None  # summaries=True: device mirrors of the page summaries (_sync_summaries)
         # reuse_selection: a follower uses its leader's page selection (same tokens in the same pages:
         # its layout is copied from the leader's, not clustered on its own keys); see IceCache
         self.leader: Optional["IceCacheLayer"] = None
@@ -392,8 +393,7 @@ class IceCacheLayer(CacheLayerMixin):
         keys, values, bias = self.dev_summaries
         keys[:, :, first:P] = km.view(B, H, n, D).to(device=self.device, dtype=self.dtype)
         values[:, :, first:P] = vm.view(B, H, n, D).to(device=self.device, dtype=self.dtype)
-        log_n = torch.where(lens > 0, lens.float().clamp(min=1).log(), torch.full_like(lens, float("-inf"), dtype=torch.float32))
-        bias[:, :, first:P] = log_n.view(B, H, n).to(self.device)
+        bias[:, :, first:P] = lens.float().log().view(B, H, n).to(self.device)  # log 0 = -inf: no page
 
     def _summary_bias(self, pages):
         """This step's summary bias [B, H, cap]: the pages attended exactly (pages [B, H, k], -1
@@ -464,7 +464,7 @@ class IceCacheLayer(CacheLayerMixin):
         out = torch.empty_like(q)
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
         summaries = {}
-        if getattr(self, "dev_summaries", None) is not None and self.index.num_pages() > 0:
+        if self.dev_summaries is not None and self.index.num_pages() > 0:
             sk, sv, _ = self.dev_summaries
             summaries = dict(summary_keys=sk, summary_values=sv, summary_bias=self._summary_bias(pages))
         _C.paged_decode_attention(q, k_store, v_store, table, tlens, k_dense, v_dense, mask, H,
@@ -522,7 +522,7 @@ class IceCacheLayer(CacheLayerMixin):
                 n += x.numel() * x.element_size()
         for x in getattr(self, "dev_bounds", None) or ():
             n += x.numel() * x.element_size()
-        for x in getattr(self, "dev_summaries", None) or ():
+        for x in self.dev_summaries or ():
             n += x.numel() * x.element_size()
         return n
 
