@@ -47,6 +47,46 @@ def test_packets_equal_block_diagonal_student(setup, with_adapters):
     assert kv.keys[0].shape[2] == len(prefix) + sum(len(d) + (16 if with_adapters else 0) for d in docs)
 
 
+def test_header_dropped_packets_equal_the_student_that_never_reads_a_header(setup):
+    """keep_header=False: packets store document + trailer only, at the same positions, and the
+    question's logits equal the training forward whose question/answer rows mask every header."""
+    model, tok, ex = setup
+    ad = M.Adapters(model.config.hidden_size, n_header=6, n_trailer=3, seed=3, keep_header=False)
+    kept_all = M.Adapters(model.config.hidden_size, n_header=6, n_trailer=3, seed=3)
+    assert ad.adapter_id != kept_all.adapter_id and ad.n_header_cached == 0 and kept_all.n_header_cached == 6
+    eng = M.PacketEngine(model, tok, ad)
+    cache, n, question, kv, docs, prefix = eng.prepare(ex.prompt_ids)
+    assert n == len(prefix) + sum(len(d) for d in docs) + 6  # positions as with the header kept
+    assert kv.keys[0].shape[2] == len(prefix) + sum(len(d) + 3 for d in docs)
+    lg = _question_logits(model, cache, n, question)
+    sl = student_answer_logits(model, ad, tok, ex.prompt_ids, [5])
+    assert (lg - sl[0]).abs().max() < 1e-4
+    with_header = student_answer_logits(model, kept_all, tok, ex.prompt_ids, [5])
+    assert (with_header[0] - sl[0]).abs().max() > 1e-4  # the mask really differs
+    # the stored rows are the document + trailer rows of the full wrapped packet
+    full_kv = M.build_packet_kv(model, docs[0], kept_all)
+    p = eng.packet(docs[0])
+    assert p.kept == list(range(6, 6 + len(docs[0]) + 3))
+    assert torch.equal(p.keys(0), full_kv[0][0][:, :, 6:])
+    p.release()
+    # pruning composes: the kept document tokens and the trailer, never a header row
+    from scrimp.packets.prune import Pruning
+    pe = M.PacketEngine(model, tok, ad, pruning=Pruning("key_norm", 0.5))
+    q = pe.packet(docs[0])
+    assert min(q.kept) >= 6 and len(q.kept) == Pruning("key_norm", 0.5).n_keep(len(docs[0])) + 3
+    q.release()
+
+
+def test_drop_header_validates_and_keeps_order():
+    k = torch.arange(2 * 7, dtype=torch.float32).reshape(1, 1, 7, 2)
+    layers, kept = M.drop_header([(k, k + 1)], None, 3, 7)
+    assert kept == [3, 4, 5, 6] and torch.equal(layers[0][0], k[:, :, 3:])
+    layers, kept = M.drop_header([(k[:, :, :4], k[:, :, :4])], [1, 4, 5, 6], 3, 7)
+    assert kept == [4, 5, 6] and torch.equal(layers[0][0], k[:, :, 1:4])
+    with pytest.raises(TypeError, match="keep_header"):
+        M.Adapters(8, keep_header="no")
+
+
 def test_packet_positions_keep_document_positions():
     starts, q = M.packet_positions(1, [5, 7, 3], n_header=4)
     assert starts == [1, 6, 13] and q == 20  # doc tokens at 5..9, 10..16, 17..19
@@ -96,7 +136,11 @@ def test_adapters_save_load_and_fingerprint(setup, tmp_path):
     p = str(tmp_path / "a.safetensors")
     ad.save(p, model)
     b = M.Adapters.load(p, model)
-    assert b.adapter_id == ad.adapter_id and b.n_header == 4 and b.n_trailer == 2
+    assert b.adapter_id == ad.adapter_id and b.n_header == 4 and b.n_trailer == 2 and b.keep_header
+    dropped = M.Adapters(model.config.hidden_size, 4, 2, seed=1, keep_header=False)
+    dropped.save(str(tmp_path / "d.safetensors"), model)
+    d = M.Adapters.load(str(tmp_path / "d.safetensors"), model)
+    assert not d.keep_header and d.adapter_id == dropped.adapter_id != ad.adapter_id
     assert b.fingerprint == M.model_fingerprint(model)
     other = type(model)(model.config)
     other.load_state_dict(model.state_dict())
@@ -110,10 +154,12 @@ def test_adapters_save_load_and_fingerprint(setup, tmp_path):
     assert M.Adapters(model.config.hidden_size, seed=2).adapter_id != ad.adapter_id
 
 
-def test_training_steps_update_adapters_and_reduce_loss(setup):
+@pytest.mark.parametrize("keep_header", [True, False])
+def test_training_steps_update_adapters_and_reduce_loss(setup, keep_header):
     model, tok, _ = setup
     ad, hist = train_adapters(model, tok, n_train=2, epochs=6, context_tokens=120, lr=2e-2, progress=False,
-                              log=lambda s: None)
+                              log=lambda s: None, keep_header=keep_header)
+    assert ad.keep_header == keep_header
     assert hist["steps"] == 12 and all(torch.isfinite(torch.tensor(hist["loss"])))
     assert sum(hist["loss"][-2:]) < sum(hist["loss"][:2])
     assert all(not p.requires_grad for p in model.parameters())
@@ -126,6 +172,8 @@ def test_flops_counts(setup):
     kvp = M.method_flops(cfg, "kvpacket", docs, n_header=8, n_trailer=8)
     assert kvp == M.flops_rerotation(cfg, 360 + 48)
     assert kvp == cfg.num_hidden_layers * (4 + 3 * 2) * 408 * 16
+    # a dropped header is neither stored nor re-rotated
+    assert M.method_flops(cfg, "kvpacket", docs, n_header=0, n_trailer=8) == M.flops_rerotation(cfg, 360 + 24)
     cb10 = M.method_flops(cfg, "cacheblend", docs, ratio=0.1)
     full = M.method_flops(cfg, "full", docs)
     assert kvp * 100 < cb10 < full

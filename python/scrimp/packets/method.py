@@ -26,7 +26,7 @@ ADAPTER_FORMAT = "scrimp-kv-packet-adapters-v1"
 from .store import PacketStore, _layers_of
 
 __all__ = ["model_fingerprint", "Adapters", "split_prompt", "packet_positions", "build_packet_kv", "build_pruned_packet_kv", "PacketEngine",
-           "SelectiveRecompute", "full_recompute_generate", "flops_prefill", "flops_rerotation",
+           "SelectiveRecompute", "full_recompute_generate", "drop_header", "flops_prefill", "flops_rerotation",
            "method_flops"]
 
 
@@ -85,10 +85,17 @@ class Adapters(nn.Module):
     """Header and trailer soft embeddings shared by all documents (default 8 + 8, init N(0, 0.02))."""
 
     def __init__(self, hidden_size: int, n_header: int = 8, n_trailer: int = 8, std: float = 0.02,
-                 seed: int = 0, dtype=torch.float32):
+                 seed: int = 0, dtype=torch.float32, keep_header: bool = True):
         super().__init__()
         if n_header < 0 or n_trailer < 0:
             raise ValueError("n_header and n_trailer must be >= 0")
+        if not isinstance(keep_header, bool):
+            raise TypeError(f"keep_header must be a bool, got {type(keep_header).__name__}")
+        # keep_header=False (scrimp's extension): the header is context for the document only while
+        # the packet is prefilled; its K/V are dropped from the stored packet, so the question never
+        # attends to it and assembly neither copies nor re-rotates it. Causal attention makes every
+        # packet's header K/V the same anyway (it sees only itself), so it carries no document content.
+        self.keep_header = keep_header
         g = torch.Generator().manual_seed(seed)
         self.header = nn.Parameter(torch.randn(1, n_header, hidden_size, generator=g, dtype=torch.float32).to(dtype) * std)
         self.trailer = nn.Parameter(torch.randn(1, n_trailer, hidden_size, generator=g, dtype=torch.float32).to(dtype) * std)
@@ -103,9 +110,16 @@ class Adapters(nn.Module):
         return self.trailer.shape[1]
 
     @property
+    def n_header_cached(self) -> int:
+        """Header tokens whose K/V a packet keeps (0 with ``keep_header=False``)."""
+        return self.n_header if self.keep_header else 0
+
+    @property
     def adapter_id(self) -> str:
-        """Content hash of the adapter weights (part of every packet key)."""
+        """Content hash of the adapter weights and of ``keep_header`` (part of every packet key)."""
         h = hashlib.sha256()
+        if not self.keep_header:
+            h.update(b"header dropped from packets")
         for t in (self.header, self.trailer):
             d = t.detach().float().cpu().contiguous()
             h.update(str(tuple(d.shape)).encode())
@@ -126,7 +140,8 @@ class Adapters(nn.Module):
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         # adapter_id is a SHA-256 over the weights: stored, it doubles as the file's checksum
         save_file({"header": self.header.detach().cpu().contiguous(), "trailer": self.trailer.detach().cpu().contiguous()},
-                  path, metadata={"model_fingerprint": fp, "format": ADAPTER_FORMAT, "adapter_id": self.adapter_id})
+                  path, metadata={"model_fingerprint": fp, "format": ADAPTER_FORMAT, "adapter_id": self.adapter_id,
+                                  "keep_header": "1" if self.keep_header else "0"})
 
     @classmethod
     def load(cls, path: str, model=None) -> "Adapters":
@@ -172,7 +187,10 @@ class Adapters(nn.Module):
                 raise ValueError(f"adapters {path} were trained for model {fp}, not this model ({mine})")
             if header.shape[-1] != model.config.hidden_size:
                 raise ValueError(f"adapter hidden size {header.shape[-1]} != model hidden size {model.config.hidden_size}")
-        a = cls(header.shape[-1], header.shape[1], trailer.shape[1])
+        keep_header = meta.get("keep_header", "1")  # files written before the option keep it
+        if keep_header not in ("0", "1"):
+            raise ValueError(f"{path}: keep_header metadata {keep_header!r}, expected '0' or '1'")
+        a = cls(header.shape[-1], header.shape[1], trailer.shape[1], keep_header=keep_header == "1")
         with torch.no_grad():
             a.header.copy_(header)
             a.trailer.copy_(trailer)
@@ -274,6 +292,18 @@ def build_pruned_packet_kv(model, doc_ids: Sequence[int], adapters: Optional[Ada
     return [(k.index_select(2, idx), v.index_select(2, idx)) for k, v in layers], kept
 
 
+def drop_header(layers, kept: Optional[List[int]], n_header: int, n_tokens: int):
+    """Remove the header rows from a built packet. ``layers``: (K, V) per layer, ``[1, kv_heads, T, head_dim]``
+    holding the wrapped tokens ``kept`` (None = all ``n_tokens``). Returns ``(layers, kept)`` with only the
+    document and trailer tokens, ``kept`` their indices into the wrapped packet."""
+    kept = list(range(n_tokens)) if kept is None else list(kept)
+    rows = [j for j, i in enumerate(kept) if i >= n_header]
+    if len(rows) == len(kept):
+        return layers, kept
+    idx = torch.tensor(rows, dtype=torch.long, device=layers[0][0].device)
+    return [(k.index_select(2, idx), v.index_select(2, idx)) for k, v in layers], [kept[j] for j in rows]
+
+
 def _new_cache(model):
     from transformers import DynamicCache
 
@@ -346,7 +376,9 @@ class PacketEngine:
         from .store import packet_key
 
         toks = self._packet_tokens(doc)
-        rule = self.pruning.rule if self.pruning is not None else ""
+        no_header = self.adapters is not None and not self.adapters.keep_header
+        rule = "+".join(r for r in (self.pruning.rule if self.pruning is not None else "",
+                                    "no-header" if no_header else "") if r)
         key = packet_key(toks, self.fingerprint, self.adapter_id, rule)
         L, H, D = self.layout
         dev = _device(self.model)
@@ -357,6 +389,8 @@ class PacketEngine:
                 kv, kept = build_packet_kv(self.model, doc, self.adapters), None
             else:
                 kv, kept = build_pruned_packet_kv(self.model, doc, self.adapters, self.pruning)
+            if no_header:
+                kv, kept = drop_header(kv, kept, self.adapters.n_header, len(toks))
             self.store.put(kv, toks, model_fingerprint=self.fingerprint, adapter_id=self.adapter_id,
                            inv_freq=self.inv_freq, kept=kept, pruning=rule)
             self.built += 1
@@ -596,7 +630,7 @@ def method_flops(config, method: str, doc_lens: Sequence[int], prefix_len: int =
     n_docs = sum(doc_lens)
     if method == "full":
         return flops_prefill(config, prefix_len + n_docs)
-    if method == "kvpacket":
+    if method == "kvpacket":  # n_header: the header tokens kept in each packet (re-rotated with it)
         return flops_rerotation(config, n_docs + len(doc_lens) * (n_header + n_trailer))
     rot = flops_rerotation(config, n_docs)
     if method == "none":

@@ -39,12 +39,15 @@ def teacher_targets(model, tokenizer, prompt_ids: List[int], max_answer_tokens: 
 
 def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail):
     """(input embeddings [1, n, hidden], allowed-attention mask [1, 1, n, n], position ids [1, n]) of
-    the student sequence; positions as at inference (`packet_positions`)."""
+    the student sequence; positions as at inference (`packet_positions`). With
+    ``adapters.keep_header=False`` the question and answer do not attend to any header token (the
+    packets do not store them)."""
     dev = _device(model)
-    parts, seg, pos = [], [], list(range(len(prefix)))
+    parts, seg, pos, header = [], [], list(range(len(prefix))), []
     if prefix:
         parts.append(_embed(model, torch.tensor([prefix], device=dev)))
         seg += [0] * len(prefix)
+        header += [False] * len(prefix)
     n_header = adapters.n_header if adapters is not None else 0
     starts, q_pos = packet_positions(len(prefix), [len(d) for d in docs], n_header)
     for i, (d, start) in enumerate(zip(docs, starts)):
@@ -53,15 +56,20 @@ def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail):
             x = adapters.wrap(x)
         parts.append(x)
         seg += [i + 1] * x.shape[1]
+        header += [True] * n_header + [False] * (x.shape[1] - n_header)
         pos += range(start, start + x.shape[1])
     parts.append(_embed(model, torch.tensor([tail], device=dev)))
     seg += [-1] * len(tail)
+    header += [False] * len(tail)
     pos += range(q_pos, q_pos + len(tail))
     x = torch.cat(parts, dim=1)
     s = torch.tensor(seg, device=dev)
     n = len(seg)
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-    allowed = causal & ((s[:, None] == s[None, :]) | (s[:, None] == -1))
+    tail_reads = torch.ones(n, dtype=torch.bool, device=dev)  # keys the question and answer may attend to
+    if adapters is not None and not adapters.keep_header:
+        tail_reads = ~torch.tensor(header, device=dev)
+    allowed = causal & ((s[:, None] == s[None, :]) | ((s[:, None] == -1) & tail_reads[None, :]))
     return x, allowed[None, None], torch.tensor([pos], device=dev)
 
 
@@ -79,11 +87,13 @@ def student_answer_logits(model, adapters: Optional[Adapters], tokenizer, prompt
 def train_adapters(model, tokenizer, *, n_train: int = 64, epochs: int = 2, context_tokens: int = 512,
                    lr: float = 1e-3, n_header: int = 8, n_trailer: int = 8, seed: int = 0,
                    max_seconds: Optional[float] = None, progress: bool = True,
-                   log: Callable[[str], None] = print, adapters: Optional[Adapters] = None):
+                   log: Callable[[str], None] = print, adapters: Optional[Adapters] = None,
+                   keep_header: bool = True):
     """Train header/trailer adapters for ``model`` on the testbed ``recall`` task.
 
     Returns ``(adapters, history)``; history has per-step losses and the wall time. ``max_seconds``
-    stops early (the learning-rate schedule is laid out for the full run).
+    stops early (the learning-rate schedule is laid out for the full run). ``keep_header=False``
+    trains adapters whose header is dropped from the packets (see :class:`Adapters`).
     """
     from ..testbed import tasks
 
@@ -92,7 +102,7 @@ def train_adapters(model, tokenizer, *, n_train: int = 64, epochs: int = 2, cont
     model.eval()
     dev = _device(model)
     if adapters is None:
-        adapters = Adapters(model.config.hidden_size, n_header, n_trailer, seed=seed).to(dev)
+        adapters = Adapters(model.config.hidden_size, n_header, n_trailer, seed=seed, keep_header=keep_header).to(dev)
     adapters.fingerprint = model_fingerprint(model)
     t0 = time.time()
     data = []
