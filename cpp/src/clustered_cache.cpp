@@ -612,19 +612,88 @@ int64_t ClusteredCache::representative_bytes() const {
   return b;
 }
 
-void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pages, float* out_scores) const {
-  const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
+void ClusteredCache::check_query(const TensorView& query) const {
+  const int64_t B = cfg_.batch, Hq = cfg_.q_heads, D = cfg_.head_dim;
   SCRIMP_CHECK(query.ndim() == 3 && query.shape[0] == B && query.shape[1] == Hq && query.shape[2] == D,
                "query: expected [" << B << ", " << Hq << ", " << D << "], got " << describe(query));
   SCRIMP_CHECK_TYPE(query.dtype == DType::Float32, "query: expected float32, got " << describe(query));
   SCRIMP_CHECK(query.device.type == DeviceType::CPU && query.is_contiguous(),
                "query: expected a contiguous CPU tensor, got " << describe(query));
+}
+
+float ClusteredCache::page_max_dot(int64_t s, int64_t p, const float* q, float* kr) const {
+  const Stream& st = streams_[static_cast<std::size_t>(s)];
+  const int64_t D = cfg_.head_dim;
+  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
+  const char* kp = pool_->keys(s * cfg_.max_pages + p);
+  float v = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < st.len[static_cast<std::size_t>(p)]; ++i) {
+    ice::load_row(kp + i * row_bytes, cfg_.dtype, D, kr);
+    v = std::max(v, dot(q, kr, D));
+  }
+  return v;
+}
+
+void ClusteredCache::rerank(const TensorView& query, const int32_t* candidates, int64_t kc, int64_t k,
+                            int32_t* out_pages) const {
+  const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
+  check_query(query);
+  SCRIMP_CHECK(k >= 0 && kc >= k, "rerank: expected 0 <= k <= kc, got k = " << k << ", kc = " << kc);
+  SCRIMP_CHECK(k == 0 || (out_pages != nullptr && candidates != nullptr), "rerank: candidates or out_pages is null");
+  if (k == 0) return;
+  // Validate everything before writing anything.
+  for (int64_t s = 0; s < B * H; ++s) {
+    const int64_t P = static_cast<int64_t>(streams_[static_cast<std::size_t>(s)].len.size());
+    std::vector<char> seen(static_cast<std::size_t>(P), 0);
+    for (int64_t i = 0; i < kc; ++i) {
+      const int32_t p = candidates[s * kc + i];
+      if (p < 0) continue;
+      SCRIMP_CHECK(p < P, "rerank: candidate page " << p << " of stream " << s << " out of range [0, " << P << ")");
+      SCRIMP_CHECK(!seen[static_cast<std::size_t>(p)], "rerank: candidate page " << p << " of stream " << s
+                                                                                 << " given twice");
+      seen[static_cast<std::size_t>(p)] = 1;
+    }
+  }
+  const float* q = static_cast<const float*>(query.data);
+#pragma omp parallel for schedule(static) if (B * H > 1 && kc * cfg_.page_size * G * D > 4096)
+  for (int64_t s = 0; s < B * H; ++s) {
+    const int64_t b = s / H, h = s % H;
+    const int32_t* cand = candidates + s * kc;
+    std::vector<float> merged(static_cast<std::size_t>(kc), -std::numeric_limits<float>::infinity());
+    std::vector<float> sc(static_cast<std::size_t>(kc));
+    std::vector<float> kr(static_cast<std::size_t>(D));
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qh = q + (b * Hq + h * G + g) * D;
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < kc; ++i) {
+        sc[static_cast<std::size_t>(i)] = cand[i] < 0 ? -std::numeric_limits<float>::infinity()
+                                                      : page_max_dot(s, cand[i], qh, kr.data());
+        best = std::max(best, sc[static_cast<std::size_t>(i)]);
+      }
+      for (int64_t i = 0; i < kc; ++i)
+        if (cand[i] >= 0)
+          merged[static_cast<std::size_t>(i)] = std::max(merged[static_cast<std::size_t>(i)],
+                                                         sc[static_cast<std::size_t>(i)] - best);
+    }
+    std::vector<int32_t> idx;
+    for (int64_t i = 0; i < kc; ++i)
+      if (cand[i] >= 0) idx.push_back(static_cast<int32_t>(i));
+    const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(idx.size()));
+    std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), [&](int32_t a, int32_t c) {
+      const float x = merged[static_cast<std::size_t>(a)], y = merged[static_cast<std::size_t>(c)];
+      return x > y || (x == y && a < c);
+    });
+    for (int64_t i = 0; i < k; ++i) out_pages[s * k + i] = i < take ? cand[idx[static_cast<std::size_t>(i)]] : -1;
+  }
+}
+
+void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pages, float* out_scores) const {
+  const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
+  check_query(query);
   SCRIMP_CHECK(k >= 0, "k must be >= 0, got " << k);
   SCRIMP_CHECK(k == 0 || out_pages != nullptr, "out_pages is null");
   if (k == 0) return;
   const float* q = static_cast<const float*>(query.data);
-  const int64_t ps = cfg_.page_size;
-  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
   const uint64_t step = tick_;
 #pragma omp parallel for schedule(static) if (B * H > 1 && num_pages() * G * D > 4096)
   for (int64_t s = 0; s < B * H; ++s) {
@@ -648,15 +717,7 @@ void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pag
             break;
           }
           case PageScore::Centroid: v = dot(qh, st.cen.data() + p * D, D); break;
-          case PageScore::Oracle: {
-            v = -std::numeric_limits<float>::infinity();
-            const char* kp = pool_->keys(s * cfg_.max_pages + p);
-            for (int64_t i = 0; i < st.len[static_cast<std::size_t>(p)]; ++i) {
-              ice::load_row(kp + i * row_bytes, cfg_.dtype, D, kr.data());
-              v = std::max(v, dot(qh, kr.data(), D));
-            }
-            break;
-          }
+          case PageScore::Oracle: v = page_max_dot(s, p, qh, kr.data()); break;
           case PageScore::Random: {
             // splitmix64 of (seed, step, stream, page): a fresh ranking every step.
             uint64_t z = cfg_.seed + 0x9e3779b97f4a7c15ull * (step * 1315423911ull + static_cast<uint64_t>(s * P + p) + 1);
@@ -690,7 +751,6 @@ void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pag
                                          : -std::numeric_limits<float>::infinity();
     }
   }
-  (void)ps;
 }
 
 void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k_store, const TensorView& v_store,

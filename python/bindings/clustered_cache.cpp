@@ -160,6 +160,21 @@ class PyClusteredCache {
     impl_->select(q.view(), k, pages, scores);
   }
 
+  void rerank(const py::object& query, const py::object& candidates, int64_t k, const py::object& out_pages) {
+    const auto& c = impl_->config();
+    BorrowedTensor q(query, "query"), cd(candidates, "candidates"), op(out_pages, "out_pages");
+    const auto& cv = cd.view();
+    SCRIMP_CHECK(cv.ndim() == 3 && cv.shape[0] == c.batch && cv.shape[1] == c.kv_heads,
+                 "candidates: expected [" << c.batch << ", " << c.kv_heads << ", kc], got " << describe(cv));
+    const int64_t kc = cv.shape[2];
+    SCRIMP_CHECK(cv.data != op.view().data, "rerank: candidates and out_pages must be different tensors");
+    SCRIMP_CHECK(k >= 0 && k <= kc, "rerank: expected 0 <= k <= kc = " << kc << ", got k = " << k);
+    const int32_t* cand = host_buffer<int32_t>(cd, scrimp::DType::Int32, c.batch * c.kv_heads * kc, "candidates");
+    int32_t* pages = host_buffer<int32_t>(op, scrimp::DType::Int32, c.batch * c.kv_heads * k, "out_pages");
+    py::gil_scoped_release release;
+    impl_->rerank(q.view(), cand, kc, k, pages);
+  }
+
   void recall(const py::object& pages, int64_t k, const py::object& k_store, const py::object& v_store,
               const py::object& out_slots, const py::object& out_lens, uintptr_t stream, bool wait) {
     const auto& c = impl_->config();
@@ -331,6 +346,8 @@ SCRIMP_BINDINGS(clustered_cache) {
            py::arg("first_position"), py::arg("skip") = py::none())
       .def("select", &PyClusteredCache::select, py::arg("query"), py::arg("k"), py::arg("out_pages"),
            py::arg("out_scores") = py::none())
+      .def("rerank", &PyClusteredCache::rerank, py::arg("query"), py::arg("candidates"), py::arg("k"),
+           py::arg("out_pages"))
       .def("recall", &PyClusteredCache::recall, py::arg("pages"), py::arg("k"), py::arg("k_store"),
            py::arg("v_store"), py::arg("out_slots"), py::arg("out_lens"), py::arg("stream") = 0,
            py::arg("wait") = true)

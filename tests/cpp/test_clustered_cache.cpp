@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <set>
 #include <vector>
@@ -351,6 +352,89 @@ TEST(ClusteredCache, SelectFindsThePageOfTheBestKey) {
       for (int64_t i = 0; i < 8; ++i) found |= pos[b * 8 + i] == 17 + b;
       EXPECT_TRUE(found) << "score " << static_cast<int>(sc) << " batch " << b;
     }
+  }
+}
+
+// rerank against a float64 brute force over read_page: the exact max q.k per candidate page, GQA heads
+// merged relative to each head's best candidate, ties in candidate order, -1 padding kept out.
+TEST(ClusteredCache, RerankIsTheExactMaxOverTheCandidates) {
+  const int64_t B = 2, H = 2, G = 3, D = 5, N = 37, kc = 6, k = 3;  // odd sizes; 10 pages of 4 per stream
+  for (DType dt : {DType::Float32, DType::BFloat16}) {
+    ClusteredCacheConfig cfg = small_config(B, H, G, D, true, PageScore::Bounds);
+    cfg.dtype = dt;
+    ClusteredCache cache(cfg);
+    auto kf = randn(B * H * N * D, 11), vf = randn(B * H * N * D, 12);
+    std::vector<float> kr, vr;
+    std::vector<uint16_t> kh, vh;
+    void* kp = kf.data();
+    void* vp = vf.data();
+    if (dt != DType::Float32) {
+      kh = encode(kf, dt, kr);
+      vh = encode(vf, dt, vr);
+      kp = kh.data();
+      vp = vh.data();
+    }
+    cache.build(view(kp, dt, {B, H, N, D}), view(vp, dt, {B, H, N, D}), nullptr);
+    const int64_t P = cache.num_pages();
+    auto q = randn(B * H * G * D, 13);
+    // candidates: a shuffled subset per stream, one -1 in the middle
+    std::vector<int32_t> cand(static_cast<std::size_t>(B * H * kc));
+    std::mt19937_64 g(14);
+    for (int64_t s = 0; s < B * H; ++s) {
+      std::vector<int32_t> all(static_cast<std::size_t>(P));
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), g);
+      for (int64_t i = 0; i < kc; ++i) cand[s * kc + i] = i == 2 ? -1 : all[static_cast<std::size_t>(i)];
+    }
+    std::vector<int32_t> out(static_cast<std::size_t>(B * H * k), 99);
+    cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), cand.data(), kc, k, out.data());
+    std::vector<float> pk(4 * D), pv(4 * D);
+    for (int64_t s = 0; s < B * H; ++s) {
+      const int64_t b = s / H, h = s % H;
+      std::vector<double> merged(kc, -std::numeric_limits<double>::infinity());
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const float* qh = &q[((b * H + h) * G + gi) * D];
+        std::vector<double> sc(kc, -std::numeric_limits<double>::infinity());
+        for (int64_t i = 0; i < kc; ++i) {
+          if (cand[s * kc + i] < 0) continue;
+          const int64_t n = cache.read_page(s, cand[s * kc + i], pk.data(), pv.data());
+          for (int64_t t = 0; t < n; ++t) {
+            double d = 0;
+            for (int64_t e = 0; e < D; ++e) d += static_cast<double>(qh[e]) * pk[t * D + e];
+            sc[i] = std::max(sc[i], d);
+          }
+        }
+        const double best = *std::max_element(sc.begin(), sc.end());
+        for (int64_t i = 0; i < kc; ++i)
+          if (cand[s * kc + i] >= 0) merged[i] = std::max(merged[i], sc[i] - best);
+      }
+      std::vector<int64_t> order;
+      for (int64_t i = 0; i < kc; ++i)
+        if (cand[s * kc + i] >= 0) order.push_back(i);
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return merged[a] > merged[c]; });
+      for (int64_t i = 0; i < k; ++i)
+        EXPECT_EQ(out[s * k + i], cand[s * kc + order[static_cast<std::size_t>(i)]]) << "stream " << s << " rank " << i;
+    }
+    // more outputs than valid candidates: -1 padding
+    std::vector<int32_t> few(static_cast<std::size_t>(B * H * 2), -1);
+    for (int64_t s = 0; s < B * H; ++s) few[s * 2] = static_cast<int32_t>(s % P);
+    std::vector<int32_t> o2(static_cast<std::size_t>(B * H * 2));
+    cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), few.data(), 2, 2, o2.data());
+    for (int64_t s = 0; s < B * H; ++s) {
+      EXPECT_EQ(o2[s * 2], s % P);
+      EXPECT_EQ(o2[s * 2 + 1], -1);
+    }
+    // bad input: k > kc, out-of-range or repeated candidates, wrong query shape; nothing written
+    std::vector<int32_t> o3(static_cast<std::size_t>(B * H * k), 7);
+    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), cand.data(), 2, 3, o3.data()), Error);
+    auto bad = cand;
+    bad[1] = static_cast<int32_t>(P);
+    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), bad.data(), kc, k, o3.data()), Error);
+    bad = cand;
+    bad[1] = bad[0];
+    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), bad.data(), kc, k, o3.data()), Error);
+    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H, D}), cand.data(), kc, k, o3.data()), Error);
+    for (int32_t x : o3) EXPECT_EQ(x, 7);
   }
 }
 

@@ -550,3 +550,95 @@ def test_page_summaries_with_reuse_selection_are_exact_at_full_budget_and_follow
     P = follower.index.num_pages()
     # every follower page (its layout is the leader's, re-laid out after re-clustering) has a live summary
     assert P > 0 and torch.isfinite(follower.dev_summaries[2][:, :, :P]).all()
+
+
+def _exact_page_max(idx, q, k_all, B, H, G, P, ps):
+    """[B, H, P] merged exact scores (max over each page's keys of q.k, GQA heads relative to their best)."""
+    pages = torch.arange(P, dtype=torch.int32).expand(B, H, P).contiguous()
+    pos = torch.empty(B, H, P, ps, dtype=torch.long)
+    idx.page_positions(pages, P, pos)
+    merged = torch.full((B, H, P), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            s = q[b, h * G:(h + 1) * G].double() @ k_all[b, h].double().T  # [G, N]
+            best = torch.stack([s[:, pos[b, h, p][pos[b, h, p] >= 0]].amax(-1) for p in range(P)], -1)  # [G, P]
+            merged[b, h] = (best - best.amax(-1, keepdim=True)).amax(0)
+    return merged
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rerank_of_every_page_is_the_exact_top_k(dtype):
+    """rerank with every page as a candidate = the top k pages by exact max q.k (float64 reference)."""
+    B, H, G, D, N, ps, k = 2, 2, 3, 24, 203, 8, 5
+    idx = _C.ClusteredCache(B, H, H * G, D, ps, 40, 2 * k, dtype, True, "bounds")
+    tdt = getattr(torch, dtype)
+    kk, vv = torch.randn(B, H, N, D).to(tdt), torch.randn(B, H, N, D).to(tdt)
+    idx.build(kk, vv, torch.arange(N))
+    P = idx.num_pages()
+    q = torch.randn(B, H * G, D)
+    cand = torch.empty(B, H, P, dtype=torch.int32)
+    idx.select(q, P, cand)
+    out = torch.empty(B, H, k, dtype=torch.int32)
+    idx.rerank(q, cand, k, out)
+    ref = _exact_page_max(idx, q, kk.float(), B, H, G, P, ps)
+    for b in range(B):
+        for h in range(H):
+            top = ref[b, h].topk(k).values
+            got = ref[b, h][out[b, h].long()]
+            torch.testing.assert_close(got, top, rtol=0, atol=1e-5 if dtype == "float32" else 1e-2)
+            assert len(set(out[b, h].tolist())) == k
+
+
+def test_rerank_rejects_bad_input():
+    B, H, G, D, ps = 1, 2, 2, 8, 4
+    idx = _C.ClusteredCache(B, H, H * G, D, ps, 16, 4, "float32", True, "bounds")
+    idx.build(torch.randn(B, H, 30, D), torch.randn(B, H, 30, D), torch.arange(30))
+    q = torch.randn(B, H * G, D)
+    cand = torch.tensor([[[0, 1, 2], [3, 4, 5]]], dtype=torch.int32)
+    out = torch.full((B, H, 2), 7, dtype=torch.int32)
+    with pytest.raises(ValueError, match="k <= kc"):
+        idx.rerank(q, cand, 4, torch.empty(B, H, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out of range"):
+        idx.rerank(q, torch.tensor([[[0, 1, 99], [3, 4, 5]]], dtype=torch.int32), 2, out)
+    with pytest.raises(ValueError, match="twice"):
+        idx.rerank(q, torch.tensor([[[0, 1, 1], [3, 4, 5]]], dtype=torch.int32), 2, out)
+    with pytest.raises(ValueError, match="candidates"):
+        idx.rerank(q, cand[:, :1], 2, out)
+    with pytest.raises(ValueError, match="different tensors"):
+        idx.rerank(q, cand, 3, cand)
+    with pytest.raises(ValueError, match="query"):
+        idx.rerank(torch.randn(B, H, D), cand, 2, out)
+    with pytest.raises(TypeError):
+        idx.rerank(q, cand.long(), 2, out)
+    assert (out == 7).all()  # nothing written by a rejected call
+    model = _tiny()
+    with pytest.raises(ValueError, match="rerank"):
+        scrimp.IceCache(model.config, rerank=-1)
+    with pytest.raises(ValueError, match="rerank"):
+        scrimp.IceCache(model.config, rerank=True)
+    with pytest.raises(ValueError, match="method"):
+        scrimp.IceCache(model.config, rerank=2, method="oracle")
+
+
+@pytest.mark.parametrize("select_on_device", [False, True])
+def test_rerank_is_exact_at_full_budget_and_picks_pages_by_their_best_key(select_on_device):
+    model = _tiny()
+    ids = torch.randint(1, 96, (2, 230))
+    ref = _generate(model, ids, n=40)
+    cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, max_context=1024, rerank=3,
+                            select_on_device=select_on_device)
+    assert torch.equal(_generate(model, ids, cache, n=40), ref)
+    # at a small budget the chosen pages are the exact top pages among the bound candidates
+    cache = scrimp.IceCache(model.config, budget=64, page_size=8, dense_layers=1, max_context=1024, rerank=2,
+                            select_on_device=select_on_device, summaries=True)
+    _generate(model, ids, cache, n=40)
+    layer = cache.layers[1]
+    q = torch.randn(2, 4, 16)
+    k_sel = cache.selected_pages
+    cand = torch.empty(2, 2, 2 * k_sel, dtype=torch.int32)
+    layer.index.select(q, 2 * k_sel, cand)
+    out = torch.empty(2, 2, k_sel, dtype=torch.int32)
+    layer.index.rerank(q, cand, k_sel, out)
+    for b in range(2):
+        for h in range(2):
+            assert set(out[b, h].tolist()) <= set(cand[b, h].tolist())

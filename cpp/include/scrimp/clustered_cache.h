@@ -148,6 +148,15 @@ class ClusteredCache {
   // than k pages). out_scores [B, Hkv, k] (optional) receives the merged scores.
   void select(const TensorView& query, int64_t k, int32_t* out_pages, float* out_scores) const;
 
+  // Second selection stage: re-scores candidate pages (from select with more than k pages, or from a
+  // device-side top-k) by the exact max_t q.k_t over each page's keys, read from the host pool, and
+  // writes the best k per stream to out_pages [B, Hkv, k]. candidates [B, Hkv, kc] (kc >= k; -1
+  // entries ignored; each page at most once per stream). GQA heads are merged as in select (each
+  // head's scores relative to its best candidate, max over the group); ties keep candidate order.
+  // A page bound ranks a page by the best key its box could hold; the exact max ranks it by the best
+  // key it does hold, which is what attention rewards. Cost: kc * page_size * G dot products per stream.
+  void rerank(const TensorView& query, const int32_t* candidates, int64_t kc, int64_t k, int32_t* out_pages) const;
+
   // Makes the pages in `pages` [B, Hkv, k] (from select; -1 entries ignored) resident in the device
   // page cache k_store / v_store, each [B * Hkv * cache_pages, page_size, D] of cfg.dtype (CPU or
   // CUDA, contiguous), and writes out_slots [B, Hkv, k] (store row of each page, -1 for padding) and
@@ -198,6 +207,9 @@ class ClusteredCache {
   void drop_tail(Stream& st, int64_t n);
   // export_bounds (lo, hi) or export_summaries (mean key, mean value) of pages [first_page, +n).
   void export_rows(int64_t first_page, int64_t n, bool summaries, float* out_a, float* out_b, int32_t* lens) const;
+  void check_query(const TensorView& query) const;
+  // max_t q.k_t over the keys of page p of stream s (kr: a scratch row of head_dim floats)
+  float page_max_dot(int64_t s, int64_t p, const float* q, float* kr) const;
   ClusteredCacheConfig cfg_;
   std::unique_ptr<HostPagePool> pool_;
   std::vector<Stream> streams_;

@@ -41,14 +41,20 @@ def geometry(budget: int, page_size: int = TESTBED_PAGE_SIZE) -> dict:
 
 
 def accuracy_table(model, tok, n, context, budgets, dense_layers, page_size=TESTBED_PAGE_SIZE,
-                   reuse_selection=0, methods=METHODS, summaries=False):
+                   reuse_selection=0, methods=METHODS, summaries=False, rerank=0):
     """With ``reuse_selection`` > 0 a row ``icecache+reuseN`` is added per budget: IceCache whose
     selecting layers hand their pages to the next N sparse layers. With ``summaries`` a row
-    ``icecache+summaries``: the unselected pages take part through their mean key and value."""
+    ``icecache+summaries``: the unselected pages take part through their mean key and value. With
+    ``rerank`` > 0 a row ``icecache+rerankN`` (bound candidates re-scored by their exact max q.k),
+    and with both, ``icecache+summaries+rerankN``."""
     rows = []
     variants = [(m, m, {}) for m in methods]
     if summaries:
         variants.append(("icecache+summaries", "icecache", {"summaries": True}))
+    if rerank:
+        variants.append((f"icecache+rerank{rerank}", "icecache", {"rerank": rerank}))
+        if summaries:
+            variants.append((f"icecache+summaries+rerank{rerank}", "icecache", {"summaries": True, "rerank": rerank}))
     if reuse_selection:
         variants.append((f"icecache+reuse{reuse_selection}", "icecache", {"reuse_selection": reuse_selection}))
     full = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context,
@@ -199,6 +205,9 @@ def main(argv=None):
                     help="also measure IceCache with each selection reused by the next N sparse layers")
     ap.add_argument("--summaries", action="store_true",
                     help="also measure IceCache with page summaries for the unselected pages (scrimp's extension)")
+    ap.add_argument("--rerank", type=int, default=0,
+                    help="also measure IceCache whose bound candidates (N per selected page) are re-scored by "
+                         "their exact max q.k (scrimp's extension)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                     help="methods of the accuracy table (the oracle is the reference of 'rel.oracle')")
     ap.add_argument("--skip-arith", action="store_true")
@@ -255,7 +264,7 @@ def main(argv=None):
     if not args.skip_accuracy:
         t0 = time.perf_counter()
         rows = accuracy_table(model, tok, args.n, args.context, args.budgets, args.dense_layers, args.page_size,
-                              args.reuse_selection, tuple(args.methods), args.summaries)
+                              args.reuse_selection, tuple(args.methods), args.summaries, args.rerank)
         result["accuracy"] = rows
         print(f"\n1. recall accuracy, n={args.n}, context {args.context}, page size {args.page_size} "
               f"({time.perf_counter() - t0:.0f} s)")

@@ -442,11 +442,16 @@ class IceCacheLayer(CacheLayerMixin):
         if self.index is not None and k_sel > 0 and self.index.num_pages() > 0:
             if self.leader is not None:
                 pages = self.leader.shared_pages  # reuse_selection: the leader's pages, this step
-            elif self.dev_bounds is not None:
-                pages = self.select_on_device(q, k_sel)
             else:
-                pages = torch.empty((B, H, k_sel), dtype=torch.int32)
-                self.index.select(q.float().cpu().contiguous(), k_sel, pages)
+                k_cand = k_sel * o.rerank if o.rerank > 1 else k_sel
+                if self.dev_bounds is not None:
+                    pages = self.select_on_device(q, k_cand)
+                else:
+                    pages = torch.empty((B, H, k_cand), dtype=torch.int32)
+                    self.index.select(q.float().cpu().contiguous(), k_cand, pages)
+                if o.rerank:
+                    cand, pages = pages, torch.empty((B, H, k_sel), dtype=torch.int32)
+                    self.index.rerank(q.float().cpu().contiguous(), cand, k_sel, pages)
             self.shared_pages = pages if self.followers else None
             slots = torch.empty_like(pages)
             lens = torch.empty_like(pages)
@@ -564,13 +569,21 @@ class IceCache(Cache):
         with a log(token count) bias and its mean value, so heads whose attention is spread over
         the whole context keep that mass. Costs a device mirror of one key and one value per page
         (2 x head_dim per page and KV head, the cache dtype) and reading them each step.
+    rerank : scrimp's extension (0 = off, the default): a second selection stage. The page bounds pick
+        ``rerank`` times the selected pages as candidates, which are then ranked by the exact
+        max_t q.k_t over their keys, read from the host pool (``ClusteredCache.rerank``; the IceCache
+        paper's index also searches keys on the CPU). A bound ranks a page by the best key its
+        min/max box could hold, the exact max by the best key it holds. Costs ``rerank * selected pages *
+        page_size`` dot products per query head on the host each step, and, with device selection, the
+        candidates' copy to the host. For ``method`` "icecache" and "quest".
     """
 
     def __init__(self, config, budget: int = 256, page_size: int = 16, sink_pages: int = 2, window_pages: int = 2,
                  dense_layers: int = 2, device=None, method: str = "icecache", cache_pages: Optional[int] = None,
                  max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True,
                  coarse_tokens: int = 1024, recluster_pages: int = 4, select_on_device: Optional[bool] = None,
-                 reuse_selection: int = 0, prefetch: Optional[bool] = None, summaries: bool = False):
+                 reuse_selection: int = 0, prefetch: Optional[bool] = None, summaries: bool = False,
+                 rerank: int = 0):
         for name, v in (("budget", budget), ("page_size", page_size), ("sink_pages", sink_pages),
                         ("window_pages", window_pages), ("dense_layers", dense_layers), ("max_context", max_context)):
             if not isinstance(v, int) or isinstance(v, bool):
@@ -621,6 +634,11 @@ class IceCache(Cache):
         if not isinstance(summaries, bool):
             raise TypeError(f"summaries must be a bool, got {type(summaries).__name__}")
         self.summaries = summaries
+        if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 0:
+            raise ValueError(f"rerank must be an int >= 0 (candidate pages per selected page; 0 = off), got {rerank!r}")
+        if rerank and method not in ("icecache", "quest"):
+            raise ValueError(f"rerank re-scores bound candidates: it needs method 'icecache' or 'quest', not {method!r}")
+        self.rerank = rerank
         layers = []
         for i in range(self.num_layers):
             layers.append(DynamicLayer() if (method == "full" or i < dense_layers) else IceCacheLayer(self, i))
