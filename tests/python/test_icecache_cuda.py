@@ -172,6 +172,25 @@ def test_generate_on_cuda_with_page_summaries_is_exact_at_full_budget():
     assert cache.layers[1].dev_summaries[0].is_cuda
 
 
+def test_generate_on_cuda_with_rerank_is_exact_at_full_budget_and_matches_the_host_at_a_small_one():
+    ref, out, cache = _greedy_on_cuda_with_and_without(3, 40, rerank=3, summaries=True)
+    assert torch.equal(ref, out)
+    assert cache.layers[1].dev_bounds is not None  # candidates came from the device selection
+    # budget 64: device-selected candidates reranked on the host pick the same pages as host selection
+    layer = cache.layers[1]
+    q = torch.randn(layer.B, cache.q_heads, layer.D)
+    k = 2
+    host = torch.empty(layer.B, layer.H, 3 * k, dtype=torch.int32)
+    layer.index.select(q, 3 * k, host)
+    dev = layer.select_on_device(q.cuda(), 3 * k)
+    a, b = torch.empty(layer.B, layer.H, k, dtype=torch.int32), torch.empty(layer.B, layer.H, k, dtype=torch.int32)
+    layer.index.rerank(q, host, k, a)
+    layer.index.rerank(q, dev, k, b)
+    for i in range(layer.B):
+        for h in range(layer.H):
+            assert set(a[i, h].tolist()) == set(b[i, h].tolist())
+
+
 def test_prefetch_then_recall_waits_for_the_copy():
     # a prefetch (wait=False) queues the gather on the copy stream; the recall with wait that follows
     # (all hits) must still order the compute stream after it
