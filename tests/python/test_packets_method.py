@@ -47,28 +47,42 @@ def test_packets_equal_block_diagonal_student(setup, with_adapters):
     assert kv.keys[0].shape[2] == len(prefix) + sum(len(d) + (16 if with_adapters else 0) for d in docs)
 
 
-def test_header_dropped_packets_equal_the_student_that_never_reads_a_header(setup):
-    """keep_header=False: packets store document + trailer only, at the same positions, and the
-    question's logits equal the training forward whose question/answer rows mask every header."""
-    model, tok, ex = setup
-    ad = M.Adapters(model.config.hidden_size, n_header=6, n_trailer=3, seed=3, keep_header=False)
-    kept_all = M.Adapters(model.config.hidden_size, n_header=6, n_trailer=3, seed=3)
-    assert ad.adapter_id != kept_all.adapter_id and ad.n_header_cached == 0 and kept_all.n_header_cached == 6
+@pytest.fixture(scope="module")
+def setup_docs():
+    return tiny_recall_setup(1, 400)  # three documents
+
+
+@pytest.mark.parametrize("header_kv", ["none", "once"])
+def test_header_kv_packets_equal_the_student_that_reads_the_same_headers(setup_docs, header_kv):
+    """header_kv "none" / "once": packets store document + trailer only, at the same positions, and the
+    question's logits equal the training forward whose question/answer rows read no header ("none")
+    or only the first document's ("once": the one shared copy)."""
+    model, tok, ex = setup_docs
+    ad = M.Adapters(model.config.hidden_size, n_header=6, n_trailer=3, seed=3, header_kv=header_kv)
+    every = M.Adapters(model.config.hidden_size, n_header=6, n_trailer=3, seed=3)
+    assert ad.adapter_id != every.adapter_id and ad.n_header_cached == 0 and every.n_header_cached == 6
+    assert ad.n_header_shared == (6 if header_kv == "once" else 0) and every.n_header_shared == 0
     eng = M.PacketEngine(model, tok, ad)
     cache, n, question, kv, docs, prefix = eng.prepare(ex.prompt_ids)
-    assert n == len(prefix) + sum(len(d) for d in docs) + 6  # positions as with the header kept
-    assert kv.keys[0].shape[2] == len(prefix) + sum(len(d) + 3 for d in docs)
+    assert len(docs) >= 2
+    assert n == len(prefix) + sum(len(d) for d in docs) + 6  # positions as with the header in every packet
+    shared = 6 if header_kv == "once" else 0
+    assert kv.keys[0].shape[2] == len(prefix) + shared + sum(len(d) + 3 for d in docs)
     lg = _question_logits(model, cache, n, question)
     sl = student_answer_logits(model, ad, tok, ex.prompt_ids, [5])
     assert (lg - sl[0]).abs().max() < 1e-4
-    with_header = student_answer_logits(model, kept_all, tok, ex.prompt_ids, [5])
-    assert (with_header[0] - sl[0]).abs().max() > 1e-4  # the mask really differs
+    with_every = student_answer_logits(model, every, tok, ex.prompt_ids, [5])
+    assert (with_every[0] - sl[0]).abs().max() > 1e-4  # the mask really differs
     # the stored rows are the document + trailer rows of the full wrapped packet
-    full_kv = M.build_packet_kv(model, docs[0], kept_all)
+    full_kv = M.build_packet_kv(model, docs[0], every)
     p = eng.packet(docs[0])
     assert p.kept == list(range(6, 6 + len(docs[0]) + 3))
     assert torch.equal(p.keys(0), full_kv[0][0][:, :, 6:])
     p.release()
+    if header_kv == "once":  # the shared copy = the first packet's header rows, moved to its start
+        from scrimp.packets.rope import rerotate_keys
+        hk = rerotate_keys(full_kv[0][0][:, :, :6].contiguous(), len(prefix), M.rope_inv_freq(model))
+        torch.testing.assert_close(kv.keys[0][:, :, len(prefix):len(prefix) + 6], hk, rtol=1e-5, atol=1e-5)
     # pruning composes: the kept document tokens and the trailer, never a header row
     from scrimp.packets.prune import Pruning
     pe = M.PacketEngine(model, tok, ad, pruning=Pruning("key_norm", 0.5))
@@ -83,8 +97,8 @@ def test_drop_header_validates_and_keeps_order():
     assert kept == [3, 4, 5, 6] and torch.equal(layers[0][0], k[:, :, 3:])
     layers, kept = M.drop_header([(k[:, :, :4], k[:, :, :4])], [1, 4, 5, 6], 3, 7)
     assert kept == [4, 5, 6] and torch.equal(layers[0][0], k[:, :, 1:4])
-    with pytest.raises(TypeError, match="keep_header"):
-        M.Adapters(8, keep_header="no")
+    with pytest.raises(ValueError, match="header_kv"):
+        M.Adapters(8, header_kv="no")
 
 
 def test_packet_positions_keep_document_positions():
@@ -136,11 +150,12 @@ def test_adapters_save_load_and_fingerprint(setup, tmp_path):
     p = str(tmp_path / "a.safetensors")
     ad.save(p, model)
     b = M.Adapters.load(p, model)
-    assert b.adapter_id == ad.adapter_id and b.n_header == 4 and b.n_trailer == 2 and b.keep_header
-    dropped = M.Adapters(model.config.hidden_size, 4, 2, seed=1, keep_header=False)
-    dropped.save(str(tmp_path / "d.safetensors"), model)
-    d = M.Adapters.load(str(tmp_path / "d.safetensors"), model)
-    assert not d.keep_header and d.adapter_id == dropped.adapter_id != ad.adapter_id
+    assert b.adapter_id == ad.adapter_id and b.n_header == 4 and b.n_trailer == 2 and b.header_kv == "every"
+    for mode in ("once", "none"):
+        other_mode = M.Adapters(model.config.hidden_size, 4, 2, seed=1, header_kv=mode)
+        other_mode.save(str(tmp_path / f"{mode}.safetensors"), model)
+        d = M.Adapters.load(str(tmp_path / f"{mode}.safetensors"), model)
+        assert d.header_kv == mode and d.adapter_id == other_mode.adapter_id != ad.adapter_id
     assert b.fingerprint == M.model_fingerprint(model)
     other = type(model)(model.config)
     other.load_state_dict(model.state_dict())
@@ -154,12 +169,12 @@ def test_adapters_save_load_and_fingerprint(setup, tmp_path):
     assert M.Adapters(model.config.hidden_size, seed=2).adapter_id != ad.adapter_id
 
 
-@pytest.mark.parametrize("keep_header", [True, False])
-def test_training_steps_update_adapters_and_reduce_loss(setup, keep_header):
+@pytest.mark.parametrize("header_kv", ["every", "once", "none"])
+def test_training_steps_update_adapters_and_reduce_loss(setup, header_kv):
     model, tok, _ = setup
     ad, hist = train_adapters(model, tok, n_train=2, epochs=6, context_tokens=120, lr=2e-2, progress=False,
-                              log=lambda s: None, keep_header=keep_header)
-    assert ad.keep_header == keep_header
+                              log=lambda s: None, header_kv=header_kv)
+    assert ad.header_kv == header_kv
     assert hist["steps"] == 12 and all(torch.isfinite(torch.tensor(hist["loss"])))
     assert sum(hist["loss"][-2:]) < sum(hist["loss"][:2])
     assert all(not p.requires_grad for p in model.parameters())
@@ -174,6 +189,7 @@ def test_flops_counts(setup):
     assert kvp == cfg.num_hidden_layers * (4 + 3 * 2) * 408 * 16
     # a dropped header is neither stored nor re-rotated
     assert M.method_flops(cfg, "kvpacket", docs, n_header=0, n_trailer=8) == M.flops_rerotation(cfg, 360 + 24)
+    assert M.method_flops(cfg, "kvpacket", docs, n_header=0, n_trailer=8, n_shared=8) == M.flops_rerotation(cfg, 392)
     cb10 = M.method_flops(cfg, "cacheblend", docs, ratio=0.1)
     full = M.method_flops(cfg, "full", docs)
     assert kvp * 100 < cb10 < full

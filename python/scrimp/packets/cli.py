@@ -25,7 +25,7 @@ def _run_train(args) -> int:
     ad, hist = train_adapters(model, tok, n_train=args.n_train, epochs=args.epochs, context_tokens=args.context_tokens,
                               lr=args.lr, n_header=args.n_header, n_trailer=args.n_trailer, seed=args.seed,
                               max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-                              progress=not args.quiet, keep_header=not args.drop_header)
+                              progress=not args.quiet, header_kv=args.header_kv)
     out = args.out or DEFAULT_ADAPTERS
     ad.save(out, model)
     k = min(16, len(hist["loss"]))
@@ -65,8 +65,9 @@ def _build(p: argparse.ArgumentParser) -> None:
     t.add_argument("--n-header", type=int, default=8)
     t.add_argument("--n-trailer", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--drop-header", action="store_true",
-                   help="drop the header's K/V from the packets (build-time context only; fewer tokens to assemble and re-rotate)")
+    t.add_argument("--header-kv", choices=("every", "once", "none"), default="every",
+                   help="where the header's K/V go: in every packet (the paper), one shared copy before the first "
+                        "document, or nowhere (build-time context only); the last two assemble and re-rotate fewer tokens")
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
     t.add_argument("--eval-n", type=int, default=0, help="evaluate full / none / kvpacket on this many examples")
     t.add_argument("--quiet", action="store_true")

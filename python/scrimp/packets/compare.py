@@ -107,6 +107,7 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
             kept_lens = doc_lens if pruning is None else [pruning.n_keep(n) for n in doc_lens]
             flops = M.method_flops(cfg, "none" if name == "none" else "kvpacket", kept_lens,
                                    n_header=adapters.n_header_cached if name != "none" else 0,
+                                   n_shared=adapters.n_header_shared if name != "none" else 0,
                                    n_trailer=adapters.n_trailer if name != "none" else 0)
         elif name.startswith("cacheblend-"):
             r = int(name.split("-")[1]) / 100
@@ -126,6 +127,7 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
         flops_big = M.method_flops(big, kind, kept_lens if with_adapters else doc_lens,
                                    ratio=int(name.split("-")[1]) / 100 if kind == "cacheblend" else 0.0,
                                    first_k=epic_k, n_header=adapters.n_header_cached if with_adapters else 0,
+                                   n_shared=adapters.n_header_shared if with_adapters else 0,
                                    n_trailer=adapters.n_trailer if with_adapters else 0)
         res = testbed.evaluate(model, tokenizer, "recall", n=n, seed=seed, context_tokens=context_tokens, generate_fn=fn)
         kl = agree = float("nan")

@@ -19,14 +19,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .rope import assemble, rope_inv_freq
+from .rope import assemble, rerotate_keys, rope_inv_freq
 
 #: the ``format`` metadata of an adapter file (safetensors: tensors ``header`` and ``trailer``)
 ADAPTER_FORMAT = "scrimp-kv-packet-adapters-v1"
 from .store import PacketStore, _layers_of
 
 __all__ = ["model_fingerprint", "Adapters", "split_prompt", "packet_positions", "build_packet_kv", "build_pruned_packet_kv", "PacketEngine",
-           "SelectiveRecompute", "full_recompute_generate", "drop_header", "flops_prefill", "flops_rerotation",
+           "SelectiveRecompute", "full_recompute_generate", "drop_header", "HEADER_KV", "flops_prefill", "flops_rerotation",
            "method_flops"]
 
 
@@ -81,21 +81,27 @@ def _kv_layout(model) -> Tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- adapters
 
+#: where the header's K/V go: in every packet (the paper), once before the first document, nowhere
+HEADER_KV = ("every", "once", "none")
+
+
 class Adapters(nn.Module):
     """Header and trailer soft embeddings shared by all documents (default 8 + 8, init N(0, 0.02))."""
 
     def __init__(self, hidden_size: int, n_header: int = 8, n_trailer: int = 8, std: float = 0.02,
-                 seed: int = 0, dtype=torch.float32, keep_header: bool = True):
+                 seed: int = 0, dtype=torch.float32, header_kv: str = "every"):
         super().__init__()
         if n_header < 0 or n_trailer < 0:
             raise ValueError("n_header and n_trailer must be >= 0")
-        if not isinstance(keep_header, bool):
-            raise TypeError(f"keep_header must be a bool, got {type(keep_header).__name__}")
-        # keep_header=False (scrimp's extension): the header is context for the document only while
-        # the packet is prefilled; its K/V are dropped from the stored packet, so the question never
-        # attends to it and assembly neither copies nor re-rotates it. Causal attention makes every
-        # packet's header K/V the same anyway (it sees only itself), so it carries no document content.
-        self.keep_header = keep_header
+        if header_kv not in HEADER_KV:
+            raise ValueError(f"header_kv must be one of {', '.join(HEADER_KV)}, got {header_kv!r}")
+        # Where the header's K/V end up (scrimp's extension; "every" is the paper). Causal attention
+        # makes every packet's header K/V the same (the header sees only itself), so it carries no
+        # document content: "once" stores no header in the packets and puts one copy, computed once,
+        # before the first document; "none" keeps it as build-time context only (every document token
+        # attends to it while its packet is prefilled; the question never does). Either way assembly
+        # copies and re-rotates n_header fewer tokens per document.
+        self.header_kv = header_kv
         g = torch.Generator().manual_seed(seed)
         self.header = nn.Parameter(torch.randn(1, n_header, hidden_size, generator=g, dtype=torch.float32).to(dtype) * std)
         self.trailer = nn.Parameter(torch.randn(1, n_trailer, hidden_size, generator=g, dtype=torch.float32).to(dtype) * std)
@@ -111,20 +117,32 @@ class Adapters(nn.Module):
 
     @property
     def n_header_cached(self) -> int:
-        """Header tokens whose K/V a packet keeps (0 with ``keep_header=False``)."""
-        return self.n_header if self.keep_header else 0
+        """Header tokens whose K/V each packet keeps (0 unless ``header_kv="every"``)."""
+        return self.n_header if self.header_kv == "every" else 0
+
+    @property
+    def n_header_shared(self) -> int:
+        """Header tokens placed once per context (``header_kv="once"``), else 0."""
+        return self.n_header if self.header_kv == "once" else 0
 
     @property
     def adapter_id(self) -> str:
-        """Content hash of the adapter weights and of ``keep_header`` (part of every packet key)."""
+        """Content hash of the adapter weights and of ``header_kv`` (part of every packet key)."""
         h = hashlib.sha256()
-        if not self.keep_header:
-            h.update(b"header dropped from packets")
+        if self.header_kv != "every":
+            h.update(f"header_kv={self.header_kv}".encode())
         for t in (self.header, self.trailer):
             d = t.detach().float().cpu().contiguous()
             h.update(str(tuple(d.shape)).encode())
             h.update(d.numpy().tobytes())
         return "adp-" + h.hexdigest()[:24]
+
+    @staticmethod
+    def header_only(adapters: "Adapters") -> "Adapters":
+        """A view of ``adapters`` without the trailer (for prefilling the header alone)."""
+        h = Adapters(adapters.header.shape[-1], 0, 0, dtype=adapters.header.dtype)
+        h.header = adapters.header
+        return h
 
     def wrap(self, doc_embeds: torch.Tensor) -> torch.Tensor:
         """``[1, n, hidden]`` -> ``[1, n_header + n + n_trailer, hidden]``."""
@@ -141,7 +159,7 @@ class Adapters(nn.Module):
         # adapter_id is a SHA-256 over the weights: stored, it doubles as the file's checksum
         save_file({"header": self.header.detach().cpu().contiguous(), "trailer": self.trailer.detach().cpu().contiguous()},
                   path, metadata={"model_fingerprint": fp, "format": ADAPTER_FORMAT, "adapter_id": self.adapter_id,
-                                  "keep_header": "1" if self.keep_header else "0"})
+                                  "header_kv": self.header_kv})
 
     @classmethod
     def load(cls, path: str, model=None) -> "Adapters":
@@ -187,10 +205,10 @@ class Adapters(nn.Module):
                 raise ValueError(f"adapters {path} were trained for model {fp}, not this model ({mine})")
             if header.shape[-1] != model.config.hidden_size:
                 raise ValueError(f"adapter hidden size {header.shape[-1]} != model hidden size {model.config.hidden_size}")
-        keep_header = meta.get("keep_header", "1")  # files written before the option keep it
-        if keep_header not in ("0", "1"):
-            raise ValueError(f"{path}: keep_header metadata {keep_header!r}, expected '0' or '1'")
-        a = cls(header.shape[-1], header.shape[1], trailer.shape[1], keep_header=keep_header == "1")
+        header_kv = meta.get("header_kv", "every")  # files written before the option keep it in every packet
+        if header_kv not in HEADER_KV:
+            raise ValueError(f"{path}: header_kv metadata {header_kv!r}, expected one of {', '.join(HEADER_KV)}")
+        a = cls(header.shape[-1], header.shape[1], trailer.shape[1], header_kv=header_kv)
         with torch.no_grad():
             a.header.copy_(header)
             a.trailer.copy_(trailer)
@@ -365,6 +383,7 @@ class PacketEngine:
         self.ttfts: List[float] = []
         self.built = 0
         self._prefix_kv: Dict[tuple, list] = {}  # the shared prompt prefix (e.g. <bos>), computed once
+        self._header_kv: Optional[list] = None  # header_kv="once": the header's K/V at positions 0.., computed once
 
     def _packet_tokens(self, doc: List[int]) -> List[int]:
         if self.adapters is None:
@@ -376,7 +395,7 @@ class PacketEngine:
         from .store import packet_key
 
         toks = self._packet_tokens(doc)
-        no_header = self.adapters is not None and not self.adapters.keep_header
+        no_header = self.adapters is not None and self.adapters.header_kv != "every"
         rule = "+".join(r for r in (self.pruning.rule if self.pruning is not None else "",
                                     "no-header" if no_header else "") if r)
         key = packet_key(toks, self.fingerprint, self.adapter_id, rule)
@@ -414,6 +433,8 @@ class PacketEngine:
         n_header = self.adapters.n_header if self.adapters is not None else 0
         if packets:
             starts, n = packet_positions(len(prefix), [len(d) for d in docs], n_header)
+            if self.adapters is not None and self.adapters.header_kv == "once" and n_header:
+                pre = self._with_shared_header(pre, starts[0])
             kv = assemble(packets, starts, prefix=pre)
             cache = kv.to_cache(self.model.config)
         else:
@@ -425,6 +446,18 @@ class PacketEngine:
         for p in packets:
             p.release()  # the assembled cache is a copy; the store may evict them again
         return cache, n, question, kv, docs, prefix
+
+    def _with_shared_header(self, pre, start: int):
+        """``pre`` (per-layer prefix K/V, or None) followed by the one header copy of
+        ``header_kv="once"``, moved to positions ``start..``: the header rows every packet would hold
+        (the header sees only itself), computed once and re-rotated here."""
+        if self._header_kv is None:
+            layers, _, _ = _wrapped_prefill(self.model, [], Adapters.header_only(self.adapters))
+            self._header_kv = [(k.clone(), v.clone()) for k, v in layers]
+        moved = [(rerotate_keys(k, start, self.inv_freq), v) for k, v in self._header_kv]
+        if not pre:
+            return moved
+        return [(torch.cat([pk, hk], dim=2), torch.cat([pv, hv], dim=2)) for (pk, pv), (hk, hv) in zip(pre, moved)]
 
     def warm(self, prompt_ids) -> None:
         """Build and store the packets of a prompt's documents (offline work)."""
@@ -624,14 +657,16 @@ def flops_rerotation(config, seq: int) -> float:
 
 
 def method_flops(config, method: str, doc_lens: Sequence[int], prefix_len: int = 1, ratio: float = 0.0,
-                 first_k: int = 0, n_header: int = 0, n_trailer: int = 0) -> float:
+                 first_k: int = 0, n_header: int = 0, n_trailer: int = 0, n_shared: int = 0) -> float:
     """FLOPs spent preparing the context cache (the question prefill and decoding are the same for
-    every method and not counted). Methods: full, none (no recompute), kvpacket, cacheblend, epic."""
+    every method and not counted). Methods: full, none (no recompute), kvpacket, cacheblend, epic.
+    For kvpacket: ``n_header`` / ``n_trailer`` adapter tokens re-rotated with every packet, ``n_shared``
+    more once per context (a shared header)."""
     n_docs = sum(doc_lens)
     if method == "full":
         return flops_prefill(config, prefix_len + n_docs)
     if method == "kvpacket":  # n_header: the header tokens kept in each packet (re-rotated with it)
-        return flops_rerotation(config, n_docs + len(doc_lens) * (n_header + n_trailer))
+        return flops_rerotation(config, n_docs + len(doc_lens) * (n_header + n_trailer) + n_shared)
     rot = flops_rerotation(config, n_docs)
     if method == "none":
         return rot

@@ -39,9 +39,9 @@ def teacher_targets(model, tokenizer, prompt_ids: List[int], max_answer_tokens: 
 
 def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail):
     """(input embeddings [1, n, hidden], allowed-attention mask [1, 1, n, n], position ids [1, n]) of
-    the student sequence; positions as at inference (`packet_positions`). With
-    ``adapters.keep_header=False`` the question and answer do not attend to any header token (the
-    packets do not store them)."""
+    the student sequence; positions as at inference (`packet_positions`). The question and answer
+    attend to the header tokens the assembled cache holds (``adapters.header_kv``): every document's
+    ("every"), the first document's only ("once": the one shared copy), none ("none")."""
     dev = _device(model)
     parts, seg, pos, header = [], [], list(range(len(prefix))), []
     if prefix:
@@ -67,8 +67,10 @@ def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail):
     n = len(seg)
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     tail_reads = torch.ones(n, dtype=torch.bool, device=dev)  # keys the question and answer may attend to
-    if adapters is not None and not adapters.keep_header:
+    if adapters is not None and adapters.header_kv != "every":
         tail_reads = ~torch.tensor(header, device=dev)
+        if adapters.header_kv == "once":
+            tail_reads |= s == 1
     allowed = causal & ((s[:, None] == s[None, :]) | ((s[:, None] == -1) & tail_reads[None, :]))
     return x, allowed[None, None], torch.tensor([pos], device=dev)
 
@@ -88,12 +90,12 @@ def train_adapters(model, tokenizer, *, n_train: int = 64, epochs: int = 2, cont
                    lr: float = 1e-3, n_header: int = 8, n_trailer: int = 8, seed: int = 0,
                    max_seconds: Optional[float] = None, progress: bool = True,
                    log: Callable[[str], None] = print, adapters: Optional[Adapters] = None,
-                   keep_header: bool = True):
+                   header_kv: str = "every"):
     """Train header/trailer adapters for ``model`` on the testbed ``recall`` task.
 
     Returns ``(adapters, history)``; history has per-step losses and the wall time. ``max_seconds``
-    stops early (the learning-rate schedule is laid out for the full run). ``keep_header=False``
-    trains adapters whose header is dropped from the packets (see :class:`Adapters`).
+    stops early (the learning-rate schedule is laid out for the full run). ``header_kv`` says where
+    the header's K/V go at inference (see :class:`Adapters`); training masks accordingly.
     """
     from ..testbed import tasks
 
@@ -102,7 +104,7 @@ def train_adapters(model, tokenizer, *, n_train: int = 64, epochs: int = 2, cont
     model.eval()
     dev = _device(model)
     if adapters is None:
-        adapters = Adapters(model.config.hidden_size, n_header, n_trailer, seed=seed, keep_header=keep_header).to(dev)
+        adapters = Adapters(model.config.hidden_size, n_header, n_trailer, seed=seed, header_kv=header_kv).to(dev)
     adapters.fingerprint = model_fingerprint(model)
     t0 = time.time()
     data = []
