@@ -612,6 +612,21 @@ int64_t ClusteredCache::representative_bytes() const {
   return b;
 }
 
+namespace {
+
+// Moves the min(k, idx.size()) entries of idx with the highest score[idx] to the front, best first,
+// ties to the lower index (deterministic); returns how many that is.
+int64_t best_first(std::vector<int32_t>& idx, const std::vector<float>& score, int64_t k) {
+  const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(idx.size()));
+  std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), [&](int32_t a, int32_t c) {
+    const float x = score[static_cast<std::size_t>(a)], y = score[static_cast<std::size_t>(c)];
+    return x > y || (x == y && a < c);
+  });
+  return take;
+}
+
+}  // namespace
+
 void ClusteredCache::check_query(const TensorView& query) const {
   const int64_t B = cfg_.batch, Hq = cfg_.q_heads, D = cfg_.head_dim;
   SCRIMP_CHECK(query.ndim() == 3 && query.shape[0] == B && query.shape[1] == Hq && query.shape[2] == D,
@@ -678,11 +693,7 @@ void ClusteredCache::rerank(const TensorView& query, const int32_t* candidates, 
     std::vector<int32_t> idx;
     for (int64_t i = 0; i < kc; ++i)
       if (cand[i] >= 0) idx.push_back(static_cast<int32_t>(i));
-    const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(idx.size()));
-    std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), [&](int32_t a, int32_t c) {
-      const float x = merged[static_cast<std::size_t>(a)], y = merged[static_cast<std::size_t>(c)];
-      return x > y || (x == y && a < c);
-    });
+    const int64_t take = best_first(idx, merged, k);
     for (int64_t i = 0; i < k; ++i) out_pages[s * k + i] = i < take ? cand[idx[static_cast<std::size_t>(i)]] : -1;
   }
 }
@@ -739,11 +750,7 @@ void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pag
     }
     std::vector<int32_t> idx(static_cast<std::size_t>(P));
     std::iota(idx.begin(), idx.end(), 0);
-    const int64_t take = std::min(k, P);
-    std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), [&](int32_t a, int32_t c) {
-      const float x = merged[static_cast<std::size_t>(a)], y = merged[static_cast<std::size_t>(c)];
-      return x > y || (x == y && a < c);
-    });
+    const int64_t take = best_first(idx, merged, k);
     for (int64_t i = 0; i < k; ++i) {
       out_pages[s * k + i] = i < take ? idx[static_cast<std::size_t>(i)] : -1;
       if (out_scores)
