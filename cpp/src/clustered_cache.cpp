@@ -625,6 +625,17 @@ int64_t best_first(std::vector<int32_t>& idx, const std::vector<float>& score, i
   return take;
 }
 
+// GQA merge: folds one query head's page scores sc into merged (max over the group's heads). With
+// `relative`, each score counts relative to that head's best, so every head's best pages compete on
+// equal terms. -inf scores (no page) stay out.
+void merge_head_scores(const std::vector<float>& sc, bool relative, std::vector<float>& merged) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (float v : sc) best = std::max(best, v);
+  for (std::size_t i = 0; i < sc.size(); ++i)
+    if (sc[i] != -std::numeric_limits<float>::infinity())
+      merged[i] = std::max(merged[i], relative ? sc[i] - best : sc[i]);
+}
+
 }  // namespace
 
 void ClusteredCache::check_query(const TensorView& query) const {
@@ -679,16 +690,10 @@ void ClusteredCache::rerank(const TensorView& query, const int32_t* candidates, 
     std::vector<float> kr(static_cast<std::size_t>(D));
     for (int64_t g = 0; g < G; ++g) {
       const float* qh = q + (b * Hq + h * G + g) * D;
-      float best = -std::numeric_limits<float>::infinity();
-      for (int64_t i = 0; i < kc; ++i) {
+      for (int64_t i = 0; i < kc; ++i)
         sc[static_cast<std::size_t>(i)] = cand[i] < 0 ? -std::numeric_limits<float>::infinity()
                                                       : page_max_dot(s, cand[i], qh, kr.data());
-        best = std::max(best, sc[static_cast<std::size_t>(i)]);
-      }
-      for (int64_t i = 0; i < kc; ++i)
-        if (cand[i] >= 0)
-          merged[static_cast<std::size_t>(i)] = std::max(merged[static_cast<std::size_t>(i)],
-                                                         sc[static_cast<std::size_t>(i)] - best);
+      merge_head_scores(sc, true, merged);
     }
     std::vector<int32_t> idx;
     for (int64_t i = 0; i < kc; ++i)
@@ -716,7 +721,6 @@ void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pag
     std::vector<float> kr(static_cast<std::size_t>(D));
     for (int64_t g = 0; g < G; ++g) {
       const float* qh = q + (b * Hq + h * G + g) * D;
-      float best = -std::numeric_limits<float>::infinity();
       for (int64_t p = 0; p < P; ++p) {
         float v = 0;
         switch (cfg_.score) {
@@ -739,14 +743,8 @@ void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pag
           }
         }
         sc[static_cast<std::size_t>(p)] = v;
-        best = std::max(best, v);
       }
-      // Merge the group's heads: each head's scores relative to its own best page, max over heads,
-      // so every head's best pages compete on equal terms.
-      for (int64_t p = 0; p < P; ++p)
-        merged[static_cast<std::size_t>(p)] = std::max(merged[static_cast<std::size_t>(p)],
-                                                       cfg_.score == PageScore::Random ? sc[static_cast<std::size_t>(p)]
-                                                                                       : sc[static_cast<std::size_t>(p)] - best);
+      merge_head_scores(sc, cfg_.score != PageScore::Random, merged);
     }
     std::vector<int32_t> idx(static_cast<std::size_t>(P));
     std::iota(idx.begin(), idx.end(), 0);

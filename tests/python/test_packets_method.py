@@ -99,6 +99,14 @@ def test_drop_header_validates_and_keeps_order():
     assert kept == [4, 5, 6] and torch.equal(layers[0][0], k[:, :, 1:4])
     with pytest.raises(ValueError, match="header_kv"):
         M.Adapters(8, header_kv="no")
+    with pytest.raises(ValueError, match="n_header <= n_tokens"):
+        M.drop_header([(k, k)], None, 8, 7)
+    with pytest.raises(TypeError, match="n_header"):
+        M.drop_header([(k, k)], None, 2.0, 7)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        M.drop_header([(k[:, :, :2], k[:, :, :2])], [4, 4], 3, 7)
+    with pytest.raises(ValueError, match="holding 4 tokens"):
+        M.drop_header([(k, k)], [1, 4, 5, 6], 3, 7)
 
 
 def test_packet_positions_keep_document_positions():

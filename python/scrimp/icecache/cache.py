@@ -443,15 +443,16 @@ class IceCacheLayer(CacheLayerMixin):
             if self.leader is not None:
                 pages = self.leader.shared_pages  # reuse_selection: the leader's pages, this step
             else:
-                k_cand = k_sel * o.rerank if o.rerank > 1 else k_sel
+                k_cand = k_sel * max(o.rerank, 1)
+                q_host = q.float().cpu().contiguous() if (o.rerank or self.dev_bounds is None) else None
                 if self.dev_bounds is not None:
                     pages = self.select_on_device(q, k_cand)
                 else:
                     pages = torch.empty((B, H, k_cand), dtype=torch.int32)
-                    self.index.select(q.float().cpu().contiguous(), k_cand, pages)
+                    self.index.select(q_host, k_cand, pages)
                 if o.rerank:
                     cand, pages = pages, torch.empty((B, H, k_sel), dtype=torch.int32)
-                    self.index.rerank(q.float().cpu().contiguous(), cand, k_sel, pages)
+                    self.index.rerank(q_host, cand, k_sel, pages)
             self.shared_pages = pages if self.followers else None
             slots = torch.empty_like(pages)
             lens = torch.empty_like(pages)

@@ -137,13 +137,6 @@ class Adapters(nn.Module):
             h.update(d.numpy().tobytes())
         return "adp-" + h.hexdigest()[:24]
 
-    @staticmethod
-    def header_only(adapters: "Adapters") -> "Adapters":
-        """A view of ``adapters`` without the trailer (for prefilling the header alone)."""
-        h = Adapters(adapters.header.shape[-1], 0, 0, dtype=adapters.header.dtype)
-        h.header = adapters.header
-        return h
-
     def wrap(self, doc_embeds: torch.Tensor) -> torch.Tensor:
         """``[1, n, hidden]`` -> ``[1, n_header + n + n_trailer, hidden]``."""
         dt = doc_embeds.dtype
@@ -276,7 +269,14 @@ def _wrapped_prefill(model, doc_ids: Sequence[int], adapters: Optional[Adapters]
     x = _embed(model, ids)
     if adapters is not None:
         x = adapters.wrap(x)
-    pos = torch.arange(x.shape[1], device=dev)[None]
+    return _prefill_embeds(model, x, hidden_states)
+
+
+@torch.no_grad()
+def _prefill_embeds(model, x: torch.Tensor, hidden_states: bool = False):
+    """Prefill input embeddings ``x`` [1, tokens, hidden] alone from position 0; returns as
+    :func:`_wrapped_prefill`."""
+    pos = torch.arange(x.shape[1], device=x.device)[None]
     out = _forward(model, inputs_embeds=x, position_ids=pos, use_cache=True, cache=_new_cache(model),
                    output_hidden_states=hidden_states)
     return _layers_of(_out_cache(out)), out.hidden_states, pos
@@ -314,7 +314,17 @@ def drop_header(layers, kept: Optional[List[int]], n_header: int, n_tokens: int)
     """Remove the header rows from a built packet. ``layers``: (K, V) per layer, ``[1, kv_heads, T, head_dim]``
     holding the wrapped tokens ``kept`` (None = all ``n_tokens``). Returns ``(layers, kept)`` with only the
     document and trailer tokens, ``kept`` their indices into the wrapped packet."""
-    kept = list(range(n_tokens)) if kept is None else list(kept)
+    for name, v in (("n_header", n_header), ("n_tokens", n_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"drop_header: {name} must be an int, got {type(v).__name__}")
+    if not 0 <= n_header <= n_tokens:
+        raise ValueError(f"drop_header: expected 0 <= n_header <= n_tokens, got {n_header} and {n_tokens}")
+    kept = list(range(n_tokens)) if kept is None else [int(i) for i in kept]
+    if any(b <= a for a, b in zip(kept, kept[1:])) or (kept and not 0 <= kept[0] <= kept[-1] < n_tokens):
+        raise ValueError(f"drop_header: kept must be strictly increasing indices in [0, {n_tokens})")
+    if not layers or any(k.shape[2] != len(kept) or v.shape[2] != len(kept) for k, v in layers):
+        raise ValueError(f"drop_header: expected (K, V) per layer holding {len(kept)} tokens (dim 2), got "
+                         f"{[tuple(k.shape) for k, _ in layers]}")
     rows = [j for j, i in enumerate(kept) if i >= n_header]
     if len(rows) == len(kept):
         return layers, kept
@@ -396,6 +406,7 @@ class PacketEngine:
 
         toks = self._packet_tokens(doc)
         no_header = self.adapters is not None and self.adapters.header_kv != "every"
+        # a packet without its header rows holds a subset of its tokens: the store needs a rule for that
         rule = "+".join(r for r in (self.pruning.rule if self.pruning is not None else "",
                                     "no-header" if no_header else "") if r)
         key = packet_key(toks, self.fingerprint, self.adapter_id, rule)
@@ -452,7 +463,8 @@ class PacketEngine:
         ``header_kv="once"``, moved to positions ``start..``: the header rows every packet would hold
         (the header sees only itself), computed once and re-rotated here."""
         if self._header_kv is None:
-            layers, _, _ = _wrapped_prefill(self.model, [], Adapters.header_only(self.adapters))
+            emb = self.model.get_input_embeddings().weight
+            layers, _, _ = _prefill_embeds(self.model, self.adapters.header.to(device=emb.device, dtype=emb.dtype))
             self._header_kv = [(k.clone(), v.clone()) for k, v in layers]
         moved = [(rerotate_keys(k, start, self.inv_freq), v) for k, v in self._header_kv]
         if not pre:
@@ -665,7 +677,7 @@ def method_flops(config, method: str, doc_lens: Sequence[int], prefix_len: int =
     n_docs = sum(doc_lens)
     if method == "full":
         return flops_prefill(config, prefix_len + n_docs)
-    if method == "kvpacket":  # n_header: the header tokens kept in each packet (re-rotated with it)
+    if method == "kvpacket":
         return flops_rerotation(config, n_docs + len(doc_lens) * (n_header + n_trailer) + n_shared)
     rot = flops_rerotation(config, n_docs)
     if method == "none":
