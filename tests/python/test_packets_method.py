@@ -207,7 +207,7 @@ def test_flops_counts(setup):
 
 
 def test_shipped_adapters_on_the_shipped_recall_model():
-    """The shipped adapters (24 + 8 tokens) load for the shipped recall model (fingerprint checked) and
+    """The shipped adapters (19 + 1 tokens, session 9; before: 24 + 8) load for the shipped recall model (fingerprint checked) and
     KV Packet keeps what it was committed with on 20 held-out 2,048-token prompts (then: 95% for both
     full recompute and KV Packet, 65% no recompute; KL 0.030 vs 0.078): within 2 examples of full
     recompute, clearly above no recompute, and a first-answer-token distribution much closer to full
