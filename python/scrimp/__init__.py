@@ -5,6 +5,7 @@ One C++/CUDA core (``scrimp._C``) with a slim Python layer:
 - :func:`token_scores` - fused per-token entropy / KL / log-prob scoring (CPU and CUDA).
 - :func:`kl_loss` - fused KL / JSD distillation loss with its gradient in one pass (CPU and CUDA).
 - :mod:`scrimp.tip` - TIP token-selective on-policy distillation.
+- :func:`load_model` - one way to name a model: ``testbed:NAME``, a checkpoint directory or a hub id.
 - :mod:`scrimp.testbed` - small real Hugging Face models and tasks every method is measured on.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .distill_loss import kl_loss
 from . import tip
 from . import tessy  # TESSY synthesis (torch/transformers are imported lazily)
 from .packets import PacketStore, assemble, rerotate_keys
+from .models import load_model
 
 __version__ = _C.build_info()["version"]
 
@@ -43,4 +45,4 @@ def __getattr__(name):
 
 
 __all__ = ["TokenScores", "token_scores", "kl_loss", "tip", "tessy", "build_info", "__version__",
-           "PacketStore", "rerotate_keys", "assemble", "IceCache"]
+           "PacketStore", "rerotate_keys", "assemble", "IceCache", "load_model"]
