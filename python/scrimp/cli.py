@@ -48,6 +48,40 @@ def command(name: str, help: str):
     return deco
 
 
+# ----------------------------------------------------------------------------- shared options
+
+def add_common_arguments(p: argparse.ArgumentParser, json: bool = True, quiet: bool = True,
+                         seed: Optional[int] = 0) -> None:
+    """The options every command shares, with one meaning each: ``--json PATH``, ``--quiet``, ``--seed``.
+
+    Model options come from :func:`scrimp.models.add_model_arguments` (``--model/--student/--teacher``,
+    ``--device``, ``--dtype``).
+    """
+    if json:
+        p.add_argument("--json", metavar="PATH", default=None,
+                       help="also write every reported number to this JSON file")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if seed is not None:
+        p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
+
+
+def write_json(path: Optional[str], obj) -> None:
+    """Write ``obj`` as JSON to ``path`` (nothing when ``path`` is None), via a temporary file."""
+    if not path:
+        return
+    import json as _json
+    import os
+
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        _json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- testbed
 
 def _fmt_acc(x) -> str:
