@@ -1,9 +1,6 @@
 // IceCache CUDA backend: pinned mapped page pool, page gather from mapped host memory on a dedicated
 // copy stream (ordered with events), split-K decode attention over a page list, nearest-centroid
 // assignment (keys x centroids + argmax).
-#include "cuda_check.cuh"
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -13,37 +10,16 @@
 #include <vector>
 
 #include "clustered_cache_cuda.h"
-#include "cuda_backend.h"
+#include "cuda_check.cuh"
+#include "dtype_dispatch.cuh"
+#include "warp_reduce.cuh"
+#include "runtime_cuda.h"
 #include "scrimp/error.h"
 
 namespace scrimp {
-namespace ice_cuda {
+namespace cuda {
 
 namespace {
-
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // ---- page gather ------------------------------------------------------------------------------------
 // Block (i, kv): copies `row_bytes` of page src[i] (keys if kv == 0, values otherwise) from mapped
@@ -115,7 +91,7 @@ __global__ void paged_attention_split_kernel(AttnParams p) {
   __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
   const T* q = static_cast<const T*>(p.q);
   for (int64_t i = threadIdx.x; i < G * D; i += blockDim.x)
-    q_s[i] = to_f(q[(b * p.Hq + h * G) * D + i]) * p.scale;
+    q_s[i] = to_float(q[(b * p.Hq + h * G) * D + i]) * p.scale;
   if (threadIdx.x < G) m_s[threadIdx.x] = -INFINITY, l_s[threadIdx.x] = 0.0f;
   // Accumulators: thread j owns (g, d) pairs j, j + blockDim, ... of G * D.
   float acc[(kMaxGroup * kMaxDim) / kThreads];
@@ -154,7 +130,7 @@ __global__ void paged_attention_split_kernel(AttnParams p) {
     for (int64_t w = warp; w < n * G; w += nwarps) {
       const int64_t t = w / G, g = w % G;
       float v = 0.0f;
-      for (int64_t d = lane; d < D; d += 32) v += q_s[g * D + d] * to_f(kp[t * D + d]);
+      for (int64_t d = lane; d < D; d += 32) v += q_s[g * D + d] * to_float(kp[t * D + d]);
       v = warp_sum(v);
       if (bias) v += bias[t];  // -inf bias: skipped
       if (lane == 0) sc[g * kMaxTile + t] = (mask && !mask[t]) ? -INFINITY : v;
@@ -181,7 +157,7 @@ __global__ void paged_attention_split_kernel(AttnParams p) {
       if (j >= G * D) break;
       const int64_t g = j / D, d = j % D;
       float a = acc[i] * alpha_s[g];
-      for (int64_t t = 0; t < n; ++t) a += sc[g * kMaxTile + t] * to_f(vp[t * D + d]);
+      for (int64_t t = 0; t < n; ++t) a += sc[g * kMaxTile + t] * to_float(vp[t * D + d]);
       acc[i] = a;
     }
     __syncthreads();
@@ -217,7 +193,7 @@ __global__ void paged_attention_combine_kernel(const float* part, int64_t splits
       const float mj = pr[j * (D + 2)];
       if (mj != -INFINITY) a += pr[j * (D + 2) + 2 + d] * __expf(mj - m);
     }
-    out[row * D + d] = from_f<T>(l > 0.0f ? a / l : 0.0f);
+    out[row * D + d] = from_float<T>(l > 0.0f ? a / l : 0.0f);
   }
 }
 
@@ -275,7 +251,7 @@ __global__ void nearest_centroid_kernel(const T* keys, const T* cen, int64_t N, 
   int32_t arg = 0;
   for (int64_t c = 0; c < C; ++c) {
     float v = 0.0f;
-    for (int64_t d = lane; d < D; d += 32) v += to_f(keys[row * D + d]) * to_f(cen[c * D + d]);
+    for (int64_t d = lane; d < D; d += 32) v += to_float(keys[row * D + d]) * to_float(cen[c * D + d]);
     v = warp_sum(v);
     if (v > best) best = v, arg = static_cast<int32_t>(c);
   }
@@ -388,12 +364,8 @@ void wait_transfers(Transfers* t, void* stream) {
 void paged_decode_attention(const PagedAttentionArgs& a) {
   SCRIMP_CUDA_CHECK(cudaSetDevice(a.query.device.index));
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  switch (a.query.dtype) {
-    case DType::Float32: launch_attention<float>(a, stream); break;
-    case DType::Float16: launch_attention<__half>(a, stream); break;
-    case DType::BFloat16: launch_attention<__nv_bfloat16>(a, stream); break;
-    default: SCRIMP_FAIL("paged_decode_attention: unsupported dtype");
-  }
+  dispatch_float(a.query.dtype, "paged_decode_attention",
+                 [&](auto tag) { launch_attention<typename decltype(tag)::type>(a, stream); });
 }
 
 void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream) {
@@ -404,24 +376,13 @@ void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32
 #endif
   const unsigned blocks = static_cast<unsigned>((N * 32 + 255) / 256);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (keys.dtype) {
-    case DType::Float32:
-      nearest_centroid_kernel<float><<<blocks, 256, 0, s>>>(static_cast<const float*>(keys.data),
-                                                            static_cast<const float*>(centroids.data), N, C, D, out);
-      break;
-    case DType::Float16:
-      nearest_centroid_kernel<__half><<<blocks, 256, 0, s>>>(static_cast<const __half*>(keys.data),
-                                                             static_cast<const __half*>(centroids.data), N, C, D, out);
-      break;
-    case DType::BFloat16:
-      nearest_centroid_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(
-          static_cast<const __nv_bfloat16*>(keys.data), static_cast<const __nv_bfloat16*>(centroids.data), N, C, D,
-          out);
-      break;
-    default: SCRIMP_FAIL("nearest_centroid: unsupported dtype");
-  }
+  dispatch_float(keys.dtype, "nearest_centroid", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    nearest_centroid_kernel<T><<<blocks, 256, 0, s>>>(static_cast<const T*>(keys.data),
+                                                      static_cast<const T*>(centroids.data), N, C, D, out);
+  });
   SCRIMP_CUDA_CHECK(cudaGetLastError());
 }
 
-}  // namespace ice_cuda
+}  // namespace cuda
 }  // namespace scrimp

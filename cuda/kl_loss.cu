@@ -6,14 +6,14 @@
 //   pass 2: per-thread loss sums with x = (s/T - max_s) - log Z_s = log p, y likewise, block-reduced;
 //   pass 3: the gradient, written in the logits' dtype (the forward KL writes it in pass 2).
 // Terms with p = 0 (q = 0 for teacher sums) are skipped so -inf entries contribute exactly 0.
-#include "cuda_check.cuh"
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "cuda_check.cuh"
+#include "dtype_dispatch.cuh"
+#include "warp_reduce.cuh"
 #include "kl_loss_cuda.h"
 #include "scrimp/error.h"
 
@@ -35,15 +35,6 @@ struct KLParams {
   int64_t lead[kMaxLead], sstride[kMaxLead], tstride[kMaxLead];
   float inv_t, beta, log_beta, log_1mbeta, factor;
 };
-
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ int64_t row_offset(int64_t row, const KLParams& p, const int64_t* strides) {
   int64_t off = 0;
@@ -79,7 +70,7 @@ __device__ __forceinline__ void lse_add(float& m, float& z, float x) {
 
 // Block-wide reductions through shared memory (every thread gets the result).
 __device__ float block_sum(float v, float* sh) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();
   if (lane == 0) sh[warp] = v;
@@ -125,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p) {
     float ms = -INFINITY, zs = 0.f, mt = -INFINITY, zt = 0.f;
     float nan_flag = 0.f;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-      const float xs = to_f(s[j]) * p.inv_t, xt = to_f(t[j]) * p.inv_t;
+      const float xs = to_float(s[j]) * p.inv_t, xt = to_float(t[j]) * p.inv_t;
       if (isnan(xs) || isnan(xt)) nan_flag = 1.f;
       lse_add(ms, zs, xs);
       lse_add(mt, zt, xt);
@@ -140,20 +131,20 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p) {
     if (nan_flag > 0.f || !isfinite(lse_s) || !isfinite(lse_t)) {
       if (threadIdx.x == 0) p.loss[row] = NAN;
       if (kGrad)
-        for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_f<T>(NAN);
+        for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_float<T>(NAN);
       continue;
     }
 
     // pass 2
     float acc_a = 0.f, acc_b = 0.f;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-      const float x = (to_f(s[j]) * p.inv_t - ms) - lzs, y = (to_f(t[j]) * p.inv_t - mt) - lzt;
+      const float x = (to_float(s[j]) * p.inv_t - ms) - lzs, y = (to_float(t[j]) * p.inv_t - mt) - lzt;
       const float pp = expf(x), q = expf(y);
       if (K == 0) {
         if (pp > 0.f) acc_a += pp * (x - y);
       } else if (K == 1) {
         if (q > 0.f) acc_a += q * (y - x);
-        if (kGrad) g[j] = from_f<T>((pp - q) * p.factor);
+        if (kGrad) g[j] = from_float<T>((pp - q) * p.factor);
       } else {
         const float lm = log_mixture(x, y, p);
         if (q > 0.f) acc_a += q * (y - lm);
@@ -169,10 +160,10 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KLParams p) {
       const float center = K == 2 ? acc_b : acc_a;
       const float scale = K == 2 ? p.factor * (1.f - p.beta) : p.factor;
       for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-        const float x = (to_f(s[j]) * p.inv_t - ms) - lzs, y = (to_f(t[j]) * p.inv_t - mt) - lzt;
+        const float x = (to_float(s[j]) * p.inv_t - ms) - lzs, y = (to_float(t[j]) * p.inv_t - mt) - lzt;
         const float pp = expf(x);
         const float z = K == 2 ? log_mixture(x, y, p) : y;
-        g[j] = from_f<T>(pp > 0.f ? pp * (x - z - center) * scale : 0.f);
+        g[j] = from_float<T>(pp > 0.f ? pp * (x - z - center) * scale : 0.f);
       }
     }
     __syncthreads();  // shared buffers are reused by the next row
@@ -225,12 +216,7 @@ void kl_loss(const KLLossArgs& args, KLKind kind) {
   if (prev != s.device.index) SCRIMP_CUDA_CHECK(cudaSetDevice(s.device.index));
   cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
   const bool grad = args.grad != nullptr;
-  switch (s.dtype) {
-    case DType::Float32: launch_kind<float>(p, kind, grad, stream); break;
-    case DType::Float16: launch_kind<__half>(p, kind, grad, stream); break;
-    case DType::BFloat16: launch_kind<__nv_bfloat16>(p, kind, grad, stream); break;
-    default: SCRIMP_FAIL("kl_loss (CUDA): unsupported dtype " << dtype_name(s.dtype));
-  }
+  dispatch_float(s.dtype, "kl_loss", [&](auto tag) { launch_kind<typename decltype(tag)::type>(p, kind, grad, stream); });
   const cudaError_t err = cudaGetLastError();
   if (prev != s.device.index) cudaSetDevice(prev);
   SCRIMP_CUDA_CHECK(err);

@@ -1,14 +1,13 @@
 // CUDA backend of RoPE re-rotation and packet assembly (cpp/include/scrimp/rope.h).
 // One thread block per group of rows, one thread per rotary pair; angles for a scalar delta are
 // computed once on the host (float64) and passed by value, per-position deltas in float64 on device.
-#include "cuda_check.cuh"
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "cuda_check.cuh"
+#include "dtype_dispatch.cuh"
 #include "rope_cuda.h"
 #include "scrimp/error.h"
 
@@ -26,15 +25,6 @@ struct InvFreq {
   double f[kMaxPairs];
 };
 
-
-template <typename T> __device__ __forceinline__ float ld(const T* p);
-template <> __device__ __forceinline__ float ld<float>(const float* p) { return *p; }
-template <> __device__ __forceinline__ float ld<__half>(const __half* p) { return __half2float(*p); }
-template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-template <typename T> __device__ __forceinline__ void st(T* p, float v);
-template <> __device__ __forceinline__ void st<float>(float* p, float v) { *p = v; }
-template <> __device__ __forceinline__ void st<__half>(__half* p, float v) { *p = __float2half_rn(v); }
-template <> __device__ __forceinline__ void st<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // Row r of `rows` = (b, h, s) with S innermost; strides in elements.
 template <typename T>
@@ -58,9 +48,9 @@ __global__ void rerotate_kernel(const T* __restrict__ in, T* __restrict__ out, i
       sn = cs.cs[2 * i + 1];
     }
     const int64_t ix = interleaved ? 2 * i : i, iy = interleaved ? 2 * i + 1 : i + pairs;
-    const float x = ld(src + ix), y = ld(src + iy);
-    st(dst + ix, x * c - y * sn);
-    st(dst + iy, y * c + x * sn);
+    const float x = to_float(src[ix]), y = to_float(src[iy]);
+    dst[ix] = from_float<T>(x * c - y * sn);
+    dst[iy] = from_float<T>(y * c + x * sn);
   }
   if (dst != src)
     for (int64_t i = 2 * pairs + threadIdx.x; i < D; i += blockDim.x) dst[i] = src[i];
@@ -132,21 +122,11 @@ void assemble_typed(const AssembleArgs& a) {
 }  // namespace
 
 void rerotate_keys(const RerotateArgs& a) {
-  switch (a.keys.dtype) {
-    case DType::Float32: rerotate_typed<float>(a); break;
-    case DType::Float16: rerotate_typed<__half>(a); break;
-    case DType::BFloat16: rerotate_typed<__nv_bfloat16>(a); break;
-    default: SCRIMP_CHECK_TYPE(false, "CUDA re-rotation supports float32/float16/bfloat16, got " << dtype_name(a.keys.dtype));
-  }
+  dispatch_float(a.keys.dtype, "rerotate_keys", [&](auto tag) { rerotate_typed<typename decltype(tag)::type>(a); });
 }
 
 void assemble_kv(const AssembleArgs& a) {
-  switch (a.out_keys[0].dtype) {
-    case DType::Float32: assemble_typed<float>(a); break;
-    case DType::Float16: assemble_typed<__half>(a); break;
-    case DType::BFloat16: assemble_typed<__nv_bfloat16>(a); break;
-    default: SCRIMP_CHECK_TYPE(false, "CUDA assembly supports float32/float16/bfloat16, got " << dtype_name(a.out_keys[0].dtype));
-  }
+  dispatch_float(a.out_keys[0].dtype, "assemble", [&](auto tag) { assemble_typed<typename decltype(tag)::type>(a); });
 }
 
 }  // namespace cuda

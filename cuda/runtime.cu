@@ -5,7 +5,7 @@
 #include <sstream>
 #include <string>
 
-#include "cuda_backend.h"
+#include "runtime_cuda.h"
 
 namespace scrimp {
 namespace cuda {

@@ -1,6 +1,5 @@
 // CUDA backend of scrimp::token_scores: argument packing, split planning and launches.
 // The kernels are in scoring.cuh; the arguments were validated by cpp/src/scoring.cpp.
-#include "cuda_check.cuh"
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -8,7 +7,9 @@
 #include <mutex>
 #include <vector>
 
-#include "cuda_backend.h"
+#include "cuda_check.cuh"
+#include "dtype_dispatch.cuh"
+#include "scoring_cuda.h"
 #include "scoring.cuh"
 #include "scrimp/error.h"
 #include "scrimp/scoring.h"
@@ -237,12 +238,9 @@ void token_scores(const TokenScoresArgs& args) {
                "temperature " << args.temperature << " is outside the range the CUDA kernel supports");
   collapse_leading(args, p);
 
-  switch (s.dtype) {
-    case DType::Float32: launch_dtype<kern::F32>(p, args.teacher != nullptr, info, stream); break;
-    case DType::BFloat16: launch_dtype<kern::BF16>(p, args.teacher != nullptr, info, stream); break;
-    case DType::Float16: launch_dtype<kern::F16>(p, args.teacher != nullptr, info, stream); break;
-    default: SCRIMP_CHECK_TYPE(false, "token_scores on CUDA: unsupported dtype " << dtype_name(s.dtype));
-  }
+  dispatch_float(s.dtype, "token_scores", [&](auto tag) {
+    launch_dtype<typename decltype(tag)::type>(p, args.teacher != nullptr, info, stream);
+  });
 }
 
 }  // namespace cuda

@@ -63,16 +63,12 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int64_t row, cons
   return off;
 }
 
-// ---- element types: raw bits in uint4 vectors ---------------------------------------------------
-struct F32 {};
-struct BF16 {};
-struct F16 {};
-
+// ---- element types (float, __nv_bfloat16, __half): raw bits in uint4 vectors ---------------------
 template <typename T>
 struct Traits;
 
 template <>
-struct Traits<F32> {
+struct Traits<float> {
   static constexpr int kVec = 4;
   static constexpr int kSize = 4;
   static constexpr uint32_t kNegInfWord = 0xff800000u;
@@ -98,7 +94,7 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
 }
 
 template <>
-struct Traits<BF16> {
+struct Traits<__nv_bfloat16> {
   static constexpr int kVec = 8;
   static constexpr int kSize = 2;
   static constexpr uint32_t kNegInfWord = 0xff80ff80u;
@@ -125,7 +121,7 @@ struct Traits<BF16> {
 };
 
 template <>
-struct Traits<F16> {
+struct Traits<__half> {
   static constexpr int kVec = 8;
   static constexpr int kSize = 2;
   static constexpr uint32_t kNegInfWord = 0xfc00fc00u;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "packet_store_internal.h"
+#include "scrimp/crc32c.h"
 #include "scrimp/sha256.h"
 
 namespace scrimp_fuzz {

@@ -1,6 +1,6 @@
 #include "scrimp/build_info.h"
 
-#include "cuda_backend.h"
+#include "runtime_cuda.h"
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -12,7 +12,7 @@
 #include <random>
 
 #include "clustered_cache_cuda.h"
-#include "clustered_cache_dtype.h"
+#include "dtype_dispatch.h"
 #include "scrimp/error.h"
 
 #ifdef _OPENMP
@@ -23,7 +23,7 @@ namespace scrimp {
 
 bool clustered_cache_cuda_usable() {
 #if defined(SCRIMP_WITH_CUDA)
-  return ice_cuda::usable();
+  return cuda::usable();
 #else
   return false;
 #endif
@@ -40,8 +40,8 @@ HostPagePool::HostPagePool(int64_t num_pages, int64_t page_size, int64_t head_di
                "page pool: " << num_pages << " pages of " << page_bytes_ << " bytes overflow");
   const std::size_t bytes = static_cast<std::size_t>(num_pages_ * page_bytes_);
 #if defined(SCRIMP_WITH_CUDA)
-  if (pin && ice_cuda::usable()) {
-    base_ = static_cast<char*>(ice_cuda::host_alloc_mapped(bytes, &device_base_));
+  if (pin && cuda::usable()) {
+    base_ = static_cast<char*>(cuda::host_alloc_mapped(bytes, &device_base_));
     if (base_ != nullptr) {
       pinned_ = true;
       return;
@@ -60,7 +60,7 @@ HostPagePool::HostPagePool(int64_t num_pages, int64_t page_size, int64_t head_di
 HostPagePool::~HostPagePool() {
 #if defined(SCRIMP_WITH_CUDA)
   if (pinned_) {
-    ice_cuda::host_free(base_);
+    cuda::host_free(base_);
     return;
   }
 #endif
@@ -194,7 +194,7 @@ ClusteredCache::ClusteredCache(const ClusteredCacheConfig& c) : cfg_(c) {
   SCRIMP_CHECK(c.cache_pages >= 0, "cache_pages must be >= 0, got " << c.cache_pages);
   SCRIMP_CHECK(c.max_pages <= std::numeric_limits<int32_t>::max() / (c.batch * c.kv_heads),
                "max_pages too large");
-  SCRIMP_CHECK_TYPE(ice::is_float_kv(c.dtype), "dtype: expected float32, float16 or bfloat16, got "
+  SCRIMP_CHECK_TYPE(dtype::is_float_kv(c.dtype), "dtype: expected float32, float16 or bfloat16, got "
                                                    << dtype_name(c.dtype));
   SCRIMP_CHECK(c.kmeans_iters >= 0, "kmeans_iters must be >= 0");
   const int64_t S = c.batch * c.kv_heads;
@@ -208,7 +208,7 @@ ClusteredCache::ClusteredCache(const ClusteredCacheConfig& c) : cfg_(c) {
 
 ClusteredCache::~ClusteredCache() {
 #if defined(SCRIMP_WITH_CUDA)
-  ice_cuda::transfers_destroy(static_cast<ice_cuda::Transfers*>(transfers_));
+  cuda::transfers_destroy(static_cast<cuda::Transfers*>(transfers_));
 #endif
 }
 
@@ -248,13 +248,13 @@ void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* 
     const int64_t r = rows ? rows[i] : i;
     std::memcpy(pk + i * row_bytes, k + r * row_bytes, static_cast<std::size_t>(row_bytes));
     std::memcpy(pv + i * row_bytes, v + r * row_bytes, static_cast<std::size_t>(row_bytes));
-    ice::load_row(k + r * row_bytes, cfg_.dtype, D, row.data());
+    dtype::load_row(k + r * row_bytes, cfg_.dtype, D, row.data());
     for (int64_t d = 0; d < D; ++d) {
       cen[d] += row[d];
       lo[d] = std::min(lo[d], row[d]);
       hi[d] = std::max(hi[d], row[d]);
     }
-    ice::load_row(v + r * row_bytes, cfg_.dtype, D, row.data());
+    dtype::load_row(v + r * row_bytes, cfg_.dtype, D, row.data());
     for (int64_t d = 0; d < D; ++d) vm[d] += row[d];
     st.pos[static_cast<std::size_t>(local * ps + i)] = positions ? positions[r] : r;
   }
@@ -326,7 +326,7 @@ void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& val
       std::vector<int64_t> bounds;
       if (cfg_.cluster) {
         kf.resize(static_cast<std::size_t>(n_g * D));
-        for (int64_t t = 0; t < n_g; ++t) ice::load_row(ks + (g0 + t) * row_bytes, cfg_.dtype, D, kf.data() + t * D);
+        for (int64_t t = 0; t < n_g; ++t) dtype::load_row(ks + (g0 + t) * row_bytes, cfg_.dtype, D, kf.data() + t * D);
         bounds = cluster_into_pages(kf.data(), n_g, D, ps, cfg_.kmeans_iters,
                                     cfg_.seed + static_cast<uint64_t>(s * 7919 + static_cast<int64_t>(r)), order.data());
       } else {
@@ -527,7 +527,7 @@ int64_t ClusteredCache::recluster_tail(int64_t n) {
       for (int64_t t = 0; t < ps; ++t) pos[p * ps + t] = st.pos[static_cast<std::size_t>((P - n + p) * ps + t)];
     }
     std::vector<float> kf(static_cast<std::size_t>(N * D));
-    for (int64_t t = 0; t < N; ++t) ice::load_row(kb.data() + t * row_bytes, cfg_.dtype, D, kf.data() + t * D);
+    for (int64_t t = 0; t < N; ++t) dtype::load_row(kb.data() + t * row_bytes, cfg_.dtype, D, kf.data() + t * D);
     std::vector<int64_t> order(static_cast<std::size_t>(N));
     const auto bounds = cluster_into_pages(kf.data(), N, D, ps, cfg_.kmeans_iters,
                                            cfg_.seed + static_cast<uint64_t>(s * 104729 + P), order.data());
@@ -598,8 +598,8 @@ int64_t ClusteredCache::read_page(int64_t s, int64_t p, float* keys, float* valu
   std::fill(keys, keys + ps * D, 0.0f);
   std::fill(values, values + ps * D, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
-    ice::load_row(pool_->keys(page) + i * row_bytes, cfg_.dtype, D, keys + i * D);
-    ice::load_row(pool_->values(page) + i * row_bytes, cfg_.dtype, D, values + i * D);
+    dtype::load_row(pool_->keys(page) + i * row_bytes, cfg_.dtype, D, keys + i * D);
+    dtype::load_row(pool_->values(page) + i * row_bytes, cfg_.dtype, D, values + i * D);
   }
   return n;
 }
@@ -654,7 +654,7 @@ float ClusteredCache::page_max_dot(int64_t s, int64_t p, const float* q, float* 
   const char* kp = pool_->keys(s * cfg_.max_pages + p);
   float v = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < st.len[static_cast<std::size_t>(p)]; ++i) {
-    ice::load_row(kp + i * row_bytes, cfg_.dtype, D, kr);
+    dtype::load_row(kp + i * row_bytes, cfg_.dtype, D, kr);
     v = std::max(v, dot(q, kr, D));
   }
   return v;
@@ -827,8 +827,8 @@ void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k
     if (!src.empty()) {
       SCRIMP_CHECK(pool_->pinned(), "recall: a CUDA page store needs a pinned page pool (pin_memory=True with a "
                                     "usable CUDA device when the cache was created)");
-      if (transfers_ == nullptr) transfers_ = ice_cuda::transfers_create(k_store.device.index);
-      ice_cuda::gather_pages(static_cast<ice_cuda::Transfers*>(transfers_), pool_->device_base(),
+      if (transfers_ == nullptr) transfers_ = cuda::transfers_create(k_store.device.index);
+      cuda::gather_pages(static_cast<cuda::Transfers*>(transfers_), pool_->device_base(),
                              pool_->page_bytes(), src.data(), dst.data(), static_cast<int64_t>(src.size()),
                              k_store.data, v_store.data, row_bytes, stream, wait);
     }
@@ -854,7 +854,7 @@ void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k
 
 void ClusteredCache::wait_transfers(void* stream) {
 #if defined(SCRIMP_WITH_CUDA)
-  ice_cuda::wait_transfers(static_cast<ice_cuda::Transfers*>(transfers_), stream);
+  cuda::wait_transfers(static_cast<cuda::Transfers*>(transfers_), stream);
 #else
   (void)stream;
 #endif

@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "clustered_cache_cuda.h"
-#include "clustered_cache_dtype.h"
+#include "dtype_dispatch.h"
 #include "scrimp/clustered_cache.h"
 #include "scrimp/error.h"
 
@@ -15,7 +15,7 @@ namespace {
 
 void check_float_tensor(const TensorView& t, const char* name, int64_t ndim) {
   SCRIMP_CHECK(t.ndim() == ndim, name << ": expected " << ndim << " dimensions, got " << describe(t));
-  SCRIMP_CHECK_TYPE(ice::is_float_kv(t.dtype), name << ": expected float32, float16 or bfloat16, got " << describe(t));
+  SCRIMP_CHECK_TYPE(dtype::is_float_kv(t.dtype), name << ": expected float32, float16 or bfloat16, got " << describe(t));
   SCRIMP_CHECK(t.is_contiguous(), name << ": expected a contiguous tensor, got " << describe(t));
   SCRIMP_CHECK(t.numel() == 0 || t.data != nullptr, name << ": null data pointer");
 }
@@ -46,7 +46,7 @@ void attend_split(const float* q, int64_t G, int64_t D, const char* k, const cha
       for (int64_t g = 0; g < G; ++g) scores[g * n + t] = -std::numeric_limits<float>::infinity();
       continue;
     }
-    ice::load_row(k + t * D * esz, dt, D, krow.data());
+    dtype::load_row(k + t * D * esz, dt, D, krow.data());
     for (int64_t g = 0; g < G; ++g) {
       float s = 0;
       const float* qg = q + g * D;
@@ -59,7 +59,7 @@ void attend_split(const float* q, int64_t G, int64_t D, const char* k, const cha
   }
   for (int64_t t = 0; t < n; ++t) {
     if (skipped(t)) continue;
-    ice::load_row(v + t * D * esz, dt, D, krow.data());
+    dtype::load_row(v + t * D * esz, dt, D, krow.data());
     for (int64_t g = 0; g < G; ++g) {
       const float p = std::exp(scores[g * n + t] - part.m[g]);
       part.l[g] += p;
@@ -140,7 +140,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
   const float scale = a.scale != 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(D));
   if (dev.type == DeviceType::CUDA) {
 #if defined(SCRIMP_WITH_CUDA)
-    ice_cuda::paged_decode_attention(a);
+    cuda::paged_decode_attention(a);
     return;
 #else
     SCRIMP_FAIL("query is on " << device_name(dev) << " but this build has no CUDA backend");
@@ -167,7 +167,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
     std::vector<float> q(static_cast<std::size_t>(G * D)), scores, krow(static_cast<std::size_t>(D));
     Partial tot(G, D), part(G, D);
     for (int64_t g = 0; g < G; ++g) {
-      ice::load_row(static_cast<const char*>(a.query.data) + ((b * Hq + h * G + g) * D) * esz, dt, D,
+      dtype::load_row(static_cast<const char*>(a.query.data) + ((b * Hq + h * G + g) * D) * esz, dt, D,
                     q.data() + g * D);
       for (int64_t d = 0; d < D; ++d) q[static_cast<std::size_t>(g * D + d)] *= scale;
     }
@@ -195,7 +195,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
     for (int64_t g = 0; g < G; ++g) {
       const float inv = tot.l[g] > 0 ? 1.0f / tot.l[g] : 0.0f;  // no tokens at all: zeros
       for (int64_t d = 0; d < D; ++d)
-        ice::store(o, dt, (b * Hq + h * G + g) * D + d, tot.acc[static_cast<std::size_t>(g * D + d)] * inv);
+        dtype::store(o, dt, (b * Hq + h * G + g) * D + d, tot.acc[static_cast<std::size_t>(g * D + d)] * inv);
     }
   }
 }
@@ -212,7 +212,7 @@ void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32
   SCRIMP_CHECK(out != nullptr, "out is null");
   if (keys.device.type == DeviceType::CUDA) {
 #if defined(SCRIMP_WITH_CUDA)
-    ice_cuda::nearest_centroid(keys, centroids, out, stream);
+    cuda::nearest_centroid(keys, centroids, out, stream);
     return;
 #else
     SCRIMP_FAIL("keys are on " << device_name(keys.device) << " but this build has no CUDA backend");
@@ -222,11 +222,11 @@ void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32
   std::vector<float> cf(static_cast<std::size_t>(C * D));
   const int64_t esz = static_cast<int64_t>(dtype_size(keys.dtype));
   for (int64_t c = 0; c < C; ++c)
-    ice::load_row(static_cast<const char*>(centroids.data) + c * D * esz, keys.dtype, D, cf.data() + c * D);
+    dtype::load_row(static_cast<const char*>(centroids.data) + c * D * esz, keys.dtype, D, cf.data() + c * D);
 #pragma omp parallel for schedule(static) if (N * C * D > 1 << 16)
   for (int64_t n = 0; n < N; ++n) {
     std::vector<float> k(static_cast<std::size_t>(D));
-    ice::load_row(static_cast<const char*>(keys.data) + n * D * esz, keys.dtype, D, k.data());
+    dtype::load_row(static_cast<const char*>(keys.data) + n * D * esz, keys.dtype, D, k.data());
     float best = -std::numeric_limits<float>::infinity();
     int32_t arg = 0;
     for (int64_t c = 0; c < C; ++c) {

@@ -1,5 +1,5 @@
-// Internal: CUDA entry points of the IceCache backend (cuda/clustered_cache.cu). Only compiled and
-// called when SCRIMP_WITH_CUDA.
+// Internal: CUDA entry points of the IceCache backend (cuda/clustered_cache.cu and
+// cuda/clustered_cache_mma.cu). Only compiled and called when SCRIMP_WITH_CUDA.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -7,7 +7,7 @@
 #include "scrimp/clustered_cache.h"
 
 namespace scrimp {
-namespace ice_cuda {
+namespace cuda {
 
 // True when a CUDA driver and at least one device are usable.
 bool usable();
@@ -39,9 +39,9 @@ void paged_decode_attention(const PagedAttentionArgs& args);
 
 // out[n] = argmax_c keys[n] . centroids[c]; keys [N, D], centroids [C, D], same float dtype, CUDA.
 void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream);
-// The same on tensor cores, argmax fused into the GEMM epilogue (cuda/nearest_centroid_mma.cu; CUTLASS /
+// The same on tensor cores, argmax fused into the GEMM epilogue (cuda/clustered_cache_mma.cu; CUTLASS /
 // CuTe builds only). Returns false when it does not handle the input (float32, no CUTLASS).
 bool nearest_centroid_mma(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream);
 
-}  // namespace ice_cuda
+}  // namespace cuda
 }  // namespace scrimp

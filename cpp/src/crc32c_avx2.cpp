@@ -1,4 +1,4 @@
-// CRC32C with the SSE4.2 crc32 instruction (built with the AVX2 flags, which include SSE4.2; called
+// CRC-32C with the SSE4.2 crc32 instruction (built with the AVX2 flags, which include SSE4.2; called
 // only after runtime dispatch says the CPU has AVX2).
 #include <nmmintrin.h>
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "packet_store_internal.h"
+#include "scrimp/crc32c.h"
 #include "scrimp/error.h"
 
 namespace scrimp {

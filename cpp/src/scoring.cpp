@@ -4,7 +4,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "cuda_backend.h"
+#include "scoring_cuda.h"
 #include "logits_checks.h"
 #include "scoring_cpu.h"
 #include "scrimp/build_info.h"

@@ -1,11 +1,5 @@
-// AVX2 + FMA + F16C CPU scoring kernel; compiled with -mavx2 -mfma -mf16c, run only after dispatch.
-#include <immintrin.h>
-
-#include "half.h"
-
+// AVX2 + FMA + F16C build of the CPU token-scoring kernel
+// (scoring_kernel.inc); compiled with -mavx2 -mfma -mf16c, run only after runtime dispatch.
 #define SCRIMP_VEC_BYTES 32
 #define SCRIMP_ENTRY score_rows_avx2
-#define SCRIMP_LOAD_HALF8_SCALAR(src, dst) (*(dst) = ::scrimp::half_to_float(*(src)))
-#define SCRIMP_LOAD_HALF8(src, dst) \
-  _mm256_storeu_ps((dst), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))))
 #include "scoring_kernel.inc"

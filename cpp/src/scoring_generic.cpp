@@ -1,9 +1,5 @@
-// Portable CPU scoring kernel (any architecture; SSE2 on x86-64 baseline builds).
-#include "half.h"
-
+// Portable build
+// (any architecture; SSE2 on x86-64 baseline builds) of the CPU token-scoring kernel (scoring_kernel.inc).
 #define SCRIMP_VEC_BYTES 16
 #define SCRIMP_ENTRY score_rows_generic
-#define SCRIMP_LOAD_HALF8_SCALAR(src, dst) (*(dst) = ::scrimp::half_to_float(*(src)))
-#define SCRIMP_LOAD_HALF8(src, dst) \
-  for (int h_ = 0; h_ < 8; ++h_) (dst)[h_] = ::scrimp::half_to_float((src)[h_])
 #include "scoring_kernel.inc"

@@ -12,6 +12,7 @@
 #include "dlpack_view.h"
 #include "registry.h"
 #include "scrimp/error.h"
+#include "scrimp/crc32c.h"
 #include "scrimp/packet_store.h"
 #include "scrimp/rope.h"
 

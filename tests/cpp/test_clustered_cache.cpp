@@ -11,7 +11,7 @@
 #include <set>
 #include <vector>
 
-#include "../../cpp/src/clustered_cache_dtype.h"
+#include "dtype_dispatch.h"
 #include "scrimp/clustered_cache.h"
 #include "scrimp/error.h"
 
@@ -34,8 +34,8 @@ std::vector<uint16_t> encode(const std::vector<float>& x, DType dt, std::vector<
   std::vector<uint16_t> h(x.size());
   rounded.resize(x.size());
   for (std::size_t i = 0; i < x.size(); ++i) {
-    h[i] = dt == DType::BFloat16 ? ice::float_to_bf16(x[i]) : ice::float_to_half(x[i]);
-    rounded[i] = ice::load(h.data(), dt, static_cast<int64_t>(i));
+    h[i] = dt == DType::BFloat16 ? float_to_bf16(x[i]) : float_to_half(x[i]);
+    rounded[i] = dtype::load(h.data(), dt, static_cast<int64_t>(i));
   }
   return h;
 }
@@ -201,7 +201,7 @@ void run_attention_case(DType dt, int64_t B, int64_t Hq, int64_t H, int64_t D, i
   paged_decode_attention(a);
   const double tol = dt == DType::Float32 ? 2e-5 : (dt == DType::Float16 ? 2e-3 : 1.6e-2);
   for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double got = dt == DType::Float32 ? out32[i] : ice::load(out16.data(), dt, static_cast<int64_t>(i));
+    const double got = dt == DType::Float32 ? out32[i] : dtype::load(out16.data(), dt, static_cast<int64_t>(i));
     ASSERT_NEAR(got, ref[i], tol * (1 + std::fabs(ref[i]))) << "element " << i;
   }
 }

@@ -19,6 +19,7 @@
 
 #include "scrimp/error.h"
 #include "scrimp/packet_store.h"
+#include "scrimp/crc32c.h"
 #include "scrimp/sha256.h"
 
 using namespace scrimp;

@@ -18,12 +18,11 @@
 #include <string>
 #include <vector>
 
+#include "scrimp/rope.h"
 #include "scrimp/sha256.h"
 #include "scrimp/tensor.h"
 
 namespace scrimp {
-
-enum class RopeLayout : int { Half = 0, Interleaved = 1 };  // HF rotate_half / GPT-J pairs
 
 struct PacketMeta {
   std::string model_fingerprint;  // identifies the model weights the KV belongs to

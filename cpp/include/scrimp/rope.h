@@ -10,10 +10,15 @@
 #include <cstdint>
 #include <vector>
 
-#include "scrimp/packet_store.h"
 #include "scrimp/tensor.h"
 
 namespace scrimp {
+
+// How the rotated pairs of a head are laid out.
+enum class RopeLayout : int {
+  Half = 0,         // HF rotate_half: element i pairs with i + R/2
+  Interleaved = 1,  // GPT-J: elements 2i and 2i + 1
+};
 
 struct RerotateArgs {
   TensorView keys;                       // [B, H, S, D], head_dim contiguous; f32/f16/bf16/f64

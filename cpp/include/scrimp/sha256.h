@@ -1,6 +1,5 @@
-// SHA-256 (FIPS 180-4) and CRC32C (Castagnoli): the content hash of a KV packet's key and the
-// checksums of its disk format. Plain, dependency-free implementations, tested against the NIST
-// published vectors (tests/cpp/test_packet_store.cpp).
+// SHA-256 (FIPS 180-4): the content hash of a KV packet's key. A plain, dependency-free
+// implementation, tested against the NIST published vectors (tests/cpp/test_packet_store.cpp).
 #pragma once
 #include <array>
 #include <cstddef>
@@ -26,12 +25,5 @@ class Sha256 {
   uint64_t total_ = 0;
   bool finished_ = false;
 };
-
-// CRC-32C (polynomial 0x1EDC6F41, reflected), as used by iSCSI/ext4. `crc` chains calls:
-// crc32c(b, crc32c(a)) == crc32c(a + b). Check value: crc32c("123456789") == 0xE3069283.
-// Uses the SSE4.2 crc32 instruction when the CPU has it (runtime dispatch), else crc32c_portable.
-uint32_t crc32c(const void* data, std::size_t len, uint32_t crc = 0);
-// The table-driven (slicing-by-8) implementation, on every CPU.
-uint32_t crc32c_portable(const void* data, std::size_t len, uint32_t crc = 0);
 
 }  // namespace scrimp

@@ -12,14 +12,17 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 
 #include "clustered_cache_cuda.h"
 #include "cuda_check.cuh"
+#include "dtype_dispatch.cuh"
 #include "scrimp/error.h"
 
 namespace scrimp {
-namespace ice_cuda {
+namespace cuda {
 
 namespace {
 
@@ -102,23 +105,20 @@ bool nearest_centroid_mma(const TensorView& keys, const TensorView& centroids, i
   if (N > (int64_t{1} << 30) || C > (int64_t{1} << 30) || D > 4096) return false;  // int indexing above
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const unsigned blocks = static_cast<unsigned>((N + kBM - 1) / kBM);
-  switch (keys.dtype) {
-    case DType::Float16:
-      nearest_centroid_mma_kernel<half_t, SM80_16x8x16_F32F16F16F32_TN><<<blocks, kThreads, 0, s>>>(
-          static_cast<const half_t*>(keys.data), static_cast<const half_t*>(centroids.data), static_cast<int>(N),
-          static_cast<int>(C), static_cast<int>(D), out);
-      break;
-    case DType::BFloat16:
-      nearest_centroid_mma_kernel<bfloat16_t, SM80_16x8x16_F32BF16BF16F32_TN><<<blocks, kThreads, 0, s>>>(
-          static_cast<const bfloat16_t*>(keys.data), static_cast<const bfloat16_t*>(centroids.data),
-          static_cast<int>(N), static_cast<int>(C), static_cast<int>(D), out);
-      break;
-    default: return false;  // float32: the plain kernel (exact fp32 products)
-  }
+  if (keys.dtype == DType::Float32) return false;  // float32: the plain kernel (exact fp32 products)
+  dispatch_float(keys.dtype, "nearest_centroid", [&](auto tag) {
+    using T = typename decltype(tag)::type;  // __half or __nv_bfloat16; CuTe's half_t / bfloat16_t share the layout
+    using CuteT = std::conditional_t<std::is_same<T, __half>::value, half_t, bfloat16_t>;
+    using Atom = std::conditional_t<std::is_same<T, __half>::value, SM80_16x8x16_F32F16F16F32_TN,
+                                    SM80_16x8x16_F32BF16BF16F32_TN>;
+    nearest_centroid_mma_kernel<CuteT, Atom><<<blocks, kThreads, 0, s>>>(
+        static_cast<const CuteT*>(keys.data), static_cast<const CuteT*>(centroids.data), static_cast<int>(N),
+        static_cast<int>(C), static_cast<int>(D), out);
+  });
   SCRIMP_CUDA_CHECK(cudaGetLastError());
   return true;
 }
 
-}  // namespace ice_cuda
+}  // namespace cuda
 }  // namespace scrimp
 #endif  // SCRIMP_WITH_CUTLASS
