@@ -1,5 +1,6 @@
-// IceCache core (CPU side): host page pool, clustering, page representatives, selection, LRU device
-// page cache bookkeeping. The device copies and attention dispatch to CUDA for CUDA stores.
+// IceCache's page storage: the host page pool, the pages and representatives of every stream (build,
+// append, re-cluster and re-layout of the tail, exports), and recall into the fixed-size device page
+// cache (LRU slots; copies on the CPU or through the CUDA gather).
 #include "scrimp/clustered_cache.h"
 
 #include <algorithm>
@@ -9,9 +10,10 @@
 #include <limits>
 #include <new>
 #include <numeric>
-#include <random>
+#include <vector>
 
 #include "clustered_cache_cuda.h"
+#include "clustered_cache_stream.h"
 #include "dtype_dispatch.h"
 #include "scrimp/error.h"
 
@@ -66,104 +68,6 @@ HostPagePool::~HostPagePool() {
 #endif
   std::free(base_);
 }
-
-// ---- clustering ----------------------------------------------------------------------------------
-
-namespace {
-
-void normalize(float* v, int64_t D) {
-  double n = 0;
-  for (int64_t d = 0; d < D; ++d) n += static_cast<double>(v[d]) * v[d];
-  const float inv = n > 0 ? static_cast<float>(1.0 / std::sqrt(n)) : 0.0f;
-  for (int64_t d = 0; d < D; ++d) v[d] *= inv;
-}
-
-float dot(const float* a, const float* b, int64_t D) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
-  return s;
-}
-
-}  // namespace
-
-std::vector<int64_t> cluster_into_pages(const float* keys, int64_t N, int64_t D, int64_t page_size,
-                                        int iterations, uint64_t seed, int64_t* order) {
-  SCRIMP_CHECK(page_size >= 1, "page_size must be >= 1, got " << page_size);
-  SCRIMP_CHECK(N >= 0 && D >= 1, "cluster_into_pages: bad shape [" << N << ", " << D << "]");
-  std::vector<int64_t> bounds{0};
-  if (N == 0) return bounds;
-  std::vector<float> kn(keys, keys + N * D);
-  for (int64_t i = 0; i < N; ++i) normalize(kn.data() + i * D, D);
-  std::iota(order, order + N, int64_t{0});
-  std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
-  std::vector<float> c1(D), c2(D), dir(D);
-  std::vector<std::pair<float, int64_t>> proj;
-  // Explicit stack of ranges; the left child is processed first so leaves come out in tree order.
-  std::vector<std::pair<int64_t, int64_t>> stack{{0, N}};
-  while (!stack.empty()) {
-    const auto [b, e] = stack.back();
-    stack.pop_back();
-    const int64_t n = e - b;
-    if (n <= page_size) {
-      bounds.push_back(e);
-      continue;
-    }
-    const int64_t pages = (n + page_size - 1) / page_size;
-    int64_t left_n = (pages / 2) * page_size;
-    // Seed: a random member, then the member least similar to it.
-    const int64_t first = order[b + static_cast<int64_t>(rng() % static_cast<uint64_t>(n))];
-    std::copy(kn.data() + first * D, kn.data() + (first + 1) * D, c1.begin());
-    float worst = std::numeric_limits<float>::infinity();
-    int64_t second = first;
-    for (int64_t i = b; i < e; ++i) {
-      const float s = dot(kn.data() + order[i] * D, c1.data(), D);
-      if (s < worst) worst = s, second = order[i];
-    }
-    std::copy(kn.data() + second * D, kn.data() + (second + 1) * D, c2.begin());
-    proj.resize(static_cast<std::size_t>(n));
-    for (int it = 0; it <= iterations; ++it) {
-      for (int64_t d = 0; d < D; ++d) dir[d] = c1[d] - c2[d];
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = order[b + i];
-        proj[i] = {-dot(kn.data() + r * D, dir.data(), D), r};
-      }
-      // 2-means assignment (nearer centroid = positive projection), with the left size rounded to a
-      // whole number of pages so that every leaf but one is full; the members closest to c1 (relative
-      // to c2) go left.
-      int64_t closer = 0;
-      for (int64_t i = 0; i < n; ++i) closer += proj[i].first < 0;
-      left_n = std::min(std::max((closer + page_size / 2) / page_size, int64_t{1}), pages - 1) * page_size;
-      std::nth_element(proj.begin(), proj.begin() + left_n, proj.end());
-      for (int64_t i = 0; i < n; ++i) order[b + i] = proj[i].second;
-      if (it == iterations) break;
-      std::fill(c1.begin(), c1.end(), 0.0f);
-      std::fill(c2.begin(), c2.end(), 0.0f);
-      for (int64_t i = 0; i < n; ++i) {
-        float* c = i < left_n ? c1.data() : c2.data();
-        const float* k = kn.data() + order[b + i] * D;
-        for (int64_t d = 0; d < D; ++d) c[d] += k[d];
-      }
-      normalize(c1.data(), D);
-      normalize(c2.data(), D);
-    }
-    stack.push_back({b + left_n, e});
-    stack.push_back({b, b + left_n});
-  }
-  return bounds;
-}
-
-// ---- the per-layer cache ---------------------------------------------------------------------------
-
-struct ClusteredCache::Stream {
-  std::vector<int32_t> len;          // tokens per page
-  std::vector<float> cen, lo, hi;    // [P, D]
-  std::vector<float> vmean;          // [P, D] mean value (page summaries)
-  std::vector<int64_t> pos;          // [P, page_size]
-  std::vector<int32_t> slot_page;    // [cache_pages] page held by each slot, -1 free
-  std::vector<uint64_t> slot_tick;   // last step the slot was used
-  std::vector<int32_t> page_slot;    // [P] slot holding the page, -1 if not resident
-};
 
 namespace {
 
@@ -610,152 +514,6 @@ int64_t ClusteredCache::representative_bytes() const {
     b += static_cast<int64_t>((st.cen.size() + st.lo.size() + st.hi.size() + st.vmean.size()) * sizeof(float) +
                               st.pos.size() * sizeof(int64_t) + st.len.size() * 8);
   return b;
-}
-
-namespace {
-
-// Moves the min(k, idx.size()) entries of idx with the highest score[idx] to the front, best first,
-// ties to the lower index (deterministic); returns how many that is.
-int64_t best_first(std::vector<int32_t>& idx, const std::vector<float>& score, int64_t k) {
-  const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(idx.size()));
-  std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), [&](int32_t a, int32_t c) {
-    const float x = score[static_cast<std::size_t>(a)], y = score[static_cast<std::size_t>(c)];
-    return x > y || (x == y && a < c);
-  });
-  return take;
-}
-
-// GQA merge: folds one query head's page scores sc into merged (max over the group's heads). With
-// `relative`, each score counts relative to that head's best, so every head's best pages compete on
-// equal terms. -inf scores (no page) stay out.
-void merge_head_scores(const std::vector<float>& sc, bool relative, std::vector<float>& merged) {
-  float best = -std::numeric_limits<float>::infinity();
-  for (float v : sc) best = std::max(best, v);
-  for (std::size_t i = 0; i < sc.size(); ++i)
-    if (sc[i] != -std::numeric_limits<float>::infinity())
-      merged[i] = std::max(merged[i], relative ? sc[i] - best : sc[i]);
-}
-
-}  // namespace
-
-void ClusteredCache::check_query(const TensorView& query) const {
-  const int64_t B = cfg_.batch, Hq = cfg_.q_heads, D = cfg_.head_dim;
-  SCRIMP_CHECK(query.ndim() == 3 && query.shape[0] == B && query.shape[1] == Hq && query.shape[2] == D,
-               "query: expected [" << B << ", " << Hq << ", " << D << "], got " << describe(query));
-  SCRIMP_CHECK_TYPE(query.dtype == DType::Float32, "query: expected float32, got " << describe(query));
-  SCRIMP_CHECK(query.device.type == DeviceType::CPU && query.is_contiguous(),
-               "query: expected a contiguous CPU tensor, got " << describe(query));
-}
-
-float ClusteredCache::page_max_dot(int64_t s, int64_t p, const float* q, float* kr) const {
-  const Stream& st = streams_[static_cast<std::size_t>(s)];
-  const int64_t D = cfg_.head_dim;
-  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
-  const char* kp = pool_->keys(s * cfg_.max_pages + p);
-  float v = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < st.len[static_cast<std::size_t>(p)]; ++i) {
-    dtype::load_row(kp + i * row_bytes, cfg_.dtype, D, kr);
-    v = std::max(v, dot(q, kr, D));
-  }
-  return v;
-}
-
-void ClusteredCache::rerank(const TensorView& query, const int32_t* candidates, int64_t kc, int64_t k,
-                            int32_t* out_pages) const {
-  const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
-  check_query(query);
-  SCRIMP_CHECK(k >= 0 && kc >= k, "rerank: expected 0 <= k <= kc, got k = " << k << ", kc = " << kc);
-  SCRIMP_CHECK(k == 0 || (out_pages != nullptr && candidates != nullptr), "rerank: candidates or out_pages is null");
-  if (k == 0) return;
-  // Validate everything before writing anything.
-  for (int64_t s = 0; s < B * H; ++s) {
-    const int64_t P = static_cast<int64_t>(streams_[static_cast<std::size_t>(s)].len.size());
-    std::vector<char> seen(static_cast<std::size_t>(P), 0);
-    for (int64_t i = 0; i < kc; ++i) {
-      const int32_t p = candidates[s * kc + i];
-      if (p < 0) continue;
-      SCRIMP_CHECK(p < P, "rerank: candidate page " << p << " of stream " << s << " out of range [0, " << P << ")");
-      SCRIMP_CHECK(!seen[static_cast<std::size_t>(p)], "rerank: candidate page " << p << " of stream " << s
-                                                                                 << " given twice");
-      seen[static_cast<std::size_t>(p)] = 1;
-    }
-  }
-  const float* q = static_cast<const float*>(query.data);
-#pragma omp parallel for schedule(static) if (B * H > 1 && kc * cfg_.page_size * G * D > 4096)
-  for (int64_t s = 0; s < B * H; ++s) {
-    const int64_t b = s / H, h = s % H;
-    const int32_t* cand = candidates + s * kc;
-    std::vector<float> merged(static_cast<std::size_t>(kc), -std::numeric_limits<float>::infinity());
-    std::vector<float> sc(static_cast<std::size_t>(kc));
-    std::vector<float> kr(static_cast<std::size_t>(D));
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qh = q + (b * Hq + h * G + g) * D;
-      for (int64_t i = 0; i < kc; ++i)
-        sc[static_cast<std::size_t>(i)] = cand[i] < 0 ? -std::numeric_limits<float>::infinity()
-                                                      : page_max_dot(s, cand[i], qh, kr.data());
-      merge_head_scores(sc, true, merged);
-    }
-    std::vector<int32_t> idx;
-    for (int64_t i = 0; i < kc; ++i)
-      if (cand[i] >= 0) idx.push_back(static_cast<int32_t>(i));
-    const int64_t take = best_first(idx, merged, k);
-    for (int64_t i = 0; i < k; ++i) out_pages[s * k + i] = i < take ? cand[idx[static_cast<std::size_t>(i)]] : -1;
-  }
-}
-
-void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pages, float* out_scores) const {
-  const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
-  check_query(query);
-  SCRIMP_CHECK(k >= 0, "k must be >= 0, got " << k);
-  SCRIMP_CHECK(k == 0 || out_pages != nullptr, "out_pages is null");
-  if (k == 0) return;
-  const float* q = static_cast<const float*>(query.data);
-  const uint64_t step = tick_;
-#pragma omp parallel for schedule(static) if (B * H > 1 && num_pages() * G * D > 4096)
-  for (int64_t s = 0; s < B * H; ++s) {
-    const Stream& st = streams_[static_cast<std::size_t>(s)];
-    const int64_t P = static_cast<int64_t>(st.len.size());
-    const int64_t b = s / H, h = s % H;
-    std::vector<float> merged(static_cast<std::size_t>(P), -std::numeric_limits<float>::infinity());
-    std::vector<float> sc(static_cast<std::size_t>(P));
-    std::vector<float> kr(static_cast<std::size_t>(D));
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qh = q + (b * Hq + h * G + g) * D;
-      for (int64_t p = 0; p < P; ++p) {
-        float v = 0;
-        switch (cfg_.score) {
-          case PageScore::Bounds: {
-            const float* lo = st.lo.data() + p * D;
-            const float* hi = st.hi.data() + p * D;
-#pragma omp simd reduction(+ : v)
-            for (int64_t d = 0; d < D; ++d) v += std::max(qh[d] * lo[d], qh[d] * hi[d]);
-            break;
-          }
-          case PageScore::Centroid: v = dot(qh, st.cen.data() + p * D, D); break;
-          case PageScore::Oracle: v = page_max_dot(s, p, qh, kr.data()); break;
-          case PageScore::Random: {
-            // splitmix64 of (seed, step, stream, page): a fresh ranking every step.
-            uint64_t z = cfg_.seed + 0x9e3779b97f4a7c15ull * (step * 1315423911ull + static_cast<uint64_t>(s * P + p) + 1);
-            z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-            z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-            v = static_cast<float>((z ^ (z >> 31)) >> 40);
-            break;
-          }
-        }
-        sc[static_cast<std::size_t>(p)] = v;
-      }
-      merge_head_scores(sc, cfg_.score != PageScore::Random, merged);
-    }
-    std::vector<int32_t> idx(static_cast<std::size_t>(P));
-    std::iota(idx.begin(), idx.end(), 0);
-    const int64_t take = best_first(idx, merged, k);
-    for (int64_t i = 0; i < k; ++i) {
-      out_pages[s * k + i] = i < take ? idx[static_cast<std::size_t>(i)] : -1;
-      if (out_scores)
-        out_scores[s * k + i] = i < take ? merged[static_cast<std::size_t>(idx[static_cast<std::size_t>(i)])]
-                                         : -std::numeric_limits<float>::infinity();
-    }
-  }
 }
 
 void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k_store, const TensorView& v_store,
