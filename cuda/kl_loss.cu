@@ -196,7 +196,7 @@ void kl_loss(const KLLossArgs& args, KLKind kind) {
   KLParams p{};
   p.student = static_cast<const char*>(s.data);
   p.teacher = static_cast<const char*>(t.data);
-  p.loss = args.loss;
+  p.loss = args.loss.data;
   p.grad = args.grad ? static_cast<char*>(args.grad->data) : nullptr;
   p.vocab = s.shape.back();
   p.rows = s.numel() / p.vocab;

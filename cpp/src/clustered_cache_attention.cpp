@@ -6,6 +6,7 @@
 
 #include "clustered_cache_cuda.h"
 #include "dtype_dispatch.h"
+#include "span_checks.h"
 #include "scrimp/clustered_cache.h"
 #include "scrimp/error.h"
 
@@ -103,7 +104,10 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
                                                            << describe(a.v_store));
   const int64_t P = a.pages_per_stream;
   SCRIMP_CHECK(P >= 0, "pages_per_stream must be >= 0");
-  SCRIMP_CHECK(P == 0 || (a.page_table && a.page_lens), "page_table and page_lens are required when P > 0");
+  if (P > 0 || a.page_table.given() || a.page_lens.given()) {
+    check_span(a.page_table, B * H * P, "page_table");
+    check_span(a.page_lens, B * H * P, "page_lens");
+  }
   int64_t T = 0;
   if (a.k_dense || a.v_dense) {
     SCRIMP_CHECK(a.k_dense && a.v_dense, "k_dense and v_dense must be given together");
@@ -119,9 +123,11 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
     }
     T = a.k_dense->shape[2];
   }
+  SCRIMP_CHECK(!a.dense_mask.given() || a.k_dense, "dense_mask: given without k_dense / v_dense");
+  if (a.dense_mask.given()) check_span(a.dense_mask, B * T, "dense_mask");
   int64_t R = 0;
-  if (a.summary_keys || a.summary_values || a.summary_bias) {
-    SCRIMP_CHECK(a.summary_keys && a.summary_values && a.summary_bias,
+  if (a.summary_keys || a.summary_values || a.summary_bias.given()) {
+    SCRIMP_CHECK(a.summary_keys && a.summary_values && a.summary_bias.given(),
                  "summary_keys, summary_values and summary_bias must be given together");
     check_float_tensor(*a.summary_keys, "summary_keys", 4);
     check_float_tensor(*a.summary_values, "summary_values", 4);
@@ -135,6 +141,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
       SCRIMP_CHECK(t->device == dev, "summaries: expected device " << device_name(dev) << ", got " << describe(*t));
     }
     R = a.summary_keys->shape[2];
+    check_span(a.summary_bias, B * H * R, "summary_bias");
   }
   if (B == 0 || Hq == 0) return;
   const float scale = a.scale != 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(D));
@@ -176,7 +183,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
       const char* vb = static_cast<const char*>(a.v_dense->data) + s * T * D * esz;
       for (int64_t t0 = 0; t0 < T; t0 += ps)
         attend_split(q.data(), G, D, kb + t0 * D * esz, vb + t0 * D * esz, std::min(ps, T - t0), dt,
-                     a.dense_mask ? a.dense_mask + b * T + t0 : nullptr, nullptr, scores, krow, part, tot);
+                     a.dense_mask.given() ? a.dense_mask.data + b * T + t0 : nullptr, nullptr, scores, krow, part, tot);
     }
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = a.page_table[s * P + p], n = a.page_lens[s * P + p];
@@ -189,7 +196,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
       const char* vb = static_cast<const char*>(a.summary_values->data) + s * R * D * esz;
       for (int64_t r0 = 0; r0 < R; r0 += ps)
         attend_split(q.data(), G, D, kb + r0 * D * esz, vb + r0 * D * esz, std::min(ps, R - r0), dt, nullptr,
-                     a.summary_bias + s * R + r0, scores, krow, part, tot);
+                     a.summary_bias.data + s * R + r0, scores, krow, part, tot);
     }
     char* o = static_cast<char*>(a.out.data);
     for (int64_t g = 0; g < G; ++g) {
@@ -200,7 +207,7 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
   }
 }
 
-void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32_t* out, void* stream) {
+void nearest_centroid(const TensorView& keys, const TensorView& centroids, Span<int32_t> out_in, void* stream) {
   check_float_tensor(keys, "keys", 2);
   check_float_tensor(centroids, "centroids", 2);
   SCRIMP_CHECK(centroids.shape[0] >= 1 && centroids.shape[1] == keys.shape[1],
@@ -208,8 +215,9 @@ void nearest_centroid(const TensorView& keys, const TensorView& centroids, int32
   SCRIMP_CHECK_TYPE(centroids.dtype == keys.dtype, "centroids: expected the keys' dtype, got " << describe(centroids));
   SCRIMP_CHECK(centroids.device == keys.device, "centroids: expected the keys' device, got " << describe(centroids));
   const int64_t N = keys.shape[0], C = centroids.shape[0], D = keys.shape[1];
+  check_span(out_in, N, "out");
+  int32_t* out = out_in.data;
   if (N == 0) return;
-  SCRIMP_CHECK(out != nullptr, "out is null");
   if (keys.device.type == DeviceType::CUDA) {
 #if defined(SCRIMP_WITH_CUDA)
     cuda::nearest_centroid(keys, centroids, out, stream);

@@ -12,6 +12,7 @@
 #include "clustered_cache_rows.h"
 #include "clustered_cache_stream.h"
 #include "dtype_dispatch.h"
+#include "span_checks.h"
 #include "scrimp/clustered_cache.h"
 #include "scrimp/error.h"
 
@@ -69,12 +70,17 @@ float ClusteredCache::page_max_dot(int64_t s, int64_t p, const float* q, float* 
   return v;
 }
 
-void ClusteredCache::rerank(const TensorView& query, const int32_t* candidates, int64_t kc, int64_t k,
-                            int32_t* out_pages) const {
+void ClusteredCache::rerank(const TensorView& query, Span<const int32_t> candidates_in, int64_t kc, int64_t k,
+                            Span<int32_t> out_pages_in) const {
   const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
   check_query(query);
-  SCRIMP_CHECK(k >= 0 && kc >= k, "rerank: expected 0 <= k <= kc, got k = " << k << ", kc = " << kc);
-  SCRIMP_CHECK(k == 0 || (out_pages != nullptr && candidates != nullptr), "rerank: candidates or out_pages is null");
+  SCRIMP_CHECK(k >= 0 && kc >= k, "rerank: expected 0 <= k <= kc = " << kc << ", got k = " << k);
+  check_span(candidates_in, B * H * kc, "candidates");
+  check_span(out_pages_in, B * H * k, "out_pages");
+  SCRIMP_CHECK(k == 0 || static_cast<const void*>(candidates_in.data) != static_cast<const void*>(out_pages_in.data),
+               "rerank: candidates and out_pages must be different tensors");
+  const int32_t* candidates = candidates_in.data;
+  int32_t* out_pages = out_pages_in.data;
   if (k == 0) return;
   // Validate everything before writing anything.
   for (int64_t s = 0; s < B * H; ++s) {
@@ -112,11 +118,15 @@ void ClusteredCache::rerank(const TensorView& query, const int32_t* candidates, 
   }
 }
 
-void ClusteredCache::select(const TensorView& query, int64_t k, int32_t* out_pages, float* out_scores) const {
+void ClusteredCache::select(const TensorView& query, int64_t k, Span<int32_t> out_pages_in,
+                            Span<float> out_scores_in) const {
   const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
   check_query(query);
   SCRIMP_CHECK(k >= 0, "k must be >= 0, got " << k);
-  SCRIMP_CHECK(k == 0 || out_pages != nullptr, "out_pages is null");
+  check_span(out_pages_in, B * H * k, "out_pages");
+  if (out_scores_in.given()) check_span(out_scores_in, B * H * k, "out_scores");
+  int32_t* out_pages = out_pages_in.data;
+  float* out_scores = out_scores_in.data;
   if (k == 0) return;
   const float* q = static_cast<const float*>(query.data);
   const uint64_t step = tick_;

@@ -15,6 +15,7 @@
 #include "clustered_cache_cuda.h"
 #include "clustered_cache_stream.h"
 #include "dtype_dispatch.h"
+#include "span_checks.h"
 #include "scrimp/error.h"
 
 #ifdef _OPENMP
@@ -175,14 +176,21 @@ void ClusteredCache::add_page(Stream& st, int64_t s, const char* k, const char* 
   st.page_slot.push_back(-1);
 }
 
-void ClusteredCache::build(const TensorView& keys, const TensorView& values, const int64_t* positions,
+void ClusteredCache::build(const TensorView& keys, const TensorView& values, Span<const int64_t> positions,
                            int64_t batch_row) {
-  build_grouped(keys, values, positions, false, nullptr, 0, batch_row);
+  build_tokens(keys, values, positions, false, Span<const int64_t>(), 0, batch_row);
 }
 
-void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& values, const int64_t* positions,
-                                   bool positions_per_stream, const int64_t* group_bounds, int64_t groups,
+void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& values, Span<const int64_t> positions,
+                                   bool positions_per_stream, Span<const int64_t> group_bounds, int64_t groups,
                                    int64_t batch_row) {
+  SCRIMP_CHECK(groups >= 1, "group_bounds: expected at least one group, got groups = " << groups);
+  build_tokens(keys, values, positions, positions_per_stream, group_bounds, groups, batch_row);
+}
+
+void ClusteredCache::build_tokens(const TensorView& keys, const TensorView& values, Span<const int64_t> positions_in,
+                                  bool positions_per_stream, Span<const int64_t> group_bounds_in, int64_t groups,
+                                  int64_t batch_row) {
   SCRIMP_CHECK(batch_row >= -1 && batch_row < cfg_.batch, "batch_row " << batch_row << " out of range [-1, "
                                                                        << cfg_.batch << ")");
   ClusteredCacheConfig shape_cfg = cfg_;
@@ -192,10 +200,14 @@ void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& val
   SCRIMP_CHECK(values.shape == keys.shape, "values: expected the keys' shape " << describe(keys) << ", got "
                                                                               << describe(values));
   const int64_t N = keys.shape[2], D = cfg_.head_dim, ps = cfg_.page_size;
-  if (N == 0) return;
   const int64_t S = shape_cfg.batch * cfg_.kv_heads;
-  SCRIMP_CHECK(groups >= 0 && (groups == 0 || group_bounds != nullptr), "group_bounds missing");
-  SCRIMP_CHECK(!positions_per_stream || positions != nullptr, "positions missing");
+  SCRIMP_CHECK(!positions_per_stream || positions_in.given(), "positions: required when positions_per_stream");
+  if (positions_in.given() || positions_per_stream)
+    check_span(positions_in, positions_per_stream ? S * N : N, "positions");
+  if (groups > 0) check_span(group_bounds_in, S * (groups + 1), "group_bounds");
+  const int64_t* positions = positions_in.data;
+  const int64_t* group_bounds = group_bounds_in.data;
+  if (N == 0) return;
   for (int64_t i = 0; i < S && groups > 0; ++i) {
     const int64_t* gb = group_bounds + i * (groups + 1);
     SCRIMP_CHECK(gb[0] == 0 && gb[groups] == N, "group_bounds of stream " << i << " must run from 0 to " << N);
@@ -231,8 +243,8 @@ void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& val
       if (cfg_.cluster) {
         kf.resize(static_cast<std::size_t>(n_g * D));
         for (int64_t t = 0; t < n_g; ++t) dtype::load_row(ks + (g0 + t) * row_bytes, cfg_.dtype, D, kf.data() + t * D);
-        bounds = cluster_into_pages(kf.data(), n_g, D, ps, cfg_.kmeans_iters,
-                                    cfg_.seed + static_cast<uint64_t>(s * 7919 + static_cast<int64_t>(r)), order.data());
+        bounds = cluster_into_pages(kf, n_g, D, ps, cfg_.kmeans_iters,
+                                    cfg_.seed + static_cast<uint64_t>(s * 7919 + static_cast<int64_t>(r)), order);
       } else {
         std::iota(order.begin(), order.end(), int64_t{0});
         for (int64_t b = 0; b < n_g; b += ps) bounds.push_back(b);
@@ -249,7 +261,9 @@ void ClusteredCache::build_grouped(const TensorView& keys, const TensorView& val
 }
 
 void ClusteredCache::append_page(const TensorView& keys, const TensorView& values, int64_t first_position,
-                                 const int64_t* skip) {
+                                 Span<const int64_t> skip_in) {
+  if (skip_in.given()) check_span(skip_in, cfg_.batch, "skip");
+  const int64_t* skip = skip_in.data;
   check_kv(keys, "keys", cfg_, cfg_.page_size);
   check_kv(values, "values", cfg_, cfg_.page_size);
   SCRIMP_CHECK(values.shape == keys.shape, "values: expected the keys' shape " << describe(keys) << ", got "
@@ -293,11 +307,12 @@ void ClusteredCache::drop_tail(Stream& st, int64_t n) {
   st.pos.resize(static_cast<std::size_t>((P - n) * ps));
 }
 
-int64_t ClusteredCache::relayout_tail(int64_t n, const int64_t* positions) {
+int64_t ClusteredCache::relayout_tail(int64_t n, Span<const int64_t> positions_in) {
   SCRIMP_CHECK(n >= 0, "relayout_tail: n must be >= 0, got " << n);
   const int64_t S = cfg_.batch * cfg_.kv_heads, D = cfg_.head_dim, ps = cfg_.page_size;
+  check_span(positions_in, S * n * ps, "positions");
+  const int64_t* positions = positions_in.data;
   if (n == 0) return 0;
-  SCRIMP_CHECK(positions != nullptr, "relayout_tail: positions missing");
   const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
   // Validate every stream before changing any (an error leaves the cache as it was).
   std::vector<std::vector<int32_t>> rows_of(static_cast<std::size_t>(S));  // tail row of each entry, -1 skipped
@@ -363,15 +378,18 @@ int64_t ClusteredCache::relayout_tail(int64_t n, const int64_t* positions) {
   return done;
 }
 
-void ClusteredCache::build_paged(const TensorView& keys, const TensorView& values, const int64_t* positions,
-                                 const int64_t* page_bounds, int64_t pages) {
+void ClusteredCache::build_paged(const TensorView& keys, const TensorView& values, Span<const int64_t> positions_in,
+                                 Span<const int64_t> page_bounds_in, int64_t pages) {
   check_kv(keys, "keys", cfg_, -1);
   check_kv(values, "values", cfg_, -1);
   SCRIMP_CHECK(values.shape == keys.shape, "values: expected the keys' shape " << describe(keys) << ", got "
                                                                               << describe(values));
   SCRIMP_CHECK(pages >= 0, "build_paged: pages must be >= 0, got " << pages);
-  SCRIMP_CHECK(positions != nullptr && page_bounds != nullptr, "build_paged: positions and page_bounds are required");
   const int64_t N = keys.shape[2], ps = cfg_.page_size, S = cfg_.batch * cfg_.kv_heads;
+  check_span(positions_in, S * N, "positions");
+  check_span(page_bounds_in, S * (pages + 1), "page_bounds");
+  const int64_t* positions = positions_in.data;
+  const int64_t* page_bounds = page_bounds_in.data;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t* pb = page_bounds + s * (pages + 1);
     SCRIMP_CHECK(pb[0] == 0 && pb[pages] <= N, "page_bounds of stream " << s << " must run from 0 to at most " << N);
@@ -433,8 +451,8 @@ int64_t ClusteredCache::recluster_tail(int64_t n) {
     std::vector<float> kf(static_cast<std::size_t>(N * D));
     for (int64_t t = 0; t < N; ++t) dtype::load_row(kb.data() + t * row_bytes, cfg_.dtype, D, kf.data() + t * D);
     std::vector<int64_t> order(static_cast<std::size_t>(N));
-    const auto bounds = cluster_into_pages(kf.data(), N, D, ps, cfg_.kmeans_iters,
-                                           cfg_.seed + static_cast<uint64_t>(s * 104729 + P), order.data());
+    const auto bounds = cluster_into_pages(kf, N, D, ps, cfg_.kmeans_iters,
+                                           cfg_.seed + static_cast<uint64_t>(s * 104729 + P), order);
     // Drop the old pages (and their device slots), then add the re-clustered ones in their place.
     drop_tail(st, n);
     std::vector<int32_t> rows(static_cast<std::size_t>(ps));
@@ -448,10 +466,18 @@ int64_t ClusteredCache::recluster_tail(int64_t n) {
   return done;
 }
 
-void ClusteredCache::export_rows(int64_t first_page, int64_t n, bool summaries, float* out_a, float* out_b,
-                                 int32_t* lens) const {
-  SCRIMP_CHECK(first_page >= 0 && n >= 0, (summaries ? "export_summaries" : "export_bounds") << ": bad range");
-  const int64_t D = cfg_.head_dim;
+void ClusteredCache::export_rows(int64_t first_page, int64_t n, bool summaries, Span<float> a_out, Span<float> b_out,
+                                 Span<int32_t> lens_out, const char* a_name, const char* b_name) const {
+  SCRIMP_CHECK(first_page >= 0 && n >= 0, (summaries ? "export_summaries" : "export_bounds")
+                                              << ": expected first_page >= 0 and n >= 0, got " << first_page << " and "
+                                              << n);
+  const int64_t D = cfg_.head_dim, S = static_cast<int64_t>(streams_.size());
+  check_span(a_out, S * n * D, a_name);
+  check_span(b_out, S * n * D, b_name);
+  check_span(lens_out, S * n, "lens");
+  float* out_a = a_out.data;
+  float* out_b = b_out.data;
+  int32_t* lens = lens_out.data;
   const std::size_t row = static_cast<std::size_t>(D) * sizeof(float);
   for (std::size_t s = 0; s < streams_.size(); ++s) {
     const Stream& st = streams_[s];
@@ -473,13 +499,14 @@ void ClusteredCache::export_rows(int64_t first_page, int64_t n, bool summaries, 
   }
 }
 
-void ClusteredCache::export_bounds(int64_t first_page, int64_t n, float* lower, float* upper, int32_t* lens) const {
-  export_rows(first_page, n, false, lower, upper, lens);
+void ClusteredCache::export_bounds(int64_t first_page, int64_t n, Span<float> lower, Span<float> upper,
+                                   Span<int32_t> lens) const {
+  export_rows(first_page, n, false, lower, upper, lens, "lower", "upper");
 }
 
-void ClusteredCache::export_summaries(int64_t first_page, int64_t n, float* key_means, float* value_means,
-                                      int32_t* lens) const {
-  export_rows(first_page, n, true, key_means, value_means, lens);
+void ClusteredCache::export_summaries(int64_t first_page, int64_t n, Span<float> key_means, Span<float> value_means,
+                                      Span<int32_t> lens) const {
+  export_rows(first_page, n, true, key_means, value_means, lens, "key_means", "value_means");
 }
 
 const float* ClusteredCache::centroid(int64_t s, int64_t p) const {
@@ -492,8 +519,12 @@ const float* ClusteredCache::upper(int64_t s, int64_t p) const {
   return streams_.at(static_cast<std::size_t>(s)).hi.data() + p * cfg_.head_dim;
 }
 
-int64_t ClusteredCache::read_page(int64_t s, int64_t p, float* keys, float* values) const {
+int64_t ClusteredCache::read_page(int64_t s, int64_t p, Span<float> keys_out, Span<float> values_out) const {
   SCRIMP_CHECK(s >= 0 && s < static_cast<int64_t>(streams_.size()), "stream " << s << " out of range");
+  check_span(keys_out, cfg_.page_size * cfg_.head_dim, "keys");
+  check_span(values_out, cfg_.page_size * cfg_.head_dim, "values");
+  float* keys = keys_out.data;
+  float* values = values_out.data;
   const Stream& st = streams_[static_cast<std::size_t>(s)];
   SCRIMP_CHECK(p >= 0 && p < static_cast<int64_t>(st.len.size()), "page " << p << " out of range");
   const int64_t D = cfg_.head_dim, ps = cfg_.page_size, n = st.len[static_cast<std::size_t>(p)];
@@ -516,11 +547,18 @@ int64_t ClusteredCache::representative_bytes() const {
   return b;
 }
 
-void ClusteredCache::recall(const int32_t* pages, int64_t k, const TensorView& k_store, const TensorView& v_store,
-                            int32_t* out_slots, int32_t* out_lens, void* stream, bool wait) {
+void ClusteredCache::recall(Span<const int32_t> pages_in, int64_t k, const TensorView& k_store,
+                            const TensorView& v_store, Span<int32_t> slots_out, Span<int32_t> lens_out, void* stream,
+                            bool wait) {
   const int64_t S = cfg_.batch * cfg_.kv_heads, C = cfg_.cache_pages, ps = cfg_.page_size, D = cfg_.head_dim;
   SCRIMP_CHECK(k >= 0 && k <= C, "recall: k = " << k << " pages exceed the device page cache (cache_pages = " << C
                                                 << " per stream)");
+  check_span(pages_in, S * k, "pages");
+  check_span(slots_out, S * k, "out_slots");
+  check_span(lens_out, S * k, "out_lens");
+  const int32_t* pages = pages_in.data;
+  int32_t* out_slots = slots_out.data;
+  int32_t* out_lens = lens_out.data;
   for (const TensorView* t : {&k_store, &v_store}) {
     SCRIMP_CHECK(t->ndim() == 3 && t->shape[0] == S * C && t->shape[1] == ps && t->shape[2] == D,
                  "page store: expected [" << S * C << ", " << ps << ", " << D << "], got " << describe(*t));
@@ -618,8 +656,13 @@ void ClusteredCache::wait_transfers(void* stream) {
 #endif
 }
 
-void ClusteredCache::page_positions(const int32_t* pages, int64_t k, int64_t* out) const {
+void ClusteredCache::page_positions(Span<const int32_t> pages_in, int64_t k, Span<int64_t> out_in) const {
   const int64_t S = cfg_.batch * cfg_.kv_heads, ps = cfg_.page_size;
+  SCRIMP_CHECK(k >= 0, "page_positions: k must be >= 0, got " << k);
+  check_span(pages_in, S * k, "pages");
+  check_span(out_in, S * k * ps, "out");
+  const int32_t* pages = pages_in.data;
+  int64_t* out = out_in.data;
   for (int64_t s = 0; s < S; ++s) {
     const Stream& st = streams_[static_cast<std::size_t>(s)];
     const int64_t P = static_cast<int64_t>(st.len.size());

@@ -10,14 +10,20 @@
 #include "clustered_cache_rows.h"
 #include "scrimp/clustered_cache.h"
 #include "scrimp/error.h"
+#include "span_checks.h"
 
 namespace scrimp {
 
 
-std::vector<int64_t> cluster_into_pages(const float* keys, int64_t N, int64_t D, int64_t page_size,
-                                        int iterations, uint64_t seed, int64_t* order) {
+std::vector<int64_t> cluster_into_pages(Span<const float> keys_in, int64_t N, int64_t D, int64_t page_size,
+                                        int iterations, uint64_t seed, Span<int64_t> order_in) {
   SCRIMP_CHECK(page_size >= 1, "page_size must be >= 1, got " << page_size);
   SCRIMP_CHECK(N >= 0 && D >= 1, "cluster_into_pages: bad shape [" << N << ", " << D << "]");
+  SCRIMP_CHECK(iterations >= 0, "cluster_into_pages: iterations must be >= 0, got " << iterations);
+  check_span(keys_in, N * D, "keys");
+  check_span(order_in, N, "order");
+  const float* keys = keys_in.data;
+  int64_t* order = order_in.data;
   std::vector<int64_t> bounds{0};
   if (N == 0) return bounds;
   std::vector<float> kn(keys, keys + N * D);

@@ -43,7 +43,8 @@ void kl_loss(const KLLossArgs& args) {
   SCRIMP_CHECK(std::isfinite(args.grad_scale), "grad_scale: expected a finite value, got " << args.grad_scale);
   const int64_t V = s.shape.back();
   const int64_t rows = s.numel() / V;
-  SCRIMP_CHECK(rows == 0 || args.loss != nullptr, "loss: an output pointer is required");
+  SCRIMP_CHECK(rows == 0 || args.loss.given(), "loss: an output is required");
+  check_output(args.loss, rows, "loss");
   if (args.grad) {
     const TensorView& g = *args.grad;
     SCRIMP_CHECK(g.shape == s.shape && g.is_contiguous(),

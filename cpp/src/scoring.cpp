@@ -45,6 +45,11 @@ void token_scores(const TokenScoresArgs& args) {
   }
 
   const int64_t rows = s.numel() / (s.shape.back() > 0 ? s.shape.back() : 1);
+  const std::pair<const Span<float>*, const char*> outputs[] = {
+      {&args.student_entropy, "student_entropy"}, {&args.teacher_entropy, "teacher_entropy"},
+      {&args.kl_forward, "kl_forward"},           {&args.kl_reverse, "kl_reverse"},
+      {&args.student_logprob, "student_logprob"}, {&args.teacher_logprob, "teacher_logprob"}};
+  for (const auto& o : outputs) check_output(*o.first, rows, o.second);
   if (s.numel() == 0 || rows == 0) return;
 
   if (s.device.type == DeviceType::CUDA) {

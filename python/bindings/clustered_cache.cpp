@@ -1,4 +1,5 @@
-// Bindings of the IceCache core (cpp/include/scrimp/clustered_cache.h): convert and check only.
+// Bindings of the IceCache core (cpp/include/scrimp/clustered_cache.h): tensors in, Spans and
+// TensorViews out; the C++ API checks every argument.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -24,37 +25,36 @@ scrimp::PageScore parse_score(const std::string& s) {
   return scrimp::PageScore::Bounds;
 }
 
-// A contiguous CPU tensor of `dtype` with exactly `numel` elements; returns its data pointer.
+// A contiguous tensor of `dtype` (on the CPU, or on `device` when given) as the Span the C++ API
+// takes; the C++ API checks its size.
 template <typename T>
-T* host_buffer(const BorrowedTensor& t, scrimp::DType dtype, int64_t numel, const char* name) {
+scrimp::Span<T> span_of(const BorrowedTensor& t, scrimp::DType dtype, const char* name,
+                        const scrimp::Device* device = nullptr) {
   const scrimp::TensorView& v = t.view();
+  const scrimp::Device want = device ? *device : scrimp::Device{};
   SCRIMP_CHECK_TYPE(v.dtype == dtype, name << ": expected " << scrimp::dtype_name(dtype) << ", got " << describe(v));
-  SCRIMP_CHECK(v.device.type == scrimp::DeviceType::CPU && v.is_contiguous() && v.numel() == numel,
-               name << ": expected a contiguous CPU tensor of " << numel << " elements, got " << describe(v));
-  return static_cast<T*>(v.data);
+  SCRIMP_CHECK(v.device == want && v.is_contiguous(),
+               name << ": expected a contiguous tensor on " << scrimp::device_name(want) << ", got " << describe(v));
+  return scrimp::Span<T>(static_cast<T*>(v.data), v.numel());
 }
 
-// Same on the given device (for page tables handed to the attention kernel).
+// An optional tensor argument: empty span for None.
 template <typename T>
-const T* device_buffer(const BorrowedTensor& t, scrimp::DType dtype, int64_t numel, const scrimp::Device& dev,
-                       const char* name) {
-  const scrimp::TensorView& v = t.view();
-  SCRIMP_CHECK_TYPE(v.dtype == dtype, name << ": expected " << scrimp::dtype_name(dtype) << ", got " << describe(v));
-  SCRIMP_CHECK(v.device == dev && v.is_contiguous() && v.numel() == numel,
-               name << ": expected a contiguous tensor of " << numel << " elements on " << scrimp::device_name(dev)
-                    << ", got " << describe(v));
-  return static_cast<const T*>(v.data);
+scrimp::Span<T> optional_span(const py::object& obj, std::unique_ptr<BorrowedTensor>& keep, scrimp::DType dtype,
+                              const char* name, const scrimp::Device* device = nullptr) {
+  if (obj.is_none()) return {};
+  keep = std::make_unique<BorrowedTensor>(obj, name);
+  return span_of<T>(*keep, dtype, name, device);
 }
 
-// A contiguous CPU int64 table [S, n + 1] of per-stream bounds with n >= min_n; returns its data and n.
-const int64_t* bounds_table(const BorrowedTensor& t, int64_t S, int64_t min_n, const char* name, const char* what,
-                            int64_t* n) {
+// The trailing size of a [S, n + 1] bounds table (the C++ API checks S and the element count).
+int64_t bounds_count(const BorrowedTensor& t, const char* name, const char* what) {
   const auto& v = t.view();
-  SCRIMP_CHECK(v.ndim() == 2 && v.shape[0] == S && v.shape[1] >= min_n + 1,
-               name << ": expected [" << S << ", " << what << " + 1], got " << describe(v));
-  *n = v.shape[1] - 1;
-  return host_buffer<int64_t>(t, scrimp::DType::Int64, S * (*n + 1), name);
+  SCRIMP_CHECK(v.ndim() == 2 && v.shape[1] >= 1, name << ": expected [streams, " << what << " + 1], got " << describe(v));
+  return v.shape[1] - 1;
 }
+
+constexpr scrimp::DType kI64 = scrimp::DType::Int64, kI32 = scrimp::DType::Int32, kF32 = scrimp::DType::Float32;
 
 class PyClusteredCache {
  public:
@@ -82,12 +82,7 @@ class PyClusteredCache {
   void build(const py::object& keys, const py::object& values, const py::object& positions, int64_t batch_row) {
     BorrowedTensor k(keys, "keys"), v(values, "values");
     std::unique_ptr<BorrowedTensor> p;
-    const int64_t* pos = nullptr;
-    if (!positions.is_none()) {
-      p = std::make_unique<BorrowedTensor>(positions, "positions");
-      const int64_t N = k.view().ndim() == 4 ? k.view().shape[2] : -1;
-      pos = host_buffer<int64_t>(*p, scrimp::DType::Int64, N, "positions");
-    }
+    const auto pos = optional_span<const int64_t>(positions, p, kI64, "positions");
     py::gil_scoped_release release;
     impl_->build(k.view(), v.view(), pos, batch_row);
   }
@@ -95,35 +90,26 @@ class PyClusteredCache {
   void build_grouped(const py::object& keys, const py::object& values, const py::object& positions,
                      const py::object& group_bounds, int64_t batch_row) {
     BorrowedTensor k(keys, "keys"), v(values, "values"), p(positions, "positions"), g(group_bounds, "group_bounds");
-    const auto& kv = k.view();
-    SCRIMP_CHECK(kv.ndim() == 4, "keys: expected [B, Hkv, N, D], got " << describe(kv));
-    const int64_t S = kv.shape[0] * kv.shape[1], N = kv.shape[2];
-    int64_t groups = 0;
-    const int64_t* gb = bounds_table(g, S, 1, "group_bounds", "groups", &groups);
-    const int64_t* pos = host_buffer<int64_t>(p, scrimp::DType::Int64, S * N, "positions");
+    const int64_t groups = bounds_count(g, "group_bounds", "groups");
+    const auto gb = span_of<const int64_t>(g, kI64, "group_bounds");
+    const auto pos = span_of<const int64_t>(p, kI64, "positions");
     py::gil_scoped_release release;
-    impl_->build_grouped(kv, v.view(), pos, true, gb, groups, batch_row);
+    impl_->build_grouped(k.view(), v.view(), pos, true, gb, groups, batch_row);
   }
 
   void build_paged(const py::object& keys, const py::object& values, const py::object& positions,
                    const py::object& page_bounds) {
     BorrowedTensor k(keys, "keys"), v(values, "values"), p(positions, "positions"), b(page_bounds, "page_bounds");
-    const auto& kv = k.view();
-    SCRIMP_CHECK(kv.ndim() == 4, "keys: expected [B, Hkv, N, D], got " << describe(kv));
-    const int64_t S = kv.shape[0] * kv.shape[1], N = kv.shape[2];
-    int64_t pages = 0;
-    const int64_t* pb = bounds_table(b, S, 0, "page_bounds", "pages", &pages);
-    const int64_t* pos = host_buffer<int64_t>(p, scrimp::DType::Int64, S * N, "positions");
+    const int64_t pages = bounds_count(b, "page_bounds", "pages");
+    const auto pb = span_of<const int64_t>(b, kI64, "page_bounds");
+    const auto pos = span_of<const int64_t>(p, kI64, "positions");
     py::gil_scoped_release release;
-    impl_->build_paged(kv, v.view(), pos, pb, pages);
+    impl_->build_paged(k.view(), v.view(), pos, pb, pages);
   }
 
   int64_t relayout_tail(int64_t n, const py::object& positions) {
-    const auto& c = impl_->config();
-    SCRIMP_CHECK(n >= 0, "relayout_tail: n must be >= 0, got " << n);
     BorrowedTensor p(positions, "positions");
-    const int64_t* pos = host_buffer<int64_t>(p, scrimp::DType::Int64, c.batch * c.kv_heads * n * c.page_size,
-                                              "positions");
+    const auto pos = span_of<const int64_t>(p, kI64, "positions");
     py::gil_scoped_release release;
     return impl_->relayout_tail(n, pos);
   }
@@ -137,70 +123,53 @@ class PyClusteredCache {
                    const py::object& skip) {
     BorrowedTensor k(keys, "keys"), v(values, "values");
     std::unique_ptr<BorrowedTensor> sk;
-    const int64_t* ps = nullptr;
-    if (!skip.is_none()) {
-      sk = std::make_unique<BorrowedTensor>(skip, "skip");
-      ps = host_buffer<int64_t>(*sk, scrimp::DType::Int64, impl_->config().batch, "skip");
-    }
+    const auto ps = optional_span<const int64_t>(skip, sk, kI64, "skip");
     py::gil_scoped_release release;
     impl_->append_page(k.view(), v.view(), first_position, ps);
   }
 
   void select(const py::object& query, int64_t k, const py::object& out_pages, const py::object& out_scores) {
-    const auto& c = impl_->config();
     BorrowedTensor q(query, "query"), op(out_pages, "out_pages");
-    int32_t* pages = host_buffer<int32_t>(op, scrimp::DType::Int32, c.batch * c.kv_heads * k, "out_pages");
+    const auto pages = span_of<int32_t>(op, kI32, "out_pages");
     std::unique_ptr<BorrowedTensor> os;
-    float* scores = nullptr;
-    if (!out_scores.is_none()) {
-      os = std::make_unique<BorrowedTensor>(out_scores, "out_scores");
-      scores = host_buffer<float>(*os, scrimp::DType::Float32, c.batch * c.kv_heads * k, "out_scores");
-    }
+    const auto scores = optional_span<float>(out_scores, os, kF32, "out_scores");
     py::gil_scoped_release release;
     impl_->select(q.view(), k, pages, scores);
   }
 
   void rerank(const py::object& query, const py::object& candidates, int64_t k, const py::object& out_pages) {
-    const auto& c = impl_->config();
     BorrowedTensor q(query, "query"), cd(candidates, "candidates"), op(out_pages, "out_pages");
     const auto& cv = cd.view();
-    SCRIMP_CHECK(cv.ndim() == 3 && cv.shape[0] == c.batch && cv.shape[1] == c.kv_heads,
-                 "candidates: expected [" << c.batch << ", " << c.kv_heads << ", kc], got " << describe(cv));
+    SCRIMP_CHECK(cv.ndim() == 3, "candidates: expected [B, Hkv, kc], got " << describe(cv));
     const int64_t kc = cv.shape[2];
-    SCRIMP_CHECK(cv.data != op.view().data, "rerank: candidates and out_pages must be different tensors");
-    SCRIMP_CHECK(k >= 0 && k <= kc, "rerank: expected 0 <= k <= kc = " << kc << ", got k = " << k);
-    const int32_t* cand = host_buffer<int32_t>(cd, scrimp::DType::Int32, c.batch * c.kv_heads * kc, "candidates");
-    int32_t* pages = host_buffer<int32_t>(op, scrimp::DType::Int32, c.batch * c.kv_heads * k, "out_pages");
+    const auto cand = span_of<const int32_t>(cd, kI32, "candidates");
+    const auto pages = span_of<int32_t>(op, kI32, "out_pages");
     py::gil_scoped_release release;
     impl_->rerank(q.view(), cand, kc, k, pages);
   }
 
   void recall(const py::object& pages, int64_t k, const py::object& k_store, const py::object& v_store,
               const py::object& out_slots, const py::object& out_lens, uintptr_t stream, bool wait) {
-    const auto& c = impl_->config();
-    const int64_t n = c.batch * c.kv_heads * k;
     BorrowedTensor p(pages, "pages"), ks(k_store, "k_store"), vs(v_store, "v_store"), sl(out_slots, "out_slots"),
         ln(out_lens, "out_lens");
-    const int32_t* pp = host_buffer<int32_t>(p, scrimp::DType::Int32, n, "pages");
-    int32_t* slots = host_buffer<int32_t>(sl, scrimp::DType::Int32, n, "out_slots");
-    int32_t* lens = host_buffer<int32_t>(ln, scrimp::DType::Int32, n, "out_lens");
+    const auto pp = span_of<const int32_t>(p, kI32, "pages");
+    const auto slots = span_of<int32_t>(sl, kI32, "out_slots");
+    const auto lens = span_of<int32_t>(ln, kI32, "out_lens");
     py::gil_scoped_release release;
     impl_->recall(pp, k, ks.view(), vs.view(), slots, lens, reinterpret_cast<void*>(stream), wait);
   }
 
   void page_positions(const py::object& pages, int64_t k, const py::object& out) {
-    const auto& c = impl_->config();
     BorrowedTensor p(pages, "pages"), o(out, "out");
-    const int32_t* pp = host_buffer<int32_t>(p, scrimp::DType::Int32, c.batch * c.kv_heads * k, "pages");
-    int64_t* po = host_buffer<int64_t>(o, scrimp::DType::Int64, c.batch * c.kv_heads * k * c.page_size, "out");
+    const auto pp = span_of<const int32_t>(p, kI32, "pages");
+    const auto po = span_of<int64_t>(o, kI64, "out");
     impl_->page_positions(pp, k, po);
   }
 
   int64_t read_page(int64_t stream, int64_t page, const py::object& keys, const py::object& values) {
-    const auto& c = impl_->config();
     BorrowedTensor k(keys, "keys"), v(values, "values");
-    float* kp = host_buffer<float>(k, scrimp::DType::Float32, c.page_size * c.head_dim, "keys");
-    float* vp = host_buffer<float>(v, scrimp::DType::Float32, c.page_size * c.head_dim, "values");
+    const auto kp = span_of<float>(k, kF32, "keys");
+    const auto vp = span_of<float>(v, kF32, "values");
     return impl_->read_page(stream, page, kp, vp);
   }
 
@@ -239,12 +208,10 @@ class PyClusteredCache {
   // Host float32 outputs a, b [S, n, D] and int32 lens [S, n] for ClusteredCache::export_rows.
   void export_rows(int64_t first_page, int64_t n, bool summaries, const py::object& a, const char* a_name,
                    const py::object& b, const char* b_name, const py::object& lens) {
-    const auto& c = impl_->config();
-    const int64_t S = c.batch * c.kv_heads;
     BorrowedTensor ta(a, a_name), tb(b, b_name), tl(lens, "lens");
-    float* pa = host_buffer<float>(ta, scrimp::DType::Float32, S * n * c.head_dim, a_name);
-    float* pb = host_buffer<float>(tb, scrimp::DType::Float32, S * n * c.head_dim, b_name);
-    int32_t* pl = host_buffer<int32_t>(tl, scrimp::DType::Int32, S * n, "lens");
+    const auto pa = span_of<float>(ta, kF32, a_name);
+    const auto pb = span_of<float>(tb, kF32, b_name);
+    const auto pl = span_of<int32_t>(tl, kI32, "lens");
     if (summaries)
       impl_->export_summaries(first_page, n, pa, pb, pl);
     else
@@ -268,59 +235,39 @@ void paged_decode_attention(const py::object& query, const py::object& k_store, 
   a.kv_heads = kv_heads;
   a.scale = static_cast<float>(scale);
   a.stream = reinterpret_cast<void*>(stream);
-  SCRIMP_CHECK(a.query.ndim() == 3, "query: expected [B, Hq, D], got " << describe(a.query));
-  const int64_t B = a.query.shape[0];
+  const scrimp::Device dev = a.query.device;
   std::unique_ptr<BorrowedTensor> pt, pl, kd, vd, dm;
   if (!page_table.is_none()) {
-    pt = std::make_unique<BorrowedTensor>(page_table, "page_table");
-    pl = std::make_unique<BorrowedTensor>(page_lens, "page_lens");
+    a.page_table = optional_span<const int32_t>(page_table, pt, kI32, "page_table", &dev);
+    a.page_lens = optional_span<const int32_t>(page_lens, pl, kI32, "page_lens", &dev);
     const auto& v = pt->view();
-    SCRIMP_CHECK(v.ndim() == 3 && v.shape[0] == B && v.shape[1] == kv_heads,
-                 "page_table: expected [B, Hkv, P], got " << describe(v));
+    SCRIMP_CHECK(v.ndim() == 3, "page_table: expected [B, Hkv, P], got " << describe(v));
     a.pages_per_stream = v.shape[2];
-    const int64_t n = B * kv_heads * a.pages_per_stream;
-    a.page_table = device_buffer<int32_t>(*pt, scrimp::DType::Int32, n, a.query.device, "page_table");
-    a.page_lens = device_buffer<int32_t>(*pl, scrimp::DType::Int32, n, a.query.device, "page_lens");
   }
   if (!k_dense.is_none()) {
     kd = std::make_unique<BorrowedTensor>(k_dense, "k_dense");
     vd = std::make_unique<BorrowedTensor>(v_dense, "v_dense");
     a.k_dense = &kd->view();
     a.v_dense = &vd->view();
-    if (!dense_mask.is_none()) {
-      dm = std::make_unique<BorrowedTensor>(dense_mask, "dense_mask");
-      const int64_t T = a.k_dense->ndim() == 4 ? a.k_dense->shape[2] : 0;
-      a.dense_mask = device_buffer<uint8_t>(*dm, scrimp::DType::UInt8, B * T, a.query.device, "dense_mask");
-    }
+    a.dense_mask = optional_span<const uint8_t>(dense_mask, dm, scrimp::DType::UInt8, "dense_mask", &dev);
   }
   std::unique_ptr<BorrowedTensor> sk, sv, sb;
-  if (!summary_keys.is_none() || !summary_values.is_none() || !summary_bias.is_none()) {
-    SCRIMP_CHECK(!summary_keys.is_none() && !summary_values.is_none() && !summary_bias.is_none(),
-                 "summary_keys, summary_values and summary_bias must be given together");
+  if (!summary_keys.is_none()) {
     sk = std::make_unique<BorrowedTensor>(summary_keys, "summary_keys");
-    sv = std::make_unique<BorrowedTensor>(summary_values, "summary_values");
-    sb = std::make_unique<BorrowedTensor>(summary_bias, "summary_bias");
     a.summary_keys = &sk->view();
-    a.summary_values = &sv->view();
-    const auto& kv = sk->view();
-    SCRIMP_CHECK(kv.ndim() == 4 && kv.shape[0] == B && kv.shape[1] == kv_heads,
-                 "summary_keys: expected [B, Hkv, R, D], got " << describe(kv));
-    SCRIMP_CHECK(sb->view().ndim() == 3 && sb->view().shape[0] == B && sb->view().shape[1] == kv_heads &&
-                     sb->view().shape[2] == kv.shape[2],
-                 "summary_bias: expected [" << B << ", " << kv_heads << ", " << kv.shape[2] << "], got "
-                                            << describe(sb->view()));
-    a.summary_bias = device_buffer<float>(*sb, scrimp::DType::Float32, B * kv_heads * kv.shape[2], a.query.device,
-                                          "summary_bias");
   }
+  if (!summary_values.is_none()) {
+    sv = std::make_unique<BorrowedTensor>(summary_values, "summary_values");
+    a.summary_values = &sv->view();
+  }
+  a.summary_bias = optional_span<const float>(summary_bias, sb, kF32, "summary_bias", &dev);
   py::gil_scoped_release release;
   scrimp::paged_decode_attention(a);
 }
 
 void nearest_centroid(const py::object& keys, const py::object& centroids, const py::object& out, uintptr_t stream) {
   BorrowedTensor k(keys, "keys"), c(centroids, "centroids"), o(out, "out");
-  SCRIMP_CHECK(k.view().ndim() == 2, "keys: expected [N, D], got " << describe(k.view()));
-  int32_t* po = const_cast<int32_t*>(
-      device_buffer<int32_t>(o, scrimp::DType::Int32, k.view().shape[0], k.view().device, "out"));
+  const auto po = span_of<int32_t>(o, kI32, "out", &k.view().device);
   py::gil_scoped_release release;
   scrimp::nearest_centroid(k.view(), c.view(), po, reinterpret_cast<void*>(stream));
 }

@@ -78,5 +78,13 @@ BorrowedTensor::~BorrowedTensor() {
   if (managed_ && managed_->deleter) managed_->deleter(managed_);
 }
 
+Span<float> float32_output(const TensorView& v, const char* name, const Device& device) {
+  SCRIMP_CHECK_TYPE(v.dtype == DType::Float32, name << ": expected a float32 output, got " << describe(v));
+  SCRIMP_CHECK(v.is_contiguous(), name << ": expected a contiguous output, got " << describe(v));
+  SCRIMP_CHECK(v.device == device, name << ": expected an output on " << device_name(device) << ", got "
+                                        << device_name(v.device));
+  return Span<float>(static_cast<float*>(v.data), v.numel());
+}
+
 }  // namespace bindings
 }  // namespace scrimp

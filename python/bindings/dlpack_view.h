@@ -5,6 +5,7 @@
 #include <string>
 
 #include "dlpack.h"
+#include "scrimp/span.h"
 #include "scrimp/tensor.h"
 
 namespace scrimp {
@@ -13,6 +14,10 @@ namespace bindings {
 // Owns one consumed DLPack capsule; the producer's memory stays alive until this is destroyed.
 // "float32" | "float16" | "bfloat16" -> DType; anything else is a TypeError naming `what`.
 DType float_dtype_from_name(const std::string& name, const char* what);
+
+// A float32 contiguous output on `device` as a Span (the C++ API checks its size); a wrong dtype is
+// a TypeError, a non-contiguous tensor or another device a ValueError, each naming `name`.
+Span<float> float32_output(const TensorView& v, const char* name, const Device& device);
 
 class BorrowedTensor {
  public:

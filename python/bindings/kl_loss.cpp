@@ -20,19 +20,10 @@ void kl_loss(const py::object& student, const py::object& teacher, int kind, dou
   scrimp::KLLossArgs args;
   args.student = s.view();
   args.teacher = t.view();
-  SCRIMP_CHECK(kind >= 0 && kind <= 2, "kind: expected 0 (reverse), 1 (forward) or 2 (jsd), got " << kind);
   args.kind = static_cast<scrimp::KLKind>(kind);
   args.beta = static_cast<float>(beta);
   args.temperature = static_cast<float>(temperature);
-  SCRIMP_CHECK(!args.student.shape.empty(), "student_logits: expected shape [..., V], got a 0-d tensor");
-  const int64_t V = args.student.shape.back();
-  const int64_t rows = V > 0 ? args.student.numel() / V : 0;
-  const scrimp::TensorView& lv = l.view();
-  SCRIMP_CHECK_TYPE(lv.dtype == scrimp::DType::Float32, "loss: expected a float32 output, got " << describe(lv));
-  SCRIMP_CHECK(lv.numel() == rows && lv.is_contiguous(),
-               "loss: expected a contiguous output of " << rows << " elements, got " << describe(lv));
-  SCRIMP_CHECK(lv.device == args.student.device, "loss: expected an output on the logits' device");
-  args.loss = static_cast<float*>(lv.data);
+  args.loss = scrimp::bindings::float32_output(l.view(), "loss", args.student.device);
   if (!grad.is_none()) {
     g = std::make_unique<BorrowedTensor>(grad, "grad");
     args.grad = &g->view();

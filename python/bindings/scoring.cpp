@@ -12,18 +12,13 @@ using scrimp::bindings::BorrowedTensor;
 
 namespace {
 
-// A float32 contiguous [rows] output on `device`, or null when `obj` is None.
-float* output_pointer(const py::object& obj, const char* name, int64_t rows, const scrimp::Device& device,
-                      std::vector<std::unique_ptr<BorrowedTensor>>& keep) {
-  if (obj.is_none()) return nullptr;
+// A float32 contiguous output on `device` as the Span token_scores takes (it checks the size), or
+// an empty span when `obj` is None.
+scrimp::Span<float> output_span(const py::object& obj, const char* name, const scrimp::Device& device,
+                                std::vector<std::unique_ptr<BorrowedTensor>>& keep) {
+  if (obj.is_none()) return {};
   keep.push_back(std::make_unique<BorrowedTensor>(obj, name));
-  const scrimp::TensorView& v = keep.back()->view();
-  SCRIMP_CHECK_TYPE(v.dtype == scrimp::DType::Float32, name << ": expected a float32 output, got " << describe(v));
-  SCRIMP_CHECK(v.numel() == rows && v.is_contiguous(),
-               name << ": expected a contiguous output of " << rows << " elements, got " << describe(v));
-  SCRIMP_CHECK(v.device == device, name << ": expected an output on " << device_name(device) << ", got "
-                                        << device_name(v.device));
-  return static_cast<float*>(v.data);
+  return scrimp::bindings::float32_output(keep.back()->view(), name, device);
 }
 
 void token_scores(const py::object& student, const py::object& teacher, const py::object& targets,
@@ -43,17 +38,14 @@ void token_scores(const py::object& student, const py::object& teacher, const py
     args.targets = &g->view();
   }
   args.temperature = static_cast<float>(temperature);
-  SCRIMP_CHECK(!args.student.shape.empty(), "student_logits: expected shape [..., V], got a 0-d tensor");
-  const int64_t V = args.student.shape.back();
-  const int64_t rows = V > 0 ? args.student.numel() / V : 0;
   std::vector<std::unique_ptr<BorrowedTensor>> keep;
   const scrimp::Device dev = args.student.device;
-  args.student_entropy = output_pointer(student_entropy, "student_entropy", rows, dev, keep);
-  args.teacher_entropy = output_pointer(teacher_entropy, "teacher_entropy", rows, dev, keep);
-  args.kl_forward = output_pointer(kl_forward, "kl_forward", rows, dev, keep);
-  args.kl_reverse = output_pointer(kl_reverse, "kl_reverse", rows, dev, keep);
-  args.student_logprob = output_pointer(student_logprob, "student_logprob", rows, dev, keep);
-  args.teacher_logprob = output_pointer(teacher_logprob, "teacher_logprob", rows, dev, keep);
+  args.student_entropy = output_span(student_entropy, "student_entropy", dev, keep);
+  args.teacher_entropy = output_span(teacher_entropy, "teacher_entropy", dev, keep);
+  args.kl_forward = output_span(kl_forward, "kl_forward", dev, keep);
+  args.kl_reverse = output_span(kl_reverse, "kl_reverse", dev, keep);
+  args.student_logprob = output_span(student_logprob, "student_logprob", dev, keep);
+  args.teacher_logprob = output_span(teacher_logprob, "teacher_logprob", dev, keep);
   args.stream = reinterpret_cast<void*>(stream);
   py::gil_scoped_release release;
   scrimp::token_scores(args);

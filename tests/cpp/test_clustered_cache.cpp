@@ -47,7 +47,7 @@ TEST(ClusterIntoPages, PermutationAndFullPages) {
     const int64_t D = 8, ps = 16;
     auto k = randn(N * D, 7 + N);
     std::vector<int64_t> order(static_cast<std::size_t>(N));
-    auto bounds = cluster_into_pages(k.data(), N, D, ps, 4, 1, order.data());
+    auto bounds = cluster_into_pages(k, N, D, ps, 4, 1, order);
     std::vector<int64_t> sorted = order;
     std::sort(sorted.begin(), sorted.end());
     for (int64_t i = 0; i < N; ++i) ASSERT_EQ(sorted[i], i);
@@ -80,7 +80,7 @@ TEST(ClusterIntoPages, SeparatedClustersArePure) {
     for (int64_t d = 0; d < D; ++d) k[i * D + d] = centers[c * D + d] + noise[i * D + d];
   }
   std::vector<int64_t> order(static_cast<std::size_t>(N));
-  auto bounds = cluster_into_pages(k.data(), N, D, ps, 6, 0, order.data());
+  auto bounds = cluster_into_pages(k, N, D, ps, 6, 0, order);
   ASSERT_EQ(bounds.size(), static_cast<std::size_t>(C + 1));
   for (int64_t p = 0; p < C; ++p) {
     std::set<int64_t> labels;
@@ -192,11 +192,11 @@ void run_attention_case(DType dt, int64_t B, int64_t Hq, int64_t H, int64_t D, i
     a.out = view(out16.data(), dt, {B, Hq, D});
     reference_attention(rq, B, Hq, H, D, rks, rvs, ps, table, lens, P, rkd, rvd, T, ref, rsk, rsv, sbias, R);
   }
-  a.page_table = table.data();
-  a.page_lens = lens.data();
+  a.page_table = table;
+  a.page_lens = lens;
   a.pages_per_stream = P;
   if (T > 0) a.k_dense = &kdv, a.v_dense = &vdv;
-  if (R > 0) a.summary_keys = &skv, a.summary_values = &svv, a.summary_bias = sbias.data();
+  if (R > 0) a.summary_keys = &skv, a.summary_values = &svv, a.summary_bias = sbias;
   a.kv_heads = H;
   paged_decode_attention(a);
   const double tol = dt == DType::Float32 ? 2e-5 : (dt == DType::Float16 ? 2e-3 : 1.6e-2);
@@ -239,7 +239,7 @@ TEST(PagedDecodeAttention, AllSummariesSkippedEqualsNoSummaries) {
   a.k_dense = &kdv, a.v_dense = &vdv, a.kv_heads = H;
   a.out = view(plain.data(), DType::Float32, {B, Hq, D});
   paged_decode_attention(a);
-  a.summary_keys = &skv, a.summary_values = &svv, a.summary_bias = bias.data();
+  a.summary_keys = &skv, a.summary_values = &svv, a.summary_bias = bias;
   a.out = view(with.data(), DType::Float32, {B, Hq, D});
   paged_decode_attention(a);
   EXPECT_EQ(std::memcmp(plain.data(), with.data(), plain.size() * sizeof(float)), 0);
@@ -259,7 +259,7 @@ TEST(PagedDecodeAttention, RejectsBadSummaries) {
   a.kv_heads = H;
   a.summary_keys = &skv;  // values and bias missing
   EXPECT_THROW(paged_decode_attention(a), Error);
-  a.summary_values = &skv, a.summary_bias = bias.data();
+  a.summary_values = &skv, a.summary_bias = bias;
   paged_decode_attention(a);  // complete: fine
   a.summary_values = &bad_shape;
   EXPECT_THROW(paged_decode_attention(a), Error);
@@ -296,7 +296,7 @@ TEST(ClusteredCache, BuildKeepsEveryTokenAndRepresentatives) {
   auto k = randn(B * H * N * D, 1), v = randn(B * H * N * D, 2);
   std::vector<int64_t> pos(N);
   for (int64_t i = 0; i < N; ++i) pos[i] = 100 + i;
-  cache.build(view(k.data(), DType::Float32, {B, H, N, D}), view(v.data(), DType::Float32, {B, H, N, D}), pos.data());
+  cache.build(view(k.data(), DType::Float32, {B, H, N, D}), view(v.data(), DType::Float32, {B, H, N, D}), pos);
   ASSERT_EQ(cache.num_pages(), 8);
   std::vector<float> pk(4 * D), pv(4 * D);
   for (int64_t s = 0; s < B * H; ++s) {
@@ -304,7 +304,7 @@ TEST(ClusteredCache, BuildKeepsEveryTokenAndRepresentatives) {
     std::vector<int32_t> pages(8);
     for (int32_t p = 0; p < 8; ++p) pages[p] = p;
     for (int64_t p = 0; p < 8; ++p) {
-      const int64_t n = cache.read_page(s, p, pk.data(), pv.data());
+      const int64_t n = cache.read_page(s, p, pk, pv);
       std::vector<int64_t> posv(static_cast<std::size_t>(B * H * 8 * 4));
       for (int64_t t = 0; t < n; ++t) {
         // find the token by exact key match and check the value and bounds
@@ -327,7 +327,7 @@ TEST(ClusteredCache, BuildKeepsEveryTokenAndRepresentatives) {
   for (int64_t s = 0; s < B * H; ++s)
     for (int32_t p = 0; p < 8; ++p) sel[s * 8 + p] = p;
   std::vector<int64_t> out(static_cast<std::size_t>(B * H * 8 * 4));
-  cache.page_positions(sel.data(), 8, out.data());
+  cache.page_positions(sel, 8, out);
   std::multiset<int64_t> p0(out.begin(), out.begin() + 32);
   for (int64_t i = 0; i < N; ++i) EXPECT_EQ(p0.count(100 + i), 1u);
   EXPECT_EQ(p0.count(-1), 2u);
@@ -344,9 +344,9 @@ TEST(ClusteredCache, SelectFindsThePageOfTheBestKey) {
       for (int64_t d = 0; d < D; ++d) k[((b * H) * N + 17 + b) * D + d] = 3.0f * q[(b * G) * D + d];
     cache.build(view(k.data(), DType::Float32, {B, H, N, D}), view(v.data(), DType::Float32, {B, H, N, D}), nullptr);
     std::vector<int32_t> pages(static_cast<std::size_t>(B * H * 2));
-    cache.select(view(q.data(), DType::Float32, {B, H * G, D}), 2, pages.data(), nullptr);
+    cache.select(view(q.data(), DType::Float32, {B, H * G, D}), 2, pages, nullptr);
     std::vector<int64_t> pos(static_cast<std::size_t>(B * H * 2 * 4));
-    cache.page_positions(pages.data(), 2, pos.data());
+    cache.page_positions(pages, 2, pos);
     for (int64_t b = 0; b < B; ++b) {
       bool found = false;
       for (int64_t i = 0; i < 8; ++i) found |= pos[b * 8 + i] == 17 + b;
@@ -387,7 +387,7 @@ TEST(ClusteredCache, RerankIsTheExactMaxOverTheCandidates) {
       for (int64_t i = 0; i < kc; ++i) cand[s * kc + i] = i == 2 ? -1 : all[static_cast<std::size_t>(i)];
     }
     std::vector<int32_t> out(static_cast<std::size_t>(B * H * k), 99);
-    cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), cand.data(), kc, k, out.data());
+    cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), cand, kc, k, out);
     std::vector<float> pk(4 * D), pv(4 * D);
     for (int64_t s = 0; s < B * H; ++s) {
       const int64_t b = s / H, h = s % H;
@@ -397,7 +397,7 @@ TEST(ClusteredCache, RerankIsTheExactMaxOverTheCandidates) {
         std::vector<double> sc(kc, -std::numeric_limits<double>::infinity());
         for (int64_t i = 0; i < kc; ++i) {
           if (cand[s * kc + i] < 0) continue;
-          const int64_t n = cache.read_page(s, cand[s * kc + i], pk.data(), pv.data());
+          const int64_t n = cache.read_page(s, cand[s * kc + i], pk, pv);
           for (int64_t t = 0; t < n; ++t) {
             double d = 0;
             for (int64_t e = 0; e < D; ++e) d += static_cast<double>(qh[e]) * pk[t * D + e];
@@ -419,21 +419,21 @@ TEST(ClusteredCache, RerankIsTheExactMaxOverTheCandidates) {
     std::vector<int32_t> few(static_cast<std::size_t>(B * H * 2), -1);
     for (int64_t s = 0; s < B * H; ++s) few[s * 2] = static_cast<int32_t>(s % P);
     std::vector<int32_t> o2(static_cast<std::size_t>(B * H * 2));
-    cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), few.data(), 2, 2, o2.data());
+    cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), few, 2, 2, o2);
     for (int64_t s = 0; s < B * H; ++s) {
       EXPECT_EQ(o2[s * 2], s % P);
       EXPECT_EQ(o2[s * 2 + 1], -1);
     }
     // bad input: k > kc, out-of-range or repeated candidates, wrong query shape; nothing written
     std::vector<int32_t> o3(static_cast<std::size_t>(B * H * k), 7);
-    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), cand.data(), 2, 3, o3.data()), Error);
+    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), cand, 2, 3, o3), Error);
     auto bad = cand;
     bad[1] = static_cast<int32_t>(P);
-    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), bad.data(), kc, k, o3.data()), Error);
+    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), bad, kc, k, o3), Error);
     bad = cand;
     bad[1] = bad[0];
-    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), bad.data(), kc, k, o3.data()), Error);
-    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H, D}), cand.data(), kc, k, o3.data()), Error);
+    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H * G, D}), bad, kc, k, o3), Error);
+    EXPECT_THROW(cache.rerank(view(q.data(), DType::Float32, {B, H, D}), cand, kc, k, o3), Error);
     for (int32_t x : o3) EXPECT_EQ(x, 7);
   }
 }
@@ -448,7 +448,7 @@ TEST(ClusteredCache, RecallReusesSlotsLru) {
   auto vst = view(vs.data(), DType::Float32, {3, 4, D});
   std::vector<int32_t> slots(2), lens(2);
   auto step = [&](std::vector<int32_t> sel) {
-    cache.recall(sel.data(), 2, kst, vst, slots.data(), lens.data());
+    cache.recall(sel, 2, kst, vst, slots, lens);
     for (int i = 0; i < 2; ++i) {
       if (sel[i] < 0) continue;
       // time-ordered pages: page p holds tokens 4p..4p+3
@@ -469,7 +469,7 @@ TEST(ClusteredCache, RecallReusesSlotsLru) {
   EXPECT_EQ(slots[1], -1);
   EXPECT_EQ(lens[1], 0);
   std::vector<int32_t> too_many(4, 0), s4(4), l4(4);
-  EXPECT_THROW(cache.recall(too_many.data(), 4, kst, vst, s4.data(), l4.data()), Error);  // k > cache_pages
+  EXPECT_THROW(cache.recall(too_many, 4, kst, vst, s4, l4), Error);  // k > cache_pages
 }
 
 TEST(ClusteredCache, AppendPageAndPoolBound) {
@@ -485,7 +485,7 @@ TEST(ClusteredCache, AppendPageAndPoolBound) {
   EXPECT_THROW(cache.append_page(kv, kv, 62), Error);  // pool full: an error, not a crash
   std::vector<int32_t> sel{2};
   std::vector<int64_t> pos(4);
-  cache.page_positions(sel.data(), 1, pos.data());
+  cache.page_positions(sel, 1, pos);
   EXPECT_EQ(pos[0], 58);
   EXPECT_EQ(pos[3], 61);
   auto big = randn(8 * 4, 2);
@@ -523,7 +523,7 @@ TEST(NearestCentroid, ArgmaxOfDotProducts) {
   const int64_t N = 50, C = 7, D = 12;
   auto k = randn(N * D, 1), c = randn(C * D, 2);
   std::vector<int32_t> out(N);
-  nearest_centroid(view(k.data(), DType::Float32, {N, D}), view(c.data(), DType::Float32, {C, D}), out.data());
+  nearest_centroid(view(k.data(), DType::Float32, {N, D}), view(c.data(), DType::Float32, {C, D}), out);
   for (int64_t n = 0; n < N; ++n) {
     double best = -1e30;
     int arg = -1;
@@ -547,7 +547,7 @@ TEST(ClusteredCache, BuildGroupedClustersEachGroup) {
   for (int64_t s = 0; s < H; ++s)
     for (int64_t i = 0; i < N; ++i) pos[s * N + i] = 1000 * s + i;
   cache.build_grouped(view(k.data(), DType::Float32, {B, H, N, D}), view(v.data(), DType::Float32, {B, H, N, D}),
-                      pos.data(), true, bounds.data(), 2);
+                      pos, true, bounds, 2);
   EXPECT_EQ(cache.num_pages(0), 5 + 4);  // 20 -> 5 full; 13 -> 3 full + 1
   EXPECT_EQ(cache.num_pages(1), 4 + 5);  // 13 -> 4; 20 -> 5
   for (int64_t s = 0; s < H; ++s) {
@@ -555,7 +555,7 @@ TEST(ClusteredCache, BuildGroupedClustersEachGroup) {
     std::vector<int32_t> sel(static_cast<std::size_t>(H * P), -1);
     for (int32_t p = 0; p < P; ++p) sel[s * P + p] = p;
     std::vector<int64_t> out(static_cast<std::size_t>(H * P * 4));
-    cache.page_positions(sel.data(), P, out.data());
+    cache.page_positions(sel, P, out);
     std::multiset<int64_t> got;
     for (int64_t p = 0; p < P; ++p) {
       // a page never mixes the two groups of its stream
@@ -574,7 +574,7 @@ TEST(ClusteredCache, BuildGroupedClustersEachGroup) {
   }
   std::vector<int64_t> bad{0, 40, 33, 0, 13, 33};
   EXPECT_THROW(cache.build_grouped(view(k.data(), DType::Float32, {B, H, N, D}),
-                                   view(v.data(), DType::Float32, {B, H, N, D}), pos.data(), true, bad.data(), 2),
+                                   view(v.data(), DType::Float32, {B, H, N, D}), pos, true, bad, 2),
                Error);
 }
 
@@ -594,7 +594,7 @@ TEST(PagedDecodeAttention, DenseMaskSkipsTokens) {
   auto vv = view(vd.data(), DType::Float32, {B, H, T, D});
   a.k_dense = &kv;
   a.v_dense = &vv;
-  a.dense_mask = mask.data();
+  a.dense_mask = mask;
   a.kv_heads = H;
   a.out = view(out.data(), DType::Float32, {B, Hq, D});
   paged_decode_attention(a);
@@ -639,11 +639,11 @@ TEST(ClusteredCache, ReclusterTailMakesAppendedPagesPureAndInvalidatesSlots) {
   auto kst = view(ks.data(), DType::Float32, {4, ps, D});
   auto vst = view(vs.data(), DType::Float32, {4, ps, D});
   std::vector<int32_t> sel{0, 1, 2, 3}, slots(4), lens(4);
-  cache.recall(sel.data(), 4, kst, vst, slots.data(), lens.data());
+  cache.recall(sel, 4, kst, vst, slots, lens);
   EXPECT_EQ(cache.recluster_tail(4), 1);
   EXPECT_EQ(cache.num_pages(0), 4);
   std::vector<int64_t> pos(16);
-  cache.page_positions(sel.data(), 4, pos.data());
+  cache.page_positions(sel, 4, pos);
   std::multiset<int64_t> all(pos.begin(), pos.end());
   for (int64_t p = 0; p < 4; ++p) {
     std::set<int64_t> parity;
@@ -653,7 +653,7 @@ TEST(ClusteredCache, ReclusterTailMakesAppendedPagesPureAndInvalidatesSlots) {
   for (int64_t i = 0; i < 16; ++i) EXPECT_EQ(all.count(i), 1u);
   // The old device copies are stale: recalling again must miss and copy the new contents.
   const int64_t misses = cache.stats().misses;
-  cache.recall(sel.data(), 4, kst, vst, slots.data(), lens.data());
+  cache.recall(sel, 4, kst, vst, slots, lens);
   EXPECT_EQ(cache.stats().misses, misses + 4);
   for (int64_t p = 0; p < 4; ++p)
     for (int64_t t = 0; t < ps; ++t)
@@ -672,14 +672,14 @@ TEST(ClusteredCache, FollowerCopiesTheLeadersLayout) {
   std::vector<int64_t> pos(N);
   for (int64_t i = 0; i < N; ++i) pos[i] = 10 + i;
   leader.build(view(kl.data(), DType::Float32, {B, H, N, D}), view(vl.data(), DType::Float32, {B, H, N, D}),
-               pos.data());
+               pos);
   const int64_t P = leader.num_pages();
   ASSERT_EQ(P, 10);
   std::vector<int32_t> all(static_cast<std::size_t>(B * H * P));
   for (int64_t s = 0; s < B * H; ++s)
     for (int32_t p = 0; p < P; ++p) all[s * P + p] = p;
   std::vector<int64_t> lpos(static_cast<std::size_t>(B * H * P * ps));
-  leader.page_positions(all.data(), P, lpos.data());
+  leader.page_positions(all, P, lpos);
   // the follower's rows in the leader's page order, and the page bounds
   std::vector<float> kp(static_cast<std::size_t>(B * H * N * D)), vp(kp.size());
   std::vector<int64_t> fpos(static_cast<std::size_t>(B * H * N)), bounds(static_cast<std::size_t>(B * H * (P + 1)));
@@ -700,16 +700,16 @@ TEST(ClusteredCache, FollowerCopiesTheLeadersLayout) {
     ASSERT_EQ(r, N);
   }
   follower.build_paged(view(kp.data(), DType::Float32, {B, H, N, D}), view(vp.data(), DType::Float32, {B, H, N, D}),
-                       fpos.data(), bounds.data(), P);
+                       fpos, bounds, P);
   ASSERT_EQ(follower.num_pages(), P);
   std::vector<int64_t> got(lpos.size());
-  follower.page_positions(all.data(), P, got.data());
+  follower.page_positions(all, P, got);
   EXPECT_EQ(got, lpos);
   // the follower's pages hold its own K/V for those positions
   std::vector<float> pk(ps * D), pv(ps * D);
   for (int64_t s = 0; s < B * H; ++s)
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t n = follower.read_page(s, p, pk.data(), pv.data());
+      const int64_t n = follower.read_page(s, p, pk, pv);
       for (int64_t t = 0; t < n; ++t) {
         const int64_t q = got[(s * P + p) * ps + t] - 10;
         EXPECT_EQ(std::memcmp(&pk[t * D], &kf[(s * N + q) * D], D * 4), 0);
@@ -739,34 +739,34 @@ TEST(ClusteredCache, FollowerCopiesTheLeadersLayout) {
   auto kst = view(ks.data(), DType::Float32, {B * H * 4, ps, D});
   auto vst = view(vs.data(), DType::Float32, {B * H * 4, ps, D});
   std::vector<int32_t> last(static_cast<std::size_t>(B * H), static_cast<int32_t>(P + 3)), slots(B * H), lens(B * H);
-  follower.recall(last.data(), 1, kst, vst, slots.data(), lens.data());
+  follower.recall(last, 1, kst, vst, slots, lens);
   EXPECT_EQ(leader.recluster_tail(4), B * H);
   std::vector<int32_t> tail(static_cast<std::size_t>(B * H * 4));
   for (int64_t s = 0; s < B * H; ++s)
     for (int32_t j = 0; j < 4; ++j) tail[s * 4 + j] = static_cast<int32_t>(P + j);
   std::vector<int64_t> tpos(static_cast<std::size_t>(B * H * 4 * ps));
-  leader.page_positions(tail.data(), 4, tpos.data());
-  EXPECT_EQ(follower.relayout_tail(4, tpos.data()), B * H);
+  leader.page_positions(tail, 4, tpos);
+  EXPECT_EQ(follower.relayout_tail(4, tpos), B * H);
   std::vector<int64_t> ftpos(tpos.size());
-  follower.page_positions(tail.data(), 4, ftpos.data());
+  follower.page_positions(tail, 4, ftpos);
   EXPECT_EQ(ftpos, tpos);
   for (int64_t s = 0; s < B * H; ++s)
     for (int64_t j = 0; j < 4; ++j) {
-      follower.read_page(s, P + j, pk.data(), pv.data());
+      follower.read_page(s, P + j, pk, pv);
       for (int64_t t = 0; t < ps; ++t) {
         const int64_t q = ftpos[(s * 4 + j) * ps + t] - 100;
         EXPECT_EQ(std::memcmp(&pk[t * D], &kb[(s * 4 * ps + q) * D], D * 4), 0);
       }
     }
   const int64_t misses = follower.stats().misses;
-  follower.recall(last.data(), 1, kst, vst, slots.data(), lens.data());
+  follower.recall(last, 1, kst, vst, slots, lens);
   EXPECT_EQ(follower.stats().misses, misses + B * H);  // the stale copy was dropped
   // the same order again rewrites nothing; all -1 leaves a stream alone
-  EXPECT_EQ(follower.relayout_tail(4, tpos.data()), 0);
+  EXPECT_EQ(follower.relayout_tail(4, tpos), 0);
   std::vector<int64_t> none(tpos.size(), -1);
-  EXPECT_EQ(follower.relayout_tail(4, none.data()), 0);
+  EXPECT_EQ(follower.relayout_tail(4, none), 0);
   // prefetch and wait are no-ops on the CPU but keep the contract
-  follower.recall(last.data(), 1, kst, vst, slots.data(), lens.data(), nullptr, /*wait=*/false);
+  follower.recall(last, 1, kst, vst, slots, lens, nullptr, /*wait=*/false);
   follower.wait_transfers(nullptr);
 }
 
@@ -778,27 +778,27 @@ TEST(ClusteredCache, FollowerLayoutRejectsBadInput) {
   auto kv = view(k.data(), DType::Float32, {1, 1, N, D});
   std::vector<int64_t> pos{0, 1, 2, 3, 4, 5, 6, 7};
   std::vector<int64_t> too_big{0, 5, 8};  // a page of 5 > page_size
-  EXPECT_THROW(cache.build_paged(kv, kv, pos.data(), too_big.data(), 2), Error);
+  EXPECT_THROW(cache.build_paged(kv, kv, pos, too_big, 2), Error);
   std::vector<int64_t> gap{0, 0, 4};  // an empty page before a full one
-  EXPECT_THROW(cache.build_paged(kv, kv, pos.data(), gap.data(), 2), Error);
+  EXPECT_THROW(cache.build_paged(kv, kv, pos, gap, 2), Error);
   std::vector<int64_t> past{0, 4, 9};  // past N
-  EXPECT_THROW(cache.build_paged(kv, kv, pos.data(), past.data(), 2), Error);
+  EXPECT_THROW(cache.build_paged(kv, kv, pos, past, 2), Error);
   EXPECT_EQ(cache.num_pages(), 0);  // nothing was added by a rejected call
   std::vector<int64_t> ok{0, 4, 8};
-  cache.build_paged(kv, kv, pos.data(), ok.data(), 2);
+  cache.build_paged(kv, kv, pos, ok, 2);
   EXPECT_EQ(cache.num_pages(), 2);
   std::vector<int64_t> missing{0, 1, 2, 3, 4, 5, 6, 99};
-  EXPECT_THROW(cache.relayout_tail(2, missing.data()), Error);
+  EXPECT_THROW(cache.relayout_tail(2, missing), Error);
   std::vector<int64_t> twice{0, 1, 2, 3, 4, 5, 6, 6};
-  EXPECT_THROW(cache.relayout_tail(2, twice.data()), Error);
+  EXPECT_THROW(cache.relayout_tail(2, twice), Error);
   std::vector<int64_t> short_list{0, 1, 2, 3, 4, 5, 6, -1};  // names 7 of the 8 tokens
-  EXPECT_THROW(cache.relayout_tail(2, short_list.data()), Error);
+  EXPECT_THROW(cache.relayout_tail(2, short_list), Error);
   std::vector<int64_t> three_pages{0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1};
-  EXPECT_THROW(cache.relayout_tail(3, three_pages.data()), Error);  // more pages than the stream has
-  EXPECT_THROW(cache.relayout_tail(-1, pos.data()), Error);
+  EXPECT_THROW(cache.relayout_tail(3, three_pages), Error);  // more pages than the stream has
+  EXPECT_THROW(cache.relayout_tail(-1, pos), Error);
   std::vector<int64_t> after(2 * ps);
   std::vector<int32_t> both{0, 1};
-  cache.page_positions(both.data(), 2, after.data());
+  cache.page_positions(both, 2, after);
   EXPECT_EQ(after, pos);  // unchanged by the rejected calls
 }
 
@@ -813,14 +813,14 @@ TEST(ClusteredCache, ExportSummariesAreThePageMeans) {
   const int64_t P = cache.num_pages(), n = P + 2;  // two rows past the last page
   std::vector<float> km(B * H * n * D), vm(km.size()), pk(4 * D), pv(4 * D);
   std::vector<int32_t> lens(B * H * n);
-  cache.export_summaries(0, n, km.data(), vm.data(), lens.data());
+  cache.export_summaries(0, n, km, vm, lens);
   for (int64_t s = 0; s < B * H; ++s)
     for (int64_t p = 0; p < n; ++p) {
       if (p >= P) {
         EXPECT_EQ(lens[s * n + p], 0);
         continue;
       }
-      const int64_t len = cache.read_page(s, p, pk.data(), pv.data());
+      const int64_t len = cache.read_page(s, p, pk, pv);
       ASSERT_EQ(lens[s * n + p], len);
       for (int64_t d = 0; d < D; ++d) {
         double mk = 0, mv = 0;
@@ -839,8 +839,8 @@ TEST(PagedDecodeAttention, RejectsBadInput) {
   a.k_store = view(ks.data(), DType::Float32, {4, 16, 8});
   a.v_store = a.k_store;
   a.out = view(out.data(), DType::Float32, {2, 4, 8});
-  a.page_table = table.data();
-  a.page_lens = lens.data();
+  a.page_table = table;
+  a.page_lens = lens;
   a.pages_per_stream = 1;
   a.kv_heads = 3;  // does not divide 4
   EXPECT_THROW(paged_decode_attention(a), Error);

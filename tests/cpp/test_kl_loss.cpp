@@ -86,7 +86,7 @@ TEST_P(KLLossTest, MatchesFloat64Reference) {
         a.kind = kind;
         a.beta = beta;
         a.temperature = 1.3f;
-        a.loss = loss.data();
+        a.loss = loss;
         a.grad = &g;
         a.grad_scale = 0.5f;
         scrimp::kl_loss(a);
@@ -112,7 +112,7 @@ TEST(KLLossArgs, BadInput) {
   scrimp::KLLossArgs a;
   a.student = scrimp::TensorView::contiguous(s.data(), scrimp::DType::Float32, {}, {3, 4});
   a.teacher = scrimp::TensorView::contiguous(t.data(), scrimp::DType::Float32, {}, {3, 5});
-  a.loss = loss.data();
+  a.loss = loss;
   EXPECT_THROW(scrimp::kl_loss(a), scrimp::Error);  // vocabulary mismatch
   a.teacher = scrimp::TensorView::contiguous(t.data(), scrimp::DType::Float32, {}, {3, 4});
   a.temperature = 0.f;

@@ -98,10 +98,10 @@ void run_case(int64_t N, int64_t V, bool bf16, unsigned seed, bool edge_rows) {
   scrimp::TensorView teacher = scrimp::TensorView::contiguous(bf16 ? (void*)t16.data() : (void*)t.data(), dt, {}, {N, V});
   a.teacher = &teacher;
   std::vector<float> hs(N), ht(N), kf(N), kr(N);
-  a.student_entropy = hs.data();
-  a.teacher_entropy = ht.data();
-  a.kl_forward = kf.data();
-  a.kl_reverse = kr.data();
+  a.student_entropy = hs;
+  a.teacher_entropy = ht;
+  a.kl_forward = kf;
+  a.kl_reverse = kr;
   scrimp::token_scores(a);
   for (int64_t r = 0; r < N; ++r) {
     const Ref ref = reference_row(&s[r * V], &t[r * V], V);
@@ -136,7 +136,7 @@ TEST(ScoringValidation, RejectsBadArguments) {
   std::vector<float> x(20, 0.f), out(4);
   scrimp::TokenScoresArgs a;
   a.student = scrimp::TensorView::contiguous(x.data(), scrimp::DType::Int64, {}, {4, 5});
-  a.student_entropy = out.data();
+  a.student_entropy = out;
   EXPECT_THROW(scrimp::token_scores(a), scrimp::Error);
   try {
     scrimp::token_scores(a);
@@ -148,13 +148,13 @@ TEST(ScoringValidation, RejectsBadArguments) {
   a.temperature = 0.f;
   EXPECT_THROW(scrimp::token_scores(a), scrimp::Error);
   a.temperature = 1.f;
-  a.kl_forward = out.data();  // teacher output without a teacher
+  a.kl_forward = out;  // teacher output without a teacher
   EXPECT_THROW(scrimp::token_scores(a), scrimp::Error);
   a.kl_forward = nullptr;
   std::vector<int64_t> targets = {0, 1, 5, 2};  // 5 is out of range for V = 5
   scrimp::TensorView g = scrimp::TensorView::contiguous(targets.data(), scrimp::DType::Int64, {}, {4});
   a.targets = &g;
-  a.student_logprob = out.data();
+  a.student_logprob = out;
   EXPECT_THROW(scrimp::token_scores(a), scrimp::Error);
   targets[2] = 4;
   EXPECT_NO_THROW(scrimp::token_scores(a));

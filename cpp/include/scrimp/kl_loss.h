@@ -13,6 +13,7 @@
 // A -inf logit is a masked vocabulary entry: p = 0 there and it contributes 0 to every sum and 0 to
 // the gradient; a -inf teacher logit where p > 0 makes the reverse KL +inf (and symmetrically).
 #pragma once
+#include "scrimp/span.h"
 #include "scrimp/tensor.h"
 
 namespace scrimp {
@@ -27,7 +28,7 @@ struct KLLossArgs {
   float temperature = 1.0f;  // > 0 and finite
 
   // Output: float32 contiguous [N] per-row losses, N = prod(leading shape). Required.
-  float* loss = nullptr;
+  Span<float> loss;
   // Optional output: contiguous [..., V] in the student's dtype and on its device; receives
   // grad_scale * dL_row / d student_logits for every row (e.g. grad_scale = 1/N for a mean).
   const TensorView* grad = nullptr;

@@ -9,6 +9,7 @@
 // -inf student logit where P_T > 0 makes kl_forward +inf (and symmetrically for kl_reverse).
 // A NaN anywhere in a row gives NaN in every output of that row and nowhere else.
 #pragma once
+#include "scrimp/span.h"
 #include "scrimp/tensor.h"
 
 namespace scrimp {
@@ -19,14 +20,15 @@ struct TokenScoresArgs {
   const TensorView* targets = nullptr;  // optional: int64 [...] (the leading shape), values in [0, V)
   float temperature = 1.0f;  // > 0 and finite
 
-  // Outputs: float32, contiguous [N] where N = prod(leading shape), on the logits' device.
-  // Each may be null when not wanted; the teacher outputs need a teacher, logprobs need targets.
-  float* student_entropy = nullptr;
-  float* teacher_entropy = nullptr;
-  float* kl_forward = nullptr;
-  float* kl_reverse = nullptr;
-  float* student_logprob = nullptr;
-  float* teacher_logprob = nullptr;
+  // Outputs: float32, contiguous [N] where N = prod(leading shape), on the logits' device (the size
+  // of each given span is checked). Each may be left empty when not wanted; the teacher outputs need
+  // a teacher, logprobs need targets.
+  Span<float> student_entropy;
+  Span<float> teacher_entropy;
+  Span<float> kl_forward;
+  Span<float> kl_reverse;
+  Span<float> student_logprob;
+  Span<float> teacher_logprob;
 
   void* stream = nullptr;  // cudaStream_t for CUDA tensors (null: the legacy default stream)
 };
