@@ -52,7 +52,7 @@ cmake --install build/ctest
 # ---- consumers of the installed library: the C++ server example -------------------------------------
 cmake -S examples/embed -B build/embed -DCMAKE_PREFIX_PATH="$PWD/build/ctest-install"
 cmake --build build/embed -j "$JOBS"
-./build/embed/embed_scoring
+./build/embed/embed_server
 
 # ---- Python API (the installed wheel, not the source tree) -----------------------------------------
 "$PY" -m pytest -q tests/python
