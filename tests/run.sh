@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs scrimp with its test dependencies into the active Python environment, then runs every
-# test: the C++ suite (ctest), the embedding example against the *installed* C++ library, pytest.
+# test: the C++ suite (ctest), the C++ server example and the C ABI test against the *installed* C++
+# library and against the copy inside the installed Python package, pytest.
 # A suite that cannot run is a failure, never a silent skip: GoogleTest is installed with apt-get when
 # missing (as root or through sudo), otherwise the run stops and says what to install.
 #   bash tests/run.sh            (README: the newcomer's test command)
@@ -49,10 +50,19 @@ cmake --build build/ctest -j "$JOBS"
 (cd build/ctest && ctest --output-on-failure --no-tests=error)
 cmake --install build/ctest
 
-# ---- consumers of the installed library: the C++ server example -------------------------------------
-cmake -S examples/embed -B build/embed -DCMAKE_PREFIX_PATH="$PWD/build/ctest-install"
-cmake --build build/embed -j "$JOBS"
-./build/embed/embed_server
+# ---- consumers of the installed library: the C++ server example and the C ABI test -------------------
+# Built twice: against the install prefix above, and against the copy inside the installed Python
+# package (scrimp.cmake_dir()), so a server links the exact core its Python side uses.
+consumers() {  # tag, CMAKE_PREFIX_PATH
+  cmake -S examples/embed -B "build/embed-$1" -DCMAKE_PREFIX_PATH="$2"
+  cmake --build "build/embed-$1" -j "$JOBS"
+  "./build/embed-$1/embed_server"
+  cmake -S examples/c -B "build/c-example-$1" -DCMAKE_PREFIX_PATH="$2"
+  cmake --build "build/c-example-$1" -j "$JOBS"
+  "./build/c-example-$1/scrimp_c_test"
+}
+consumers install "$PWD/build/ctest-install"
+consumers wheel "$(cd /tmp && "$PY" -c 'import scrimp; print(scrimp.cmake_dir())')"
 
 # ---- Python API (the installed wheel, not the source tree) -----------------------------------------
 "$PY" -m pytest -q tests/python

@@ -35,6 +35,23 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+def cmake_dir() -> str:
+    """The directory to give CMake as ``-DCMAKE_PREFIX_PATH`` to link the C++ core of this package.
+
+    The package carries the core as a library (``lib/libscrimp.so``), its headers (``include/scrimp``)
+    and the CMake package config (``lib/cmake/scrimp``), so that a C++ (or C) program links the exact
+    core the Python side uses: ``find_package(scrimp REQUIRED)`` then ``scrimp::scrimp``.
+
+    Returns
+    -------
+    str
+        ``<package>/lib/cmake``, which holds ``scrimp/scrimpConfig.cmake``.
+    """
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(_C.__file__)), "lib", "cmake")
+
+
 def __getattr__(name):
     # IceCache needs torch + transformers: imported on first use only.
     if name == "IceCache":
@@ -44,5 +61,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'scrimp' has no attribute {name!r}")
 
 
-__all__ = ["TokenScores", "token_scores", "kl_loss", "tip", "tessy", "build_info", "__version__",
+__all__ = ["TokenScores", "token_scores", "kl_loss", "tip", "tessy", "build_info", "cmake_dir", "__version__",
            "PacketStore", "rerotate_keys", "assemble", "IceCache", "load_model"]
