@@ -128,7 +128,7 @@ def tip_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Te
 
 def plain_loss(student, teacher, input_ids, attention_mask, response_mask, temperature: float = 1.0,
                kept_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The plain torch step (the memory anchor of ``../shared/anchors/gpu_e2e.py distill``): hidden states at
+    """The plain torch step (the memory anchor of ``bench/anchors/gpu_e2e.py distill``): hidden states at
     the response positions (or at ``kept_mask``) -> lm_head -> float32 log-softmax for student and teacher ->
     mean of sum p (log p - log q). Every intermediate is a float32 ``[n, V]`` tensor kept for backward."""
     import torch.nn.functional as F
