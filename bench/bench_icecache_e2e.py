@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import scrimp
+from scrimp.icecache import cache_argument
 
 
 def config(small):
@@ -57,7 +58,7 @@ def main(argv=None):
             def gen(n):
                 kw = {}
                 if impl == "icecache":
-                    kw["past_key_values"] = scrimp.IceCache(model.config, budget=args.budget, device=dev,
+                    kw[cache_argument(model)] = scrimp.IceCache(model.config, budget=args.budget, device=dev,
                                                             max_context=L + n + 16)
                 t0 = time.perf_counter()
                 with torch.no_grad():

@@ -424,7 +424,7 @@ def test_cli_testbed_train(tmp_path, capsys):
 
     out = tmp_path / "ck"
     assert main(["testbed", "train", "--task", "arith", "--role", "student", "--steps", "2",
-                 "--eval-n", "1", "--out", str(out), "--no-progress"]) == 0
+                 "--eval-n", "1", "--out", str(out), "--quiet"]) == 0
     assert "METRICS" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
 

@@ -389,27 +389,28 @@ def _save(model, tok, out, metrics):
 def build_parser(parser=None):
     p = parser or argparse.ArgumentParser(prog="python -m scrimp.testbed.train",
                                           description="Train a scrimp testbed model on CPU.")
-    p.add_argument("--task", required=True, choices=["recall", "arith"])
+    p.add_argument("--task", required=True, choices=["recall", "arith"],
+                   help="the task the model learns: recall (KV Packet, IceCache) or arith (TIP, TESSY)")
     p.add_argument("--role", default="teacher", choices=["teacher", "student"],
                    help="arith: teacher (larger, teacher-style traces) or student; recall: teacher only")
     p.add_argument("--style", default=None, choices=["teacher", "student"],
                    help="arith: writing style of the training traces (default: the role's own)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps of the --steps schedule (time-boxed runs)")
     p.add_argument("--save-intermediate", action="store_true",
                    help="with --eval-every: also save a checkpoint to OUT/stepN at every evaluation")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one entry of the recipe (repeatable), e.g. --set layers=6")
     p.add_argument("--eval-every", type=int, default=0, help="quick eval every N steps (0: never)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--quick-eval", action="store_true", help="small final evaluation (smoke tests)")
     p.add_argument("--eval-n", type=int, default=None,
                    help="examples per final evaluation (default 100 per recall length, 200 arith)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bars")
     return p
 
 
