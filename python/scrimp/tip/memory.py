@@ -54,14 +54,20 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _spec(name: str) -> str:
+    """A bare testbed name (``arith-teacher``) as a model spec; specs and directories unchanged."""
+    from .. import testbed
+
+    return f"testbed:{name}" if name in testbed.MODELS else name
+
+
 def _arith_batch(student: str, teacher: str, batch: int, device: str, dt):
     """Testbed models (names or HF directories) and a batch of arith prompts + student-style completions."""
-    from .. import testbed
+    from ..models import load_model
     from ..testbed import tasks
-    from .cli import _load
 
-    s, tok = _load(student)
-    t, _ = _load(teacher)
+    s, tok = load_model(_spec(student), device="cpu")
+    t, _ = load_model(_spec(teacher), device="cpu")
     exs = [tasks.arith(seed=20_000_000 + i, style="student", tokenizer=tok) for i in range(batch)]
     seqs = [e.prompt_ids + e.completion_ids + [tok.eos_token_id] for e in exs]
     L = max(len(x) for x in seqs)
