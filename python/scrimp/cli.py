@@ -159,6 +159,11 @@ def _build_demo(p: argparse.ArgumentParser) -> None:
     def run_demo(args):
         if args.n is not None and args.n < 1:
             p.error("--n must be >= 1")
+        if args.html:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                p.error("--html needs matplotlib: pip install 'scrimp[report]' (or pip install matplotlib)")
         quiet_libraries()
         rep = report.build_report(quick=args.quick, sections=args.sections, n=args.n, progress=not args.quiet)
         print(report.render_text(rep), flush=True)

@@ -137,6 +137,15 @@ def machine() -> dict:
             "cpu_simd": info.get("cpu_simd"), "gpu": gpu}
 
 
+def section_text(key: str, quick: bool = True, n: Optional[int] = None) -> str:
+    """One section run on its own and rendered as text (no progress bars); errors propagate."""
+    if key not in SECTIONS:
+        raise ValueError(f"unknown section {key!r}; valid sections: {', '.join(SECTIONS)}")
+    title, module = SECTIONS[key]
+    sec = importlib.import_module(module).demo_report(quick=quick, n=n, progress=False)
+    return render_section_text(dict({"tables": [], "notes": [], "setting": ""}, **sec, key=key))
+
+
 def run_section(key: str, quick: bool = True, n: Optional[int] = None, progress: bool = True) -> dict:
     """Run one section's ``demo_report``; an exception becomes the section's ``error`` (with traceback)."""
     if key not in SECTIONS:

@@ -80,4 +80,4 @@ def demo_section(quick: bool = True) -> str:
     """The IceCache section as printable text."""
     from .. import report
 
-    return report.render_section_text(report.run_section("icecache", quick=quick, progress=False))
+    return report.section_text("icecache", quick=quick)

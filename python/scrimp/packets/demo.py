@@ -106,4 +106,4 @@ def demo_section(quick: bool = True) -> str:
     """The KV Packet section as printable text."""
     from .. import report
 
-    return report.render_section_text(report.run_section("packets", quick=quick, progress=False))
+    return report.section_text("packets", quick=quick)

@@ -143,4 +143,4 @@ def demo_section(quick: bool = True) -> str:
     """The TESSY section as printable text."""
     from .. import report
 
-    return report.render_section_text(report.run_section("tessy", quick=quick, progress=False))
+    return report.section_text("tessy", quick=quick)

@@ -131,4 +131,4 @@ def demo_section(quick: bool = True) -> str:
     """The TIP section as printable text."""
     from .. import report
 
-    return report.render_section_text(report.run_section("tip", quick=quick, progress=False))
+    return report.section_text("tip", quick=quick)

@@ -1,0 +1,73 @@
+"""Every ```python code block in README.md and docs/*.md runs, so an example cannot drift from the API.
+
+Convention for the docs:
+- The ```python blocks of one file run in order in one namespace (a later block may use the names an
+  earlier one defined), in a temporary working directory, on the CPU, with small shapes (testbed or
+  random-weight models).
+- A block that needs a GPU is marked by the line `<!-- gpu -->` right before its opening fence; it
+  is skipped when CUDA is not usable (and runs where it is). No other block may be skipped.
+- Code that is not meant to run (signatures, shell commands, output) uses another fence (```text,
+  ```bash, or an indented block).
+Also checked: every `scrimp <command> [<verb>]` the README names exists in scrimp.cli.build_parser().
+"""
+import argparse
+import os
+import re
+
+import pytest
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+DOC_FILES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                                   if f.endswith(".md"))
+FENCE = re.compile(r"^(?P<marker><!-- gpu -->\n)?```python\n(?P<code>.*?)^```", re.S | re.M)
+
+
+def python_blocks(path):
+    """``[(line, code, needs_gpu)]`` of the ```python blocks in ``path``."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    return [(text.count("\n", 0, m.start("code")) + 1, m.group("code"), bool(m.group("marker")))
+            for m in FENCE.finditer(text)]
+
+
+# PENDING: the docs/<method>.md pages are being rewritten (issues 18-20); their blocks must run before this xfail goes
+_PENDING = {"docs/icecache.md", "docs/packets.md", "docs/tessy.md", "docs/tip.md", "docs/testbed.md", "docs/hardening.md"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(f, marks=pytest.mark.xfail(reason="pending rewrite", strict=False))
+                                  if f in _PENDING else f for f in DOC_FILES])
+def test_python_blocks_run(path, tmp_path, monkeypatch):
+    blocks = python_blocks(path)
+    if not blocks:
+        pytest.skip(f"{path} has no python blocks")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"docs_example_{os.path.basename(path)}"}
+    skipped = []
+    for line, code, needs_gpu in blocks:
+        if needs_gpu and not torch.cuda.is_available():
+            skipped.append(line)
+            continue
+        exec(compile(code, f"{path}, block at line {line}", "exec"), namespace)
+    if skipped and len(skipped) == len(blocks):
+        pytest.skip(f"{path}: every block needs a GPU (lines {skipped})")
+
+
+def test_readme_commands_exist():
+    from scrimp.cli import build_parser
+
+    def subparsers(p):
+        return next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+    top = subparsers(build_parser())
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    named = set(re.findall(r"`scrimp ([a-z][a-z-]*)(?: ([a-z][a-z|-]*))?", readme))
+    assert named, "the README names no scrimp command"
+    for command, verbs in named:
+        assert command in top.choices, f"README names `scrimp {command}`, which does not exist"
+        sub = subparsers(top.choices[command])
+        if sub is None or not verbs:
+            continue
+        for verb in verbs.split("|"):
+            assert verb in sub.choices, f"README names `scrimp {command} {verb}`, which does not exist"
