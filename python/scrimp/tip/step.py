@@ -120,24 +120,32 @@ class LeanStudent(torch.nn.Module):
                 temperature: float = 1.0, chunk_tokens: int = 1024, generate: Optional[dict] = None):
         if generate is not None:
             return self.student.generate(**generate)
-        B, L = input_ids.shape
         hs = hidden_states(self.student, input_ids, attention_mask)
-        positions = torch.nonzero(pred_mask.reshape(-1)).flatten()
-        ent, kr, kf = score_positions(hs, teacher_hidden, self.head, teacher_head, positions, temperature,
-                                      chunk_tokens)
+        return select_and_project(hs, teacher_hidden, pred_mask, self.head, teacher_head, rule=rule, ratio=ratio,
+                                  generator=generator, temperature=temperature, chunk_tokens=chunk_tokens)
 
-        def full(v):
-            out = torch.zeros(B * L, dtype=torch.float32, device=input_ids.device)
-            out[positions] = v
-            return out.reshape(B, L)
 
-        scores = TipScores(full(ent), full(kr), full(kf))
-        kept_pred, stats = select(scores, pred_mask, rule, ratio, generator)
-        kept_pos = torch.nonzero(kept_pred.reshape(-1)).flatten()
-        logits_s = self.head(hs.reshape(B * L, -1)[kept_pos])  # [k, V] with gradient: only the kept rows
-        with torch.no_grad():
-            logits_t = teacher_head(teacher_hidden.reshape(B * L, -1)[kept_pos]).to(logits_s.dtype)
-        return LeanForward(logits_s, logits_t, kept_pred, stats, scores)
+def select_and_project(hs: torch.Tensor, ht: torch.Tensor, pred_mask: torch.Tensor, student_head, teacher_head, *,
+                       rule: str = "soft_or", ratio: float = 0.5, generator: Optional[torch.Generator] = None,
+                       temperature: float = 1.0, chunk_tokens: int = 1024) -> LeanForward:
+    """Steps 2-4 of the lean step on ready hidden states: ``hs`` ``[B, L, H_s]`` (student, with gradient),
+    ``ht`` ``[B, L, H_t]`` (teacher), ``pred_mask`` bool ``[B, L]`` (positions that may be kept)."""
+    B, L = pred_mask.shape
+    positions = torch.nonzero(pred_mask.reshape(-1)).flatten()
+    ent, kr, kf = score_positions(hs, ht, student_head, teacher_head, positions, temperature, chunk_tokens)
+
+    def full(v):
+        out = torch.zeros(B * L, dtype=torch.float32, device=hs.device)
+        out[positions] = v
+        return out.reshape(B, L)
+
+    scores = TipScores(full(ent), full(kr), full(kf))
+    kept_pred, stats = select(scores, pred_mask, rule, ratio, generator)
+    kept_pos = torch.nonzero(kept_pred.reshape(-1)).flatten()
+    logits_s = student_head(hs.reshape(B * L, -1)[kept_pos])  # [k, V] with gradient: only the kept rows
+    with torch.no_grad():
+        logits_t = teacher_head(ht.reshape(B * L, -1)[kept_pos]).to(logits_s.dtype)
+    return LeanForward(logits_s, logits_t, kept_pred, stats, scores)
 
 
 def teacher_hidden_states(teacher, input_ids, attention_mask) -> torch.Tensor:
