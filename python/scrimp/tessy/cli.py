@@ -54,7 +54,11 @@ def testbed_tokenizer():
 
 
 def _progress(args) -> bool:
-    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
+    quiet = getattr(args, "no_progress", False) or getattr(args, "quiet", False)
+    if quiet:
+        from scrimp.cli import quiet_libraries
+        quiet_libraries()
+    return not quiet
 
 
 # ----------------------------------------------------------------------------- predictors
@@ -100,6 +104,7 @@ def _train_predictor(args) -> int:
                     f.write(json.dumps(e) + "\n")
     if not examples:
         raise SystemExit("error: no usable training examples")
+    progress = _progress(args)
     try:
         tok = None
         if args.tokenizer:
@@ -114,7 +119,7 @@ def _train_predictor(args) -> int:
         raise SystemExit(f"error: {e}")
     _log(f"training {pred.describe()} on {len(examples)} examples ({pred.device})")
     m = train_predictor(pred, examples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, progress=_progress(args), log=_log)
+                        seed=args.seed, progress=progress, log=_log)
     held = testbed_examples(args.eval_n, style, seed=args.seed + 1000)
     ev = evaluate_predictor(pred, held)
     pred.save_pretrained(args.out, extra={"train": m, "source": args.source, "heldout_testbed": ev})
@@ -214,9 +219,7 @@ def _synth(args) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     probs = load_problems(args)
-    if args.quiet:
-        from scrimp.cli import quiet_libraries
-        quiet_libraries()
+    progress = _progress(args)
     try:
         teacher, student = make_backends(args)
         tp = load_predictor(args.teacher_predictor, "teacher", device=args.device)
@@ -225,7 +228,7 @@ def _synth(args) -> int:
         raise SystemExit(f"error: {e}")
     try:
         summary = asyncio.run(synthesize(probs, teacher, student, tp, sp, cfg, out_path=args.out, shard=shard,
-                                         retry_failed=args.retry_failed, progress=_progress(args),
+                                         retry_failed=args.retry_failed, progress=progress,
                                          teacher_template=args.teacher_template,
                                          student_template=args.student_template))
     except ValueError as e:
