@@ -21,7 +21,7 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     from .. import report, testbed
 
     n = n or (12 if quick else 50)
-    budgets = (64, 256) if quick else (32, 64, 128, 256, 512)
+    budgets = (64, 128, 256) if quick else (32, 64, 128, 256, 512)
     # icecache+summaries: scrimp's extension (unselected pages count through their mean key and value)
     variants = [("icecache", {}), ("icecache+summaries", {"summaries": True})]
     runs = [("full", None, "full", {})] + [(name, b, "icecache", extra) for b in budgets for name, extra in variants]

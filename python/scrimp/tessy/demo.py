@@ -40,9 +40,9 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     from .sft import baseline_records, sft
     from .synth import TessyConfig, run_synthesis
 
-    problems_n = 8 if quick else 32
-    eval_n = n or (20 if quick else 100)
-    sft_steps = 30 if quick else 120
+    problems_n = 32 if quick else 200
+    eval_n = n or (50 if quick else 200)
+    sft_steps = 60 if quick else 120
     teacher_name = _teacher_name()
     bar = report.bar(total=3 + 4, desc="TESSY", progress=progress)
     teacher = LocalBackend.from_pretrained(f"testbed:{teacher_name}", name=teacher_name, device="cpu")
@@ -82,7 +82,7 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
             acc = None
             if data:
                 with contextlib.redirect_stdout(io.StringIO()):  # trainers log to stdout
-                    tuned, _ = sft(model, tok, data, steps=sft_steps, batch_size=8, lr=5e-4, seed=0, **loop)
+                    tuned, _ = sft(model, tok, data, steps=sft_steps, batch_size=16, lr=5e-4, seed=0, **loop)
                 acc = testbed.evaluate(tuned, tok, "arith", n=eval_n, seed=0)["accuracy"]
             bar.update()
             rows.append({"source": label, "traces": len(data), "correct": correct / len(data) if data else None,
@@ -98,7 +98,7 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     if example is not None:
         notes.append(f"example ({'correct' if example.get('answer') == example.get('reference') else 'wrong'} "
                      f"answer) - {example['prompt']}: {render_spans(example)}")
-    notes.append(f"SFT: {sft_steps} steps, batch 8, lr 5e-4 on {problems_n} problems' traces; accuracy on n={eval_n} "
+    notes.append(f"SFT: {sft_steps} steps, batch 16, lr 5e-4 on {problems_n} problems' traces; accuracy on n={eval_n} "
                  "held-out problems. Small sizes: the seed-averaged table with its command is in docs/tessy.md.")
     return {
         "title": report.SECTIONS["tessy"][0],
