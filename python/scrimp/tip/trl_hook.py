@@ -85,11 +85,11 @@ if _GKDTrainer is not None:
 
         ``tip_rule``, ``tip_ratio`` : the selector (``all`` / 1.0 reproduces GKD's loss on every token);
         ``tip_seed`` : seeds the selection generator; ``tip_chunk_tokens`` : rows scored at a time.
-        The heads are used over ``len(processing_class)`` rows. ``tip_last_stats`` holds the last selection.
+        The heads are used over ``tip_vocab_size`` rows (default ``len(processing_class)``). ``tip_last_stats`` holds the last selection.
         """
 
         def __init__(self, *args, tip_rule: str = "soft_or", tip_ratio: float = 0.5, tip_seed: int = 0,
-                     tip_chunk_tokens: int = 1024, **kwargs):
+                     tip_chunk_tokens: int = 1024, tip_vocab_size: Optional[int] = None, **kwargs):
             self.tip_rule, self.tip_ratio, self.tip_chunk_tokens = tip_rule, tip_ratio, tip_chunk_tokens
             self.tip_generator = torch.Generator().manual_seed(tip_seed)
             self.tip_last_stats = None
@@ -97,7 +97,9 @@ if _GKDTrainer is not None:
             student = self.accelerator.unwrap_model(self.model)
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             tok = self.processing_class
-            V = shared_vocab_size(student, teacher, len(tok) if tok is not None else None)
+            if tip_vocab_size is None and tok is not None:
+                tip_vocab_size = len(tok)
+            V = shared_vocab_size(student, teacher, tip_vocab_size)
             self._tip_heads = (LogitHead(student, V, "student"), LogitHead(teacher, V, "teacher"))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
