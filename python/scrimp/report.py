@@ -170,10 +170,10 @@ def build_report(quick: bool = True, sections: Optional[List[str]] = None, n: Op
                  progress: bool = True) -> dict:
     """Run the sections (all by default) and return the report: ``{"summary": [rows], "sections": [...],
     "machine", "date", "quick", "n", "seconds"}``; JSON-serialisable."""
-    keys = list(SECTIONS) if sections is None else list(sections)
-    for k in keys:
+    for k in sections or ():
         if k not in SECTIONS:
             raise ValueError(f"unknown section {k!r}; valid sections: {', '.join(SECTIONS)}")
+    keys = [k for k in SECTIONS if sections is None or k in sections]  # always in report order
     t0 = time.perf_counter()
     secs = []
     outer = bar(keys, desc="scrimp demo", progress=progress)

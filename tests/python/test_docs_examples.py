@@ -8,7 +8,7 @@ Convention for the docs:
   is skipped when CUDA is not usable (and runs where it is). No other block may be skipped.
 - Code that is not meant to run (signatures, shell commands, output) uses another fence (```text,
   ```bash, or an indented block).
-Also checked: every `scrimp <command> [<verb>]` the README names exists in scrimp.cli.build_parser().
+Also checked: every `scrimp <command> [<verb>]` these files name exists in scrimp.cli.build_parser().
 """
 import argparse
 import os
@@ -31,12 +31,7 @@ def python_blocks(path):
             for m in FENCE.finditer(text)]
 
 
-# PENDING: the docs/<method>.md pages are being rewritten (issues 18-20); their blocks must run before this xfail goes
-_PENDING = {"docs/icecache.md", "docs/packets.md", "docs/tessy.md", "docs/tip.md", "docs/testbed.md", "docs/hardening.md"}
-
-
-@pytest.mark.parametrize("path", [pytest.param(f, marks=pytest.mark.xfail(reason="pending rewrite", strict=False))
-                                  if f in _PENDING else f for f in DOC_FILES])
+@pytest.mark.parametrize("path", DOC_FILES)
 def test_python_blocks_run(path, tmp_path, monkeypatch):
     blocks = python_blocks(path)
     if not blocks:
@@ -53,21 +48,33 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
         pytest.skip(f"{path}: every block needs a GPU (lines {skipped})")
 
 
-def test_readme_commands_exist():
+@pytest.mark.parametrize("path", DOC_FILES)
+def test_named_commands_exist(path):
+    """Every `scrimp <command> [<verb>]` named in the file exists in the parser."""
     from scrimp.cli import build_parser
 
     def subparsers(p):
         return next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
 
     top = subparsers(build_parser())
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    named = set(re.findall(r"`scrimp ([a-z][a-z-]*)(?: ([a-z][a-z|-]*))?", readme))
-    assert named, "the README names no scrimp command"
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    code = re.findall(r"`([^`\n]+)`", text)  # inline code spans
+    code += [ln for ln in text.splitlines() if ln.startswith("    ")]  # indented code blocks
+    fence = None  # the language of the fenced block the line is in
+    for ln in text.splitlines():
+        if ln.startswith("```"):
+            fence = None if fence is not None else (ln[3:].strip() or "text")
+        elif fence is not None and fence != "python":
+            code.append(ln)  # fenced blocks other than Python
+    named = {m for c in code for m in re.findall(r"(?:^|[\s`(])scrimp ([a-z][a-z-]*)(?: ([a-z][a-z|-]*))?", c, re.M)
+             if m[0] != "import"}  # `from scrimp import x` is Python, not a command
+    if path == "README.md":
+        assert named, "the README names no scrimp command"
     for command, verbs in named:
-        assert command in top.choices, f"README names `scrimp {command}`, which does not exist"
+        assert command in top.choices, f"{path} names `scrimp {command}`, which does not exist"
         sub = subparsers(top.choices[command])
         if sub is None or not verbs:
             continue
         for verb in verbs.split("|"):
-            assert verb in sub.choices, f"README names `scrimp {command} {verb}`, which does not exist"
+            assert verb in sub.choices, f"{path} names `scrimp {command} {verb}`, which does not exist"
