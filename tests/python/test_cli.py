@@ -65,24 +65,20 @@ def test_every_option_and_verb_has_help(parser, command):
 
 
 def test_no_top_level_distill(parser):
-    # depends on issue 19 (TIP CLI): distillation is `scrimp tip distill`
+    # distillation is `scrimp tip distill`
     top = _subparser_actions(parser)[0]
     assert "distill" not in top.choices
     tip = top.choices["tip"]
     assert "distill" in _subparser_actions(tip)[0].choices
 
 
-# PENDING(issue 19, TESSY CLI): remove this xfail when `scrimp tessy` uses --quiet and --json PATH
-@pytest.mark.xfail(reason="scrimp tessy still has --no-progress (issue 19)", strict=False)
 def test_quiet_is_the_only_progress_switch(parser):
-    # depends on the method CLIs (issues 18, 19): `--quiet` means no progress bars everywhere
+    # `--quiet` means no progress bars everywhere
     offenders = [f"{' '.join(path)} {s}" for path, p in walk(parser) for a in options(p) for s in a.option_strings
                  if s in ("--no-progress", "--progress", "--silent")]
     assert offenders == []
 
 
-# PENDING(issue 19, TESSY CLI): remove this xfail when `scrimp tessy stats` takes --json PATH
-@pytest.mark.xfail(reason="scrimp tessy stats --json is a flag (issue 19)", strict=False)
 def test_shared_options_have_one_meaning(parser):
     for path, p in walk(parser):
         where = " ".join(path)

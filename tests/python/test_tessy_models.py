@@ -269,7 +269,7 @@ def test_cli_synth_with_model_specs_markers_and_bad_input(ckpts, tmp_path, capsy
     assert rep["backends"]["teacher"]["decoding"] == "incremental" and rep["summary"]["records"] == 3
     assert rep["backends"]["student"]["architecture"] == "Qwen2ForCausalLM"
     capsys.readouterr()
-    assert main(["tessy", "stats", out, "--json"]) == 0
+    assert main(["tessy", "stats", out, "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["records"] == 3
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"promt": "typo"}\n')

@@ -309,7 +309,6 @@ def _build(p: argparse.ArgumentParser) -> None:
 
     def quiet(q):
         q.add_argument("--quiet", action="store_true", help="no progress bars")
-        q.add_argument("--no-progress", action="store_true", help="same as --quiet")
 
     t = sub.add_parser("train-predictor", help="train a boundary predictor (token classifier)")
     t.add_argument("--role", required=True, choices=["teacher", "student"],
@@ -410,8 +409,8 @@ def _build(p: argparse.ArgumentParser) -> None:
 
     st = sub.add_parser("stats", help="summarise a TESSY output file")
     st.add_argument("file", help="TESSY output JSONL")
-    st.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                    help="print the statistics as JSON (no PATH) or write them to PATH")
+    st.add_argument("--json", default=None, metavar="PATH",
+                    help="also write the statistics as JSON to PATH (- prints them as JSON instead of the table)")
     st.set_defaults(func=_stats)
 
     c = sub.add_parser("convert", help="TESSY file -> chat-format SFT records (JSONL or a datasets dataset)")
