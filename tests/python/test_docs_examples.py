@@ -8,7 +8,8 @@ Convention for the docs:
   is skipped when CUDA is not usable (and runs where it is). No other block may be skipped.
 - Code that is not meant to run (signatures, shell commands, output) uses another fence (```text,
   ```bash, or an indented block).
-Also checked: every `scrimp <command> [<verb>]` these files name exists in scrimp.cli.build_parser().
+Also checked: every `scrimp <command> [<verb>]` these files name exists in scrimp.cli.build_parser(), and
+no doc, benchmark, test or source file narrates development history (numbered sessions and the like).
 """
 import argparse
 import os
@@ -78,3 +79,24 @@ def test_named_commands_exist(path):
             continue
         for verb in verbs.split("|"):
             assert verb in sub.choices, f"{path} names `scrimp {command} {verb}`, which does not exist"
+
+
+#: phrases that narrate how the code came to be (history belongs in commit messages)
+HISTORY = re.compile(r"\bsession\s+\d|\b(?:first|second|third|this|last|previous|next|earlier) session\b|"
+                     r"\bpreviously\b|\btried and dropped\b|\bwork period\b", re.I)
+
+
+def test_no_development_history():
+    roots = ["README.md", "docs", "bench", "python/scrimp", "tests/python", "examples"]
+    offenders = []
+    for root in roots:
+        top = os.path.join(ROOT, root)
+        files = [top] if os.path.isfile(top) else [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
+        for path in files:
+            if not path.endswith((".md", ".py", ".cpp", ".h", ".txt")) or path.endswith("test_docs_examples.py"):
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for i, line in enumerate(f, 1):
+                    if HISTORY.search(line):
+                        offenders.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()[:100]}")
+    assert offenders == []
