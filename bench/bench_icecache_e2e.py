@@ -1,7 +1,8 @@
 """End to end: `model.generate` of a Llama-3.1-8B-shaped model (random bf16 weights) at long context,
 the default dynamic cache (the anchor) vs IceCache (budget 256), same run; time per output token
-and peak device memory. Mirrors ../shared/anchors/gpu_e2e.py decode (which also has the offloaded
-cache). Without a GPU it runs a tiny model on the CPU as a smoke test.
+and peak device memory. Mirrors bench/anchors/gpu_e2e.py decode, whose H200 numbers
+(bench/anchors/h200-e2e-decode.json) also have transformers' offloaded cache. Without a GPU it runs
+a tiny model on the CPU as a smoke test.
 
     python bench/bench_icecache_e2e.py [--lengths 32768 131072] [--json out.json]
 """
@@ -16,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import scrimp
+from scrimp.icecache import cache_argument
 
 
 def config(small):
@@ -56,7 +58,7 @@ def main(argv=None):
             def gen(n):
                 kw = {}
                 if impl == "icecache":
-                    kw["past_key_values"] = scrimp.IceCache(model.config, budget=args.budget, device=dev,
+                    kw[cache_argument(model)] = scrimp.IceCache(model.config, budget=args.budget, device=dev,
                                                             max_context=L + n + 16)
                 t0 = time.perf_counter()
                 with torch.no_grad():

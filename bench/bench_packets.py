@@ -196,23 +196,35 @@ def assembly_bench(args, out):
 
 
 def method_bench(args, out):
-    from scrimp.packets.compare import DEFAULT_ADAPTERS, compare_methods, format_table
+    """The method table: on ``--data`` (JSONL) with ``--model``, else on the testbed recall task."""
+    from scrimp.packets.compare import (DEFAULT_ADAPTERS, compare_methods, compare_on_testbed, format_table,
+                                        load_adapters)
 
     try:
-        from scrimp import testbed
-        model, tok = testbed.load("recall")
+        model, tok = scrimp.load_model(args.model, device=args.device)
     except (FileNotFoundError, OSError) as e:
-        print(f"method table skipped: the testbed recall model is not available ({e})", file=out)
+        print(f"method table skipped: model {args.model} is not available ({e})", file=out)
         return None
-    if not os.path.exists(args.adapters or DEFAULT_ADAPTERS):
+    path = args.adapters or (DEFAULT_ADAPTERS if args.model == "testbed:recall" else None)
+    if path is None or not os.path.exists(path):
         print("method table skipped: no trained adapters (run `scrimp packets train`)", file=out)
         return None
-    from scrimp.packets.method import Adapters
-    ad = Adapters.load(args.adapters or DEFAULT_ADAPTERS, model)
-    print(f"recall task: n={args.n} examples, context {args.context_tokens} tokens, greedy exact match; "
-          f"TTFT = median time from prompt to first token with packets already stored; prep FLOPs = "
-          f"FLOPs to prepare the context cache (question prefill excluded, same for all)", file=out)
-    rows = compare_methods(model, tok, ad, n=args.n, context_tokens=args.context_tokens, out=out)
+    ad = load_adapters(model, path)
+    if args.data:
+        from scrimp.packets.data import read_examples
+        from scrimp.packets.prompt import build_prompt
+
+        prompts = [build_prompt(tok, e.documents, e.question, answer=e.answer) for e in read_examples(args.data)]
+        prompts = prompts[: args.n]
+        print(f"{args.data}: n={len(prompts)} prompts, accuracy = reference answer in the greedy output; TTFT = "
+              f"median time from prompt to first token with packets already stored; prep FLOPs = FLOPs to "
+              f"prepare the context cache (question prefill excluded, same for all)", file=out)
+        rows = compare_methods(model, tok, ad, prompts, out=out)
+    else:
+        print(f"recall task: n={args.n} examples, context {args.context_tokens} tokens, greedy exact match; "
+              f"TTFT = median time from prompt to first token with packets already stored; prep FLOPs = "
+              f"FLOPs to prepare the context cache (question prefill excluded, same for all)", file=out)
+        rows = compare_on_testbed(model, tok, ad, n=args.n, context_tokens=args.context_tokens, out=out)
     print(format_table(rows), file=out)
     return rows
 
@@ -229,7 +241,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--context-tokens", type=int, default=512)
-    ap.add_argument("--adapters", default=None)
+    ap.add_argument("--adapters", default=None, help="adapter file (default for testbed:recall: the shipped one)")
+    ap.add_argument("--model", default="testbed:recall", help="model spec for the method table")
+    ap.add_argument("--data", default=None, help="JSONL prompts for the method table (default: testbed recall)")
     ap.add_argument("--skip-method", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -3,10 +3,10 @@
     python bench/bench_scoring.py                      # CPU, N=256, V=151936, float32 + bfloat16
     python bench/bench_scoring.py --device cuda --n 4096 --json out.json
 
-Anchors (see ../shared/anchors): CPU (2 cores) torch eager 523 ms f32 / 602 ms bf16, torch.compile
-27 / 28 ms; targets: >= 1.2x faster than torch.compile, >= 10x faster than eager, O(N) extra memory.
-GPU (H200, N=4096, bf16): torch.compile 2.55 ms, one-pass Triton 1.15 ms, read floor 0.60 ms;
-target <= 0.70 ms.
+Anchors: on the CPU, torch eager and torch.compile are timed in the same run (the ratio columns);
+targets: >= 1.2x faster than torch.compile, >= 10x faster than eager, O(N) extra memory.
+GPU (H200, N=4096, bf16; bench/anchors/h200-anchors.json and h200-anchors2.json): torch.compile
+2.55 ms, one-pass Triton 1.15 ms, read floor 0.60 ms; target <= 0.70 ms.
 """
 import argparse
 import platform

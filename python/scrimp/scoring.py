@@ -26,6 +26,8 @@ class TokenScores(NamedTuple):
     kl_reverse : KL(P_S || P_T); None without a teacher.
     student_logprob : log P_S[target]; None without targets.
     teacher_logprob : log P_T[target]; None without a teacher or targets.
+    vocab_size : int, the |V| of the logits' last dimension (what normalising the entropy by log|V|
+        needs, e.g. :func:`scrimp.tip.select`); None when built by hand without it.
     """
 
     student_entropy: torch.Tensor
@@ -34,6 +36,7 @@ class TokenScores(NamedTuple):
     kl_reverse: Optional[torch.Tensor]
     student_logprob: Optional[torch.Tensor]
     teacher_logprob: Optional[torch.Tensor]
+    vocab_size: Optional[int] = None
 
 
 def _check_logits(x, name: str) -> None:
@@ -59,7 +62,7 @@ def _stream_of(x: torch.Tensor) -> int:
 
 
 def _wanted(has_teacher: bool, has_targets: bool) -> list[bool]:
-    """Which of the six TokenScores fields are computed, in field order."""
+    """Which of the six tensor fields of TokenScores are computed, in field order."""
     return [True, has_teacher, has_teacher, has_teacher, has_targets, has_teacher and has_targets]
 
 
@@ -111,8 +114,9 @@ def token_scores(
     Returns
     -------
     TokenScores
-        float32 tensors of shape ``student_logits.shape[:-1]`` on the input's device. A row containing
-        NaN gives NaN in that row's outputs only. Gradients do not flow through this function.
+        float32 tensors of shape ``student_logits.shape[:-1]`` on the input's device, and
+        ``vocab_size = student_logits.shape[-1]``. A row containing NaN gives NaN in that row's outputs
+        only. Gradients do not flow through this function.
     """
     _check_logits(student_logits, "student_logits")
     if teacher_logits is not None:
@@ -150,4 +154,4 @@ def token_scores(
         temperature,
     )
     wanted = _wanted(teacher_logits is not None, targets is not None)
-    return TokenScores(*[o if w else None for o, w in zip(outs, wanted)])
+    return TokenScores(*[o if w else None for o, w in zip(outs, wanted)], vocab_size=int(student_logits.shape[-1]))

@@ -29,6 +29,13 @@ SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|eos|>' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
+#: a second special-token set and chat template (``make_tokenizer(..., specials="alt")``): a tokenizer
+#: that differs from the default one in its special tokens as well as its vocabulary
+SPECIALS_ALT = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]"]
+
+CHAT_TEMPLATE_ALT = ("<s>{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                     "{% else %}{{ m['content'] + '</s>' }}{% endif %}{% endfor %}")
+
 
 def corpus(n_sentences: int = 400, seed: int = 0):
     rng = random.Random(seed)
@@ -40,28 +47,32 @@ def corpus(n_sentences: int = 400, seed: int = 0):
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int) -> str:
+@functools.lru_cache(maxsize=8)
+def _tokenizer_json(vocab_size: int, specials: str = "default") -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS if specials == "default" else SPECIALS_ALT,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(corpus(), trainer=trainer)
     return tk.to_str()
 
 
-def make_tokenizer(vocab_size: int = 512, chat_template: bool = True):
-    """A PreTrainedTokenizerFast with a BPE vocabulary trained on :func:`corpus`."""
+def make_tokenizer(vocab_size: int = 512, chat_template: bool = True, specials: str = "default"):
+    """A PreTrainedTokenizerFast with a BPE vocabulary trained on :func:`corpus`; ``specials="alt"``
+    uses :data:`SPECIALS_ALT` and :data:`CHAT_TEMPLATE_ALT` instead of the default set."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
-                                  bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
+    if specials not in ("default", "alt"):
+        raise ValueError(f"specials must be 'default' or 'alt', got {specials!r}")
+    names = SPECIALS if specials == "default" else SPECIALS_ALT
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, specials)),
+                                  pad_token=names[0], bos_token=names[1], eos_token=names[2])
     if chat_template:
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATE if specials == "default" else CHAT_TEMPLATE_ALT
     return tok
 
 
@@ -106,20 +117,23 @@ SUPPORTED_ARCHS = ("llama3", "qwen2", "qwen3", "mistral", "phi3")
 
 
 def make_checkpoint(arch: str, root, *, vocab_size: int = 512, seed: int = 0, name: str = None,
-                    chat_template: bool = True, pad_vocab_to: int = 0, **overrides) -> str:
+                    chat_template: bool = True, pad_vocab_to: int = 0, specials: str = "default",
+                    **overrides) -> str:
     """Save a random-weight ``arch`` model + trained tokenizer under ``root``; returns the directory.
 
     The model's vocabulary is the tokenizer's as ``AutoTokenizer`` reloads it from the directory (some
     architectures add tokens, e.g. Qwen2's ``<|endoftext|>``), rounded up to a multiple of
     ``pad_vocab_to`` when given (LM heads padded past the tokenizer, as Qwen's 151936 rows).
+    ``specials``: the tokenizer's special-token set (see :func:`make_tokenizer`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = os.path.join(str(root), name or f"{arch}-v{vocab_size}-p{pad_vocab_to}-s{seed}")
+    path = os.path.join(str(root), name or f"{arch}-v{vocab_size}-p{pad_vocab_to}-s{seed}"
+                        + ("" if specials == "default" else f"-{specials}"))
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    tok = make_tokenizer(vocab_size, chat_template=chat_template)
+    tok = make_tokenizer(vocab_size, chat_template=chat_template, specials=specials)
     config_for(arch, len(tok)).save_pretrained(path)  # so AutoTokenizer picks the architecture's class
     tok.save_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)

@@ -95,3 +95,74 @@ class ThreadServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+# ----------------------------------------------------------------------------- real models with set behaviour
+
+def scripted_lm(path, emit: str, stop: bool = False):
+    """A random-weight checkpoint (``path``) loaded and rewired so that greedy decoding always writes
+    the token ``emit`` (a large LM-head bias on it) and, with ``stop``, ends with eos right after it:
+    the embedding of ``emit`` is made large along one direction, which then dominates the final hidden
+    state after that token, and the eos row of the LM head reads that direction. A real HF model and
+    ``generate``, with a behaviour a test can predict. Returns ``(model, tokenizer)``."""
+    import torch
+    import scrimp
+    model, tok = scrimp.load_model(path, device="cpu", dtype="float32")
+    a = tok.convert_tokens_to_ids(emit)
+    if a is None or a == tok.unk_token_id:
+        raise ValueError(f"{emit!r} is not one token of {path}")
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[a] = 50.0
+        if stop:
+            g = torch.Generator().manual_seed(0)
+            d = torch.nn.functional.normalize(torch.randn(head.in_features, generator=g), dim=0)
+            model.get_input_embeddings().weight[a] = 50 * d
+            ctx = torch.tensor([[tok.eos_token_id, a]])
+            h = model.base_model(ctx).last_hidden_state[0, -1]  # the final hidden state after `emit`
+            biased.weight[tok.eos_token_id] = 10 * torch.nn.functional.normalize(h, dim=0)
+    model.set_output_embeddings(biased)
+    return model.eval(), tok
+
+
+class AlwaysCut:
+    """A boundary predictor that ends every span after its first token (then the word extension):
+    deterministic role switches for loop tests. ``tokenizer``: whose tokens it cuts."""
+
+    def __init__(self, role, tokenizer):
+        from scrimp.tessy.predictor import boundary_class
+        self.role = role
+        self.tokenizer = tokenizer
+        self.name = "always-cut"
+        self._cls = boundary_class(role)
+
+    def predict(self, texts):
+        out = []
+        for t in texts:
+            offs = [tuple(o) for o in self.tokenizer(t, add_special_tokens=False,
+                                                     return_offsets_mapping=True)["offset_mapping"]]
+            out.append((offs, [self._cls] * len(offs)))
+        return out
+
+    def cut_batch(self, contexts, generated, extend="word", min_span_tokens=1):
+        from scrimp.tessy.predictor import Predictor
+        return Predictor.cut_batch(self, contexts, generated, extend, min_span_tokens)
+
+    def describe(self):
+        return f"always-cut({self.role})"
+
+
+def recording(backend):
+    """Wrap ``backend.generate`` so that every ``(prompt, reply text)`` lands in ``backend.log``."""
+    backend.log = []
+    inner = backend.generate
+
+    async def generate(prompt, max_tokens, params, **kw):
+        r = await inner(prompt, max_tokens, params, **kw)
+        backend.log.append((prompt, max_tokens, r.text, r.finish_reason))
+        return r
+    backend.generate = generate
+    return backend

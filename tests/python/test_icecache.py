@@ -6,6 +6,7 @@ import torch
 
 import scrimp
 from scrimp import _C
+from scrimp.icecache import cache_argument
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
@@ -114,7 +115,7 @@ def _tiny(kind="llama", layers=3):
 
 def _generate(model, ids, cache=None, mask=None, n=12):
     with torch.no_grad():
-        kw = {} if cache is None else {"past_key_values": cache}
+        kw = {} if cache is None else {cache_argument(model): cache}
         return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
                               max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
 
@@ -193,8 +194,10 @@ def test_bad_arguments():
     ids = torch.randint(1, 96, (1, 100))
     cache = scrimp.IceCache(model.config, budget=128, dense_layers=1, max_context=512)
     _generate(model, ids, cache, n=2)
-    with pytest.raises(ValueError, match="(?i)create a new IceCache"):
-        _generate(other, ids, cache, n=2)  # a used cache, on another model
+    with pytest.raises(RuntimeError):
+        _generate(other, ids, cache, n=2)  # a used cache, on another model (whose attention ignores it)
+    with pytest.raises(RuntimeError, match="(?i)create a new IceCache"):  # and the cache says so from then on
+        cache.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), 1, kwargs={})
     fresh = scrimp.IceCache(model.config, budget=128, dense_layers=1, max_context=512)
     other.config._attn_implementation = "scrimp_icecache"
     with pytest.raises(ValueError, match="different model"):
@@ -247,8 +250,9 @@ def test_cli_has_icecache_command():
     from scrimp import cli
 
     parser = cli.build_parser()
-    args = parser.parse_args(["icecache", "demo"])
-    assert args.icecache_cmd == "demo" and callable(args.func)
+    for verb in ("demo", "eval", "bench"):
+        args = parser.parse_args(["icecache", verb])
+        assert args.icecache_cmd == verb and callable(args.func)
 
 
 def test_select_on_device_matches_host_selection():

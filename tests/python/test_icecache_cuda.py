@@ -6,6 +6,7 @@ import torch
 
 import scrimp
 from scrimp import _C
+from scrimp.icecache import cache_argument
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and scrimp.build_info()["cuda_device_usable"] and _C.clustered_cache_cuda_usable()),
@@ -157,7 +158,7 @@ def _greedy_on_cuda_with_and_without(layers, new_tokens, **cache_kwargs):
         ref = model.generate(ids, **gen)
         cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, device="cuda", max_context=1024,
                                 **cache_kwargs)
-        out = model.generate(ids, past_key_values=cache, **gen)
+        out = model.generate(ids, **{cache_argument(model): cache}, **gen)
     return ref, out, cache
 
 

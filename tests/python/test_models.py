@@ -121,7 +121,6 @@ def _imports_testbed(path):
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="tip/distiller, icecache/evaluate, packets/train, tessy/predictor, tessy/backends still read testbed tasks")
 def test_library_modules_never_import_the_testbed():
     offenders = []
     for root, _, files in os.walk(PKG):

@@ -1,18 +1,20 @@
-"""The KV Packet method on a tiny random Llama with the testbed tokenizer: packets + re-rotation equal
-the training-time block-diagonal forward; full selective recompute equals full prefill; adapters,
-training, FLOPs, generate_fn."""
+"""The KV Packet method on a tiny random Llama with the testbed tokenizer (recall prompts split at
+their document markers): packets + re-rotation equal the training-time block-diagonal forward; full
+selective recompute equals full prefill; adapters, training, FLOPs, the testbed harness."""
 import pytest
 import torch
 
 import scrimp.testbed as tb
 from packets_helpers import tiny_recall_setup
 from scrimp.packets import method as M
+from scrimp.packets.compare import recall_prompts, split_recall_prompt
 from scrimp.packets.train import student_answer_logits, train_adapters
 
 
 @pytest.fixture(scope="module")
 def setup():
-    return tiny_recall_setup(1, 200)
+    model, tok, ex = tiny_recall_setup(1, 200)
+    return model, tok, ex, split_recall_prompt(ex.prompt_ids, tok)
 
 
 def _question_logits(model, cache, n, question):
@@ -21,9 +23,10 @@ def _question_logits(model, cache, n, question):
     return out.logits[0, -1]
 
 
-def test_split_prompt_matches_doc_spans(setup):
-    model, tok, ex = setup
-    prefix, docs, q = M.split_prompt(ex.prompt_ids, tok)
+def test_split_recall_prompt_matches_doc_spans(setup):
+    model, tok, ex, pr = setup
+    prefix, docs, q = pr.prefix, pr.documents, pr.question
+    assert pr.ids == list(ex.prompt_ids)
     assert prefix == ex.prompt_ids[slice(*ex.prefix_span)]
     assert docs == [ex.prompt_ids[a:b] for a, b in ex.doc_spans]
     assert q == ex.prompt_ids[slice(*ex.question_span)]
@@ -31,16 +34,16 @@ def test_split_prompt_matches_doc_spans(setup):
 
 @pytest.mark.parametrize("with_adapters", [False, True])
 def test_packets_equal_block_diagonal_student(setup, with_adapters):
-    model, tok, ex = setup
+    model, tok, ex, pr = setup
     ad = M.Adapters(model.config.hidden_size, seed=3) if with_adapters else None
     eng = M.PacketEngine(model, tok, ad)
-    cache, n, question, kv, docs, prefix = eng.prepare(ex.prompt_ids)
+    cache, n, question, kv, docs, prefix = eng.prepare(pr)
     assert eng.built == len(docs)
     lg = _question_logits(model, cache, n, question)
-    sl = student_answer_logits(model, ad, tok, ex.prompt_ids, [5])
+    sl = student_answer_logits(model, ad, pr, [5])
     assert (lg - sl[0]).abs().max() < 1e-4
     # second time: every packet comes from the store
-    eng.prepare(ex.prompt_ids)
+    eng.prepare(pr)
     assert eng.built == len(docs) and eng.store.stats()["hits"] >= len(docs)
     # every document token keeps its plain-prompt position, shifted by the header length
     assert n == len(prefix) + sum(len(d) for d in docs) + (ad.n_header if with_adapters else 0)
@@ -49,7 +52,8 @@ def test_packets_equal_block_diagonal_student(setup, with_adapters):
 
 @pytest.fixture(scope="module")
 def setup_docs():
-    return tiny_recall_setup(1, 400)  # three documents
+    model, tok, ex = tiny_recall_setup(1, 400)  # three documents
+    return model, tok, ex, split_recall_prompt(ex.prompt_ids, tok)
 
 
 @pytest.mark.parametrize("header_kv", ["none", "once"])
@@ -57,21 +61,21 @@ def test_header_kv_packets_equal_the_student_that_reads_the_same_headers(setup_d
     """header_kv "none" / "once": packets store document + trailer only, at the same positions, and the
     question's logits equal the training forward whose question/answer rows read no header ("none")
     or only the first document's ("once": the one shared copy)."""
-    model, tok, ex = setup_docs
+    model, tok, ex, pr = setup_docs
     ad = M.Adapters(model.config.hidden_size, n_header=6, n_trailer=3, seed=3, header_kv=header_kv)
     every = M.Adapters(model.config.hidden_size, n_header=6, n_trailer=3, seed=3)
     assert ad.adapter_id != every.adapter_id and ad.n_header_cached == 0 and every.n_header_cached == 6
     assert ad.n_header_shared == (6 if header_kv == "once" else 0) and every.n_header_shared == 0
     eng = M.PacketEngine(model, tok, ad)
-    cache, n, question, kv, docs, prefix = eng.prepare(ex.prompt_ids)
+    cache, n, question, kv, docs, prefix = eng.prepare(pr)
     assert len(docs) >= 2
     assert n == len(prefix) + sum(len(d) for d in docs) + 6  # positions as with the header in every packet
     shared = 6 if header_kv == "once" else 0
     assert kv.keys[0].shape[2] == len(prefix) + shared + sum(len(d) + 3 for d in docs)
     lg = _question_logits(model, cache, n, question)
-    sl = student_answer_logits(model, ad, tok, ex.prompt_ids, [5])
+    sl = student_answer_logits(model, ad, pr, [5])
     assert (lg - sl[0]).abs().max() < 1e-4
-    with_every = student_answer_logits(model, every, tok, ex.prompt_ids, [5])
+    with_every = student_answer_logits(model, every, pr, [5])
     assert (with_every[0] - sl[0]).abs().max() > 1e-4  # the mask really differs
     # the stored rows are the document + trailer rows of the full wrapped packet
     full_kv = M.build_packet_kv(model, docs[0], every)
@@ -120,40 +124,46 @@ def test_packet_positions_keep_document_positions():
 
 
 def test_recomputing_everything_equals_full_prefill(setup):
-    model, tok, ex = setup
+    model, tok, ex, pr = setup
     full = model(input_ids=torch.tensor([ex.prompt_ids])).logits[0, -1]
     eng = M.PacketEngine(model, tok, None)
-    cache, n, question, kv, docs, prefix = eng.prepare(ex.prompt_ids)
+    cache, n, question, kv, docs, prefix = eng.prepare(pr)
     seq = list(prefix) + [t for d in docs for t in d]
-    none = _question_logits(model, eng.prepare(ex.prompt_ids)[0], n, question)
+    none = _question_logits(model, eng.prepare(pr)[0], n, question)
     assert (none - full).abs().max() > 1e-4  # no recompute really differs
     cache = M._recompute_positions(model, cache, seq, list(range(len(prefix), n)), n)
     assert (_question_logits(model, cache, n, question) - full).abs().max() < 1e-4
     fc = M._out_cache(model(input_ids=torch.tensor([seq]), use_cache=True))
     assert M._kv_deviation(model, fc, seq).abs().max() < 1e-8
-    dev = M._kv_deviation(model, eng.prepare(ex.prompt_ids)[0], seq)
+    dev = M._kv_deviation(model, eng.prepare(pr)[0], seq)
     assert dev[len(prefix) + 1:len(prefix) + len(docs[0])].max() > 0  # the first doc token only saw itself
 
 
-def test_generate_fns_run_in_the_harness(setup):
-    model, tok, ex = setup
+def test_methods_run_in_the_testbed_harness(setup):
+    import io
+
+    from scrimp.packets.compare import compare_on_testbed
+
+    model, tok, ex, pr = setup
     ad = M.Adapters(model.config.hidden_size)
-    eng = M.PacketEngine(model, tok, ad)
-    cb = M.SelectiveRecompute(model, tok, ratio=0.3)
+    rows = compare_on_testbed(model, tok, ad, n=2, context_tokens=200, out=io.StringIO(),
+                              methods=["full", "none", "kvpacket", "cacheblend-30", "epic"])
+    assert [r["method"] for r in rows] == ["full", "none", "kvpacket", "cacheblend-30", "epic"]
+    for r in rows:
+        assert r["n"] == 2 and 0 <= r["accuracy"] <= 1 and r["ttft_ms"] > 0 and r["kl"] >= -1e-6
+    assert rows[0]["kl"] < 1e-6 and rows[0]["agree"] == 1.0
     ep = M.SelectiveRecompute(model, tok, first_k=4)
-    ttfts = []
-    for fn in (eng.generate, cb.generate, ep.generate, M.full_recompute_generate(ttfts)):
-        r = tb.evaluate(model, tok, "recall", n=2, context_tokens=200, generate_fn=fn)
-        assert r["n"] == 2
-    assert len(eng.ttfts) == 2 and len(ttfts) == 2 and all(t > 0 for t in eng.ttfts)
-    assert cb.recomputed[0] == round(0.3 * sum(len(d) for d in M.split_prompt(ex.prompt_ids, tok)[1])) or cb.recomputed[0] > 0
-    assert ep.recomputed[0] == 4 * len(M.split_prompt(tb.tasks.recall(seed=0, context_tokens=200, tokenizer=tok).prompt_ids, tok)[1])
+    ep.answer(pr, 2)
+    assert ep.recomputed == [4 * len(pr.documents)]
+    cb = M.SelectiveRecompute(model, tok, ratio=0.3)
+    cb.answer(pr, 2)
+    assert cb.recomputed == [round(0.3 * sum(len(d) for d in pr.documents))]
     with pytest.raises(ValueError):
         M.SelectiveRecompute(model, tok)
 
 
 def test_adapters_save_load_and_fingerprint(setup, tmp_path):
-    model, tok, ex = setup
+    model, tok, ex, pr = setup
     ad = M.Adapters(model.config.hidden_size, 4, 2, seed=1)
     p = str(tmp_path / "a.safetensors")
     ad.save(p, model)
@@ -170,17 +180,19 @@ def test_adapters_save_load_and_fingerprint(setup, tmp_path):
     assert M.model_fingerprint(other) == M.model_fingerprint(model)
     with torch.no_grad():
         other.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0  # one changed weight: another model
-    with pytest.raises(ValueError, match="trained for model"):
+    mine, theirs = M.model_fingerprint(model), M.model_fingerprint(other)
+    with pytest.raises(ValueError, match=f"trained for model {mine}, not this model \\({theirs}\\)"):
         M.Adapters.load(p, other)
-    with pytest.raises(ValueError, match="trained for model"):
+    with pytest.raises(ValueError, match=f"trained for model {mine}, not this model \\({theirs}\\)"):
         M.PacketEngine(other, tok, b)
     assert M.Adapters(model.config.hidden_size, seed=2).adapter_id != ad.adapter_id
 
 
 @pytest.mark.parametrize("header_kv", ["every", "once", "none"])
 def test_training_steps_update_adapters_and_reduce_loss(setup, header_kv):
-    model, tok, _ = setup
-    ad, hist = train_adapters(model, tok, n_train=2, epochs=6, context_tokens=120, lr=2e-2, progress=False,
+    model, tok, _, _ = setup
+    prompts = recall_prompts(tok, 2, 120, training=True)
+    ad, hist = train_adapters(model, prompts, tokenizer=tok, epochs=6, lr=2e-2, progress=False,
                               log=lambda s: None, header_kv=header_kv)
     assert ad.header_kv == header_kv
     assert hist["steps"] == 12 and all(torch.isfinite(torch.tensor(hist["loss"])))
@@ -207,20 +219,18 @@ def test_flops_counts(setup):
 
 
 def test_shipped_adapters_on_the_shipped_recall_model():
-    """The shipped adapters (19 + 1 tokens, session 9; before: 24 + 8) load for the shipped recall model (fingerprint checked) and
-    KV Packet keeps what it was committed with on 20 held-out 2,048-token prompts (then: 95% for both
-    full recompute and KV Packet, 65% no recompute; KL 0.030 vs 0.078): within 2 examples of full
-    recompute, clearly above no recompute, and a first-answer-token distribution much closer to full
-    recompute's than no recompute's. On 100 prompts: 85% vs 88% full, 72% none, KL 0.025 vs 0.073
-    (docs/packets.md)."""
+    """The shipped adapters load for the shipped recall model (fingerprint checked) and, on 20
+    held-out 2,048-token prompts, KV Packet is within 2 examples of full recompute, clearly above no
+    recompute, with a first-answer-token distribution much closer to full recompute's than no
+    recompute's (the 100- and 500-prompt tables are in docs/packets.md)."""
     import io
 
-    from scrimp.packets.compare import RECALL_CONTEXT, compare_methods, load_adapters
+    from scrimp.packets.compare import RECALL_CONTEXT, compare_on_testbed, load_adapters
 
     model, tok = tb.load("recall")
     ad = load_adapters(model)
-    rows = {r["method"]: r for r in compare_methods(model, tok, ad, n=20, context_tokens=RECALL_CONTEXT,
-                                                    methods=["full", "none", "kvpacket"], out=io.StringIO())}
+    rows = {r["method"]: r for r in compare_on_testbed(model, tok, ad, n=20, context_tokens=RECALL_CONTEXT,
+                                                       methods=["full", "none", "kvpacket"], out=io.StringIO())}
     assert rows["full"]["accuracy"] >= 0.75
     assert rows["kvpacket"]["accuracy"] >= rows["full"]["accuracy"] - 0.10
     assert rows["kvpacket"]["accuracy"] >= rows["none"]["accuracy"] + 0.15

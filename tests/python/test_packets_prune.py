@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import scrimp
-import scrimp.testbed as tb
 from packets_helpers import tiny_recall_setup
 from scrimp.packets import method as M
-from scrimp.packets.compare import pruning_of
+from scrimp.packets.compare import pruning_of, split_recall_prompt
 from scrimp.packets.prune import Pruning, attention_scores
 from scrimp.packets.store import packet_key
 
@@ -50,8 +49,9 @@ def test_pruned_cache_is_the_full_cache_without_the_dropped_tokens(setup, score,
     pr = Pruning(score, keep=0.6, window=4)
     full = M.PacketEngine(model, tok, ad)
     pruned = M.PacketEngine(model, tok, ad, pruning=pr)
-    cache_f, n_f, q_f, kv_f, docs, prefix = full.prepare(ex.prompt_ids)
-    cache_p, n_p, q_p, kv_p, _, _ = pruned.prepare(ex.prompt_ids)
+    prompt = split_recall_prompt(ex.prompt_ids, tok)
+    cache_f, n_f, q_f, kv_f, docs, prefix = full.prepare(prompt)
+    cache_p, n_p, q_p, kv_p, _, _ = pruned.prepare(prompt)
     assert (n_p, q_p) == (n_f, q_f)  # same positions for the question
     nh = ad.n_header if ad else 0
     nt = ad.n_trailer if ad else 0
@@ -94,7 +94,7 @@ def test_attention_scores_equal_the_eager_attention_weights(setup, with_adapters
     # the scores are recomputed from the prefill's hidden states and cached keys; the reference is
     # the model's own eager attention (output_attentions), float32
     model, tok, ex = setup
-    _, docs, _ = M.split_prompt(ex.prompt_ids, tok)
+    docs = split_recall_prompt(ex.prompt_ids, tok).documents
     ad = M.Adapters(model.config.hidden_size, seed=1) if with_adapters else None
     nh, nt = (ad.n_header, ad.n_trailer) if ad else (0, 0)
     start, end, window = nh, nh + len(docs[0]), 5
@@ -118,14 +118,14 @@ def test_attention_scores_equal_the_eager_attention_weights(setup, with_adapters
 
 def test_attention_scores_reject_an_unknown_model(setup):
     model, tok, ex = setup
-    with pytest.raises(ValueError, match="Llama/Qwen3"):
+    with pytest.raises(ValueError, match="cannot find its decoder stack"):
         attention_scores(torch.nn.Linear(2, 2), [], [], torch.zeros(1, 3, dtype=torch.long), 0, 2, 2, 0)
 
 
 def test_pruned_packets_on_a_reopened_disk_tier(setup, tmp_path):
     model, tok, ex = setup
     pr = Pruning("key_norm", keep=0.5)
-    _, docs, _ = M.split_prompt(ex.prompt_ids, tok)
+    docs = split_recall_prompt(ex.prompt_ids, tok).documents
     st = scrimp.PacketStore(path=str(tmp_path), host_bytes=0, fsync=False)
     eng = M.PacketEngine(model, tok, None, store=st, pruning=pr)
     p = eng.packet(docs[0])

@@ -13,7 +13,7 @@ from tessy_helpers import needs_testbed, tiny_causal_lm
 def test_train_and_eval_predictor_cli(tmp_path, capsys):
     out = str(tmp_path / "bs")
     assert main(["tessy", "train-predictor", "--role", "student", "--n", "96", "--eval-n", "20", "--epochs", "1",
-                 "--hidden", "32", "--layers", "1", "--out", out, "--no-progress", "--threads", "1"]) == 0
+                 "--hidden", "32", "--layers", "1", "--out", out, "--quiet", "--threads", "1"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["train"]["steps"] == 3 and 0 <= rep["heldout"]["precision"] <= 1
     meta = json.load(open(os.path.join(out, "tessy_predictor.json")))
@@ -27,7 +27,7 @@ def test_train_and_eval_predictor_cli(tmp_path, capsys):
     ann.write_text(json.dumps({"think_text": "Okay so 1 + 2 = 3.", "pred_result": [{"start": 0, "end": 8}]}) + "\n")
     assert main(["tessy", "train-predictor", "--role", "teacher", "--source", "annotations", "--data", str(ann),
                  "--epochs", "1", "--hidden", "32", "--layers", "1", "--eval-n", "5", "--out",
-                 str(tmp_path / "bt"), "--no-progress", "--threads", "1"]) == 0
+                 str(tmp_path / "bt"), "--quiet", "--threads", "1"]) == 0
     with pytest.raises(SystemExit, match="needs --data"):
         main(["tessy", "train-predictor", "--role", "teacher", "--source", "annotations", "--out", str(tmp_path / "x")])
 
@@ -44,13 +44,13 @@ def test_synth_cli_failures_stats_convert(tmp_path, capsys):
                              for i in range(3)))
     out = str(tmp_path / "o.jsonl")
     args = ["tessy", "synth", "--input", str(probs), "--out", out, "--teacher", d, "--student", d,
-            "--max-tokens", "40", "--max-retries", "0", "--no-progress", "--threads", "1"]
+            "--max-tokens", "40", "--max-retries", "0", "--quiet", "--threads", "1"]
     assert main(args) == 0
     recs = latest_records(out)
     assert set(recs) == {"q0", "q1", "q2"} and all(r["finish_reason"] == "length" for r in recs.values())
     assert recs["q1"]["reference"] == "2"
     capsys.readouterr()
-    assert main(["tessy", "stats", out, "--json"]) == 0
+    assert main(["tessy", "stats", out, "--json", "-"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["failed"] == 3 and s["finish_reasons"] == {"length": 3}
     assert main(["tessy", "convert", out, "--out", str(tmp_path / "c.jsonl")]) == 0
@@ -67,7 +67,7 @@ def test_synth_cli_failures_stats_convert(tmp_path, capsys):
 def test_synth_cli_testbed_and_demo(tmp_path, capsys):
     out = str(tmp_path / "tb.jsonl")
     assert main(["tessy", "synth", "--testbed-arith", "4", "--out", out, "--temperature", "0",
-                 "--max-tokens", "400", "--answer-max-tokens", "8", "--no-progress", "--threads", "1"]) == 0
+                 "--max-tokens", "400", "--answer-max-tokens", "8", "--quiet", "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert "student share" in text
     assert len(latest_records(out)) == 4

@@ -3,8 +3,10 @@ import json
 
 import pytest
 
+from scrimp.testbed import get_tokenizer
 from scrimp.tessy import (BoundaryPredictor, LexiconPredictor, annotate_texts, annotation_prompt,
-                          evaluate_predictor, load_predictor, parse_annotation, testbed_examples, train_predictor)
+                          evaluate_predictor, load_predictor, parse_annotation, train_predictor)
+from scrimp.tessy.cli import testbed_examples
 from scrimp.tessy.annotate import AnnotationError, EndpointAnnotator, chunk_words
 from scrimp.tessy.predictor import CAPABILITY, STYLE, cut_generated, spans_to_token_labels
 
@@ -69,7 +71,7 @@ def test_cut_student_and_extension_modes():
 
 def test_lexicon_predictor_on_testbed_traces():
     for role in ("teacher", "student"):
-        ev = evaluate_predictor(LexiconPredictor(role), testbed_examples(60, role, seed=5))
+        ev = evaluate_predictor(LexiconPredictor(role, tokenizer=get_tokenizer()), testbed_examples(60, role, seed=5))
         assert ev["precision"] >= 0.95 and ev["recall"] >= 0.85, ev
         assert ev["first_boundary_agreement"] >= 0.9
     cuts = LexiconPredictor("teacher").cut_batch([" Okay so "], ["12 + 7 = 19. Then 19 * 3"])
@@ -81,7 +83,7 @@ def test_lexicon_predictor_on_testbed_traces():
 def test_trained_classifier_precision_recall_and_save_load(tmp_path):
     train = testbed_examples(320, "teacher", seed=1)
     held = testbed_examples(60, "teacher", seed=2)
-    pred = BoundaryPredictor.new("teacher", hidden=64, layers=2)
+    pred = BoundaryPredictor.new("teacher", tokenizer=get_tokenizer(), hidden=64, layers=2)
     before = evaluate_predictor(pred, held)
     m = train_predictor(pred, train, epochs=4, lr=2e-3, batch_size=32)
     after = evaluate_predictor(pred, held)
@@ -99,17 +101,15 @@ def test_trained_classifier_precision_recall_and_save_load(tmp_path):
 
 
 def test_classifier_sees_only_the_last_tokens():
-    pred = BoundaryPredictor.new("student", hidden=16, layers=1, max_length=8)
+    pred = BoundaryPredictor.new("student", tokenizer=get_tokenizer(), hidden=16, layers=1, max_length=8)
     (offs, labs), = pred.predict(["a b c d e f g h i j k l"])
     assert len(offs) == len(labs) == 8
     assert offs[-1][1] == len("a b c d e f g h i j k l")
 
 
 def test_classifier_tokenizer_mismatch():
-    pred = BoundaryPredictor.new("teacher", hidden=16, layers=1)
-    from transformers import AutoTokenizer  # noqa: F401
-    from scrimp.testbed import get_tokenizer
-    small = BoundaryPredictor.new("teacher", hidden=16, layers=1)
+    pred = BoundaryPredictor.new("teacher", tokenizer=get_tokenizer(), hidden=16, layers=1)
+    small = BoundaryPredictor.new("teacher", tokenizer=get_tokenizer(), hidden=16, layers=1)
     small.model.resize_token_embeddings(10)
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         BoundaryPredictor(small.model, get_tokenizer(), role="teacher")
@@ -152,7 +152,7 @@ def _annotator_app(bad_every=0):
     import re
     from fastapi import FastAPI, Request
     app = FastAPI()
-    lex = LexiconPredictor("teacher")
+    lex = LexiconPredictor("teacher", tokenizer=get_tokenizer())
     state = {"n": 0}
 
     @app.post("/v1/chat/completions")
@@ -182,7 +182,7 @@ def test_annotate_through_endpoint_then_train(tmp_path):
     # the located spans are the annotator's phrases
     ex = examples[0]
     assert all(ex["text"][s:e].strip() for s, e in ex["spans"])
-    pred = BoundaryPredictor.new("student", hidden=64, layers=2)
+    pred = BoundaryPredictor.new("student", tokenizer=get_tokenizer(), hidden=64, layers=2)
     train_predictor(pred, examples[:32], epochs=12, lr=2e-3, batch_size=16)
     # it learns the annotator's labels (held-out annotated chunks) ...
     ev = evaluate_predictor(pred, examples[32:])

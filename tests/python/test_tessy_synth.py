@@ -144,7 +144,7 @@ def test_think_marker_and_config_checks():
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     plain = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
     b = ScriptBackend("plain-model", _student_reply, tokenizer=plain)
-    with pytest.raises(ValueError, match="no thinking marker"):
+    with pytest.raises(ValueError, match="'plain-model' cannot write the thinking marker '<think>'.*--teacher-think"):
         run_synthesis(["x"], b, ScriptBackend("S", _student_reply), LEX_T, LEX_S)
     with pytest.raises(ValueError, match="role"):
         run_synthesis(["x"], ScriptBackend("T", _teacher_reply), ScriptBackend("S", _student_reply), LEX_S, LEX_T)

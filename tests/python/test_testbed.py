@@ -20,6 +20,9 @@ RECORDED = {
     ("arith-teacher", None): 1.0,     # 30/30 (full set: 99.0% of 200)
     ("arith-student", None): 2 / 30,  # (full set: 8.0% of 200)
     ("arith-student-teacher-style", None): 12 / 30,  # (full set: 36.0% of 200)
+    ("arith-teacher-robust", None): 1.0,          # 30/30 (full set: 99.5% of 200)
+    ("arith-teacher-robust", "student"): 1.0,     # 30/30 continuing student-style traces (98.5% of 200)
+    ("arith-teacher-robust", "mixed"): 1.0,       # 30/30 continuing mixed-style traces (99.0% of 200)
 }
 MARGIN = 0.10
 N_RECALL_SHORT, N_RECALL_LONG, N_ARITH = 30, 20, 30
@@ -194,6 +197,55 @@ def test_arith_labels_cover_every_token(style, tok):
     assert n_style > 0 and n_cap > 0
 
 
+def test_arith_mixed_keeps_the_problem_and_mixes_the_styles(tok):
+    from scrimp.testbed.evaluate import writes_teacher_style
+
+    n_pure = n_student_open = 0
+    for s in range(300):
+        ex = tasks.arith_mixed(seed=s)
+        assert ex == tasks.arith_mixed(seed=s) and ex.style == "mixed"
+        ref = tasks.arith(seed=s)
+        assert ex.problem == ref.problem and ex.steps == ref.steps and ex.answer == ref.answer
+        assert ex.completion.endswith("</think> " + ex.answer)
+        assert ex.completion_ids == tok(ex.completion, add_special_tokens=False)["input_ids"]
+        assert len(ex.labels) == len(ex.completion_ids)
+        # every step's result, in order, whatever style wrote its connective
+        pos = 0
+        for a, op, b, r in ex.steps:
+            pos = ex.completion.index(f"{a} {op} {b} = {r}.", pos) + 1
+        n_pure += writes_teacher_style(ex.completion)
+        n_student_open += not ex.completion.startswith("<think> First")
+    # 40% pure teacher style, the others a uniform student share: about 30% open in the student style
+    assert 0.4 <= n_pure / 300 <= 0.65 and 0.2 <= n_student_open / 300 <= 0.4
+    assert all(writes_teacher_style(tasks.arith_mixed(s, student_share=0.0).completion) for s in range(20))
+    for s in range(20):
+        only = tasks.arith_mixed(s, student_share=1.0).completion
+        assert not only.startswith("<think> First") and "Finally" not in only
+    with pytest.raises(ValueError, match=r"student_share must be in \[0, 1\]"):
+        tasks.arith_mixed(0, student_share=1.5)
+    with pytest.raises(TypeError, match="student_share"):
+        tasks.arith_mixed(0, student_share="half")
+
+
+def test_robust_teacher_recipe_starts_from_the_shipped_teacher(tmp_path):
+    from safetensors.torch import load_file
+    from scrimp.testbed import train
+
+    out = tmp_path / "robust"
+    m = train.train("arith", "teacher", seed=0, out=str(out), steps=1, lr=1e-12, eval_n=1, style="mixed",
+                    progress=False)
+    assert m["style"] == "mixed" and m["recipe"]["init"] == "arith-teacher"
+    assert {"accuracy", "teacher_style_share", "continuation_accuracy_student",
+            "continuation_accuracy_mixed"} <= set(m)
+    w = load_file(str(out / "model.safetensors"))
+    w0 = load_file(os.path.join(tb.path("arith-teacher"), "model.safetensors"))
+    assert w.keys() == w0.keys()
+    assert all(torch.allclose(w[k], w0[k], atol=1e-6) for k in w)
+    with pytest.raises(ValueError, match="init checkpoint 'arith-teacher' has shape"):
+        train.train("arith", "teacher", seed=0, out=str(tmp_path / "x"), steps=1, style="mixed",
+                    overrides={"hidden": 64}, progress=False)
+
+
 def test_arith_validation():
     with pytest.raises(ValueError, match="valid styles"):
         tasks.arith(style="pirate")
@@ -208,10 +260,12 @@ def test_arith_validation():
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_names_and_paths():
-    assert set(tb.MODELS) == {"recall", "arith-teacher", "arith-student", "arith-student-teacher-style"}
+    assert set(tb.MODELS) == {"recall", "arith-teacher", "arith-student", "arith-student-teacher-style",
+                              "arith-teacher-robust"}
     for name in tb.MODELS:
         assert os.path.isfile(os.path.join(tb.path(name), "config.json"))
-    with pytest.raises(ValueError, match="recall, arith-teacher, arith-student, arith-student-teacher-style"):
+    with pytest.raises(ValueError, match="recall, arith-teacher, arith-student, arith-student-teacher-style, "
+                                         "arith-teacher-robust"):
         tb.load("nope")
     with pytest.raises(ValueError, match="valid names"):
         tb.path("gpt2")
@@ -223,7 +277,8 @@ def test_checkpoints_are_standard_small_gqa_models():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     expected = {"recall": "LlamaForCausalLM", "arith-teacher": "Qwen3ForCausalLM",
-                "arith-student": "Qwen3ForCausalLM", "arith-student-teacher-style": "Qwen3ForCausalLM"}
+                "arith-student": "Qwen3ForCausalLM", "arith-student-teacher-style": "Qwen3ForCausalLM",
+                "arith-teacher-robust": "Qwen3ForCausalLM"}
     total = 0
     for name, cls in expected.items():
         d = tb.path(name)
@@ -300,6 +355,42 @@ def test_tip_student_writes_the_teacher_style_and_is_weaker(models):
     outs = [r["output"] for r in res["results"]]
     assert sum(o.startswith("<think> First") for o in outs) >= 0.9 * N_ARITH
     assert not any("Okay" in o for o in outs)
+
+
+def test_robust_teacher_continues_either_style_and_writes_the_teacher_style(models):
+    from scrimp.testbed.evaluate import arith_continuation, writes_teacher_style
+
+    m, t = models["arith-teacher-robust"]
+    res = tb.evaluate(m, t, "arith", n=N_ARITH, style="teacher")
+    assert res["accuracy"] >= _recorded(("arith-teacher-robust", None)) - MARGIN
+    # unprompted it writes the teacher style
+    assert all(writes_teacher_style(r["output"]) for r in res["results"])
+    assert sum(r["output"].startswith("<think> First") for r in res["results"]) >= 0.9 * N_ARITH
+    for style in ("student", "mixed"):
+        acc = arith_continuation(m, t, n=N_ARITH, seed=0, style=style)["accuracy"]
+        assert acc >= _recorded(("arith-teacher-robust", style)) - MARGIN, style
+    # the single-style teacher derails on the same student-style prefixes (why TESSY needs this one)
+    m0, _ = models["arith-teacher"]
+    assert arith_continuation(m0, t, n=N_ARITH, seed=0, style="student")["accuracy"] <= 0.3
+
+
+def test_arith_continuation_cuts_after_a_style_segment(models):
+    from scrimp.testbed.evaluate import arith_continuation
+
+    m, t = models["arith-teacher"]
+    res = arith_continuation(m, t, n=6, seed=3, style="teacher", batch_size=4)
+    assert res["n"] == 6 and len(res["results"]) == 6
+    for i, r in enumerate(res["results"]):
+        ex = tasks.arith(seed=3 * 1_000_003 + i)
+        assert ex.completion.startswith(r["prefix"]) and r["prefix"].startswith("<think>")
+        assert r["prefix"].endswith(" ") and r["expected"] == ex.answer
+        assert r["correct"] == (r["got"] == ex.answer)
+    again = arith_continuation(m, t, n=6, seed=3, style="teacher", batch_size=6)
+    assert [r["prefix"] for r in again["results"]] == [r["prefix"] for r in res["results"]]
+    with pytest.raises(ValueError, match="unknown style"):
+        arith_continuation(m, t, n=2, style="pirate")
+    with pytest.raises(ValueError, match="n must be"):
+        arith_continuation(m, t, n=0)
 
 
 def test_evaluate_results_and_validation(models):
@@ -424,7 +515,7 @@ def test_cli_testbed_train(tmp_path, capsys):
 
     out = tmp_path / "ck"
     assert main(["testbed", "train", "--task", "arith", "--role", "student", "--steps", "2",
-                 "--eval-n", "1", "--out", str(out), "--no-progress"]) == 0
+                 "--eval-n", "1", "--out", str(out), "--quiet"]) == 0
     assert "METRICS" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
 

@@ -42,9 +42,19 @@ def models(tmp_path_factory):
 
 def _cli(models, out, steps, extra=()):
     return [sys.executable, "-c", "import sys; from scrimp.cli import main; sys.exit(main(sys.argv[1:]))",
-            "distill", "--student", models["student"], "--teacher", models["teacher"], "--steps", str(steps),
-            "--batch-size", "2", "--max-new-tokens", "6", "--output-dir", str(out), "--checkpoint-every", "1",
-            "--no-progress", "--threads", "1", "--ratio", "0.5", *extra]
+            "tip", "distill", "--student", models["student"], "--teacher", models["teacher"], "--steps", str(steps),
+            "--batch-size", "2", "--max-new-tokens", "6", "--out", str(out), "--checkpoint-every", "1",
+            "--quiet", "--threads", "1", "--ratio", "0.5", "--device", "cpu", *extra]
+
+
+def _state(out):
+    """(step, student state dict, history) of the newest checkpoint under ``out``."""
+    from safetensors.torch import load_file
+    names = sorted((int(n.split("-")[1]), n) for n in os.listdir(out) if n.startswith("checkpoint-") and
+                   not n.endswith(".tmp"))
+    path = os.path.join(out, names[-1][1])
+    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    return st["step"], load_file(os.path.join(path, "model.safetensors")), st["history"]
 
 
 def test_distiller_steps_and_logging():
@@ -61,12 +71,11 @@ def test_distiller_steps_and_logging():
         assert abs(sum(r[f"q{i}_all"] for i in range(1, 5)) - 1) < 1e-6
         assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, s.parameters()))
-    with pytest.raises(ValueError, match="vocabulary mismatch"):
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        other = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok) + 3, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=8))
-        OnPolicyDistiller(s, other, tok)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    small = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok) - 3, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    with pytest.raises(ValueError, match=f"teacher: its LM head has {len(tok) - 3} rows but the vocabulary has {len(tok)}"):
+        OnPolicyDistiller(s, small, tok)
 
 
 def _read_metrics(out):
@@ -90,23 +99,23 @@ def test_killed_run_resumes_bit_exact(models, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    done = _state(out)[0]
     assert 1 <= done < 200
     if done >= total:
         pytest.skip("the run went past the comparison point before it was killed (machine too fast)")
     subprocess.run(_cli(models, out, total), env=ENV, check=True, capture_output=True, timeout=300)
-    a = torch.load(ref / "checkpoint.pt", weights_only=False)
-    b = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == total
-    for k in a["student"]:
-        assert torch.equal(a["student"][k], b["student"][k]), k
-    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+    a, b = _state(ref), _state(out)
+    assert a[0] == b[0] == total
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k]), k
+    assert [r["loss"] for r in a[2]] == [r["loss"] for r in b[2]]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / f"checkpoint-{total}")  # the export is a normal HF checkpoint
 
 
-def test_crash_between_rng_and_checkpoint_write_resumes_exactly(models, tmp_path, monkeypatch):
-    """The commit point is ``checkpoint.pt``: a crash after a step's RNG file is written but before the
-    checkpoint replaces the old one must resume from the previous step with that step's RNG state
-    (the CI failure of session 1 was exactly this window)."""
+def test_crash_at_the_checkpoint_commit_resumes_exactly(models, tmp_path, monkeypatch):
+    """The commit point is the rename of ``checkpoint-N.tmp``: a crash just before it must resume from the
+    previous checkpoint (left intact) with that step's RNG state."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from scrimp.tip import OnPolicyDistiller, arith_prompts
 
@@ -121,28 +130,28 @@ def test_crash_between_rng_and_checkpoint_write_resumes_exactly(models, tmp_path
     ref = distiller(tmp_path / "ref")
     ref.train(3, arith_prompts(tok))
     run = distiller(tmp_path / "run")
-    real_save = torch.save
+    real_rename = os.rename
 
-    def crash_on_step2_commit(obj, f, *a, **k):
-        if str(f).endswith("checkpoint.pt.tmp") and obj["step"] == 2:
+    def crash_on_step2_commit(src, dst, *a, **k):
+        if str(src).endswith("checkpoint-2.tmp"):
             raise KeyboardInterrupt("simulated kill")
-        return real_save(obj, f, *a, **k)
+        return real_rename(src, dst, *a, **k)
 
-    monkeypatch.setattr(torch, "save", crash_on_step2_commit)
+    monkeypatch.setattr(os, "rename", crash_on_step2_commit)
     with pytest.raises(KeyboardInterrupt):
         run.train(3, arith_prompts(tok))
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(os, "rename", real_rename)
     names = sorted(os.listdir(tmp_path / "run"))
-    assert "rng-rank0-step1.pt" in names and "rng-rank0-step2.pt" in names
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert "checkpoint-1" in names and "checkpoint-2.tmp" in names and "checkpoint-2" not in names
+    assert _state(tmp_path / "run")[0] == 1
     resumed = distiller(tmp_path / "run")
     resumed.train(3, arith_prompts(tok))
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in ref.history]
     for a, b in zip(ref.student.parameters(), resumed.student.parameters()):
         assert torch.equal(a, b)
     assert len(_read_metrics(tmp_path / "run")) == 3  # the step logged before the crash is not duplicated
-    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("rng")) == ["rng-rank0-step3.pt"]
-    os.remove(tmp_path / "run" / "rng-rank0-step3.pt")
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint")) == ["checkpoint-3"]
+    os.remove(tmp_path / "run" / "checkpoint-3" / "rng-rank0.pt")
     with pytest.raises(RuntimeError, match="RNG state"):
         distiller(tmp_path / "run").train(4, arith_prompts(tok))
 

@@ -158,8 +158,9 @@ def test_bad_inputs():
         select(sc, mask, "q3", 0.5)
     with pytest.raises(ValueError, match="NaN"):
         select(_scores([[0.1, float("nan")]], [[0.1, 0.2]]), mask, "soft_or", 0.5)
-    with pytest.raises(ValueError, match="vocab_size"):
-        select(scrimp.token_scores(torch.randn(1, 2, 5), torch.randn(1, 2, 5)), mask, "soft_or", 0.5)
+    ts = scrimp.token_scores(torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+    with pytest.raises(ValueError, match="vocab_size"):  # a TokenScores built by hand, without its |V|
+        select(ts._replace(vocab_size=None), mask, "soft_or", 0.5)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         compute_scores(torch.randn(2, 5), torch.randn(2, 6))
 
@@ -175,5 +176,22 @@ def test_compute_scores_and_token_scores_input():
     assert torch.allclose(sc.kl_forward.double(), (lt.exp() * (lt - ls)).sum(-1), atol=1e-5)
     mask = torch.ones(2, 3, dtype=torch.bool)
     a, _ = select(sc, mask, "soft_or", 0.5)
-    b, _ = select(scrimp.token_scores(s, t), mask, "soft_or", 0.5, vocab_size=11)
+    b, _ = select(scrimp.token_scores(s, t), mask, "soft_or", 0.5)
     assert torch.equal(a, b)
+    assert scrimp.token_scores(s, t).vocab_size == 11
+
+
+def test_readme_example_token_scores_straight_into_select():
+    torch.manual_seed(1)
+    student_logits, teacher_logits = torch.randn(2, 8, 13), torch.randn(2, 8, 13)
+    response_mask = torch.zeros(2, 8, dtype=torch.bool)
+    response_mask[:, 3:] = True
+    scores = scrimp.token_scores(student_logits, teacher_logits)
+    mask, stats = scrimp.tip.select(scores, response_mask, rule="soft_or", ratio=0.2)
+    assert stats.kept_tokens == 2 == int(mask.sum()) and not (mask & ~response_mask).any()
+    # the entropy was normalised by log 13: same mask as compute_scores, different with a wrong |V|
+    ref, _ = select(compute_scores(student_logits, teacher_logits), response_mask, "soft_or", 0.2)
+    assert torch.equal(mask, ref)
+    ent = scores.student_entropy / math.log(13)
+    h = select({"entropy": ent, "kl_reverse": scores.kl_reverse}, response_mask, "all", 1.0)[1].h_threshold
+    assert stats.h_threshold == pytest.approx(h)

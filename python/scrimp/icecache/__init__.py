@@ -1,13 +1,13 @@
 """scrimp.icecache: IceCache, a clustered KV cache offloaded to host pages with a token budget.
 
-    cache = scrimp.IceCache(model.config, budget=256, page_size=16, sink_pages=2, window_pages=2,
-                            dense_layers=2, device="cuda")
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    cache = scrimp.IceCache(model, budget=256)
+    out = scrimp.icecache.generate(model, input_ids, cache, attention_mask=mask, max_new_tokens=32)
 
 torch and transformers are imported on first use of a name below.
 """
-_LAZY = {"IceCache": "cache", "IceCacheLayer": "cache", "METHODS": "cache", "make_generate_fn": "evaluate",
-         "demo_section": "evaluate"}
+_LAZY = {"IceCache": "cache", "IceCacheLayer": "cache", "METHODS": "cache", "REFUSED_FEATURES": "cache",
+         "generate": "cache", "cache_argument": "cache", "make_generate_fn": "evaluate", "evaluate": "evaluate",
+         "load_jsonl": "evaluate", "answer_matches": "evaluate", "demo_section": "demo"}
 
 
 def __getattr__(name):

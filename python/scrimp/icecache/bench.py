@@ -22,7 +22,7 @@ import torch
 
 import scrimp
 from scrimp import testbed
-from scrimp.icecache import IceCache, make_generate_fn
+from scrimp.icecache import IceCache, cache_argument, make_generate_fn
 
 METHODS = ("icecache", "quest", "oracle", "random", "streaming")
 
@@ -102,7 +102,7 @@ def memory_table(model, tok, lengths, dense_layers):
         for name, kw in variants:
             cache = IceCache(model.config, max_context=ids.shape[1] + 64, **kw)
             with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                model.generate(ids, attention_mask=torch.ones_like(ids), **{cache_argument(model): cache}, max_new_tokens=4,
                                do_sample=False, pad_token_id=tok.pad_token_id)
             out[name] = cache.device_bytes()
             if name == "icecache":
@@ -121,11 +121,11 @@ def decode_ms(model, ids, dense_layers, steps=16, **cache_kw):
     cache = IceCache(model.config, dense_layers=dense_layers, max_context=ids.shape[1] + steps + 16,
                      **{"budget": 256, **cache_kw})
     with torch.no_grad():
-        out = model(ids, past_key_values=cache)
+        out = model(ids, **{cache_argument(model): cache})
         tok = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = model(tok, past_key_values=cache)
+            out = model(tok, **{cache_argument(model): cache})
             tok = out.logits[:, -1:].argmax(-1)
         return (time.perf_counter() - t0) / steps * 1e3
 

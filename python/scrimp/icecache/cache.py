@@ -1,17 +1,20 @@
 """IceCache as a ``transformers`` Cache: clustered KV pages offloaded to (pinned) host memory.
 
-Prefill attends densely and builds a page index per layer and KV head; each decode step selects the
-best pages within a token budget and runs paged decode attention over sink + selected + window.
+The prompt is attended densely (in one pass, or chunk by chunk) and its tokens go to three places per
+layer and KV head: the first sink tokens and the recent window stay resident on the device, every
+other token goes to a host page index (clustered pages). Each decode step selects the best pages
+within a token budget and runs paged decode attention over sink + selected pages + window.
 
 The decode attention needs the query, which ``Cache.update`` does not see. ``IceCache`` therefore
 registers an attention function ``"scrimp_icecache"`` with transformers' ``AttentionInterface`` and
-switches the model config to it: the function runs IceCache's paged attention for calls that an
+switches the model config to it: the function runs IceCache's attention for calls that an
 ``IceCache`` layer marked (through the per-layer kwargs dict that transformers passes both to
 ``Cache.update`` and to the attention function) and plain SDPA for every other call, so the model
 behaves exactly as before with any other cache.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -19,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .. import _C
+from .. import hf
 
 ATTN_NAME = "scrimp_icecache"
 METHODS = ("icecache", "quest", "random", "oracle", "streaming", "full")
@@ -31,6 +35,27 @@ _METHOD_INDEX = {  # method -> (cluster pages at prefill, page score)
 }
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
+#: model features IceCache cannot run exactly (names from scrimp.hf.FEATURES): the decode attention is
+#: plain softmax attention over every cached token of the layer, with the module's own scaling
+REFUSED_FEATURES = ("sliding_window", "hybrid_layers", "attn_logit_softcapping", "attention_sinks")
+
+#: attention-function kwargs that change attention away from causal softmax: kwarg -> feature name
+_REFUSED_KWARGS = {"sliding_window": "sliding_window", "softcap": "attn_logit_softcapping",
+                   "s_aux": "attention_sinks", "sinks": "attention_sinks"}
+
+
+def _refuse_attention_call(module, kwargs):
+    """ValueError when an attention call IceCache would serve carries a feature it cannot run."""
+    layer = getattr(module, "layer_idx", "?")
+    for name, feature in _REFUSED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"IceCache cannot run layer {layer} exactly: {feature} ({hf.FEATURES[feature]}): "
+                             f"the attention call carries {name}={kwargs[name]!r}")
+    for name in ("sinks", "sink"):
+        if isinstance(getattr(module, name, None), torch.Tensor):
+            raise ValueError(f"IceCache cannot run layer {layer} exactly: attention_sinks "
+                             f"({hf.FEATURES['attention_sinks']}): the module has a learned '{name}' parameter")
+
 
 def _register_attention():
     from transformers import AttentionInterface
@@ -42,9 +67,14 @@ def _register_attention():
 
     def icecache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = kwargs.pop("icecache_decode", None)
+        chunk = kwargs.pop("icecache_chunk", None)
         prefill = kwargs.pop("icecache_prefill", None)
+        if layer is not None or chunk is not None or prefill is not None:
+            _refuse_attention_call(module, kwargs)
         if layer is not None:
             return layer.decode_attention(module, query, scaling), None
+        if chunk is not None:
+            return chunk.chunk_attention(module, query, scaling, attention_mask), None
         out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                      **kwargs)
         if prefill is not None:
@@ -53,6 +83,24 @@ def _register_attention():
 
     AttentionInterface.register(ATTN_NAME, icecache_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+def cache_argument(model) -> str:
+    """The keyword under which ``model.generate`` / ``model(...)`` take a Cache: ``"cache"`` where the
+    installed transformers names it so, ``"past_key_values"`` on the versions before the rename."""
+    forward = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
+
+
+def generate(model, input_ids, cache: "IceCache", **generate_kwargs):
+    """``model.generate(input_ids, ...)`` with ``cache``, passed the way the installed transformers
+    wants it, and the cache's ``prefill_chunk`` as transformers' ``prefill_chunk_size``."""
+    if not isinstance(cache, IceCache):
+        raise TypeError(f"cache must be an IceCache, got {type(cache).__name__}")
+    if cache.prefill_chunk is not None:
+        generate_kwargs.setdefault("prefill_chunk_size", cache.prefill_chunk)
+    generate_kwargs[cache_argument(model)] = cache
+    return model.generate(input_ids, **generate_kwargs)
 
 
 def coarse_groups(keys: torch.Tensor, groups: int, iters: int = 4):
@@ -84,6 +132,35 @@ def coarse_groups(keys: torch.Tensor, groups: int, iters: int = 4):
     return order, bounds
 
 
+class _Softmax:
+    """Running softmax attention of queries q [B, H, R, D] (float32) over key blocks, merged by
+    log-sum-exp: ``add`` one block at a time, ``result`` = softmax(q K^T * scale) V over all of them."""
+
+    def __init__(self, q, scale):
+        self.q, self.scale = q, scale
+        B, H, R, D = q.shape
+        self.m = torch.full((B, H, R), float("-inf"), device=q.device)
+        self.l = torch.zeros((B, H, R), device=q.device)
+        self.acc = torch.zeros((B, H, R, D), device=q.device)
+
+    def add(self, keys, values, mask, kv_valid):
+        """keys, values [B, H, L, D]; mask broadcastable to [B, H, R, L] (True = attend); kv_valid
+        broadcastable to [B, H, L] (False rows of values are zeroed: padding may hold anything)."""
+        s = torch.matmul(self.q, keys.float().transpose(-1, -2)) * self.scale
+        s = s.masked_fill(~mask, float("-inf"))
+        m_new = torch.maximum(self.m, s.amax(-1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(self.m - m_safe)
+        v = values.float().masked_fill(~kv_valid[..., None], 0.0)
+        self.l = self.l * alpha + p.sum(-1)
+        self.acc = self.acc * alpha[..., None] + torch.matmul(p, v)
+        self.m = m_new
+
+    def result(self):
+        return self.acc / torch.where(self.l > 0, self.l, torch.ones_like(self.l))[..., None]
+
+
 class IceCacheLayer(CacheLayerMixin):
     """One attention layer: resident sink + window on the device, the rest in a host page index."""
 
@@ -96,6 +173,11 @@ class IceCacheLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.length = 0  # tokens seen (cache positions 0..length-1)
         self.index = None
+        self.max_pages = 0  # host pool capacity of `index` per stream, in pages
+        self.slots = 0  # device page-cache slots per stream (rows of k_store / v_store per stream)
+        self.k_store = self.v_store = None
+        self.dev_bounds = None
+        self._stats_base = {"hits": 0, "misses": 0, "bytes_copied": 0}  # of indexes replaced by _grow
         self.stats = {"steps": 0, "mass": []}
         self.dev_summaries = None  # summaries=True: device mirrors of the page summaries (_sync_summaries)
         # reuse_selection: a follower uses its leader's page selection (same tokens in the same pages:
@@ -103,6 +185,7 @@ class IceCacheLayer(CacheLayerMixin):
         self.leader: Optional["IceCacheLayer"] = None
         self.followers: list = []
         self.shared_pages = None  # this step's selected pages [B, H, k] int32 (leaders, for followers)
+        self._prefill_k = self._prefill_v = self._chunk = None
 
     # ---- CacheLayerMixin -----------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -119,8 +202,6 @@ class IceCacheLayer(CacheLayerMixin):
         model_kwargs = kwargs.get("kwargs")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            o._check_states(key_states, value_states, self.layer_idx)
-            self.length = key_states.shape[-2]
             self._prefill_k, self._prefill_v = key_states, value_states
             if isinstance(model_kwargs, dict):
                 model_kwargs["icecache_prefill"] = self
@@ -128,17 +209,17 @@ class IceCacheLayer(CacheLayerMixin):
                 self._build(None)
             return key_states, value_states
         o._check_states(key_states, value_states, self.layer_idx, (self.B, self.H, self.D), self.dtype)
-        if key_states.shape[-2] != 1:
-            raise ValueError(
-                f"IceCache layer {self.layer_idx}: this cache already holds a sequence of {self.length} tokens and "
-                f"got {key_states.shape[-2]} new ones; after the prefill only one token per step is supported. "
-                "Create a new IceCache for each model and sequence (chunked prefill is not supported)")
-        if getattr(self, "_prefill_k", None) is not None:
-            raise RuntimeError(f"IceCache layer {self.layer_idx}: the prefill was not finished by the "
-                               f"'{ATTN_NAME}' attention function (was the model's attention implementation changed?)")
-        self._append(key_states.to(self.device), value_states.to(self.device))
+        if self._prefill_k is not None or self._chunk is not None:
+            raise RuntimeError(f"IceCache layer {self.layer_idx}: the previous call was not finished by the "
+                               f"'{ATTN_NAME}' attention function (was this cache used with another model, or the model's "
+                               "attention implementation changed?); create a new IceCache for each model and sequence")
         if not isinstance(model_kwargs, dict):
             raise RuntimeError("IceCache needs the transformers attention kwargs dict (cache.update(..., kwargs=...))")
+        if key_states.shape[-2] > 1:  # a prefill chunk: attended exactly in chunk_attention
+            self._chunk = (key_states.to(self.device), value_states.to(self.device))
+            model_kwargs["icecache_chunk"] = self
+            return key_states, value_states
+        self._append(key_states.to(self.device), value_states.to(self.device))
         model_kwargs["icecache_decode"] = self
         return key_states, value_states
 
@@ -157,91 +238,190 @@ class IceCacheLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("IceCache does not support beam search")
 
-    # ---- prefill: dense attention already done; split sink / middle / window and build the index ----
+    # ---- prefill: the first call (dense SDPA by transformers), then chunks (chunk_attention) ---------
+    @staticmethod
+    def _valid_columns(attention_mask, n):
+        """[B, n] bool: which of the last n key positions the mask's last query row may attend (None
+        when there is no mask)."""
+        if attention_mask is None or attention_mask.dim() != 4:
+            return None
+        row = attention_mask[:, 0, -1, -n:]
+        return (row if row.dtype == torch.bool else row == 0).to("cpu")
+
     def finish_prefill(self, module, attention_mask):
         self.owner._check_module(module)
-        valid = None
-        if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4:
-            valid = attention_mask[:, 0, -1, :].to("cpu")
-        elif attention_mask is not None and attention_mask.dim() == 4:
-            valid = (attention_mask[:, 0, -1, :] == 0).to("cpu")
-        self._build(valid)
+        self._build(self._valid_columns(attention_mask, self._prefill_k.shape[-2]))
 
     def _build(self, valid):
+        """State for the first call's N tokens: empty resident buffers and index, then ingest them."""
         o = self.owner
         k_all, v_all = self._prefill_k, self._prefill_v
         self._prefill_k = self._prefill_v = None
         B, H, N, D = k_all.shape
-        ps = o.page_size
-        pads = [0] * B
+        S, Wcap = o.sink_pages * o.page_size, o.window_pages * o.page_size
+        self.S, self.Wcap = S, Wcap
+        self.pads = [0] * B
+        self.length = self.ws = self.evicted = 0
+        # Resident tokens live in one preallocated buffer per K and V: S sink slots, then up to Wcap
+        # window tokens (no per-step concatenation); `dense_mask` marks the slots attention may use.
+        self.dense_k = k_all.new_zeros((B, H, S + Wcap, D), device=self.device)
+        self.dense_v = k_all.new_zeros((B, H, S + Wcap, D), device=self.device)
+        self.dense_mask = torch.zeros((B, S + Wcap), dtype=torch.uint8, device=self.device)
+        self.sink_pos = torch.full((B, S), -1, dtype=torch.long)
+        if o.measure:
+            self.full_k = k_all[:, :, :0].to(self.device)
+            self.all_valid = torch.zeros((B, 0), dtype=torch.bool)
+        self._ingest(k_all, v_all, valid)
+
+    def _ingest(self, k_new, v_new, valid):
+        """Add T tokens at positions length..length+T-1 (k_new, v_new [B, H, T, D]; valid [B, T] bool or
+        None = all real): left padding is recorded, the window advances to its page-aligned start for
+        the new length, and the tokens that leave it fill the sink (the first S real tokens of each
+        row) and then go to the page index."""
+        o = self.owner
+        B, H, T, D = k_new.shape
+        ps, S = o.page_size, self.S
+        n0, n1 = self.length, self.length + T
         if valid is not None:
-            valid = valid[:, :N]
+            valid = valid[:, -T:]
             for b in range(B):
                 n_pad = int((~valid[b]).sum())
-                if n_pad and (bool(valid[b, :n_pad].any()) or not bool(valid[b, n_pad:].all())):
+                if n_pad and (bool(valid[b, :n_pad].any()) or not bool(valid[b, n_pad:].all())
+                              or self.pads[b] < n0):
                     raise ValueError("IceCache supports left padding only (padding must precede every real token)")
-                pads[b] = n_pad
-        self.pads = pads
-        ws = max((N - 1) // ps - (o.window_pages - 1), 0) * ps  # window start (page aligned)
-        self.ws = ws
-        self.evicted = 0
-        S = o.sink_pages * ps
-        dev = self.device
-        # Sink: the first S real tokens of each row (masked where the row has fewer before the window).
-        # Resident tokens live in one preallocated buffer: S sink slots, then up to Wcap window tokens
-        # (no per-step concatenation); `dense_mask` marks the slots attention may use.
-        Wcap = o.window_pages * ps
-        self.S, self.Wcap = S, Wcap
-        self.dense_k = k_all.new_zeros((B, H, S + Wcap, D), device=dev)
-        self.dense_v = k_all.new_zeros((B, H, S + Wcap, D), device=dev)
-        mask = torch.zeros((B, S + Wcap), dtype=torch.uint8)
-        self.sink_pos = torch.full((B, S), -1, dtype=torch.long)
+                self.pads[b] += n_pad
+        pads = self.pads
+        ws0 = self.ws
+        ws1 = max(ws0, max((n1 - 1) // ps - (o.window_pages - 1), 0) * ps)  # new window start (page aligned)
+        # the tokens from the old window start on: [B, H, n1 - ws0, D], positions ws0..n1-1
+        w0 = n0 - ws0
+        seg_k = torch.cat([self.dense_k[:, :, S:S + w0], k_new.to(self.device)], dim=2)
+        seg_v = torch.cat([self.dense_v[:, :, S:S + w0], v_new.to(self.device)], dim=2)
+        starts = []  # per row: first position that goes to the index
         for b in range(B):
-            n = max(min(S, ws - pads[b]), 0)
-            if n:
-                self.dense_k[b, :, :n] = k_all[b, :, pads[b]:pads[b] + n].to(dev)
-                self.dense_v[b, :, :n] = v_all[b, :, pads[b]:pads[b] + n].to(dev)
-                mask[b, :n] = 1
-                self.sink_pos[b, :n] = torch.arange(pads[b], pads[b] + n)
-        w = N - ws
-        self.dense_k[:, :, S:S + w] = k_all[:, :, ws:].to(dev)
-        self.dense_v[:, :, S:S + w] = v_all[:, :, ws:].to(dev)
+            lo = max(pads[b], ws0)
+            have = int((self.sink_pos[b] >= 0).sum())
+            take = max(min(S - have, ws1 - lo), 0)
+            if take:
+                self.dense_k[b, :, have:have + take] = seg_k[b, :, lo - ws0:lo - ws0 + take]
+                self.dense_v[b, :, have:have + take] = seg_v[b, :, lo - ws0:lo - ws0 + take]
+                self.dense_mask[b, have:have + take] = 1
+                self.sink_pos[b, have:have + take] = torch.arange(lo, lo + take)
+            starts.append(lo + take)
+        if o._uses_index():
+            self._index_tokens(seg_k, seg_v, ws0, starts, ws1)
+        w1 = n1 - ws1
+        self.dense_k[:, :, S:S + w1] = seg_k[:, :, ws1 - ws0:]
+        self.dense_v[:, :, S:S + w1] = seg_v[:, :, ws1 - ws0:]
+        self.dense_mask[:, S:] = 0
         for b in range(B):
-            mask[b, S + max(pads[b] - ws, 0):S + w] = 1  # padding inside the window stays masked
-        self.dense_mask = mask.to(dev)
+            self.dense_mask[b, S + max(pads[b] - ws1, 0):S + w1] = 1  # padding inside the window stays masked
         if o.measure:
-            self.full_k = k_all.to(dev)
-            self.all_valid = torch.ones((B, N), dtype=torch.bool)
+            self.full_k = torch.cat([self.full_k, k_new.to(self.device)], dim=2)
+            real = torch.ones((B, T), dtype=torch.bool)
             for b in range(B):
-                self.all_valid[b, :pads[b]] = False
-        # Middle tokens -> host page index.
-        self.index = o._new_index(B, H, D, self.dtype)
-        if self.index is not None:
-            starts = [p + S for p in pads]
+                real[b, :max(pads[b] - n0, 0)] = False
+            self.all_valid = torch.cat([self.all_valid, real], dim=1)
+        self.length, self.ws = n1, ws1
+
+    def _index_tokens(self, seg_k, seg_v, p0, starts, end):
+        """Put positions [starts[b], end) of each row into the page index (seg_k / seg_v hold positions
+        p0.. on the device), creating or growing it first."""
+        o = self.owner
+        B = self.B
+        n = max([end - s for s in starts] + [0])
+        groups = -(-n // o.coarse_tokens) if (o.coarse_tokens and o.method == "icecache") else 1
+        self._reserve(-(-n // o.page_size) + groups + 1)
+        first = self._min_pages()
+        if n > 0:
             if self.leader is not None:
-                self._build_from_leader(k_all, v_all)
+                self._build_from_leader(seg_k, seg_v, p0)
             elif len(set(starts)) == 1:
-                if starts[0] < ws:
-                    self._build_rows(k_all, v_all, slice(None), starts[0], ws, -1)
+                self._build_rows(seg_k, seg_v, slice(None), starts[0], end, -1, p0)
             else:
                 for b in range(B):
-                    if starts[b] < ws:
-                        self._build_rows(k_all, v_all, slice(b, b + 1), starts[b], ws, b)
-            C = o.cache_pages
-            self.k_store = torch.zeros((B * H * C, ps, D), dtype=self.dtype, device=dev)
-            self.dev_bounds = None
-            if o._select_on_device(dev) and self.leader is None:  # a follower never selects
-                self._sync_bounds(0)
-            self.dev_summaries = None
-            if o.summaries:
-                self._sync_summaries(0)
-            self.v_store = torch.zeros_like(self.k_store)
+                    if starts[b] < end:
+                        self._build_rows(seg_k, seg_v, slice(b, b + 1), starts[b], end, b, p0)
+        if o._select_on_device(self.device) and self.leader is None:  # a follower never selects
+            self._sync_bounds(first)
+        if o.summaries:
+            self._sync_summaries(first)
 
-    def _build_rows(self, k_all, v_all, rows, start, end, batch_row):
-        """Index tokens [start, end) of the given batch rows: two-level (coarse k-means on the device,
-        then the hierarchical tree per coarse cluster on the host) when long enough, else the tree."""
+    # ---- the page index: created and grown with what it holds --------------------------------------
+    def _reserve(self, extra: int):
+        """Make room for `extra` more pages in every stream: create the index, or replace it by a
+        larger one (capacity at least doubled, capped by max_context) holding the same pages."""
+        have = self.index.num_pages() if self.index is not None else 0
+        need = have + extra
+        if self.index is not None and need <= self.max_pages:
+            return
         o = self.owner
-        km, vm = k_all[rows, :, start:end], v_all[rows, :, start:end]
+        cap = o._max_pages_cap()
+        if cap is not None and need > cap:
+            raise ValueError(f"IceCache layer {self.layer_idx}: page pool full: {need} pages per KV head needed, "
+                             f"max_context = {o.max_context} tokens allows {cap} (raise max_context, or leave it "
+                             f"None to grow with the sequence)")
+        grow = max(need, 2 * self.max_pages, 16)
+        self._grow(grow if cap is None else min(grow, cap))
+
+    def _fit(self, k: int):
+        """A follower handed its leader's k pages: hold at least the leader's capacity (the leader may
+        have grown this step before the follower's own update)."""
+        if k > self.slots and self.leader is not None:
+            self._grow(max(self.leader.max_pages, self.max_pages))
+
+    def _grow(self, max_pages: int):
+        o = self.owner
+        old = self.index
+        self.max_pages = max_pages
+        self.slots = min(o.cache_pages, max_pages)
+        self.index = o._new_index(self.B, self.H, self.D, self.dtype, max_pages, self.slots)
+        self.k_store = torch.zeros((self.B * self.H * self.slots, o.page_size, self.D), dtype=self.dtype,
+                                   device=self.device)
+        self.v_store = torch.zeros_like(self.k_store)
+        if old is not None:
+            s = old.stats()
+            for key in self._stats_base:
+                self._stats_base[key] += s[key]
+            self._copy_pages(old, self.index)
+
+    def _copy_pages(self, src, dst):
+        """Every page of `src`, in order, into the empty index `dst` (same page numbers, so selections,
+        leader layouts and device mirrors stay valid)."""
+        ps, D, S = self.owner.page_size, self.D, self.B * self.H
+        counts = [src.num_pages(s) for s in range(S)]
+        P = max(counts)
+        if P == 0:
+            return
+        pages = torch.full((S, P), -1, dtype=torch.int32)
+        for s, c in enumerate(counts):
+            pages[s, :c] = torch.arange(c, dtype=torch.int32)
+        pos = torch.empty((S, P, ps), dtype=torch.long)
+        src.page_positions(pages.view(self.B, self.H, P).contiguous(), P, pos)
+        keys = torch.zeros((S, P * ps, D))
+        values = torch.zeros_like(keys)
+        rows = torch.zeros((S, P * ps), dtype=torch.long)
+        bounds = torch.zeros((S, P + 1), dtype=torch.long)
+        kbuf, vbuf = torch.empty((ps, D)), torch.empty((ps, D))
+        for s, c in enumerate(counts):
+            n = 0
+            for p in range(c):
+                m = src.read_page(s, p, kbuf, vbuf)
+                keys[s, n:n + m], values[s, n:n + m] = kbuf[:m], vbuf[:m]
+                rows[s, n:n + m] = pos[s, p, :m]
+                n += m
+                bounds[s, p + 1] = n
+            bounds[s, c + 1:] = n
+        dt = self.dtype
+        dst.build_paged(keys.view(self.B, self.H, P * ps, D).to(dt).contiguous(),
+                        values.view(self.B, self.H, P * ps, D).to(dt).contiguous(), rows, bounds)
+
+    def _build_rows(self, k_seg, v_seg, rows, start, end, batch_row, p0):
+        """Index positions [start, end) of the given batch rows (k_seg holds positions p0..): two-level
+        (coarse k-means on the device, then the hierarchical tree per coarse cluster on the host) when
+        long enough, else the tree."""
+        o = self.owner
+        km, vm = k_seg[rows, :, start - p0:end - p0], v_seg[rows, :, start - p0:end - p0]
         Bn, H, N, D = km.shape
         groups = -(-N // o.coarse_tokens) if (o.coarse_tokens and o.method == "icecache") else 1
         if groups <= 1:
@@ -255,29 +435,39 @@ class IceCacheLayer(CacheLayerMixin):
         pos = (order + start).to("cpu").contiguous()
         self.index.build_grouped(kp, vp, pos, bounds.to("cpu").contiguous(), batch_row)
 
-    def _leader_positions(self, tail: Optional[int] = None):
-        """Positions of the leader's pages, per stream: all of them, or with ``tail`` the last that
-        many (a stream with fewer gets -1 rows). [B, H, pages, page_size] int64, -1 padding."""
+    def _leader_positions(self, tail: Optional[int] = None, first: Optional[list] = None):
+        """Positions of the leader's pages, per stream: all of them, with ``tail`` the last that many
+        (a stream with fewer gets -1 rows), or with ``first`` (per stream) those from that page on.
+        [B, H, pages, page_size] int64, -1 padding."""
         L, ps = self.leader.index, self.owner.page_size
         B, H = self.B, self.H
         counts = [L.num_pages(s) for s in range(B * H)]
-        k = max(counts) if tail is None else tail
+        if tail is not None:
+            k = tail
+        elif first is not None:
+            k = max(c - f for c, f in zip(counts, first))
+        else:
+            k = max(counts)
         pages = torch.full((B * H, k), -1, dtype=torch.int32)
         for s, c in enumerate(counts):
-            if tail is None:
-                pages[s, :c] = torch.arange(c, dtype=torch.int32)
-            elif c >= tail:
-                pages[s] = torch.arange(c - tail, c, dtype=torch.int32)
+            if tail is not None:
+                if c >= tail:
+                    pages[s] = torch.arange(c - tail, c, dtype=torch.int32)
+            else:
+                f = first[s] if first is not None else 0
+                pages[s, :c - f] = torch.arange(f, c, dtype=torch.int32)
         pos = torch.empty((B * H, k, ps), dtype=torch.long)
         if k:
             L.page_positions(pages.contiguous(), k, pos)
         return pos.view(B, H, k, ps)
 
-    def _build_from_leader(self, k_all, v_all):
-        """A follower's prefill index: this layer's K/V in exactly the leader's pages (page p of a
-        stream holds the tokens of the leader's page p), so the leader's selection applies here."""
-        B, H, N, D = k_all.shape
-        pos = self._leader_positions()  # [B, H, P, ps]
+    def _build_from_leader(self, k_seg, v_seg, p0):
+        """A follower's new pages: this layer's K/V in exactly the leader's pages that it does not hold
+        yet (page p of a stream holds the tokens of the leader's page p), so the leader's selection
+        applies here. k_seg / v_seg [B, H, n, D] hold positions p0.. (every new page's tokens)."""
+        B, H, N, D = k_seg.shape
+        mine = [self.index.num_pages(s) for s in range(B * H)]
+        pos = self._leader_positions(first=mine)  # [B, H, P, ps]
         P = pos.shape[2]
         if P == 0:
             return
@@ -286,14 +476,58 @@ class IceCacheLayer(CacheLayerMixin):
         bounds = torch.cat([torch.zeros((B * H, 1), dtype=torch.long), lens.cumsum(1)], dim=1)
         flat, fvalid = pos.view(B * H, -1), valid.view(B * H, -1)
         n_max = int(lens.sum(1).max())
-        # the valid positions of each stream in page order, then padding (row 0, ignored by the bounds)
+        # the valid positions of each stream in page order, then padding (ignored by the bounds)
         order = torch.argsort((~fvalid).to(torch.int8), dim=1, stable=True)[:, :n_max]
-        rows = torch.gather(flat, 1, order).clamp(min=0)  # [S, n_max]
-        idx = rows.to(k_all.device)[..., None].expand(B * H, n_max, D)
-        kp = torch.gather(k_all.reshape(B * H, N, D), 1, idx).view(B, H, n_max, D)
-        vp = torch.gather(v_all.reshape(B * H, N, D), 1, idx).view(B, H, n_max, D)
-        self.index.build_paged(kp.to("cpu").contiguous(), vp.to("cpu").contiguous(), rows.contiguous(),
-                               bounds.contiguous())
+        positions = torch.gather(flat, 1, order)
+        rows = (positions - p0).clamp(min=0)  # [S, n_max] rows of the segment
+        idx = rows.to(k_seg.device)[..., None].expand(B * H, n_max, D)
+        kp = torch.gather(k_seg.reshape(B * H, N, D), 1, idx).view(B, H, n_max, D)
+        vp = torch.gather(v_seg.reshape(B * H, N, D), 1, idx).view(B, H, n_max, D)
+        self.index.build_paged(kp.to("cpu").contiguous(), vp.to("cpu").contiguous(),
+                               positions.clamp(min=0).contiguous(), bounds.contiguous())
+
+    # ---- chunked prefill: T > 1 tokens after the first call ------------------------------------------
+    def chunk_attention(self, module, query, scaling, attention_mask):
+        """Exact attention of a chunk's T queries (query [B, Hq, T, D]) over every token before it (sink
+        + window resident, the index's pages recalled through the device page cache a block of `slots`
+        pages at a time) and causally over the chunk itself; then the chunk's tokens join the cache.
+        Returns [B, T, Hq, D] like sdpa_attention_forward."""
+        o = self.owner
+        o._check_module(module)
+        k_new, v_new = self._chunk
+        B, Hq, T, D = query.shape
+        H, G, dev = self.H, Hq // self.H, self.device
+        q = query.to(dev).float().reshape(B, H, G * T, D)  # rows (g, t) of each KV head's group
+        sm = _Softmax(q, float(scaling if scaling is not None else 1.0 / math.sqrt(D)))
+        dense_ok = self.dense_mask.bool()  # [B, S + Wcap]
+        sm.add(self.dense_k, self.dense_v, dense_ok[:, None, None, :], dense_ok[:, None, :])
+        if self.index is not None and self.index.num_pages() > 0:
+            ps, P, C = o.page_size, self.index.num_pages(), self.slots
+            counts = torch.tensor([self.index.num_pages(s) for s in range(B * H)]).view(B, H, 1)
+            stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+            for j in range(0, P, C):
+                k = min(C, P - j)
+                pages = torch.arange(j, j + k, dtype=torch.int32).expand(B, H, k)
+                pages = torch.where(pages < counts, pages, torch.full_like(pages, -1)).contiguous()
+                slots, lens = torch.empty_like(pages), torch.empty_like(pages)
+                self.index.recall(pages, k, self.k_store, self.v_store, slots, lens, stream)
+                rows = slots.clamp(min=0).long().to(dev).view(-1)
+                kk = self.k_store[rows].view(B, H, k * ps, D)
+                vv = self.v_store[rows].view(B, H, k * ps, D)
+                ok = (torch.arange(ps).view(1, 1, 1, ps) < lens[..., None]).view(B, H, k * ps).to(dev)
+                sm.add(kk, vv, ok[:, :, None, :], ok)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            m = attention_mask[:, 0, -T:, -T:]
+            causal = (m if m.dtype == torch.bool else m == 0).to(dev)  # [B, T, T]
+        else:
+            causal = torch.ones((T, T), dtype=torch.bool, device=dev).tril().expand(B, T, T)
+        real = causal.any(dim=1)  # [B, T]: tokens some query attends (not padding)
+        mask = causal[:, None, None].expand(B, 1, G, T, T).reshape(B, 1, G * T, T)
+        sm.add(k_new, v_new, mask, real[:, None, :])
+        out = sm.result().view(B, Hq, T, D).to(query.dtype).to(query.device)
+        self._chunk = None
+        self._ingest(k_new, v_new, self._valid_columns(attention_mask, T))
+        return out.transpose(1, 2).contiguous()
 
     # ---- decode ------------------------------------------------------------------------------------
     def _append(self, k, v):
@@ -302,15 +536,16 @@ class IceCacheLayer(CacheLayerMixin):
         if self.length + 1 - self.ws > self.Wcap:
             # The window is full: its oldest page goes to the host index, the rest shifts left.
             if self.index is not None:
+                self._reserve(1)
                 # Left padding still inside the evicted page stays out of the index.
                 skip = torch.tensor([max(p - self.ws, 0) for p in self.pads], dtype=torch.long)
                 first = self._min_pages()
                 self.index.append_page(self.dense_k[:, :, S:S + ps].to("cpu").contiguous(),
                                        self.dense_v[:, :, S:S + ps].to("cpu").contiguous(), self.ws,
                                        skip if bool(skip.any()) else None)
-                if self.dev_bounds is not None:
+                if o._select_on_device(self.device) and self.leader is None:
                     self._sync_bounds(first)
-                if self.dev_summaries is not None:
+                if o.summaries:
                     self._sync_summaries(first)
             w = self.length - self.ws
             self.dense_k[:, :, S:S + w - ps] = self.dense_k[:, :, S + ps:S + w].clone()
@@ -339,6 +574,8 @@ class IceCacheLayer(CacheLayerMixin):
             self.all_valid = torch.cat([self.all_valid, torch.ones((self.B, 1), dtype=torch.bool)], dim=1)
 
     def _min_pages(self):
+        if self.index is None:
+            return 0
         return min(self.index.num_pages(s) for s in range(self.B * self.H))
 
     def _sync_bounds(self, first):
@@ -434,7 +671,7 @@ class IceCacheLayer(CacheLayerMixin):
         o._check_module(module)
         B, Hq, q_len, D = query.shape
         H = self.H
-        k_sel = o.selected_pages
+        k_sel = min(o.selected_pages, self.slots)  # all pages when the budget exceeds what the index holds
         dev = self.device
         q = query[:, :, -1, :].to(dev).contiguous()
         k_dense, v_dense, mask = self.dense_k, self.dense_v, self.dense_mask
@@ -454,11 +691,12 @@ class IceCacheLayer(CacheLayerMixin):
                     cand, pages = pages, torch.empty((B, H, k_sel), dtype=torch.int32)
                     self.index.rerank(q_host, cand, k_sel, pages)
             self.shared_pages = pages if self.followers else None
+            self._fit(pages.shape[-1])
             slots = torch.empty_like(pages)
             lens = torch.empty_like(pages)
             stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
             # (waits for this layer's pages, prefetched ones included)
-            self.index.recall(pages, k_sel, self.k_store, self.v_store, slots, lens, stream)
+            self.index.recall(pages, pages.shape[-1], self.k_store, self.v_store, slots, lens, stream)
             if self.followers and o.prefetch:
                 for f in self.followers:
                     f.prefetch(pages, stream)
@@ -487,6 +725,7 @@ class IceCacheLayer(CacheLayerMixin):
         attention then waits for it (and copies pages appended or re-laid out since)."""
         if self.index is None or self.index.num_pages() == 0:
             return
+        self._fit(pages.shape[-1])
         counts = torch.tensor([self.index.num_pages(s) for s in range(self.B * self.H)], dtype=torch.int32)
         # pages the leader has and this layer does not yet (its window page is appended in its update)
         p = torch.where(pages < counts.view(self.B, self.H, 1), pages, torch.full_like(pages, -1)).contiguous()
@@ -519,8 +758,18 @@ class IceCacheLayer(CacheLayerMixin):
         mass = (p * attended[:, :, None, :].float()).sum(-1)  # [B, H, G]
         self.stats["mass"].append(float(mass.mean()))
 
+    def index_stats(self) -> dict:
+        """Page-cache hits / misses / bytes copied of this layer (over every index it has had), host pool bytes."""
+        out = dict(self._stats_base, pool_bytes=0)
+        if self.index is not None:
+            s = self.index.stats()
+            for key in self._stats_base:
+                out[key] += s[key]
+            out["pool_bytes"] = s["pool_bytes"]
+        return out
+
     def device_bytes(self) -> int:
-        """Bytes this layer holds on the device (resident tokens + page store)."""
+        """Bytes this layer holds on the device (resident tokens + page store + mirrors)."""
         n = 0
         for t in ("dense_k", "dense_v", "k_store", "v_store", "dense_mask"):
             x = getattr(self, t, None)
@@ -534,30 +783,46 @@ class IceCacheLayer(CacheLayerMixin):
 
 
 class IceCache(Cache):
-    """A transformers ``Cache`` implementing IceCache (and its baselines) for Llama / Qwen3 style models.
+    """A transformers ``Cache`` implementing IceCache (and its baselines) for decoders whose layers are
+    all full causal softmax attention (Llama, Qwen2, Qwen3, Mistral without sliding window, Phi-3, ...).
 
-    ``cache = IceCache(model.config, budget=256, page_size=16, sink_pages=2, window_pages=2,
-    dense_layers=2, device=...)`` then ``model.generate(..., past_key_values=cache)``.
+    ``cache = IceCache(model, budget=256)`` then ``scrimp.icecache.generate(model, input_ids, cache,
+    max_new_tokens=32)`` (or ``model.generate(..., cache=cache)``; ``past_key_values=cache`` on
+    transformers versions that do not take ``cache=``).
 
     Parameters
     ----------
-    config : the model's ``PretrainedConfig`` (switched to the ``"scrimp_icecache"`` attention
-        implementation, which is plain SDPA for every call not made through an IceCache layer).
+    model_or_config : the model, or its ``PretrainedConfig``. The config is switched to the
+        ``"scrimp_icecache"`` attention implementation (plain SDPA for every call not made through an
+        IceCache layer). Models with sliding-window or non-attention layers, attention logit
+        soft-capping or learned attention sinks are refused with a ValueError naming the feature and
+        the layers (:data:`REFUSED_FEATURES`); so are models not loaded with ``attn_implementation="sdpa"``.
+        Given the model (not only its config), its modules are checked too (learned sinks, SDPA support).
     budget : tokens attended per decode step per layer and KV head (sink + window + selected pages).
+        A budget above what the cache holds attends every token; memory follows the tokens held,
+        not the budget.
     page_size, sink_pages, window_pages : page geometry; ``budget >= (sink_pages + window_pages) * page_size``.
     dense_layers : the first layers keep a full (dynamic) cache.
     method : ``"icecache"`` (clustered pages, bound scores), baselines ``"quest"`` (time-ordered pages,
         bound scores), ``"random"``, ``"oracle"`` (exact max q.k per page), ``"streaming"`` (sink +
         window only) and ``"full"`` (every layer dense).
-    cache_pages : device page-cache slots per KV head (LRU; default 2x the selected pages).
-    coarse_tokens : with more middle tokens than this, prefill clustering is two-level: a coarse
+    cache_pages : most device page-cache slots per KV head (LRU; default 2x the selected pages). Each
+        layer holds ``min(cache_pages, its host pool's pages)`` slots.
+    prefill_chunk : feed the prompt this many tokens at a time (``generate`` below passes it to
+        transformers as ``prefill_chunk_size``): each chunk attends exactly to every token before it
+        (resident ones, and the index's pages through the device page cache) and to itself causally,
+        then joins the cache, so attention scores take chunk x context memory, not context^2. None
+        (default): one pass. Any call of more than one token after the first is such a chunk.
+    coarse_tokens : with more new middle tokens than this, clustering is two-level: a coarse
         spherical k-means on the device (nearest_centroid kernel) into ceil(n / coarse_tokens)
         groups, then the balanced 2-means page tree inside each group on the host (0: tree only).
     recluster_pages : every this many pages evicted from the window are re-clustered together with
         the page tree (incremental insertion; 0 or 1: evicted pages stay in time order).
     select_on_device : score the page bounds on the cache's device (float32 mirrors of min/max,
         two matmuls + top-k) instead of on the host; default: on for CUDA, for icecache / quest.
-    max_context : longest sequence the host pool is sized for (allocated once per layer).
+    max_context : None (default): the host pool grows with the sequence (capacity doubled when full,
+        its pages copied). An int: the pool never holds more than this many tokens per layer and KV
+        head; more raises ``ValueError("page pool full ...")``.
     measure : record the attention mass captured per step (keeps a full key copy; for evaluation).
     reuse_selection : each selecting sparse layer's pages are reused by the next this many sparse
         layers ("followers"), which then do no page scoring. A follower holds the same tokens in the
@@ -572,23 +837,28 @@ class IceCache(Cache):
         (2 x head_dim per page and KV head, the cache dtype) and reading them each step.
     rerank : scrimp's extension (0 = off, the default): a second selection stage. The page bounds pick
         ``rerank`` times the selected pages as candidates, which are then ranked by the exact
-        max_t q.k_t over their keys, read from the host pool (``ClusteredCache.rerank``; the IceCache
-        paper's index also searches keys on the CPU). A bound ranks a page by the best key its
-        min/max box could hold, the exact max by the best key it holds. Costs ``rerank * selected pages *
-        page_size`` dot products per query head on the host each step, and, with device selection, the
-        candidates' copy to the host. For ``method`` "icecache" and "quest".
+        max_t q.k_t over their keys, read from the host pool (``ClusteredCache.rerank``). Costs
+        ``rerank * selected pages * page_size`` dot products per query head on the host each step,
+        and, with device selection, the candidates' copy to the host. For ``method`` "icecache" and "quest".
     """
 
-    def __init__(self, config, budget: int = 256, page_size: int = 16, sink_pages: int = 2, window_pages: int = 2,
-                 dense_layers: int = 2, device=None, method: str = "icecache", cache_pages: Optional[int] = None,
-                 max_context: int = 32768, measure: bool = False, seed: int = 0, pin_memory: bool = True,
-                 coarse_tokens: int = 1024, recluster_pages: int = 4, select_on_device: Optional[bool] = None,
-                 reuse_selection: int = 0, prefetch: Optional[bool] = None, summaries: bool = False,
-                 rerank: int = 0):
+    def __init__(self, model_or_config, budget: int = 256, page_size: int = 16, sink_pages: int = 2,
+                 window_pages: int = 2, dense_layers: int = 2, device=None, method: str = "icecache",
+                 cache_pages: Optional[int] = None, max_context: Optional[int] = None, measure: bool = False,
+                 seed: int = 0, pin_memory: bool = True, coarse_tokens: int = 1024, recluster_pages: int = 4,
+                 select_on_device: Optional[bool] = None, reuse_selection: int = 0, prefetch: Optional[bool] = None,
+                 summaries: bool = False, rerank: int = 0, prefill_chunk: Optional[int] = None):
+        model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
+        config = model.config if model is not None else model_or_config
+        if not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+            raise TypeError(f"IceCache needs a model or its transformers config, got {type(model_or_config).__name__}")
         for name, v in (("budget", budget), ("page_size", page_size), ("sink_pages", sink_pages),
-                        ("window_pages", window_pages), ("dense_layers", dense_layers), ("max_context", max_context)):
+                        ("window_pages", window_pages), ("dense_layers", dense_layers)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        for name, v in (("max_context", max_context), ("prefill_chunk", prefill_chunk), ("cache_pages", cache_pages)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
         if page_size <= 0:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if sink_pages < 0 or window_pages < 1:
@@ -600,7 +870,12 @@ class IceCache(Cache):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if method != "full":
+            hf.refuse_features(config, "IceCache", refuse=REFUSED_FEATURES, model=model)
+            if model is not None and getattr(model, "_supports_sdpa", True) is False:
+                raise ValueError(f"IceCache cannot run {type(model).__name__}: its attention has no SDPA path "
+                                 "(IceCache's attention is SDPA-equivalent softmax attention)")
+        text = hf.text_config(config)
         self.config = config
         self.num_layers = int(text.num_hidden_layers)
         self.q_heads = int(text.num_attention_heads)
@@ -615,6 +890,7 @@ class IceCache(Cache):
             raise ValueError(f"cache_pages ({self.cache_pages}) must be >= the selected pages per step "
                              f"({self.selected_pages})")
         self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
         self.device = device
         self.measure = measure
         self.seed = seed
@@ -681,7 +957,8 @@ class IceCache(Cache):
         if dtype is not None and k.dtype != dtype:
             raise TypeError(f"layer {layer_idx}: keys are {k.dtype} but the cache holds {dtype}")
         if shape is not None and (k.shape[0], k.shape[1], k.shape[3]) != shape:
-            raise ValueError(f"layer {layer_idx}: batch/heads/dim {tuple(k.shape)} differ from the prefill's {shape}")
+            raise ValueError(f"layer {layer_idx}: batch/heads/dim {tuple(k.shape)} differ from the prefill's {shape}; "
+                             "create a new IceCache for each model and sequence")
 
     def _check_module(self, module):
         cfg = getattr(module, "config", None)
@@ -696,13 +973,19 @@ class IceCache(Cache):
             return torch.device(device).type == "cuda"
         return bool(self.select_on_device)
 
-    def _new_index(self, B, H, D, dtype):
-        if self.method == "streaming" and self.selected_pages == 0:
+    def _uses_index(self) -> bool:
+        return not (self.method == "streaming" and self.selected_pages == 0)
+
+    def _max_pages_cap(self) -> Optional[int]:
+        """Most pages per stream the host pool may hold (from max_context), None = unbounded."""
+        if self.max_context is None:
             return None
-        cluster, score = _METHOD_INDEX[self.method]
         groups = -(-self.max_context // self.coarse_tokens) if self.coarse_tokens else 1
-        max_pages = self.max_context // self.page_size + groups + 2
-        return _C.ClusteredCache(B, H, self.q_heads, D, self.page_size, max_pages, self.cache_pages, _DTYPES[dtype],
+        return self.max_context // self.page_size + groups + 2
+
+    def _new_index(self, B, H, D, dtype, max_pages, slots):
+        cluster, score = _METHOD_INDEX[self.method]
+        return _C.ClusteredCache(B, H, self.q_heads, D, self.page_size, max_pages, slots, _DTYPES[dtype],
                                  cluster, score, 6, self.seed, self.pin_memory)
 
     # ---- reporting ---------------------------------------------------------------------------------
@@ -720,11 +1003,10 @@ class IceCache(Cache):
         hits = misses = copied = pool = 0
         mass = []
         for layer in self.layers:
-            if isinstance(layer, IceCacheLayer) and layer.index is not None:
-                s = layer.index.stats()
+            if isinstance(layer, IceCacheLayer):
+                s = layer.index_stats()
                 hits, misses, copied, pool = hits + s["hits"], misses + s["misses"], copied + s["bytes_copied"], \
                     pool + s["pool_bytes"]
-            if isinstance(layer, IceCacheLayer):
                 mass += layer.stats["mass"]
         return {"hits": hits, "misses": misses, "bytes_copied": copied, "host_pool_bytes": pool,
                 "device_bytes": self.device_bytes(),

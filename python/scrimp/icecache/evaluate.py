@@ -1,26 +1,40 @@
-"""Evaluation helpers: a generate_fn per method for scrimp.testbed.evaluate, and the demo section."""
+"""IceCache evaluation on prompt/answer data: accuracy and device KV memory of the full cache vs IceCache
+at several budgets (the library side of ``scrimp icecache eval``), and a ``generate_fn`` per method for
+harnesses that call ``generate_fn(model, tokenizer, prompt_ids, max_new_tokens)``.
+
+Data: a JSONL file, one object per line, ``{"prompt": str, "answer": str}`` (blank lines ignored).
+Scoring rule (:func:`answer_matches`): greedy generation of ``max_new_tokens`` tokens (default: the
+answer's token count + 1), cut at the first EOS, decoded without special tokens and stripped of
+surrounding whitespace; correct when it starts with the stripped answer and the answer is not
+followed by a letter or digit (``"042"`` matches ``"042."`` and ``"042 is"``, not ``"0421"``).
+"""
 from __future__ import annotations
 
+import json
 import time
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
-from .cache import IceCache
+from .cache import IceCache, cache_argument
 
 
 def make_generate_fn(method="icecache", budget=256, record=None, **kwargs):
-    """A ``generate_fn(model, tokenizer, prompt_ids, max_new_tokens)`` using a fresh IceCache per call.
+    """A ``generate_fn(model, tokenizer, prompt_ids, max_new_tokens)`` using a fresh IceCache per call
+    (greedy; the cache passed the way the installed transformers wants it).
 
     ``record`` (a list) receives each call's ``cache.stats()`` plus the prompt length and seconds.
     """
 
     def generate_fn(model, tokenizer, prompt_ids, max_new_tokens):
         cache = IceCache(model.config, budget=budget, method=method, **kwargs)
+        extra = {"prefill_chunk_size": cache.prefill_chunk} if cache.prefill_chunk else {}
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), past_key_values=cache,
+            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
                                  max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 **{cache_argument(model): cache}, **extra)
         dt = time.perf_counter() - t0
         new = out[0, prompt_ids.shape[1]:]
         if record is not None:
@@ -32,46 +46,115 @@ def make_generate_fn(method="icecache", budget=256, record=None, **kwargs):
     return generate_fn
 
 
-def demo_section(quick: bool = True) -> str:
-    """Accuracy and device memory of IceCache vs the full KV cache on the testbed: the recall model at
-    context 2048 and budget 256; without the recall checkpoint, the arith model at budget 64."""
-    from .. import testbed
+def load_jsonl(path: str) -> List[dict]:
+    """The examples of a ``{"prompt": str, "answer": str}`` JSONL file.
 
-    n = 12 if quick else 50
-    try:
-        model, tok = testbed.load("recall")
-        # no dense layers: the recall model has 4, and with 2 dense the look-up happens there (every method,
-        # streaming included, then reproduces the full cache and the budget is not tested)
-        # page size 8: records are 7 tokens (see bench.TESTBED_PAGE_SIZE)
-        task, budget, ctx = "recall", 256, 2048
-        geo = dict(page_size=8, sink_pages=2, window_pages=2, dense_layers=0)
-    except FileNotFoundError:
-        try:
-            model, tok = testbed.load("arith-teacher")
-        except FileNotFoundError as e:
-            return f"IceCache: no testbed model available ({e})"
-        task, budget, geo, ctx = "arith", 64, dict(page_size=16, sink_pages=1, window_pages=1, dense_layers=1), None
-    rows = []
-    # icecache+summaries: scrimp's extension (unselected pages count through their mean key and value)
-    for name, method, extra in (("full", "full", {}), ("icecache", "icecache", {}),
-                                ("icecache+summaries", "icecache", {"summaries": True})):
-        rec = []
-        kw = dict(context_tokens=ctx) if ctx else {}
-        res = testbed.evaluate(model, tok, task, n=n, generate_fn=make_generate_fn(method, budget=budget, record=rec,
-                                                                                  max_context=4096, **geo, **extra),
-                               **kw)
-        dev = sum(r["device_bytes"] for r in rec) / max(len(rec), 1)
-        rows.append((name, res["accuracy"], dev))
-    full_acc, full_mem = rows[0][1], rows[0][2]
-    where = f"context {ctx}" if ctx else "prompt + generated trace"
-    lines = [f"IceCache on testbed {task} (n={n}, {where}, budget {budget}, page {geo['page_size']}, sink {geo['sink_pages']}, "
-             f"window {geo['window_pages']}, dense layers {geo['dense_layers']}):",
-             f"  {'cache':<18} {'accuracy':>9} {'rel. acc':>9} {'device KV KiB':>14} {'rel. mem':>9}"]
-    for m, acc, mem in rows:
-        rel = acc / full_acc if full_acc else float("nan")
-        lines.append(f"  {m:<18} {acc:>9.3f} {rel:>9.3f} {mem / 2**10:>14.1f} {mem / full_mem:>9.3f}")
-    if task == "arith":
-        lines.append("  (the recall checkpoint is missing; arith sequences are about as long as the budget, so the "
-                     "fixed-size IceCache buffers hold no less than the full cache here: memory savings need long "
-                     "contexts, see docs/icecache.md)")
+    Every line is checked before anything runs: the first bad one raises ValueError with the file,
+    the line number and what was expected (nothing is skipped). Blank lines are ignored.
+    """
+    expected = 'a JSON object {"prompt": non-empty string, "answer": non-empty string}'
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {no}: not valid JSON ({e.msg}); expected {expected}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path} line {no}: got a JSON {type(obj).__name__}; expected {expected}")
+            for key in ("prompt", "answer"):
+                v = obj.get(key)
+                if not isinstance(v, str) or not v.strip():
+                    got = "missing" if key not in obj else f"{type(v).__name__} {v!r:.40}"
+                    raise ValueError(f"{path} line {no}: '{key}' is {got}; expected {expected}")
+            out.append({"prompt": obj["prompt"], "answer": obj["answer"]})
+    if not out:
+        raise ValueError(f"{path}: no examples; expected one {expected} per line")
+    return out
+
+
+def answer_matches(output: str, answer: str) -> bool:
+    """The scoring rule (module docstring): stripped output starts with the stripped answer, which is
+    not followed by a letter or digit."""
+    out, ans = output.strip(), answer.strip()
+    return out.startswith(ans) and not (len(out) > len(ans) and out[len(ans)].isalnum())
+
+
+def _prompt_ids(tokenizer, example) -> List[int]:
+    p = example["prompt"]
+    if isinstance(p, str):
+        return tokenizer(p).input_ids
+    if isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+        return list(p)
+    raise TypeError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
+
+
+def _cut_at_eos(ids: Sequence[int], eos) -> List[int]:
+    ids = [int(i) for i in ids]
+    stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+def evaluate(model, tokenizer, examples: Iterable[dict], budgets: Sequence[int] = (64, 256),
+             max_new_tokens: Optional[int] = None, progress: bool = True, **cache_kwargs) -> dict:
+    """Greedy accuracy and device KV memory of the full cache and of IceCache at each budget.
+
+    ``examples``: dicts with ``"prompt"`` (a string, tokenized with ``tokenizer``, or token ids) and
+    ``"answer"`` (a string). ``cache_kwargs`` go to every ``IceCache`` (page geometry, dense_layers,
+    prefill_chunk, ...). Returns ``{"rows": [{"method", "budget", "accuracy", "correct", "n",
+    "same_as_full", "device_kv_bytes_mean", "device_kv_bytes_max", "memory_vs_full"}], "results": {...}}``;
+    the full row is first, its memory is the KV of every layer (a DynamicCache's).
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    for b in budgets:
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+            raise ValueError(f"budgets must be positive ints, got {b!r}")
+    device = next(model.parameters()).device
+    prompts = [torch.tensor([_prompt_ids(tokenizer, ex)], dtype=torch.long, device=device) for ex in examples]
+    lengths = [max_new_tokens or len(tokenizer(ex["answer"], add_special_tokens=False).input_ids) + 1
+               for ex in examples]
+    variants = [("full", None, dict(method="full", budget=max(budgets, default=256)))] + [("icecache", b, dict(budget=b)) for b in budgets]
+    rows, outputs = [], {}
+    for name, budget, kw in variants:
+        label = name if budget is None else f"{name}@{budget}"
+        rec: list = []
+        fn = make_generate_fn(record=rec, **{**cache_kwargs, **kw})
+        it = zip(prompts, lengths)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=len(prompts), desc=f"icecache eval {label}", leave=False)
+        outs = []
+        for ids, n_new in it:
+            new = fn(model, tokenizer, ids, n_new)
+            outs.append(tokenizer.decode(_cut_at_eos(new.tolist(), tokenizer.eos_token_id), skip_special_tokens=True))
+        outputs[label] = outs
+        correct = sum(answer_matches(o, ex["answer"]) for o, ex in zip(outs, examples))
+        mem = [r["device_bytes"] for r in rec]
+        rows.append({"method": name, "budget": budget, "accuracy": correct / len(examples), "correct": correct,
+                     "n": len(examples), "same_as_full": sum(a == b for a, b in zip(outs, outputs["full"])),
+                     "device_kv_bytes_mean": sum(mem) / len(mem), "device_kv_bytes_max": max(mem)})
+    full_mem = rows[0]["device_kv_bytes_mean"]
+    for r in rows:
+        r["memory_vs_full"] = r["device_kv_bytes_mean"] / full_mem if full_mem else None
+    return {"rows": rows, "outputs": outputs,
+            "prompt_tokens": {"mean": sum(p.shape[1] for p in prompts) / len(prompts),
+                              "max": max(p.shape[1] for p in prompts)}}
+
+
+def format_rows(result: dict) -> str:
+    """The table of :func:`evaluate`'s rows."""
+    lines = [f"  {'cache':<14} {'budget':>6} {'accuracy':>9} {'correct':>9} {'same as full':>12} "
+             f"{'device KV KiB':>14} {'vs full':>8}"]
+    for r in result["rows"]:
+        lines.append(f"  {r['method']:<14} {str(r['budget'] or 'all'):>6} {r['accuracy']:>9.3f} "
+                     f"{r['correct']:>4}/{r['n']:<4} {r['same_as_full']:>7}/{r['n']:<4} "
+                     f"{r['device_kv_bytes_mean'] / 2**10:>14.1f} {r['memory_vs_full']:>8.3f}")
     return "\n".join(lines)

@@ -7,13 +7,16 @@ import re
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from . import method as M
+from .prompt import Prompt
 
-__all__ = ["DEFAULT_ADAPTERS", "RECALL_CONTEXT", "compare_methods", "format_table", "load_recall_model", "load_adapters"]
+__all__ = ["DEFAULT_ADAPTERS", "RECALL_CONTEXT", "compare_methods", "compare_on_testbed", "format_table",
+           "load_recall_model", "load_adapters", "split_recall_prompt", "recall_prompts", "answer_matches",
+           "ALL_METHODS"]
 
 #: adapters shipped for the testbed ``recall`` model
 DEFAULT_ADAPTERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters", "recall.safetensors")
@@ -66,70 +69,166 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 20, context_tokens: int = RECALL_CONTEXT,
-                    seed: int = 0, methods: Optional[Sequence[str]] = None, cacheblend_ratios=(0.1, 0.3, 0.5),
-                    epic_k: int = 16, out=None, fidelity: bool = True) -> List[Dict]:
-    """Rows ``{method, accuracy, ttft_ms, flops, flops_llama8b, kl, agree}`` for the chosen methods
-    (default: all). ``kl`` / ``agree``: mean KL(full || method) of the first answer token's
-    distribution and how often its argmax equals full recompute's (over the same ``n`` examples); a
-    weight-independent measure of how faithfully a method reproduces the full cache."""
+#: every method name compare_methods knows (plus kvpacket-knorm-<pct> / kvpacket-attn-<pct>)
+ALL_METHODS = ("full", "none", "kvpacket", "cacheblend-10", "cacheblend-30", "cacheblend-50", "epic")
+_CACHEBLEND = re.compile(r"^cacheblend-(\d{1,3})$")
+
+
+def split_recall_prompt(ids: Sequence[int], tokenizer) -> Prompt:
+    """A testbed ``recall`` prompt as a :class:`Prompt`, split at its ``<doc>``/``</doc>`` markers: a
+    document runs from ``<doc>`` through ``</doc>`` and the token after it (the newline)."""
+    vocab = tokenizer.get_vocab()
+    if "<doc>" not in vocab or "</doc>" not in vocab:
+        raise ValueError("split_recall_prompt needs a tokenizer with <doc> and </doc> tokens (the testbed's)")
+    open_id, close_id = vocab["<doc>"], vocab["</doc>"]
+    ids = [int(i) for i in ids]
+    prefix: List[int] = []
+    docs: List[List[int]] = []
+    i = 0
+    while i < len(ids) and ids[i] != open_id:
+        prefix.append(ids[i])
+        i += 1
+    while i < len(ids) and ids[i] == open_id:
+        j = ids.index(close_id, i) if close_id in ids[i:] else len(ids) - 1
+        end = min(j + 2, len(ids))
+        docs.append(ids[i:end])
+        i = end
+    return Prompt(prefix, docs, ids[i:])
+
+
+#: testbed recall training prompts use seeds from here on, far from the evaluation seeds (0, 1, 2, ...)
+TRAIN_SEED_BASE = 50_000_000
+
+
+def recall_prompts(tokenizer, n: int, context_tokens: int = RECALL_CONTEXT, seed: int = 0,
+                   training: bool = False) -> List[Prompt]:
+    """The ``n`` testbed ``recall`` prompts :func:`scrimp.testbed.evaluate` scores (same seeds), with
+    their reference answers; ``training``: prompts from seeds far from every evaluation seed."""
     from .. import testbed
 
+    out = []
+    for i in range(n):
+        s = TRAIN_SEED_BASE + seed * 100_003 + i if training else seed * 1_000_003 + i
+        ex = testbed.tasks.recall(seed=s, context_tokens=context_tokens, tokenizer=tokenizer)
+        p = split_recall_prompt(ex.prompt_ids, tokenizer)
+        p.answer = list(ex.answer_ids)
+        out.append(p)
+    return out
+
+
+def _normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def answer_matches(generated: str, answer: str) -> bool:
+    """Whether the reference ``answer`` appears in the ``generated`` text, both lower-cased with
+    punctuation and repeated whitespace removed."""
+    a = _normalize(answer)
+    return bool(a) and f" {a} " in f" {_normalize(generated)} "
+
+
+def _method_runner(name, model, tokenizer, adapters, store_bytes):
+    """(answer_fn(prompt, max_new_tokens) -> (ids, ttft), logit_fn(prompt) -> logits, kind, extra) of a method."""
+    pruning = pruning_of(name)
+    if name == "full":
+        return (lambda p, m: M.full_answer(model, p, m, tokenizer)), (lambda p: M.full_first_token_logits(model, p)), \
+            "full", {}
+    if name in ("none", "kvpacket") or pruning is not None:
+        eng = M.PacketEngine(model, tokenizer, adapters if name != "none" else None, pruning=pruning,
+                             store=M.PacketStore(host_bytes=store_bytes))
+
+        def ans(p, m):
+            a = eng.answer(prompt=p, max_new_tokens=m)
+            return a.token_ids, a.ttft_s
+        return ans, eng.first_token_logits, ("none" if name == "none" else "kvpacket"), {"engine": eng, "pruning": pruning}
+    cb = _CACHEBLEND.match(name)
+    if cb is not None or name == "epic":
+        kw = {"ratio": int(cb.group(1)) / 100} if cb is not None else {"first_k": EPIC_K}
+        if cb is not None and not 0 <= kw["ratio"] <= 1:
+            raise ValueError(f"{name}: the recomputed percentage must be in 0..100")
+        sr = M.SelectiveRecompute(model, tokenizer, store=M.PacketStore(host_bytes=store_bytes), **kw)
+        return sr.answer, sr.first_token_logits, ("cacheblend" if cb is not None else "epic"), {"engine": sr.engine, **kw}
+    raise ValueError(f"unknown method {name!r}; valid: {', '.join(ALL_METHODS)}, cacheblend-<pct>, "
+                     "kvpacket-knorm-<pct>, kvpacket-attn-<pct>")
+
+
+#: EPIC recomputes the first this many tokens of every document
+EPIC_K = 16
+
+
+def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], prompts: Sequence[Prompt],
+                    methods: Optional[Sequence[str]] = None, *, max_new_tokens: int = 32,
+                    accuracy_fn: Optional[Callable] = None, fidelity: bool = True, progress: bool = False,
+                    out=None, store_bytes: int = 2 << 30) -> List[Dict]:
+    """One row per method: ``{method, n, accuracy, ttft_ms, flops, flops_llama8b, kl, agree, seconds,
+    packet_bytes}`` over ``prompts``.
+
+    ``accuracy``: share of the prompts with a reference answer (``prompt.answer``) whose answer
+    :func:`answer_matches` the greedy generation (``max_new_tokens``), None when no prompt has one;
+    ``accuracy_fn(answer_fn)`` replaces that scoring (``answer_fn(prompt, max_new_tokens) -> ids``).
+    ``kl`` / ``agree``: mean KL(full || method) of the first answer token's distribution and how
+    often its argmax equals full recompute's: how faithfully a method reproduces the full cache,
+    with or without answers. ``flops``: mean FLOPs to prepare the context cache (question prefill and
+    decoding excluded, the same for every method), ``flops_llama8b`` the same at Llama-3.1-8B's shape.
+    """
     out = out if out is not None else sys.stdout
-    all_methods = ["full", "none", "kvpacket"] + [f"cacheblend-{int(r * 100)}" for r in cacheblend_ratios] + ["epic"]
-    methods = list(methods or all_methods)
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("compare_methods: no prompts")
+    methods = list(methods or ALL_METHODS)
     for name in methods:
         if (name == "kvpacket" or pruning_of(name)) and adapters is None:
             raise ValueError(f"{name} needs adapters (train them with `scrimp packets train`)")
-    store = None
-    rows = []
-    ex0 = testbed.tasks.recall(seed=seed * 1_000_003, context_tokens=context_tokens, tokenizer=tokenizer)
-    _, docs, _ = M.split_prompt(ex0.prompt_ids, tokenizer)
-    doc_lens = [len(d) for d in docs]
     cfg = model.config
     big = llama8b_config()
-    prompts = [testbed.tasks.recall(seed=seed * 1_000_003 + i, context_tokens=context_tokens, tokenizer=tokenizer).prompt_ids
-               for i in range(n)]
-    full_logits = [M.full_first_token_logits(model, p) for p in prompts] if fidelity else []
+    full_logits = []
+    if fidelity:
+        it = prompts
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(prompts, desc="full-attention reference", leave=False)
+        full_logits = [M.full_first_token_logits(model, p) for p in it]
+    scored = [p for p in prompts if p.answer]
+    rows = []
     for name in methods:
         t0 = time.time()
-        recomputed = 0.0
-        eng = None
-        if name == "full":
-            ttfts: List[float] = []
-            fn = M.full_recompute_generate(ttfts)
-            logit_fn = lambda p: M.full_first_token_logits(model, p)  # noqa: E731
-            flops = M.method_flops(cfg, "full", doc_lens)
-        elif name in ("none", "kvpacket") or pruning_of(name):
-            pruning = pruning_of(name)
-            eng = M.PacketEngine(model, tokenizer, adapters if name != "none" else None, pruning=pruning)
-            fn, ttfts, logit_fn = eng.generate, eng.ttfts, eng.first_token_logits
-            kept_lens = doc_lens if pruning is None else [pruning.n_keep(n) for n in doc_lens]
-            flops = M.method_flops(cfg, "none" if name == "none" else "kvpacket", kept_lens,
-                                   n_header=adapters.n_header_cached if name != "none" else 0,
-                                   n_shared=adapters.n_header_shared if name != "none" else 0,
-                                   n_trailer=adapters.n_trailer if name != "none" else 0)
-        elif name.startswith("cacheblend-"):
-            r = int(name.split("-")[1]) / 100
-            sr = M.SelectiveRecompute(model, tokenizer, ratio=r)
-            fn, ttfts, logit_fn = sr.generate, sr.ttfts, sr.first_token_logits
-            flops = M.method_flops(cfg, "cacheblend", doc_lens, ratio=r)
-        elif name == "epic":
-            sr = M.SelectiveRecompute(model, tokenizer, first_k=epic_k)
-            fn, ttfts, logit_fn = sr.generate, sr.ttfts, sr.first_token_logits
-            flops = M.method_flops(cfg, "epic", doc_lens, first_k=epic_k)
-        else:
-            raise ValueError(f"unknown method {name!r}; valid: {', '.join(all_methods)}, "
-                             "kvpacket-knorm-<pct>, kvpacket-attn-<pct>")
-        kind = {"full": "full", "none": "none", "kvpacket": "kvpacket", "epic": "epic"}.get(
-            name, "kvpacket" if pruning_of(name) else "cacheblend")
+        answer_fn, logit_fn, kind, extra = _method_runner(name, model, tokenizer, adapters, store_bytes)
         with_adapters = kind == "kvpacket"
-        flops_big = M.method_flops(big, kind, kept_lens if with_adapters else doc_lens,
-                                   ratio=int(name.split("-")[1]) / 100 if kind == "cacheblend" else 0.0,
-                                   first_k=epic_k, n_header=adapters.n_header_cached if with_adapters else 0,
-                                   n_shared=adapters.n_header_shared if with_adapters else 0,
-                                   n_trailer=adapters.n_trailer if with_adapters else 0)
-        res = testbed.evaluate(model, tokenizer, "recall", n=n, seed=seed, context_tokens=context_tokens, generate_fn=fn)
+        pruning = extra.get("pruning")
+
+        def flops_of(config, p):
+            lens = [len(d) for d in p.documents]
+            kept = lens if pruning is None else [pruning.n_keep(n) for n in lens]
+            return M.method_flops(config, kind, kept if with_adapters else lens, prefix_len=len(p.prefix),
+                                  ratio=extra.get("ratio", 0.0), first_k=extra.get("first_k", 0),
+                                  n_header=adapters.n_header_cached if with_adapters else 0,
+                                  n_shared=adapters.n_header_shared if with_adapters else 0,
+                                  n_trailer=adapters.n_trailer if with_adapters else 0)
+        flops = sum(flops_of(cfg, p) for p in prompts) / len(prompts)
+        flops_big = sum(flops_of(big, p) for p in prompts) / len(prompts)
+        ttfts: List[float] = []
+
+        def timed_answer(p, m):
+            ids, ttft = answer_fn(p, m)
+            ttfts.append(ttft)
+            return ids
+        if accuracy_fn is not None:
+            accuracy = accuracy_fn(timed_answer)
+        elif scored:
+            it = scored
+            if progress:
+                from tqdm.auto import tqdm
+                it = tqdm(scored, desc=name, leave=False)
+            hits = 0
+            for p in it:
+                ids = timed_answer(p, max_new_tokens)
+                hits += answer_matches(tokenizer.decode(ids, skip_special_tokens=True),
+                                       tokenizer.decode(p.answer, skip_special_tokens=True))
+            accuracy = hits / len(scored)
+        else:
+            accuracy = None
+            for p in prompts:  # time to first token still measured
+                timed_answer(p, 1)
         kl = agree = float("nan")
         if fidelity:
             kls, agr = [], []
@@ -139,25 +238,51 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], n: int = 2
                 kls.append(float((lp.exp() * (lp - lq)).sum()))
                 agr.append(int(fl.argmax()) == int(ml.argmax()))
             kl, agree = sum(kls) / len(kls), sum(agr) / len(agr)
-        row = {"method": name, "n": n, "accuracy": res["accuracy"], "ttft_ms": 1000 * _median(ttfts),
+        eng = extra.get("engine")
+        row = {"method": name, "n": len(prompts), "accuracy": accuracy, "ttft_ms": 1000 * _median(ttfts),
                "flops": flops, "flops_llama8b": flops_big, "kl": kl, "agree": agree, "seconds": time.time() - t0,
-               # bytes of all packets this method stored for the n prompts (packet methods only)
+               # bytes of all packets this method stored for the prompts (packet methods only)
                "packet_bytes": eng.store.stats()["bytes_host"] if eng is not None else None}
         rows.append(row)
-        print(f"  {name:<14} acc {100 * row['accuracy']:5.1f}%  KL {kl:.4f}  agree {100 * agree:5.1f}%  "
-              f"ttft {row['ttft_ms']:7.1f} ms  "
+        acc = f"{100 * accuracy:5.1f}%" if accuracy is not None else "    -"
+        print(f"  {name:<14} acc {acc}  KL {kl:.4f}  agree {100 * agree:5.1f}%  ttft {row['ttft_ms']:7.1f} ms  "
               f"flops {flops:9.3g}  ({row['seconds']:.0f}s)", file=out, flush=True)
     return rows
 
 
+def compare_on_testbed(model, tokenizer, adapters: Optional[M.Adapters], n: int = 20,
+                       context_tokens: int = RECALL_CONTEXT, seed: int = 0, methods: Optional[Sequence[str]] = None,
+                       out=None, fidelity: bool = True, progress: bool = False) -> List[Dict]:
+    """:func:`compare_methods` on the testbed ``recall`` task, accuracy scored by
+    :func:`scrimp.testbed.evaluate` on the same ``n`` prompts."""
+    from .. import testbed
+
+    def accuracy_fn(answer_fn):
+        def gen(model_, tok_, prompt_ids, max_new_tokens):
+            ids = answer_fn(split_recall_prompt(prompt_ids[0].tolist(), tok_), max_new_tokens)
+            return torch.tensor(ids, dtype=torch.long)
+        return testbed.evaluate(model, tokenizer, "recall", n=n, seed=seed, context_tokens=context_tokens,
+                                generate_fn=gen, progress=progress)["accuracy"]
+
+    return compare_methods(model, tokenizer, adapters, recall_prompts(tokenizer, n, context_tokens, seed), methods,
+                           accuracy_fn=accuracy_fn, fidelity=fidelity, progress=progress, out=out)
+
+
 def format_table(rows: List[Dict], anchor: str = "full") -> str:
+    """The rows of :func:`compare_methods` as a text table (ratios against the ``anchor`` method)."""
     base = next((r for r in rows if r["method"] == anchor), rows[0])
     hdr = (f"{'method':<14} {'accuracy':>9} {'vs full':>8} {'KL->full':>9} {'top1=full':>9} {'TTFT ms':>9} "
            f"{'TTFT x':>7} {'prep FLOPs':>11} {'FLOPs x':>9} {'@Llama-8B':>10} {'packets MiB':>11}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
-        lines.append(f"{r['method']:<14} {100 * r['accuracy']:8.1f}% {100 * (r['accuracy'] - base['accuracy']):+7.1f} "
-                     f"{r.get('kl', float('nan')):9.4f} {100 * r.get('agree', float('nan')):8.1f}% {r['ttft_ms']:9.1f} {r['ttft_ms'] / base['ttft_ms']:7.2f} {r['flops']:11.3g} "
+        if r["accuracy"] is None:
+            acc = f"{'-':>9} {'-':>8}"
+        else:
+            vs = (f"{100 * (r['accuracy'] - base['accuracy']):+7.1f}" if base["accuracy"] is not None else f"{'-':>7}")
+            acc = f"{100 * r['accuracy']:8.1f}% {vs}"
+        lines.append(f"{r['method']:<14} {acc} "
+                     f"{r.get('kl', float('nan')):9.4f} {100 * r.get('agree', float('nan')):8.1f}% {r['ttft_ms']:9.1f} "
+                     f"{r['ttft_ms'] / base['ttft_ms']:7.2f} {r['flops']:11.3g} "
                      f"{r['flops'] / base['flops']:9.2g} {r['flops_llama8b']:10.3g} "
                      + (f"{r['packet_bytes'] / 2**20:11.2f}" if r.get("packet_bytes") is not None else f"{'-':>11}"))
     return "\n".join(lines)

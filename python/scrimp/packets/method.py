@@ -16,18 +16,22 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from .rope import assemble, rerotate_keys, rope_inv_freq
+from .prompt import Prompt, build_prompt
+from .rope import assemble, rerotate_keys, rope_inv_freq, rope_spec, verify_rerotation
+from .store import PacketStore, _layers_of
 
 #: the ``format`` metadata of an adapter file (safetensors: tensors ``header`` and ``trailer``)
 ADAPTER_FORMAT = "scrimp-kv-packet-adapters-v1"
-from .store import PacketStore, _layers_of
 
-__all__ = ["model_fingerprint", "Adapters", "split_prompt", "packet_positions", "build_packet_kv", "build_pruned_packet_kv", "PacketEngine",
-           "SelectiveRecompute", "full_recompute_generate", "drop_header", "HEADER_KV", "flops_prefill", "flops_rerotation",
-           "method_flops"]
+__all__ = ["model_fingerprint", "Adapters", "packet_positions", "build_packet_kv", "build_pruned_packet_kv",
+           "PacketEngine", "Answer", "SelectiveRecompute", "full_answer", "full_first_token_logits", "check_model",
+           "REFUSED_FEATURES", "stop_ids", "layer_kv_full_attention", "drop_header", "HEADER_KV", "flops_prefill",
+           "flops_rerotation", "method_flops"]
 
 
 # ----------------------------------------------------------------------------- model helpers
@@ -212,29 +216,6 @@ class Adapters(nn.Module):
         return a
 
 
-# ----------------------------------------------------------------------------- prompts
-
-def split_prompt(ids: Sequence[int], tokenizer) -> Tuple[List[int], List[List[int]], List[int]]:
-    """Split a recall-style prompt into (prefix, documents, question) by its ``<doc>``/``</doc>`` markers.
-
-    A document runs from ``<doc>`` through ``</doc>`` and the token after it (the newline).
-    """
-    open_id, close_id = tokenizer.convert_tokens_to_ids(["<doc>", "</doc>"])
-    ids = [int(i) for i in ids]
-    prefix: List[int] = []
-    docs: List[List[int]] = []
-    i = 0
-    while i < len(ids) and ids[i] != open_id:
-        prefix.append(ids[i])
-        i += 1
-    while i < len(ids) and ids[i] == open_id:
-        j = ids.index(close_id, i) if close_id in ids[i:] else len(ids) - 1
-        end = min(j + 2, len(ids))
-        docs.append(ids[i:end])
-        i = end
-    return prefix, docs, ids[i:]
-
-
 # ----------------------------------------------------------------------------- packets
 
 def packet_positions(prefix_len: int, doc_lens: Sequence[int], n_header: int = 0) -> Tuple[List[int], int]:
@@ -341,10 +322,24 @@ def _new_cache(model):
         return DynamicCache()
 
 
+def stop_ids(model, tokenizer=None) -> frozenset:
+    """Token ids that end a generation: the generation config's ``eos_token_id`` (an id or a list,
+    as Llama-3 instruct checkpoints have) and the tokenizer's eos token."""
+    ids = set()
+    gc = getattr(model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return frozenset(ids)
+
+
 @torch.no_grad()
-def _greedy_from(model, cache, first_ids: List[int], start_pos: int, max_new_tokens: int, eos_id, t0=None):
-    """Prefill ``first_ids`` at ``start_pos`` on top of ``cache``, then greedy-decode. Returns
-    (new token ids, seconds to the first token measured from ``t0``)."""
+def _greedy_from(model, cache, first_ids: List[int], start_pos: int, max_new_tokens: int, eos_ids, t0=None):
+    """Prefill ``first_ids`` at ``start_pos`` on top of ``cache``, then greedy-decode. ``eos_ids``: an
+    id, a set of ids or None. Returns (new token ids, seconds to the first token measured from ``t0``)."""
+    stops = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
     dev = _device(model)
     ids = torch.tensor([first_ids], dtype=torch.long, device=dev)
     pos = start_pos
@@ -360,25 +355,62 @@ def _greedy_from(model, cache, first_ids: List[int], start_pos: int, max_new_tok
             ttft = time.perf_counter() - t0
         new.append(nxt)
         pos += n
-        if eos_id is not None and nxt == eos_id:
+        if nxt in stops:
             break
         ids = torch.tensor([[nxt]], dtype=torch.long, device=dev)
     return new, ttft
 
 
-class PacketEngine:
-    """KV Packet inference (``adapters`` given) or the no-recompute baseline (``adapters=None``).
+#: model features KV Packet refuses (by :func:`scrimp.hf.refuse_features`): packets are prefilled alone
+#: and moved, which a sliding window, non-attention or RoPE-less layers break; the attention-score
+#: pruning and CacheBlend's deviation compute softmax attention by hand, without soft-capping or sinks
+REFUSED_FEATURES = ("sliding_window", "hybrid_layers", "no_rope", "attn_logit_softcapping", "attention_sinks")
 
-    Use :meth:`generate` as ``generate_fn`` of :func:`scrimp.testbed.evaluate`. Packets missing from
-    the store are built on first use (offline work, not part of the time to first token).
+
+def check_model(model) -> None:
+    """ValueError naming any feature of ``model`` that KV Packet cannot run exactly (see
+    :data:`REFUSED_FEATURES`) or a rope type re-rotation cannot move (see :func:`rope_spec`)."""
+    from .. import hf
+
+    hf.refuse_features(model.config, "KV Packet", refuse=REFUSED_FEATURES, model=model)
+    rope_spec(model)
+
+
+@dataclass
+class Answer:
+    """What :meth:`PacketEngine.answer` returns."""
+    token_ids: List[int]  # generated ids (the final stop token included when produced)
+    text: Optional[str]  # decoded without special tokens (None without a tokenizer)
+    ttft_s: float  # seconds from the request to the first generated token (packets already stored)
+    total_s: float  # seconds from the request to the last token
+    prompt: Prompt  # the token ids the request was turned into
+    packets_built: int  # packets this request had to build (store misses; offline work, not in ttft_s)
+    packets_reused: int  # packets served by the store
+
+
+class PacketEngine:
+    """KV Packet inference (``adapters`` given) or the no-recompute baseline (``adapters=None``)::
+
+        eng = PacketEngine(model, tokenizer, Adapters.load("adapters.safetensors", model))
+        out = eng.answer(["first document ...", "second document ..."], "What is ...?")
+        out.text, out.token_ids, out.ttft_s
+
+    Packets missing from the store are built on first use (offline work, not part of the time to
+    first token); the same document in another prompt is a store hit (key = model fingerprint +
+    adapter id + document tokens). Models with features KV Packet cannot run exactly are refused
+    (:func:`check_model`); the model's rotary layout is checked once on the model itself
+    (:func:`~scrimp.packets.rope.verify_rerotation`).
     """
 
-    def __init__(self, model, tokenizer, adapters: Optional[Adapters] = None, store: Optional[PacketStore] = None,
-                 pruning=None):
+    def __init__(self, model, tokenizer=None, adapters: Optional[Adapters] = None, store: Optional[PacketStore] = None,
+                 pruning=None, *, verify: bool = True):
         from .prune import Pruning
 
         if pruning is not None and not isinstance(pruning, Pruning):
             raise TypeError(f"pruning must be a scrimp.packets.prune.Pruning or None, got {type(pruning).__name__}")
+        if adapters is not None and not isinstance(adapters, Adapters):
+            raise TypeError(f"adapters must be scrimp.packets.method.Adapters or None, got {type(adapters).__name__}")
+        check_model(model)
         self.pruning = pruning
         self.model = model
         self.tokenizer = tokenizer
@@ -386,14 +418,55 @@ class PacketEngine:
         self.store = store if store is not None else PacketStore(host_bytes=2 << 30)
         self.fingerprint = model_fingerprint(model)
         if adapters is not None and adapters.fingerprint not in (None, self.fingerprint):
-            raise ValueError(f"the adapters were trained for model {adapters.fingerprint}, not {self.fingerprint}")
+            raise ValueError(f"the adapters were trained for model {adapters.fingerprint}, not this model "
+                             f"({self.fingerprint})")
+        if adapters is not None and adapters.header.shape[-1] != model.config.hidden_size:
+            raise ValueError(f"adapter hidden size {adapters.header.shape[-1]} != model hidden size "
+                             f"{model.config.hidden_size}")
         self.adapter_id = adapters.adapter_id if adapters is not None else "none"
-        self.inv_freq = rope_inv_freq(model)
+        self.rope = rope_spec(model)
+        if verify:
+            verify_rerotation(model, self.rope)
+        self.inv_freq = self.rope.inv_freq
         self.layout = _kv_layout(model)
         self.ttfts: List[float] = []
         self.built = 0
         self._prefix_kv: Dict[tuple, list] = {}  # the shared prompt prefix (e.g. <bos>), computed once
         self._header_kv: Optional[list] = None  # header_kv="once": the header's K/V at positions 0.., computed once
+
+    # --- requests in plain terms
+
+    def prompt(self, documents, question, **kw) -> Prompt:
+        """:func:`~scrimp.packets.prompt.build_prompt` with this engine's tokenizer."""
+        if self.tokenizer is None and (isinstance(question, str) or any(isinstance(d, str) for d in documents)):
+            raise ValueError("text documents or questions need a tokenizer: PacketEngine(model, tokenizer, ...)")
+        return build_prompt(self.tokenizer, documents, question, **kw)
+
+    def answer(self, documents=None, question=None, *, prompt: Optional[Prompt] = None, max_new_tokens: int = 64,
+               **prompt_kw) -> Answer:
+        """Answer ``question`` over ``documents`` (strings or token-id lists; see
+        :func:`~scrimp.packets.prompt.build_prompt` for ``prompt_kw``), or a ready :class:`Prompt`."""
+        if prompt is None:
+            if documents is None or question is None:
+                raise ValueError("give documents and a question, or prompt=")
+            prompt = self.prompt(documents, question, **prompt_kw)
+        elif not isinstance(prompt, Prompt):
+            raise TypeError(f"prompt must be a scrimp.packets.Prompt, got {type(prompt).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        built0 = self.built
+        self.warm(prompt)
+        built = self.built - built0
+        t0 = time.perf_counter()
+        cache, n, question_ids, *_ = self.prepare(prompt, max_new_tokens)
+        new, ttft = _greedy_from(self.model, cache, question_ids, n, max_new_tokens,
+                                 stop_ids(self.model, self.tokenizer), t0)
+        total = time.perf_counter() - t0
+        self.ttfts.append(ttft)
+        text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer is not None else None
+        return Answer(new, text, ttft, total, prompt, built, len(prompt.documents) - built)
+
+    # --- packets
 
     def _packet_tokens(self, doc: List[int]) -> List[int]:
         if self.adapters is None:
@@ -415,6 +488,7 @@ class PacketEngine:
         p = self.store.get(key, device=dev, model_fingerprint=self.fingerprint, adapter_id=self.adapter_id,
                            num_layers=L, num_kv_heads=H, head_dim=D)
         if p is None:
+            self.rope.check_positions(len(toks))
             if self.pruning is None:
                 kv, kept = build_packet_kv(self.model, doc, self.adapters), None
             else:
@@ -428,10 +502,16 @@ class PacketEngine:
         return p
 
     @torch.no_grad()
-    def prepare(self, prompt_ids: List[int]):
+    def prepare(self, prompt: Prompt, max_new_tokens: int = 0):
         """(cache, position of the first question token, question ids, assembled KV, documents, prefix)
-        for a prompt. Without adapters the position equals the cache length."""
-        prefix, docs, question = split_prompt(prompt_ids, self.tokenizer)
+        for a :class:`Prompt`. Without adapters the position equals the cache length. ValueError when
+        the context plus the question and ``max_new_tokens`` would pass the positions the rope type
+        keeps its frequencies for (dynamic, longrope)."""
+        if not isinstance(prompt, Prompt):
+            raise TypeError(f"prepare: expected a scrimp.packets.Prompt, got {type(prompt).__name__}")
+        prefix, docs, question = prompt.prefix, prompt.documents, prompt.question
+        n_header = self.adapters.n_header if self.adapters is not None else 0
+        self.rope.check_positions(prompt.context_len + n_header + len(question) + max_new_tokens)
         dev = _device(self.model)
         pre = self._prefix_kv.get(tuple(prefix))
         if prefix and pre is None:
@@ -441,7 +521,6 @@ class PacketEngine:
             pre = [(k.clone(), v.clone()) for k, v in _layers_of(_out_cache(out))]
             self._prefix_kv[tuple(prefix)] = pre
         packets = [self.packet(d) for d in docs]
-        n_header = self.adapters.n_header if self.adapters is not None else 0
         if packets:
             starts, n = packet_positions(len(prefix), [len(d) for d in docs], n_header)
             if self.adapters is not None and self.adapters.header_kv == "once" and n_header:
@@ -450,9 +529,9 @@ class PacketEngine:
             cache = kv.to_cache(self.model.config)
         else:
             kv = None
-            from transformers import DynamicCache
-            cache = (DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in pre]) if pre
-                     else _new_cache(self.model))
+            from .rope import AssembledKV
+            cache = (AssembledKV([k.clone() for k, _ in pre], [v.clone() for _, v in pre], []).to_cache(self.model.config)
+                     if pre else _new_cache(self.model))
             n = len(prefix)
         for p in packets:
             p.release()  # the assembled cache is a copy; the store may evict them again
@@ -466,32 +545,21 @@ class PacketEngine:
             emb = self.model.get_input_embeddings().weight
             layers, _, _ = _prefill_embeds(self.model, self.adapters.header.to(device=emb.device, dtype=emb.dtype))
             self._header_kv = [(k.clone(), v.clone()) for k, v in layers]
-        moved = [(rerotate_keys(k, start, self.inv_freq), v) for k, v in self._header_kv]
+        moved = [(rerotate_keys(k, start, self.inv_freq, layout=self.rope.layout), v) for k, v in self._header_kv]
         if not pre:
             return moved
         return [(torch.cat([pk, hk], dim=2), torch.cat([pv, hv], dim=2)) for (pk, pv), (hk, hv) in zip(pre, moved)]
 
-    def warm(self, prompt_ids) -> None:
+    def warm(self, prompt: Prompt) -> None:
         """Build and store the packets of a prompt's documents (offline work)."""
-        _, docs, _ = split_prompt([int(i) for i in prompt_ids], self.tokenizer)
-        for d in docs:
+        for d in prompt.documents:
             self.packet(d).release()
 
     @torch.no_grad()
-    def first_token_logits(self, prompt_ids) -> torch.Tensor:
-        """Logits of the first answer token (for fidelity against full recompute)."""
-        ids = [int(i) for i in prompt_ids]
-        cache, n, question, *_ = self.prepare(ids)
+    def first_token_logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits ``[vocab]`` of the first answer token (for fidelity against full recompute)."""
+        cache, n, question, *_ = self.prepare(prompt)
         return _question_logits(self.model, cache, n, question)
-
-    def generate(self, model, tokenizer, prompt_ids, max_new_tokens):
-        ids = [int(i) for i in prompt_ids[0]]
-        self.warm(ids)
-        t0 = time.perf_counter()
-        cache, n, question, *_ = self.prepare(ids)
-        new, ttft = _greedy_from(self.model, cache, question, n, max_new_tokens, tokenizer.eos_token_id, t0)
-        self.ttfts.append(ttft)
-        return torch.tensor(new, dtype=torch.long)
 
 
 def _question_logits(model, cache, n, question) -> torch.Tensor:
@@ -502,33 +570,27 @@ def _question_logits(model, cache, n, question) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
+def _plain_ids(prompt) -> List[int]:
+    return prompt.ids if isinstance(prompt, Prompt) else [int(i) for i in prompt]
+
+
 @torch.no_grad()
-def full_first_token_logits(model, prompt_ids) -> torch.Tensor:
+def full_first_token_logits(model, prompt) -> torch.Tensor:
+    """Logits ``[vocab]`` after the plain prompt (a :class:`Prompt` or token ids) with full attention."""
     dev = _device(model)
-    return model(input_ids=torch.tensor([list(prompt_ids)], device=dev), logits_to_keep=1).logits[0, -1].float()
+    return model(input_ids=torch.tensor([_plain_ids(prompt)], device=dev), logits_to_keep=1).logits[0, -1].float()
 
 
-def full_recompute_generate(ttfts: Optional[list] = None):
-    """``generate_fn`` for the full-recompute anchor: prefill the whole prompt, greedy decode."""
-    def gen(model, tokenizer, prompt_ids, max_new_tokens):
-        ids = [int(i) for i in prompt_ids[0]]
-        t0 = time.perf_counter()
-        new, ttft = _greedy_from(model, _new_cache(model), ids, 0, max_new_tokens, tokenizer.eos_token_id, t0)
-        if ttfts is not None:
-            ttfts.append(ttft)
-        return torch.tensor(new, dtype=torch.long)
-    return gen
+@torch.no_grad()
+def full_answer(model, prompt, max_new_tokens: int = 64, tokenizer=None) -> Tuple[List[int], float]:
+    """The full-recompute anchor: prefill the whole plain prompt, greedy decode. Returns (new ids,
+    seconds to the first token)."""
+    t0 = time.perf_counter()
+    return _greedy_from(model, _new_cache(model), _plain_ids(prompt), 0, max_new_tokens,
+                        stop_ids(model, tokenizer), t0)
 
 
 # ----------------------------------------------------------------------------- selective recompute
-
-def _decoder_layers(model):
-    return getattr(model, "model", model).layers
-
-
-def _layer_out(o):
-    return o[0] if isinstance(o, (tuple, list)) else o
-
 
 @torch.no_grad()
 def _recompute_positions(model, cache, seq_ids: List[int], sel: List[int], n: int):
@@ -561,34 +623,54 @@ def _recompute_positions(model, cache, seq_ids: List[int], sel: List[int], n: in
     return AssembledKV([k for k, _ in pairs], [v for _, v in pairs], []).to_cache(model.config)
 
 
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_kv_full_attention(model, seq_ids: List[int], layer_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) ``[1, kv_heads, n, head_dim]`` of decoder layer ``layer_index`` for ``seq_ids`` with full
+    causal attention, running only layers ``0..layer_index`` (the model's own forward, stopped once
+    that layer has written its cache): works for any architecture :mod:`scrimp.hf` knows."""
+    from .. import hf
+
+    layers = hf.decoder_layers(model)
+    if not 0 <= layer_index < len(layers):
+        raise ValueError(f"layer_index must be in [0, {len(layers)}), got {layer_index}")
+    dev = _device(model)
+    cache = _new_cache(model)
+
+    def stop(*_):
+        raise _StopForward
+
+    # stop once the layer's attention has run (at its MLP), else at the next layer or the final norm
+    nxt = getattr(layers[layer_index], "mlp", None)
+    if nxt is None:
+        nxt = layers[layer_index + 1] if layer_index + 1 < len(layers) else getattr(hf.base_model(model), "norm", None)
+    handle = nxt.register_forward_pre_hook(stop) if nxt is not None else None
+    try:
+        _forward(model, input_ids=torch.tensor([list(seq_ids)], device=dev),
+                 position_ids=torch.arange(len(seq_ids), device=dev)[None], cache=cache, use_cache=True,
+                 logits_to_keep=1)
+    except _StopForward:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+    k, v = _layers_of(cache)[layer_index]
+    return k, v
+
+
 @torch.no_grad()
 def _kv_deviation(model, cache, seq_ids: List[int], layer_index: int = 1) -> torch.Tensor:
-    """Per-token squared deviation between the cached K/V of ``layer_index`` and the K/V computed
-    with full attention (running layers ``< layer_index`` over all tokens, as CacheBlend does)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    dev = _device(model)
-    base = getattr(model, "model", model)
+    """Per-token squared deviation ``[n]`` between the cached K/V of ``layer_index`` and the K/V
+    computed with full attention (running layers ``<= layer_index`` over all tokens, as CacheBlend does)."""
     n = len(seq_ids)
-    h = _embed(model, torch.tensor([seq_ids], device=dev))
-    pos = torch.arange(n, device=dev)[None]
-    cos, sin = base.rotary_emb(h, pos)
-    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None, None]
-    layers = _decoder_layers(model)
-    for li in range(layer_index):
-        h = _layer_out(layers[li](h, attention_mask=causal, position_ids=pos, position_embeddings=(cos, sin)))
-    lay = layers[layer_index]
-    attn = lay.self_attn
-    xin = lay.input_layernorm(h)
-    L, H, D = _kv_layout(model)
-    k = attn.k_proj(xin).view(1, n, H, D).transpose(1, 2)
-    if hasattr(attn, "k_norm"):
-        k = attn.k_norm(k)
-    v = attn.v_proj(xin).view(1, n, H, D).transpose(1, 2)
-    q = torch.zeros_like(k)
-    _, k = apply_rotary_pos_emb(q, k, cos, sin)
-    ck, cv = cache.layers[layer_index].keys, cache.layers[layer_index].values
-    return ((k - ck[:, :, :n]) ** 2).sum(dim=(0, 1, 3)) + ((v - cv[:, :, :n]) ** 2).sum(dim=(0, 1, 3))
+    layer_index = min(layer_index, model.config.num_hidden_layers - 1)
+    k, v = layer_kv_full_attention(model, seq_ids, layer_index)
+    ck, cv = _layers_of(cache)[layer_index]
+    return ((k.float() - ck[:, :, :n].float()) ** 2).sum(dim=(0, 1, 3)) + \
+        ((v.float() - cv[:, :, :n].float()) ** 2).sum(dim=(0, 1, 3))
 
 
 class SelectiveRecompute:
@@ -596,7 +678,7 @@ class SelectiveRecompute:
     deviation at layer 1) or EPIC-style (``first_k``: recompute the first k tokens of every document)
     on top of the no-recompute assembly (packets without adapters)."""
 
-    def __init__(self, model, tokenizer, ratio: Optional[float] = None, first_k: Optional[int] = None,
+    def __init__(self, model, tokenizer=None, ratio: Optional[float] = None, first_k: Optional[int] = None,
                  store: Optional[PacketStore] = None):
         if (ratio is None) == (first_k is None):
             raise ValueError("give exactly one of ratio (CacheBlend) or first_k (EPIC)")
@@ -608,10 +690,10 @@ class SelectiveRecompute:
         self.recomputed: List[int] = []
 
     @torch.no_grad()
-    def _prepared(self, ids):
+    def _prepared(self, prompt: Prompt, max_new_tokens: int = 0):
         eng = self.engine
         model = eng.model
-        cache, n, question, kv, docs, prefix = eng.prepare(ids)
+        cache, n, question, kv, docs, prefix = eng.prepare(prompt, max_new_tokens)
         seq_ids = list(prefix) + [t for d in docs for t in d]
         if self.ratio is not None:
             dev = _kv_deviation(model, cache, seq_ids)
@@ -627,19 +709,20 @@ class SelectiveRecompute:
         return cache, n, question, len(sel)
 
     @torch.no_grad()
-    def first_token_logits(self, prompt_ids) -> torch.Tensor:
-        cache, n, question, _ = self._prepared([int(i) for i in prompt_ids])
+    def first_token_logits(self, prompt: Prompt) -> torch.Tensor:
+        cache, n, question, _ = self._prepared(prompt)
         return _question_logits(self.engine.model, cache, n, question)
 
-    def generate(self, model, tokenizer, prompt_ids, max_new_tokens):
-        ids = [int(i) for i in prompt_ids[0]]
-        self.engine.warm(ids)
+    def answer(self, prompt: Prompt, max_new_tokens: int = 64) -> Tuple[List[int], float]:
+        """(new ids, seconds to the first token) for a :class:`Prompt` (packets stored beforehand)."""
+        self.engine.warm(prompt)
         t0 = time.perf_counter()
-        cache, n, question, r = self._prepared(ids)
+        cache, n, question, r = self._prepared(prompt, max_new_tokens)
         self.recomputed.append(r)
-        new, ttft = _greedy_from(model, cache, question, n, max_new_tokens, tokenizer.eos_token_id, t0)
+        new, ttft = _greedy_from(self.engine.model, cache, question, n, max_new_tokens,
+                                 stop_ids(self.engine.model, self.engine.tokenizer), t0)
         self.ttfts.append(ttft)
-        return torch.tensor(new, dtype=torch.long)
+        return new, ttft
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -663,7 +746,9 @@ def flops_rerotation(config, seq: int) -> float:
     """Re-rotation FLOPs as the KV Packet paper counts them: (4 + 3 * kv_heads) * seq * rope_dim per layer."""
     c = config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rope_dim = int(hd * getattr(c, "partial_rotary_factor", 1.0))
+    from .. import hf
+
+    rope_dim = int(hd * float(hf.rope_parameters(c).get("partial_rotary_factor", 1.0) or 1.0))
     kvh = getattr(c, "num_key_value_heads", c.num_attention_heads)
     return float(c.num_hidden_layers * (4 + 3 * kvh) * seq * rope_dim)
 

@@ -75,6 +75,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def layer_queries(model, layer, x: torch.Tensor) -> torch.Tensor:
+    """Queries ``[1, heads, W, head_dim]`` (before RoPE) of a decoder ``layer`` for its normed input
+    ``x`` ``[1, W, hidden]``: ``q_proj`` (Llama, Qwen2, Qwen3, Mistral) or the query rows of a fused
+    ``qkv_proj`` (Phi-3), then ``q_norm`` when the layer has one (Qwen3)."""
+    attn = layer.self_attn
+    c = model.config
+    n_heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+    if hasattr(attn, "q_proj"):
+        q = attn.q_proj(x)
+    elif hasattr(attn, "qkv_proj"):
+        q = attn.qkv_proj(x)[..., : n_heads * head_dim]
+    else:
+        raise ValueError(f"attention pruning does not know the attention type {type(attn).__name__} "
+                         "(no q_proj or qkv_proj)")
+    q = q.view(1, x.shape[1], n_heads, head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    return q.transpose(1, 2)
+
+
+def apply_rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rotate_half`` RoPE on the first ``cos.shape[-1]`` dims of ``q`` ``[1, heads, W, D]`` (the rest,
+    partial rotary's pass-through dims, unchanged); ``cos`` / ``sin`` ``[1, W, rotary_dim]``."""
+    r = cos.shape[-1]
+    rot, rest = q[..., :r], q[..., r:]
+    rot = rot * cos[:, None] + _rotate_half(rot) * sin[:, None]
+    return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
+
+
 @torch.no_grad()
 def attention_scores(model, hidden_states: Sequence[torch.Tensor], layers: Sequence, position_ids: torch.Tensor,
                      start: int, end: int, window: Optional[int], n_trailer: int) -> torch.Tensor:
@@ -87,29 +117,27 @@ def attention_scores(model, hidden_states: Sequence[torch.Tensor], layers: Seque
     the model to eager attention (a model-wide change that other threads would see):
     ``hidden_states`` are each layer's inputs ``[1, T, hidden]`` (``output_hidden_states``), ``layers``
     the cached (K, V) ``[1, kv_heads, T, head_dim]`` (keys already rotated). The window's queries are
-    recomputed with the layer's own input norm, q projection, q norm (Qwen3) and rotary embedding.
-    Works for Llama- and Qwen3-style decoder layers."""
-    decoder = getattr(getattr(model, "model", None), "layers", None)
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if decoder is None or rotary is None or len(hidden_states) < len(decoder) or len(layers) != len(decoder):
-        raise ValueError("attention pruning needs a Llama/Qwen3-style model (model.model.layers, rotary_emb) "
-                         "and the hidden states and KV of every layer")
+    recomputed with the layer's own input norm, query projection (:func:`layer_queries`) and rotary
+    embedding (partial rotary included)."""
+    from .. import hf
+
+    decoder = hf.decoder_layers(model)
+    rotary = hf.rotary_embedding(model)
+    if len(hidden_states) < len(decoder) or len(layers) != len(decoder):
+        raise ValueError("attention pruning needs the hidden states and KV of every layer")
     total = hidden_states[0].shape[1]
     w0 = total - n_trailer if n_trailer > 0 else max(start, end - window)
     pos_w = position_ids[:, w0:]
     per_layer = []
     for layer, h, (k, _) in zip(decoder, hidden_states, layers):
         attn = layer.self_attn
-        if not (hasattr(layer, "input_layernorm") and hasattr(attn, "q_proj")):
+        if not hasattr(layer, "input_layernorm"):
             raise ValueError(f"attention pruning does not know the layer type {type(layer).__name__}")
         x = layer.input_layernorm(h[:, w0:])
-        n_heads, head_dim = model.config.num_attention_heads, k.shape[-1]
-        q = attn.q_proj(x).view(1, x.shape[1], n_heads, head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        q = q.transpose(1, 2)  # [1, heads, W, D]
-        cos, sin = rotary(x, pos_w)  # [1, W, D] (RoPE scaling and attention factor included)
-        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        q = layer_queries(model, layer, x)  # [1, heads, W, D]
+        n_heads, head_dim = q.shape[1], k.shape[-1]
+        cos, sin = rotary(x, pos_w)  # [1, W, rotary_dim] (RoPE scaling and attention factor included)
+        q = apply_rope(q, cos, sin)
         kk = k.repeat_interleave(n_heads // k.shape[1], dim=1)  # GQA: [1, heads, T, D]
         logits = (q.float() @ kk.float().transpose(-1, -2)) * getattr(attn, "scaling", head_dim ** -0.5)
         causal = torch.arange(total, device=q.device)[None, :] > torch.arange(w0, total, device=q.device)[:, None]

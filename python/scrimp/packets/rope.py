@@ -1,13 +1,15 @@
 """RoPE re-rotation of cached keys and fused assembly of packets (compiled CPU / CUDA kernels)."""
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from .. import _C
 
-__all__ = ["rerotate_keys", "assemble", "rope_inv_freq", "AssembledKV"]
+__all__ = ["rerotate_keys", "assemble", "rope_inv_freq", "rope_spec", "RopeSpec", "AssembledKV",
+           "STATIC_ROPE_TYPES", "LENGTH_DEPENDENT_ROPE_TYPES", "verify_rerotation"]
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -66,16 +68,87 @@ def rerotate_keys(keys: torch.Tensor, delta: Union[int, torch.Tensor], inv_freq,
     return out
 
 
+#: rope types whose frequencies never change with the sequence length: re-rotation is exact anywhere
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+#: rope types that switch frequencies past a length: re-rotation is exact up to that length only
+LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
+
+
+class RopeSpec:
+    """How a model rotates its keys, as re-rotation needs it.
+
+    ``inv_freq`` ``[rotary_dim / 2]``: the frequencies (any scaling folded in; partial rotary =
+    fewer frequencies than ``head_dim / 2``, the dims past ``rotary_dim`` are not rotated);
+    ``layout``: "half" (``rotate_half``, every architecture transformers ships for Llama, Qwen2,
+    Qwen3, Mistral and Phi-3); ``attention_scaling``: the factor yarn / longrope multiply cos and sin
+    by (a rotation commutes with it, so moving scaled keys is exact); ``max_positions``: for rope
+    types whose frequencies switch with the length (dynamic, longrope with distinct short / long
+    factors), the number of positions up to which the cached frequencies hold, else None.
+    """
+
+    def __init__(self, rope_type: str, inv_freq: torch.Tensor, head_dim: int, layout: str = "half",
+                 attention_scaling: float = 1.0, max_positions: Optional[int] = None):
+        self.rope_type = rope_type
+        self.inv_freq = inv_freq
+        self.head_dim = head_dim
+        self.layout = layout
+        self.attention_scaling = attention_scaling
+        self.max_positions = max_positions
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
+
+    def check_positions(self, n_positions: int) -> None:
+        """ValueError when a context spanning ``n_positions`` positions would make the model switch
+        frequencies (dynamic, longrope), so that moved keys would no longer equal the model's own."""
+        if self.max_positions is not None and n_positions > self.max_positions:
+            raise ValueError(
+                f"rope type {self.rope_type!r} switches its frequencies past {self.max_positions} positions, and "
+                f"this context needs {n_positions}: re-rotated packets would not equal the model's own keys "
+                f"(shorten the documents, the question or max_new_tokens)")
+
+    def __repr__(self):
+        return (f"RopeSpec({self.rope_type!r}, rotary_dim={self.rotary_dim}, head_dim={self.head_dim}, "
+                f"layout={self.layout!r}, attention_scaling={self.attention_scaling:g}, "
+                f"max_positions={self.max_positions})")
+
+
+def rope_spec(model) -> RopeSpec:
+    """The :class:`RopeSpec` of a transformers causal LM, or ValueError naming a rope type that
+    re-rotation cannot move exactly.
+
+    Frequencies come from the rotary module's ``original_inv_freq`` (the ones a context within
+    ``max_positions`` uses; dynamic / longrope overwrite ``inv_freq`` during long forwards)."""
+    from .. import hf
+
+    rot = hf.rotary_embedding(model)
+    params = hf.rope_parameters(model.config)
+    rope_type = str(params.get("rope_type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES + LENGTH_DEPENDENT_ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported by KV Packet re-rotation; supported: "
+                         f"{', '.join(STATIC_ROPE_TYPES + LENGTH_DEPENDENT_ROPE_TYPES)}")
+    freq = getattr(rot, "original_inv_freq", None)
+    if freq is None:
+        freq = getattr(rot, "inv_freq", None)
+    if freq is None:
+        raise ValueError(f"{type(rot).__name__} has no inv_freq: cannot re-rotate its keys")
+    c = hf.text_config(model.config)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if 2 * freq.numel() > head_dim:
+        raise ValueError(f"rope: {freq.numel()} frequencies for head_dim {head_dim}")
+    limit = None
+    if rope_type == "dynamic":
+        limit = int(getattr(rot, "original_max_seq_len", None) or c.max_position_embeddings)
+    elif rope_type == "longrope" and list(params.get("short_factor", [])) != list(params.get("long_factor", [])):
+        limit = int(params.get("original_max_position_embeddings") or c.max_position_embeddings)
+    return RopeSpec(rope_type, freq.detach().float().cpu(), head_dim, "half",
+                    float(getattr(rot, "attention_scaling", 1.0)), limit)
+
+
 def rope_inv_freq(model) -> torch.Tensor:
-    """The RoPE frequencies a transformers model uses (its rotary module's ``inv_freq``)."""
-    base = getattr(model, "model", model)
-    rot = getattr(base, "rotary_emb", None)
-    if rot is None or not hasattr(rot, "inv_freq"):
-        raise ValueError(f"{type(model).__name__} has no rotary_emb.inv_freq (not a RoPE model?)")
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
-    if scaling != 1.0:
-        raise ValueError(f"RoPE attention scaling {scaling} != 1 is not supported by re-rotation")
-    return rot.inv_freq.detach().float().cpu()
+    """The RoPE frequencies ``[rotary_dim / 2]`` a transformers model rotates its keys with."""
+    return rope_spec(model).inv_freq
 
 
 class AssembledKV:
@@ -167,3 +240,39 @@ def assemble(packets: Sequence, starts: Optional[Sequence[int]] = None, *, prefi
         spans.append((pos, pos + n))
         pos += n
     return AssembledKV(keys, values, spans)
+
+
+@torch.no_grad()
+def verify_rerotation(model, spec: Optional[RopeSpec] = None, n_tokens: int = 8, delta: int = 37) -> float:
+    """Check on the model itself that moving cached keys is exact: layer-0 keys of ``n_tokens``
+    tokens computed at positions ``0..`` and re-rotated by ``delta`` must equal the keys the model
+    computes at ``delta..``. Returns the relative error; ValueError naming the rope type when it is
+    too large (a rotary layout or frequency rule re-rotation does not reproduce)."""
+    from transformers import DynamicCache
+
+    from .. import hf
+    from .store import _layers_of
+
+    spec = spec or rope_spec(model)
+    dev = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(n_tokens, device=dev)[None] * 7919 % vocab
+
+    def keys_at(start):
+        pos = torch.arange(start, start + n_tokens, device=dev)[None]
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **{kw: DynamicCache(config=model.config)})
+        cache = getattr(out, "cache", None)
+        cache = cache if cache is not None else out.past_key_values
+        return _layers_of(cache)[0][0].float()
+
+    base, want = keys_at(0), keys_at(delta)
+    got = rerotate_keys(base, delta, spec.inv_freq, layout=spec.layout)
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    tol = 1e-3 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 5e-2
+    if not err <= tol:
+        raise ValueError(f"rope type {spec.rope_type!r} ({type(hf.rotary_embedding(model)).__name__}): keys moved by "
+                         f"re-rotation differ from the model's own by {err:.3g} (relative): a rotary layout or "
+                         f"frequency rule KV Packet does not reproduce")
+    return err

@@ -5,18 +5,19 @@ Capability tokens (numbers, steps, code) come from the teacher, style tokens
 on traces written largely in its own style::
 
     from scrimp import tessy
-    teacher = tessy.LocalBackend.from_pretrained("testbed:arith-teacher")
-    student = tessy.LocalBackend.from_pretrained("testbed:arith-student")
+    teacher = tessy.LocalBackend.from_pretrained("testbed:arith-teacher", device="auto")
+    student = tessy.LocalBackend.from_pretrained("testbed:arith-student", device="auto")
     summary = tessy.run_synthesis(problems, teacher, student,
                                   tessy.LexiconPredictor("teacher"), tessy.LexiconPredictor("student"),
                                   tessy.TessyConfig(teacher_step=20, student_step=20), out_path="tessy.jsonl")
 
 See docs/tessy.md.
 """
-from .predictor import (BoundaryPredictor, Cut, LexiconPredictor, Predictor, evaluate_predictor,
-                        load_predictor, testbed_examples, train_predictor)
-from .backends import BackendError, GenParams, GenResult, LocalBackend, RemoteBackend
-from .synth import TessyConfig, find_repetition, run_synthesis, synthesize
+from .predictor import (BoundaryPredictor, Cut, LexiconPredictor, Predictor, WordTokenizer, evaluate_predictor,
+                        load_predictor, train_predictor)
+from .backends import DECODING_MODES, BackendError, GenParams, GenResult, LocalBackend, RemoteBackend
+from .synth import (TessyConfig, check_marker_pair, find_repetition, normalise_problem, read_problems,
+                    run_synthesis, synthesize)
 from .output import JsonlWriter, format_stats, latest_records, stats, to_chat_records, write_chat
 from .annotate import EndpointAnnotator, LocalAnnotator, annotate_texts, annotation_prompt, parse_annotation
 
@@ -26,10 +27,19 @@ def demo_section(quick: bool = True) -> str:
     return _d(quick=quick)
 
 
+def __getattr__(name):
+    # ground-truth predictor data from the testbed generator: imported (with the testbed) on first use
+    if name == "testbed_examples":
+        from .cli import testbed_examples
+        return testbed_examples
+    raise AttributeError(f"module 'scrimp.tessy' has no attribute {name!r}")
+
+
 __all__ = [
-    "BoundaryPredictor", "Cut", "LexiconPredictor", "Predictor", "evaluate_predictor", "load_predictor",
-    "testbed_examples", "train_predictor", "BackendError", "GenParams", "GenResult", "LocalBackend",
-    "RemoteBackend", "TessyConfig", "find_repetition", "run_synthesis", "synthesize", "JsonlWriter",
-    "format_stats", "latest_records", "stats", "to_chat_records", "write_chat", "EndpointAnnotator",
-    "LocalAnnotator", "annotate_texts", "annotation_prompt", "parse_annotation", "demo_section",
+    "BoundaryPredictor", "Cut", "LexiconPredictor", "Predictor", "WordTokenizer", "evaluate_predictor",
+    "load_predictor", "train_predictor", "DECODING_MODES", "BackendError", "GenParams", "GenResult",
+    "LocalBackend", "RemoteBackend", "TessyConfig", "check_marker_pair", "find_repetition", "normalise_problem",
+    "read_problems", "run_synthesis", "synthesize", "JsonlWriter", "format_stats", "latest_records", "stats",
+    "to_chat_records", "write_chat", "EndpointAnnotator", "LocalAnnotator", "annotate_texts", "annotation_prompt",
+    "parse_annotation", "demo_section",
 ]

@@ -155,11 +155,14 @@ class EndpointAnnotator:
 
 
 class LocalAnnotator:
-    """Annotate with a local Hugging Face chat model (greedy by default)."""
+    """Annotate with a local Hugging Face chat model (greedy by default) on ``device`` /
+    ``dtype`` (default: where the model is)."""
 
-    def __init__(self, model, tokenizer, max_tokens: int = 512, temperature: float = 0.0):
+    def __init__(self, model, tokenizer, max_tokens: int = 512, temperature: float = 0.0, device=None,
+                 dtype=None):
         from .backends import GenParams, LocalBackend
-        self.backend = LocalBackend(model, tokenizer, name="annotator")
+        self.backend = LocalBackend(model, tokenizer, name="annotator", device=device, dtype=dtype,
+                                    decoding="reprefill")
         self.max_tokens = max_tokens
         self.params = GenParams(temperature, 0.8, 20)
 

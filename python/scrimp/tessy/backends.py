@@ -1,8 +1,10 @@
 """Generation backends for TESSY: text in, text out.
 
-* :class:`LocalBackend` - a Hugging Face causal LM in this process. Concurrent
-  ``generate`` calls (one per problem in flight) are gathered by a micro-batcher
-  into one left-padded, batched ``model.generate`` call, run in a worker thread.
+* :class:`LocalBackend` - a Hugging Face causal LM in this process, on the device and in
+  the dtype asked for. Concurrent ``generate`` calls (one per problem in flight) are
+  gathered by a micro-batcher into one left-padded, batched ``model.generate`` call, run
+  in a worker thread; with incremental decoding each problem keeps its own KV cache
+  across its spans (a ``session``) and only the new tokens are prefilled.
 * :class:`RemoteBackend` - one or more OpenAI-compatible ``/v1/completions``
   endpoints (vLLM, SGLang, :mod:`scrimp.tessy.server`): async HTTP with a
   concurrency limit, timeouts, retries with exponential backoff, and the least
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 __all__ = ["GenParams", "GenResult", "Backend", "LocalBackend", "RemoteBackend", "BackendError",
-           "MicroBatcher", "compute_executor"]
+           "MicroBatcher", "compute_executor", "DECODING_MODES"]
 
 
 class BackendError(RuntimeError):
@@ -64,8 +66,14 @@ class Backend:
     name: str = "model"
     tokenizer = None
 
+    #: True when :meth:`generate` takes a ``session`` (a per-problem key) and keeps state for it
+    incremental: bool = False
+
     async def generate(self, prompt: str, max_tokens: int, params: GenParams) -> GenResult:
         raise NotImplementedError
+
+    def end_session(self, session) -> None:
+        """Free whatever the backend keeps for ``session`` (backends with ``incremental``)."""
 
     async def aclose(self) -> None:
         pass
@@ -147,10 +155,49 @@ class MicroBatcher:
 
 # ----------------------------------------------------------------------------- local
 
-class LocalBackend(Backend):
-    """A Hugging Face causal LM run in-process with batched ``generate``."""
+DECODING_MODES = ("incremental", "reprefill")
 
-    def __init__(self, model, tokenizer, name: str = "model", max_batch: int = 64, device: Optional[str] = None):
+
+class _Session:
+    """One problem's context in one model: ``ids`` are the token ids whose keys and values are
+    cached, ``kv`` one ``(keys, values)`` pair per layer, each ``[1, kv_heads, len(ids), head_dim]``."""
+    __slots__ = ("ids", "kv")
+
+    def __init__(self, ids, kv):
+        self.ids = ids
+        self.kv = kv
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LocalBackend(Backend):
+    """A Hugging Face causal LM run in-process with batched ``generate``.
+
+    ``device`` / ``dtype``: where the model runs and in which dtype (``None`` keeps the model's).
+    ``decoding``:
+
+    * ``"incremental"`` (default): each problem (a ``session`` passed to :meth:`generate`) keeps its
+      own KV cache across its spans. Every call tokenizes the whole prompt text as ``reprefill``
+      does, reuses the cached keys/values of the longest common token prefix and prefills only the
+      rest (the other model's text written since this model's last span, plus the few tokens whose
+      tokenization changed at the span boundary). The token ids fed to the model are exactly those
+      of ``reprefill``, so greedy traces are the same.
+    * ``"reprefill"``: every call prefills the whole prompt text (cost quadratic in trace length).
+
+    Calls without a session always re-prefill. Incremental decoding needs full attention in every
+    layer: models with sliding-window or non-attention layers are refused by name (use
+    ``"reprefill"`` for them)."""
+
+    incremental = False
+
+    def __init__(self, model, tokenizer, name: str = "model", max_batch: int = 64, device=None, dtype=None,
+                 decoding: str = "incremental"):
         if tokenizer is None:
             raise ValueError("LocalBackend needs the model's tokenizer")
         vocab = getattr(model.config, "vocab_size", None)
@@ -160,88 +207,223 @@ class LocalBackend(Backend):
                 f"embedding has {vocab}; load the tokenizer saved with this model")
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {name!r} has no eos token")
+        if decoding not in DECODING_MODES:
+            raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
+        if decoding == "incremental":
+            from scrimp import hf
+            try:
+                hf.refuse_features(model.config, "TESSY incremental decoding", model=model,
+                                   refuse=("sliding_window", "hybrid_layers"))
+            except ValueError as e:
+                raise ValueError(f"{name!r}: {e}; use decoding='reprefill' (--decoding reprefill)") from None
+        from scrimp.models import resolve_device, resolve_dtype
         self.model = model.eval()
         if device is not None:
-            self.model = self.model.to(device)
+            self.model = self.model.to(resolve_device(device))
+        dt = resolve_dtype(dtype)
+        if dt is not None:
+            self.model = self.model.to(dt)
         self.tokenizer = tokenizer
         self.name = name
+        self.decoding = decoding
+        self.incremental = decoding == "incremental"
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = [tokenizer.eos_token_id]
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]):
+            if isinstance(e, int) and e not in eos:
+                eos.append(e)
+        self._eos = eos
+        self._keep_special = set()
+        self._sessions = {}
+        self._sessions_lock = threading.Lock()
+        import inspect
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._batcher = MicroBatcher(self._run_batch, max_batch=max_batch)
         self._lock = threading.Lock()
+        #: tokens run through the model in prefill, and prompt tokens whose keys/values came from a session cache
+        self.prefill_tokens = 0
+        self.reused_tokens = 0
 
     @classmethod
-    def from_pretrained(cls, path: str, name: Optional[str] = None, **kw):
-        """``path``: a checkpoint directory or ``testbed:<name>`` (a shipped testbed model)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        if path.startswith("testbed:"):
-            from scrimp import testbed
-            model, tok = testbed.load(path.split(":", 1)[1])
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path)
-            tok = AutoTokenizer.from_pretrained(path)
-        return cls(model, tok, name=name or path, **kw)
+    def from_pretrained(cls, spec: str, name: Optional[str] = None, device=None, dtype=None, **kw):
+        """Load with :func:`scrimp.load_model`: ``spec`` is ``testbed:NAME``, a checkpoint directory or a
+        hub id; ``device`` (default ``auto``: CUDA when available) and ``dtype`` (default: the
+        checkpoint's)."""
+        from scrimp.models import load_model
+        model, tok = load_model(spec, device=device, dtype=dtype)
+        return cls(model, tok, name=name or spec, **kw)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
 
     def describe(self) -> dict:
         n = sum(p.numel() for p in self.model.parameters())
-        return {"name": self.name, "backend": "local", "params": n,
-                "architecture": type(self.model).__name__}
+        return {"name": self.name, "backend": "local", "params": n, "architecture": type(self.model).__name__,
+                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                "decoding": self.decoding}
 
-    async def generate(self, prompt: str, max_tokens: int, params: GenParams) -> GenResult:
+    def keep_special(self, texts: Sequence[str]) -> None:
+        """Keep these texts (think markers) in decoded output even when the tokenizer marks them as
+        special tokens (other special tokens are dropped from the decoded text)."""
+        self._keep_special.update(t for t in texts if t)
+
+    async def generate(self, prompt: str, max_tokens: int, params: GenParams, session=None) -> GenResult:
+        """Continue ``prompt``; ``session`` (any hashable, one per problem) keeps this model's KV cache
+        between calls in incremental decoding (free it with :meth:`end_session`)."""
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
-        return await self._batcher.submit((prompt, int(max_tokens), params))
+        return await self._batcher.submit((prompt, int(max_tokens), params, session))
+
+    def end_session(self, session) -> None:
+        """Free the KV cache kept for ``session``."""
+        with self._sessions_lock:
+            self._sessions.pop(session, None)
+
+    @property
+    def sessions(self) -> int:
+        """Sessions whose KV caches are held."""
+        return len(self._sessions)
 
     def generate_batch(self, prompts: Sequence[str], max_tokens: int, params: GenParams) -> List[GenResult]:
-        """Synchronous batched generation (also used by the server)."""
-        return self._run_batch([(p, max_tokens, params) for p in prompts])
+        """Synchronous batched generation without sessions (also used by the server)."""
+        return self._run_batch([(p, max_tokens, params, None) for p in prompts])
 
     def _run_batch(self, items) -> List[GenResult]:
-        # items with identical sampling parameters and budgets share one generate call
+        # items with identical sampling parameters, budgets and decoding share one generate call
         groups = {}
-        for i, (prompt, mt, params) in enumerate(items):
-            key = (mt, params.temperature, params.top_p, params.top_k)
+        for i, item in enumerate(items):
+            prompt, mt, params = item[:3]
+            session = item[3] if len(item) > 3 else None
+            inc = self.incremental and session is not None
+            key = (mt, params.temperature, params.top_p, params.top_k, inc)
             groups.setdefault(key, []).append(i)
         out: List[Optional[GenResult]] = [None] * len(items)
-        for (mt, temp, top_p, top_k), idx in groups.items():
-            res = self._generate([items[i][0] for i in idx], mt, temp, top_p, top_k)
+        for (mt, temp, top_p, top_k, inc), idx in groups.items():
+            prompts = [items[i][0] for i in idx]
+            if inc:
+                res = self._generate_incremental(prompts, [items[i][3] for i in idx], mt, temp, top_p, top_k)
+            else:
+                res = self._generate(prompts, mt, temp, top_p, top_k)
             for i, r in zip(idx, res):
                 out[i] = r
         return out
 
-    def _generate(self, prompts, max_tokens, temperature, top_p, top_k) -> List[GenResult]:
-        import torch
-        tok = self.tokenizer
-        ids = [list(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        n = max(len(x) for x in ids)
-        if limit is not None and n + max_tokens > limit:
-            max_tokens = max(1, limit - n)
-        inp = torch.full((len(ids), max(1, n)), self._pad, dtype=torch.long)
-        att = torch.zeros_like(inp)
-        for b, x in enumerate(ids):  # left padding
-            if x:
-                inp[b, n - len(x):] = torch.tensor(x)
-                att[b, n - len(x):] = 1
-        dev = next(self.model.parameters()).device
-        kw = dict(max_new_tokens=max_tokens, eos_token_id=tok.eos_token_id, pad_token_id=self._pad,
-                  use_cache=True)
+    def _sampling_kwargs(self, max_tokens, temperature, top_p, top_k) -> dict:
+        kw = dict(max_new_tokens=max_tokens, eos_token_id=self._eos, pad_token_id=self._pad, use_cache=True)
         if temperature and temperature > 0:
             kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p),
                       top_k=int(top_k) if top_k else 0)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+    def _clamp(self, n: int, max_tokens: int) -> int:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and n + max_tokens > limit:
+            return max(1, limit - n)
+        return max_tokens
+
+    def _left_padded(self, ids, width):
+        import torch
+        inp = torch.full((len(ids), max(1, width)), self._pad, dtype=torch.long)
+        att = torch.zeros_like(inp)
+        for b, x in enumerate(ids):
+            if x:
+                inp[b, width - len(x):] = torch.tensor(x)
+                att[b, width - len(x):] = 1
+        return inp, att
+
+    def _results(self, rows) -> List[GenResult]:
+        tok = self.tokenizer
+        drop = set(getattr(tok, "all_special_ids", []) or [])
+        if self._keep_special:
+            drop -= {i for i in drop if tok.convert_ids_to_tokens(i) in self._keep_special}
+        out = []
+        for row in rows:
+            finish = "length"
+            for j, t in enumerate(row):
+                if t in self._eos:
+                    row, finish = row[:j], "stop"
+                    break
+            text = tok.decode([t for t in row if t not in drop], skip_special_tokens=False)
+            out.append(GenResult(text=text, finish_reason=finish, n_tokens=len(row), endpoint="local"))
+        return out
+
+    def _generate(self, prompts, max_tokens, temperature, top_p, top_k) -> List[GenResult]:
+        import torch
+        ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        n = max(len(x) for x in ids)
+        max_tokens = self._clamp(n, max_tokens)
+        inp, att = self._left_padded(ids, n)
+        dev = self.device
+        with self._lock, torch.no_grad():
+            gen = self.model.generate(inp.to(dev), attention_mask=att.to(dev),
+                                      **self._sampling_kwargs(max_tokens, temperature, top_p, top_k))
+        self.prefill_tokens += sum(len(x) for x in ids)
+        return self._results(gen[:, inp.shape[1]:].cpu().tolist())
+
+    def _generate_incremental(self, prompts, sessions, max_tokens, temperature, top_p, top_k) -> List[GenResult]:
+        """Batched generation that reuses each session's cached keys/values.
+
+        Rows are right-aligned at column ``T`` (the longest prompt). The last ``W`` columns (``W`` = the
+        most uncached tokens of any row) are prefilled; columns before them come from the session
+        caches, left-padded (masked) into one batched cache ``[B, kv_heads, T - W, head_dim]`` per
+        layer. After ``generate`` each row's keys/values (prompt + generated tokens but the last) are
+        cut out again into its session."""
+        import torch
+        from transformers import DynamicCache
+        if len(set(sessions)) != len(sessions):
+            raise RuntimeError("one session has two requests in flight")
+        ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        if any(not x for x in ids):
+            return self._generate(prompts, max_tokens, temperature, top_p, top_k)
+        with self._sessions_lock:
+            held = [self._sessions.get(s) for s in sessions]
+        lens = [len(x) for x in ids]
+        reuse = [0 if h is None else min(_common_prefix(h.ids, x), len(x) - 1) for h, x in zip(held, ids)]
+        T = max(lens)
+        W = max(n - r for n, r in zip(lens, reuse))
+        C = T - W
+        keep = [max(0, n - W) for n in lens]  # cached tokens each row takes from its session (<= reuse)
+        max_tokens = self._clamp(T, max_tokens)
+        dev = self.device
+        inp, att = self._left_padded(ids, T)
+        data = None
+        if C > 0:
+            ref = next(h for h, k in zip(held, keep) if k > 0)
+            data = []
+            for layer, (k0, v0) in enumerate(ref.kv):
+                K = k0.new_zeros((len(ids), k0.shape[1], C, k0.shape[3]))
+                V = v0.new_zeros((len(ids), v0.shape[1], C, v0.shape[3]))
+                for b, (h, k) in enumerate(zip(held, keep)):
+                    if k > 0:
+                        K[b, :, C - k:] = h.kv[layer][0][0, :, :k]
+                        V[b, :, C - k:] = h.kv[layer][1][0, :, :k]
+                data.append((K, V))
+        cache = DynamicCache(ddp_cache_data=data) if data is not None else DynamicCache()
+        kw = self._sampling_kwargs(max_tokens, temperature, top_p, top_k)
+        kw[self._cache_kw] = cache
         with self._lock, torch.no_grad():
             gen = self.model.generate(inp.to(dev), attention_mask=att.to(dev), **kw)
-        new = gen[:, inp.shape[1]:].cpu().tolist()
-        out = []
-        for row in new:
-            finish = "length"
-            if tok.eos_token_id in row:
-                row = row[:row.index(tok.eos_token_id)]
-                finish = "stop"
-            out.append(GenResult(text=tok.decode(row, skip_special_tokens=True), finish_reason=finish,
-                                 n_tokens=len(row), endpoint="local"))
-        return out
+        new = gen[:, T:]
+        steps = new.shape[1]
+        layers = getattr(cache, "layers", None)
+        if cache.get_seq_length() != T + steps - 1 or layers is None or not all(
+                hasattr(l, "keys") for l in layers):
+            raise RuntimeError(f"{type(self.model).__name__}: generate left a cache of {cache.get_seq_length()} "
+                               f"tokens, expected {T + steps - 1}; use decoding='reprefill' for this model")
+        rows = new.cpu().tolist()
+        with self._sessions_lock:
+            for b, s in enumerate(sessions):
+                lo = T - lens[b]
+                kv = [(l.keys[b:b + 1, :, lo:].clone(), l.values[b:b + 1, :, lo:].clone()) for l in layers]
+                self._sessions[s] = _Session(ids[b] + rows[b][:steps - 1], kv)
+        self.prefill_tokens += sum(n - k for n, k in zip(lens, keep))
+        self.reused_tokens += sum(keep)
+        return self._results(rows)
 
 
 # ----------------------------------------------------------------------------- remote

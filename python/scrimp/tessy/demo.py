@@ -1,66 +1,146 @@
-"""``scrimp demo`` section: a short TESSY synthesis on the testbed arith models."""
+"""The TESSY section of ``scrimp demo``: synthesis on testbed arith problems (student token share, answer
+correctness, throughput, an example trace), then SFT of the student on each data source and its accuracy."""
 from __future__ import annotations
 
+import contextlib
+import inspect
 import io
+import os
 import time
+from typing import Optional
+
+#: the paper's claim (arXiv 2604.14164), quoted beside the measured numbers
+PAPER = ("22.4% of trace tokens from the student; SFT on TESSY traces +11.3 / +6.7 points over the base student, "
+         "where teacher-only traces hurt it (-3.3 / -10.0)")
 
 
-def render_spans(rec: dict, width: int = 100) -> str:
+def render_spans(rec: dict) -> str:
     """One record's trace with every span tagged by its source: ``S[...]`` / ``T[...]``."""
-    parts = []
-    for s in rec.get("spans", []):
-        tag = "S" if s["source"] == "student" else "T"
-        parts.append(f"{tag}[{s['text']}]")
-    return "".join(parts)
+    return "".join(f"{'S' if s['source'] == 'student' else 'T'}[{s['text']}]" for s in rec.get("spans", []))
 
 
-def demo_section(quick: bool = True) -> str:
-    """Synthesize a handful of arith traces with the local backend (testbed teacher +
-    student, lexicon boundary predictors) and report the student's token share."""
+def _teacher_name() -> str:
+    """The style-robust teacher when it is shipped, else the plain one."""
+    from .. import testbed
+
+    name = "arith-teacher-robust"
+    if name in testbed.MODELS and os.path.isfile(os.path.join(testbed.path(name), "config.json")):
+        return name
+    return "arith-teacher"
+
+
+def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = True) -> dict:
+    """The TESSY section of the demo report (see :mod:`scrimp.report`)."""
     import torch
-    from scrimp import testbed
-    from scrimp.testbed import tasks
 
-    from .backends import LocalBackend
+    from .. import report, testbed
+    from ..testbed import tasks
+    from .backends import GenParams, LocalBackend
     from .predictor import LexiconPredictor
+    from .sft import baseline_records, sft
     from .synth import TessyConfig, run_synthesis
 
-    out = io.StringIO()
-    n = 6 if quick else 24
-    torch.manual_seed(0)
-    try:
-        teacher = LocalBackend.from_pretrained("testbed:arith-teacher", name="arith-teacher")
-        student = LocalBackend.from_pretrained("testbed:arith-student", name="arith-student")
-    except (FileNotFoundError, OSError, ValueError) as e:
-        return f"(TESSY demo unavailable: {e})"
+    problems_n = 32 if quick else 200
+    eval_n = n or (50 if quick else 200)
+    sft_steps = 60 if quick else 120
+    teacher_name = _teacher_name()
+    bar = report.bar(total=3 + 4, desc="TESSY", progress=progress)
+    teacher = LocalBackend.from_pretrained(f"testbed:{teacher_name}", name=teacher_name, device="cpu")
+    student = LocalBackend.from_pretrained("testbed:arith-student", name="arith-student", device="cpu")
     probs = []
-    for i in range(n):
+    for i in range(problems_n):
         ex = tasks.arith(seed=90_000 + i)
         probs.append({"id": f"demo-{i}", "prompt": ex.problem, "reference": ex.answer})
-    recs = []
     cfg = TessyConfig(teacher_step=20, student_step=20, temperature=0.0, max_total_tokens=400,
                       answer_max_tokens=8, max_retries=1)
-    # one intra-op thread: these models are tiny, and on a busy machine a 2-thread OpenMP
-    # region spin-waits for a descheduled partner (measured here: 7 s vs 118 s for this demo)
+    # one intra-op thread: these models are tiny, and on a busy machine a 2-thread OpenMP region
+    # spin-waits for a descheduled partner
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        t0 = time.time()
+        recs = []
+        t0 = time.perf_counter()
         summ = run_synthesis(probs, teacher, student, LexiconPredictor("teacher"), LexiconPredictor("student"), cfg,
                              on_record=recs.append)
-        dt = time.time() - t0
+        synth_s = time.perf_counter() - t0
+        bar.update()
+        greedy = GenParams(temperature=0.0)
+        sources = {"TESSY": [r for r in recs if r["status"] == "ok"]}
+        for label, backend in (("teacher-only", teacher), ("student-only", student)):
+            sources[label] = [r for r in baseline_records(backend, probs, max_tokens=160, params=greedy)
+                              if r["status"] == "ok"]
+            bar.update()
+        model, tok = student.model, student.tokenizer
+        # scrimp's own SFT loop: the same in every install (TRL, when installed, is the CLI's default)
+        loop = {"trainer": "loop"} if "trainer" in inspect.signature(sft).parameters else {}
+        base = testbed.evaluate(model, tok, "arith", n=eval_n, seed=0)["accuracy"]
+        bar.update()
+        rows = []
+        for label in ("teacher-only", "TESSY", "student-only"):
+            data = sources[label]
+            correct = sum(1 for r in data if r.get("answer") == r.get("reference"))
+            acc = None
+            if data:
+                with contextlib.redirect_stdout(io.StringIO()):  # trainers log to stdout
+                    tuned, _ = sft(model, tok, data, steps=sft_steps, batch_size=16, lr=5e-4, seed=0, **loop)
+                acc = testbed.evaluate(tuned, tok, "arith", n=eval_n, seed=0)["accuracy"]
+            bar.update()
+            rows.append({"source": label, "traces": len(data), "correct": correct / len(data) if data else None,
+                         "sft_accuracy": acc})
     finally:
         torch.set_num_threads(threads)
-    ok = [r for r in recs if r["status"] == "ok"]
-    correct = sum(1 for r in ok if r["answer"] == r.get("reference"))
-    print(f"TESSY on {n} testbed arith problems (local backend, greedy, k=20/20, lexicon predictors)", file=out)
-    print(f"  traces ok            {len(ok)}/{n}", file=out)
-    print(f"  student token share  {100 * summ['student_token_share']:.1f}% "
-          f"(paper, Qwen3-8B + GPT-OSS-120B: 22.4%)", file=out)
-    print(f"  answers correct      {correct}/{len(ok)}", file=out)
-    print(f"  throughput           {60 * n / dt:.0f} problems/min ({dt:.1f} s)", file=out)
-    if ok:
-        r = ok[0]
-        print(f"  example: {r['prompt']}", file=out)
-        print(f"    {render_spans(r)}", file=out)
-    return out.getvalue().rstrip()
+    bar.close()
+    ok = sources["TESSY"]
+    share = summ["student_token_share"]
+    by = {r["source"]: r for r in rows}
+    example = next((r for r in ok if r.get("answer") == r.get("reference")), ok[0] if ok else None)
+    notes = []
+    if example is not None:
+        notes.append(f"example ({'correct' if example.get('answer') == example.get('reference') else 'wrong'} "
+                     f"answer) - {example['prompt']}: {render_spans(example)}")
+    notes.append(f"SFT: {sft_steps} steps, batch 16, lr 5e-4 on {problems_n} problems' traces; accuracy on n={eval_n} "
+                 "held-out problems. Small sizes: the seed-averaged table with its command is in docs/tessy.md.")
+    return {
+        "title": report.SECTIONS["tessy"][0],
+        "setting": (f"testbed {teacher_name} (teacher) + arith-student, local backend, greedy, k=20/20, lexicon "
+                    f"boundary predictors, {problems_n} problems; synthesis {report.fmt(synth_s, 's')} "
+                    f"({60 * problems_n / synth_s:.0f} problems/min)"),
+        "tables": [
+            report.table("synthesis", [("quantity", "text"), ("value", "num")],
+                         [["traces ok", f"{len(ok)}/{problems_n}"], ["student token share", report.fmt(share, "pct")],
+                          ["problems per minute", 60 * problems_n / synth_s]]),
+            report.table("SFT of arith-student per data source",
+                         [("data source", "text"), ("traces", "int"), ("answers correct", "pct"),
+                          ("accuracy after SFT", "pct")],
+                         [["none (base student)", 0, None, base]]
+                         + [[r["source"], r["traces"], r["correct"], r["sft_accuracy"]] for r in rows]),
+        ],
+        "plots": [{"title": "TESSY: who wrote the traces, and SFT accuracy per data source", "panels": [
+            {"kind": "bar", "x": ["student", "teacher"], "xlabel": "TESSY trace tokens written by",
+             "ylabel": "share of tokens", "ypct": True, "series": [{"label": None, "y": [share, 1 - share]}]},
+            {"kind": "bar", "x": ["base"] + [r["source"] for r in rows], "xlabel": "SFT data source",
+             "ylabel": f"accuracy (n={eval_n})", "ypct": True,
+             "series": [{"label": "after SFT", "y": [base] + [r["sft_accuracy"] for r in rows]},
+                        {"label": "answers correct in the data", "y": [None] + [r["correct"] for r in rows]}]}]}],
+        "notes": notes,
+        "summary": {
+            "method": "TESSY", "saves": "teacher tokens in SFT data",
+            "factor": 1 / (1 - share) if share < 1 else None,
+            "saving": f"{report.fmt(share, 'pct')} written by the student",
+            "fidelity_metric": "accuracy after SFT", "fidelity_method": by["TESSY"]["sft_accuracy"],
+            "fidelity_baseline": by["teacher-only"]["sft_accuracy"],
+            "fidelity": (f"SFT {report.fmt(by['TESSY']['sft_accuracy'], 'pct')} vs "
+                         f"{report.fmt(by['teacher-only']['sft_accuracy'], 'pct')} (teacher-only)"),
+            "detail": (f"{len(ok)}/{problems_n} traces; base student {report.fmt(base, 'pct')}; SFT {sft_steps} steps, "
+                       f"accuracy on n={eval_n}"),
+            "paper": "22.4% by the student; SFT +11.3 points", "paper_detail": PAPER, "recorded": False},
+        "data": {"summary": summ, "sources": rows, "base_accuracy": base, "problems": problems_n, "eval_n": eval_n,
+                 "sft_steps": sft_steps, "teacher": teacher_name, "synthesis_seconds": synth_s},
+    }
+
+
+def demo_section(quick: bool = True) -> str:
+    """The TESSY section as printable text."""
+    from .. import report
+
+    return report.section_text("tessy", quick=quick)

@@ -9,8 +9,7 @@ TESSY runs two small token classifiers over the shared trace:
 
 Labels are shifted left by one: the prediction at position ``i`` is the class of
 token ``i + 1``. A cut after token ``i`` therefore ends the span *before* the
-token the other model should write. Class ids: ``1 = style``, ``0 = capability``
-(the testbed's :attr:`ArithExample.label_ids` convention).
+token the other model should write. Class ids: ``1 = style``, ``0 = capability``.
 
 Three implementations share :class:`Predictor` (``predict`` + the cut rule):
 
@@ -19,7 +18,8 @@ Three implementations share :class:`Predictor` (``predict`` + the cut rule):
   trained with :func:`train_predictor` from labelled style spans;
 * :class:`LexiconPredictor` - the no-training fallback: a phrase lexicon labels
   the generated tokens, the cut falls before the first lexicon match (teacher) or
-  the first non-lexicon token (student);
+  the first non-lexicon token (student); tokens are those of the tokenizer it is
+  given (in synthesis: its model's), else words, punctuation and whitespace runs;
 * anything else implementing ``predict(texts) -> [(offsets, next_labels)]``.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ EXTEND_MODES = ("word", "code", "none")
 __all__ = [
     "STYLE", "CAPABILITY", "ROLES", "Cut", "Predictor", "BoundaryPredictor", "LexiconPredictor",
     "spans_to_token_labels", "cut_generated", "train_predictor", "evaluate_predictor",
-    "testbed_examples", "load_predictor", "DEFAULT_LEXICON",
+    "load_predictor", "DEFAULT_LEXICON", "WordTokenizer",
 ]
 
 
@@ -171,13 +171,32 @@ DEFAULT_LEXICON = (
 )
 
 
+class WordTokenizer:
+    """A tokenizer-shaped splitter into words, single punctuation characters and whitespace runs
+    (``tok(text, return_offsets_mapping=True)`` -> ``input_ids`` (positions) and ``offset_mapping``):
+    what a :class:`LexiconPredictor` without a model tokenizer labels."""
+
+    _RE = re.compile(r"\w+|[^\w\s]|\s+")
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        offs = [(m.start(), m.end()) for m in self._RE.finditer(text)]
+        out = {"input_ids": list(range(len(offs)))}
+        if return_offsets_mapping:
+            out["offset_mapping"] = offs
+        return out
+
+
 class LexiconPredictor(Predictor):
     """No-training fallback: a token is *style* when it lies in a lexicon match.
 
     A match is a lexicon phrase (case-insensitive, whole words) together with the
     punctuation right after it (``,`` ``.`` ``!`` ``?`` ``:``), an ellipsis right
     before it, and the whitespace around it. The labels of the actual tokens are
-    shifted left by one (the last token's next class is unknown: no boundary)."""
+    shifted left by one (the last token's next class is unknown: no boundary).
+
+    ``tokenizer``: whose tokens are labelled (a fast Hugging Face tokenizer, for offsets).
+    ``None``: :func:`~scrimp.tessy.synthesize` binds the tokenizer of the model whose text the
+    predictor reads; used alone it labels :class:`WordTokenizer` pieces."""
 
     def __init__(self, role: str = "teacher", phrases: Sequence[str] = DEFAULT_LEXICON, tokenizer=None):
         self.role = _check_role(role)
@@ -186,19 +205,29 @@ class LexiconPredictor(Predictor):
             raise ValueError("the lexicon is empty")
         alt = "|".join(r"\s+".join(re.escape(w) for w in p.split()) for p in self.phrases)
         self._re = re.compile(r"\s*(?:\.\.\.\s*)?\b(?:" + alt + r")\b[,.!?:]*\s*", re.IGNORECASE)
-        if tokenizer is None:
-            from scrimp.testbed import get_tokenizer
-            tokenizer = get_tokenizer()
         self.tokenizer = tokenizer
         self.name = "lexicon"
+
+    @property
+    def text_tokenizer(self):
+        """The tokenizer whose tokens are labelled."""
+        return self.tokenizer if self.tokenizer is not None else WordTokenizer()
+
+    def with_tokenizer(self, tokenizer) -> "LexiconPredictor":
+        """A copy that labels the tokens of ``tokenizer``."""
+        import copy
+        other = copy.copy(self)
+        other.tokenizer = tokenizer
+        return other
 
     def style_spans(self, text: str) -> List[Tuple[int, int]]:
         return [(m.start(), m.end()) for m in self._re.finditer(text) if m.end() > m.start()]
 
     def predict(self, texts):
         out = []
+        tok = self.text_tokenizer
         for t in texts:
-            enc = self.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
+            enc = tok(t, add_special_tokens=False, return_offsets_mapping=True)
             offs = [tuple(o) for o in enc["offset_mapping"]]
             spans = self.style_spans(t)
             # a token is style only if it lies wholly inside a match
@@ -247,21 +276,24 @@ class BoundaryPredictor(Predictor):
     @classmethod
     def new(cls, role: str = "teacher", tokenizer=None, hidden: int = 64, layers: int = 2, heads: int = 4,
             kv_heads: int = 2, intermediate: Optional[int] = None, max_length: int = 200,
-            init_from: Optional[str] = None, seed: int = 0):
-        """A fresh classifier: a small ``Qwen3ForTokenClassification`` built from
-        ``tokenizer`` (default: the testbed tokenizer), or initialised from the causal
-        LM checkpoint ``init_from`` (its backbone is kept, a new head is added)."""
+            init_from: Optional[str] = None, seed: int = 0, device=None):
+        """A fresh classifier: a small ``Qwen3ForTokenClassification`` over ``tokenizer``'s
+        vocabulary, or initialised from the causal LM ``init_from`` (a spec for
+        :func:`scrimp.models.resolve_model_spec`: its backbone is kept, a new 2-label head is added;
+        ``tokenizer`` defaults to its own). ``device``: where it runs (default: the CPU)."""
         import torch
         from transformers import AutoModelForTokenClassification, AutoTokenizer
         torch.manual_seed(seed)
         if init_from is not None:
-            model = AutoModelForTokenClassification.from_pretrained(init_from, num_labels=2)
+            from scrimp.models import resolve_model_spec
+            where = resolve_model_spec(init_from)
+            model = AutoModelForTokenClassification.from_pretrained(where, num_labels=2)
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(init_from)
+                tokenizer = AutoTokenizer.from_pretrained(where)
         else:
             if tokenizer is None:
-                from scrimp.testbed import get_tokenizer
-                tokenizer = get_tokenizer()
+                raise ValueError("BoundaryPredictor.new needs tokenizer= (the tokenizer of the text it will read) "
+                                 "or init_from= (a causal LM checkpoint with its tokenizer)")
             from transformers import Qwen3Config, Qwen3ForTokenClassification
             cfg = Qwen3Config(
                 vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 3 * hidden,
@@ -272,10 +304,12 @@ class BoundaryPredictor(Predictor):
             model = Qwen3ForTokenClassification(cfg)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-        return cls(model, tokenizer, role=role, max_length=max_length)
+        pred = cls(model, tokenizer, role=role, max_length=max_length)
+        return pred.to(device) if device is not None else pred
 
     @classmethod
-    def from_pretrained(cls, path: str, role: Optional[str] = None, max_length: Optional[int] = None):
+    def from_pretrained(cls, path: str, role: Optional[str] = None, max_length: Optional[int] = None,
+                        device=None, dtype=None):
         from transformers import AutoModelForTokenClassification, AutoTokenizer
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no boundary predictor directory at {path!r}")
@@ -289,8 +323,23 @@ class BoundaryPredictor(Predictor):
         role = role or meta.get("role")
         if role is None:
             raise ValueError(f"{path}: no {_META} with the predictor's role; pass role=")
-        return cls(model, tok, role=role, max_length=max_length or meta.get("max_length", 200),
+        pred = cls(model, tok, role=role, max_length=max_length or meta.get("max_length", 200),
                    name=os.path.basename(os.path.normpath(path)))
+        return pred.to(device, dtype) if device is not None or dtype is not None else pred
+
+    def to(self, device=None, dtype=None) -> "BoundaryPredictor":
+        """Move the classifier to ``device`` (``auto``: CUDA when available) and/or ``dtype``."""
+        from scrimp.models import resolve_device, resolve_dtype
+        if device is not None:
+            self.model = self.model.to(resolve_device(device))
+        dt = resolve_dtype(dtype)
+        if dt is not None:
+            self.model = self.model.to(dt)
+        return self
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
 
     def save_pretrained(self, path: str, extra: Optional[dict] = None) -> None:
         os.makedirs(path, exist_ok=True)
@@ -344,39 +393,18 @@ class BoundaryPredictor(Predictor):
         return f"classifier({self.role}, {self.name}, {n / 1e6:.2f}M params, last {self.max_length} tokens)"
 
 
-def load_predictor(spec: str, role: str, tokenizer=None) -> Predictor:
-    """``"lexicon"`` or a directory saved by :meth:`BoundaryPredictor.save_pretrained`."""
+def load_predictor(spec: str, role: str, tokenizer=None, device=None) -> Predictor:
+    """``"lexicon"`` (over ``tokenizer``; ``None``: bound to its model's in synthesis) or a directory
+    saved by :meth:`BoundaryPredictor.save_pretrained` (moved to ``device``)."""
     if spec == "lexicon":
         return LexiconPredictor(role, tokenizer=tokenizer)
-    p = BoundaryPredictor.from_pretrained(spec)
+    p = BoundaryPredictor.from_pretrained(spec, device=device)
     if p.role != role:
         raise ValueError(f"predictor {spec!r} was trained for the {p.role}'s text, not the {role}'s")
     return p
 
 
 # ----------------------------------------------------------------------------- data
-
-def testbed_examples(n: int, style: str, seed: int = 0, tokenizer=None) -> List[dict]:
-    """Ground-truth training data from the testbed ``arith`` generator.
-
-    Each example is ``{"text", "spans"}``: the thinking text after ``<think>``
-    (including ``</think>`` and the answer, as the classifier sees a trace) and the
-    character spans of its *style* segments."""
-    from scrimp.testbed import tasks
-    out = []
-    for i in range(n):
-        ex = tasks.arith(seed=seed * 1_000_003 + i, style=style, tokenizer=tokenizer)
-        text, spans, pos = "", [], 0
-        for seg, lab in ex.segments:
-            if pos == 0 and seg.startswith("<think>"):
-                seg = seg[len("<think>"):]
-            if lab == "style" and seg:
-                spans.append((len(text), len(text) + len(seg)))
-            text += seg
-            pos += 1
-        out.append({"id": f"arith-{style}-{seed}-{i}", "text": text, "spans": spans})
-    return out
-
 
 def _encode_example(tokenizer, ex, max_length):
     enc = tokenizer(ex["text"], add_special_tokens=False, return_offsets_mapping=True)
@@ -403,14 +431,21 @@ def _crop(ex, rng, min_words=3):
 def train_predictor(predictor: BoundaryPredictor, examples: Sequence[dict], epochs: float = 3.0,
                     batch_size: int = 32, lr: float = 1e-3, max_length: int = 512, seed: int = 0,
                     crop_prob: float = 0.3, threads: Optional[int] = None, progress: bool = False,
-                    max_steps: Optional[int] = None, log=None) -> dict:
+                    max_steps: Optional[int] = None, log=None, device=None) -> dict:
     """Train ``predictor`` on ``examples`` (``{"text", "spans"}``: style char spans),
-    labels shifted left by one, AdamW, cross-entropy. Paper: lr 1e-5 for a pretrained
-    Qwen3-0.6B-Base, 3 epochs, batch 32, max length 512; a small randomly initialised
-    classifier needs a larger rate (default 1e-3). Returns training metrics."""
+    labels shifted left by one, AdamW, cross-entropy, on the predictor's device (``device``
+    moves it first). Paper: lr 1e-5 for a pretrained Qwen3-0.6B-Base, 3 epochs, batch 32, max
+    length 512; a small randomly initialised classifier needs a larger rate (default 1e-3).
+    Returns training metrics."""
     import torch
     if not examples:
         raise ValueError("no training examples")
+    bad = next((i for i, ex in enumerate(examples) if not isinstance(ex, dict) or not isinstance(ex.get("text"), str)
+                or not isinstance(ex.get("spans", []), (list, tuple))), None)
+    if bad is not None:
+        raise ValueError(f"training example {bad}: expected {{\"text\": str, \"spans\": [[start, end], ...]}}")
+    if device is not None:
+        predictor.to(device)
     if threads:
         torch.set_num_threads(threads)
     rng = random.Random(seed)
@@ -452,7 +487,8 @@ def train_predictor(predictor: BoundaryPredictor, examples: Sequence[dict], epoc
         f = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
         for g in opt.param_groups:
             g["lr"] = lr * f
-        loss = model(input_ids=inp, attention_mask=att, labels=lab).loss
+        dev = predictor.device
+        loss = model(input_ids=inp.to(dev), attention_mask=att.to(dev), labels=lab.to(dev)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -470,7 +506,7 @@ def evaluate_predictor(predictor: Predictor, examples: Sequence[dict], tokenizer
     the teacher's predictor, capability for the student's) on labelled examples,
     with shifted labels (position i vs. the true class of token i+1); plus accuracy
     and the first-boundary agreement (the cut position equals the true first one)."""
-    tok = tokenizer or predictor.tokenizer
+    tok = tokenizer or getattr(predictor, "text_tokenizer", None) or predictor.tokenizer
     target = boundary_class(predictor.role)
     tp = fp = fn = correct = total = 0
     first_ok = first_n = 0
@@ -504,5 +540,3 @@ def evaluate_predictor(predictor: Predictor, examples: Sequence[dict], tokenizer
             "precision": prec, "recall": rec, "f1": f1, "accuracy": correct / total if total else 0.0,
             "first_boundary_agreement": first_ok / first_n if first_n else 0.0}
 
-
-testbed_examples.__test__ = False  # not a pytest test despite its name

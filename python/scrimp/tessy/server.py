@@ -136,13 +136,15 @@ def create_app(backend, model_name: Optional[str] = None, max_tokens_limit: int 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m scrimp.tessy.server",
                                 description="OpenAI-compatible completions server around HF generate")
-    p.add_argument("--model", required=True, help="checkpoint directory or testbed:<name>")
+    p.add_argument("--model", required=True, help="model: testbed:NAME, a checkpoint directory or a hub id")
     p.add_argument("--name", default=None, help="model name clients must send (default: --model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batched generate call")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    from scrimp.models import add_device_dtype_arguments
+    add_device_dtype_arguments(p)
     args = p.parse_args(argv)
     import torch
     import uvicorn
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
     from .backends import LocalBackend
     if args.threads:
         torch.set_num_threads(args.threads)
-    backend = LocalBackend.from_pretrained(args.model, name=args.name or args.model, max_batch=args.max_batch)
+    backend = LocalBackend.from_pretrained(args.model, name=args.name or args.model, max_batch=args.max_batch,
+                                           device=args.device, dtype=args.dtype, decoding="reprefill")
     app = create_app(backend, args.name or args.model)
     print(f"serving {args.name or args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

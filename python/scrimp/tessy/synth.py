@@ -26,18 +26,22 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .backends import Backend, BackendError, GenParams, MicroBatcher
 from .output import JsonlWriter, finished_ids
 from .predictor import EXTEND_MODES, Predictor
 
 __all__ = ["TessyConfig", "synthesize", "run_synthesis", "find_repetition", "build_prompt",
-           "problem_id", "parse_shard", "check_think_markers"]
+           "problem_id", "parse_shard", "check_think_markers", "check_marker_pair", "read_problems",
+           "normalise_problem"]
 
 
 @dataclass
 class TessyConfig:
+    """Loop settings. Think markers: ``think_open`` / ``think_close`` for both models, or per model
+    with ``teacher_think_open`` ... ``student_think_close`` (``None``: the shared one). Markers are
+    text, one or several tokens each; the record is written with the student's markers."""
     teacher_step: int = 20
     student_step: int = 20
     max_total_tokens: int = 38000
@@ -55,20 +59,33 @@ class TessyConfig:
     top_p: float = 0.8
     top_k: int = 20
     answer_temperature: Optional[float] = None
+    teacher_think_open: Optional[str] = None
+    teacher_think_close: Optional[str] = None
+    student_think_open: Optional[str] = None
+    student_think_close: Optional[str] = None
+
+    def markers(self, role: str) -> Tuple[str, str]:
+        """``(open, close)`` think markers of ``role`` ("teacher" or "student")."""
+        if role not in ("teacher", "student"):
+            raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+        o = getattr(self, f"{role}_think_open")
+        c = getattr(self, f"{role}_think_close")
+        return (self.think_open if o is None else o), (self.think_close if c is None else c)
 
     def validate(self):
         for k in ("teacher_step", "student_step", "max_total_tokens", "answer_max_tokens", "concurrency",
                   "repetition_check_every", "min_span_tokens"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be an int >= 1, got {v!r}")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         if self.extend not in EXTEND_MODES:
             raise ValueError(f"extend must be one of {EXTEND_MODES}")
         if self.first not in ("student", "teacher"):
             raise ValueError("first must be 'student' or 'teacher'")
-        if not self.think_close:
-            raise ValueError("think_close must be a non-empty marker")
+        for role in ("teacher", "student"):
+            check_marker_pair(*self.markers(role), role=role)
         self.params.validate()
         return self
 
@@ -80,6 +97,23 @@ class TessyConfig:
     def answer_params(self) -> GenParams:
         t = self.temperature if self.answer_temperature is None else self.answer_temperature
         return GenParams(t, self.top_p, self.top_k)
+
+
+def check_marker_pair(open_marker, close_marker, role: str = "model") -> None:
+    """ValueError unless ``open_marker`` (may be empty: the prompt template opens the thinking) and
+    ``close_marker`` (non-empty) are strings that can delimit a thinking block: no surrounding
+    whitespace, not whitespace only, and neither inside the other."""
+    for what, m in (("opening", open_marker), ("closing", close_marker)):
+        if not isinstance(m, str):
+            raise ValueError(f"the {role}'s {what} think marker must be a string, got {type(m).__name__}")
+        if m and (not m.strip() or m != m.strip()):
+            raise ValueError(f"the {role}'s {what} think marker {m!r} has leading/trailing whitespace or is only "
+                             "whitespace; expected text such as '<think>' / '</think>'")
+    if not close_marker:
+        raise ValueError(f"the {role}'s closing think marker is empty; expected text such as '</think>'")
+    if open_marker and (open_marker in close_marker or close_marker in open_marker):
+        raise ValueError(f"the {role}'s think markers {open_marker!r} and {close_marker!r} contain one another: "
+                         "the end of the thinking could not be told from its start")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -124,38 +158,49 @@ def find_repetition(text: str, min_len: int = 3, min_times: int = 8, max_len: in
     return None
 
 
-def check_think_markers(backend: Backend, cfg: TessyConfig) -> None:
-    """Refuse a model whose tokenizer lacks the thinking markers as single tokens."""
+def check_think_markers(backend: Backend, cfg: TessyConfig, role: str = "student") -> None:
+    """Refuse a model whose tokenizer cannot write its thinking markers: each marker must survive
+    encode + decode unchanged (one token or several). Registers the markers with the backend so that
+    they are kept in its decoded text even when its tokenizer marks them as special tokens."""
     tok = backend.tokenizer
+    markers = [m for m in cfg.markers(role) if m]
+    keep = getattr(backend, "keep_special", None)
+    if callable(keep):
+        keep(markers)
     if tok is None:
         return
-    vocab = tok.get_vocab()
-    for marker in (cfg.think_open, cfg.think_close):
-        if marker and marker not in vocab:
-            ids = tok(marker, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise ValueError(
-                    f"model {backend.name!r} has no thinking marker {marker!r} in its vocabulary (it encodes "
-                    f"to {len(ids)} tokens): TESSY needs a reasoning model with {cfg.think_open}...{cfg.think_close}; "
-                    f"set the markers with --think-open/--think-close")
+    for marker in markers:
+        ids = list(tok(marker, add_special_tokens=False)["input_ids"])
+        back = tok.decode(ids, skip_special_tokens=False) if ids else ""
+        if back != marker:
+            raise ValueError(
+                f"model {backend.name!r} cannot write the thinking marker {marker!r}: its tokenizer encodes it to "
+                f"{len(ids)} token(s) that decode to {back!r}; TESSY needs each model's own markers "
+                f"(set them with --{role}-think-open/--{role}-think-close, or --think-open/--think-close for both)")
 
 
-def build_prompt(backend: Backend, prompt: str, cfg: TessyConfig, template: Optional[str] = None) -> str:
-    """The prompt text for one model: its chat template (user turn + generation
-    prompt) or ``template`` with ``{prompt}``, followed by the opening think marker."""
+def _messages(prompt) -> List[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def build_prompt(backend: Backend, prompt, cfg: TessyConfig, template: Optional[str] = None,
+                 role: str = "student") -> str:
+    """The prompt text for one model: its chat template over ``prompt`` (a user message string, or a
+    list of ``{"role", "content"}`` messages) with the generation prompt, or ``template`` with
+    ``{prompt}`` (the last user message), followed by the model's opening think marker."""
+    think_open = cfg.markers(role)[0]
     if template is not None:
         if "{prompt}" not in template:
             raise ValueError("a prompt template must contain {prompt}")
-        text = template.replace("{prompt}", prompt)
+        text = template.replace("{prompt}", _messages(prompt)[-1]["content"])
     else:
         tok = backend.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError(f"model {backend.name!r}: no tokenizer chat template; pass a prompt template "
                              "with {prompt}")
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    if cfg.think_open and not text.rstrip().endswith(cfg.think_open):
-        text += cfg.think_open
+        text = tok.apply_chat_template(_messages(prompt), tokenize=False, add_generation_prompt=True)
+    if think_open and not text.rstrip().endswith(think_open):
+        text += think_open
     return text
 
 
@@ -166,6 +211,7 @@ class _Span:
     tokens: int
     phase: str = "think"
     boundary: bool = False
+    tokens_per_model: Optional[Dict[str, int]] = None
 
 
 class _Failure(Exception):
@@ -173,6 +219,18 @@ class _Failure(Exception):
         super().__init__(message or reason)
         self.reason = reason
         self.message = message or reason
+
+
+def _bind_tokenizer(predictor: Predictor, backend: Backend) -> Predictor:
+    """A lexicon predictor without its own tokenizer reads the text as ``backend``'s tokenizer cuts it."""
+    bind = getattr(predictor, "with_tokenizer", None)
+    if callable(bind) and getattr(predictor, "tokenizer", True) is None and backend.tokenizer is not None:
+        return bind(backend.tokenizer)
+    return predictor
+
+
+def _token_counter(tok) -> Callable[[str], int]:
+    return lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -185,6 +243,10 @@ class _Run:
         self.cfg = cfg
         self.counter = counter
         self.templates = {"teacher": teacher_template, "student": student_template}
+        # token counts of the provenance in each model's own tokenizer (when both are known)
+        self.model_counters = None
+        if teacher.tokenizer is not None and student.tokenizer is not None:
+            self.model_counters = {r: _token_counter(b.tokenizer) for r, b in self.backends.items()}
         self.batchers = {
             role: MicroBatcher(self._cut_fn(p), max_batch=256) for role, p in self.predictors.items()}
         self.models = {"teacher": teacher.name, "student": student.name,
@@ -202,51 +264,76 @@ class _Run:
     def count(self, text: str) -> int:
         return self.counter(text)
 
+    def span(self, source, text, phase="think", boundary=False) -> _Span:
+        per = {r: c(text) for r, c in self.model_counters.items()} if self.model_counters else None
+        return _Span(source, text, self.count(text), phase, boundary, per)
+
+    async def _generate(self, role, prompt, k, params, session):
+        backend = self.backends[role]
+        try:
+            if getattr(backend, "incremental", False):
+                return await backend.generate(prompt, k, params, session=session)
+            return await backend.generate(prompt, k, params)
+        except BackendError as e:
+            raise _Failure("error", str(e))
+
     async def attempt(self, prob: dict) -> dict:
+        session = object()  # this attempt's key for the backends' per-problem state (KV caches)
+        try:
+            return await self._attempt(prob, session)
+        finally:
+            for b in self.backends.values():
+                b.end_session(session)
+
+    async def _attempt(self, prob: dict, session) -> dict:
         cfg = self.cfg
-        prompts = {r: build_prompt(self.backends[r], prob["prompt"], cfg, self.templates[r])
+        prompt = prob.get("messages") or prob["prompt"]
+        prompts = {r: build_prompt(self.backends[r], prompt, cfg, self.templates[r], r)
                    for r in ("teacher", "student")}
-        prompt_tokens = self.count(prompts["student"])
-        if prompt_tokens + 1 >= cfg.max_total_tokens:
-            raise _Failure("prompt_too_long", f"prompt has {prompt_tokens} tokens >= max_total_tokens")
+        s_open, s_close = cfg.markers("student")
+        used = {"counter": self.count(prompts["student"])}
+        if self.model_counters:
+            used.update({r: c(prompts[r]) for r, c in self.model_counters.items()})
+        if max(used.values()) + 1 >= cfg.max_total_tokens:
+            raise _Failure("prompt_too_long", f"prompt has {max(used.values())} tokens >= max_total_tokens")
         trace, spans = "", []
-        role, steps, used = cfg.first, 0, prompt_tokens
+        role, steps = cfg.first, 0
         while True:
             k = cfg.teacher_step if role == "teacher" else cfg.student_step
-            try:
-                res = await self.backends[role].generate(prompts[role] + trace, k, cfg.params)
-            except BackendError as e:
-                raise _Failure("error", str(e))
+            res = await self._generate(role, prompts[role] + trace, k, cfg.params, session)
             text = res.text
             if not text or not text.strip():
                 raise _Failure("empty", f"the {role} returned an empty reply at step {steps}")
             cut = await self.batchers[role].submit((trace, text))
             combined = trace + cut.text
-            end = combined.find(cfg.think_close)
-            if end >= 0:  # end of thinking: drop whatever follows the marker
-                new_trace = combined[:end] + cfg.think_close
+            close = cfg.markers(role)[1]  # the active model ends the thinking with its own marker
+            end = combined.find(close, max(0, len(trace) - len(close) + 1))
+            if end >= 0:  # end of thinking: drop whatever follows the marker, write the student's marker
+                new_trace = combined[:end] + s_close
                 keep = len(trace)
                 if end < keep:  # the marker began in the previous span: trim the spans
                     keep = end
                     spans, acc = list(spans), 0
-                    for j, s in enumerate(spans):
-                        if acc + len(s.text) > keep:
-                            s.text = s.text[:keep - acc]
-                            s.tokens = self.count(s.text)
+                    for j, sp in enumerate(spans):
+                        if acc + len(sp.text) > keep:
+                            spans[j] = self.span(sp.source, sp.text[:keep - acc], sp.phase, sp.boundary)
                             spans = spans[:j + 1]
                             break
-                        acc += len(s.text)
-                    spans = [s for s in spans if s.text]
+                        acc += len(sp.text)
+                    spans = [sp for sp in spans if sp.text]
                 piece = new_trace[keep:]
             else:
                 new_trace, piece = combined, cut.text
-            ntok = self.count(piece)
-            spans.append(_Span(role, piece, ntok, "think", cut.boundary))
+            sp = self.span(role, piece, "think", cut.boundary)
+            spans.append(sp)
             trace = new_trace
-            used += ntok
+            used["counter"] += sp.tokens
+            for r, n in (sp.tokens_per_model or {}).items():
+                used[r] += n
             steps += 1
-            if used >= cfg.max_total_tokens:
-                raise _Failure("length", f"the trace reached {used} tokens (max_total_tokens {cfg.max_total_tokens})")
+            if max(used.values()) >= cfg.max_total_tokens:
+                raise _Failure("length", f"the trace reached {max(used.values())} tokens "
+                                         f"(max_total_tokens {cfg.max_total_tokens})")
             if end >= 0:
                 break
             if cut.boundary:
@@ -256,38 +343,42 @@ class _Run:
                 if frag is not None:
                     raise _Failure("repetition", f"repeated fragment {frag[:80]!r}")
         # the student writes the final answer in one call
-        budget = min(cfg.answer_max_tokens, cfg.max_total_tokens - used)
+        budget = min(cfg.answer_max_tokens, cfg.max_total_tokens - max(used.values()))
         if budget < 1:
             raise _Failure("length", "no token budget left for the answer")
-        try:
-            res = await self.backends["student"].generate(prompts["student"] + trace, budget, cfg.answer_params)
-        except BackendError as e:
-            raise _Failure("error", str(e))
+        res = await self._generate("student", prompts["student"] + trace, budget, cfg.answer_params, session)
         if not res.text or not res.text.strip():
             raise _Failure("empty", "the student returned an empty final answer")
         if res.finish_reason == "length":
             raise _Failure("answer_length", f"the final answer did not end within {budget} tokens")
-        spans.append(_Span("student", res.text, self.count(res.text), "answer", False))
-        return self._record(prob, trace, res.text, spans, steps)
+        spans.append(self.span("student", res.text, "answer", False))
+        return self._record(prob, s_open + trace, res.text, spans, steps)
 
-    def _record(self, prob, trace, answer_text, spans, steps) -> dict:
-        cfg = self.cfg
+    def _record(self, prob, thinking, answer_text, spans, steps) -> dict:
         total = sum(s.tokens for s in spans)
         stu = sum(s.tokens for s in spans if s.source == "student")
         think = [s for s in spans if s.phase == "think"]
         think_total = sum(s.tokens for s in think)
         think_stu = sum(s.tokens for s in think if s.source == "student")
-        thinking = cfg.think_open + trace
         rec = {
             "id": prob["id"], "prompt": prob["prompt"], "status": "ok", "finish_reason": "stop",
             "thinking": thinking, "answer": answer_text.strip(), "completion": thinking + answer_text,
-            "spans": [asdict(s) for s in spans],
+            "spans": [{k: v for k, v in asdict(s).items() if v is not None} for s in spans],
             "n_tokens": {"total": total, "student": stu, "teacher": total - stu,
                          "think_total": think_total, "think_student": think_stu},
             "student_token_share": stu / total if total else 0.0,
             "student_think_share": think_stu / think_total if think_total else 0.0,
             "steps": steps, "models": self.models,
         }
+        if self.model_counters:
+            per = {}
+            for r in self.model_counters:
+                t = sum(s.tokens_per_model[r] for s in spans)
+                st = sum(s.tokens_per_model[r] for s in spans if s.source == "student")
+                per[r] = {"total": t, "student": st, "teacher": t - st}
+            rec["n_tokens_per_model"] = per
+        if "messages" in prob:
+            rec["messages"] = prob["messages"]
         return rec
 
 
@@ -297,14 +388,70 @@ def _failure_record(prob, reason, message, attempts, models) -> dict:
             "n_tokens": {"total": 0, "student": 0, "teacher": 0}, "student_token_share": 0.0}
 
 
+PROBLEM_FORMAT = ('a JSON object with "prompt" (a non-empty string) or "messages" (a non-empty list of '
+                  '{"role", "content"} objects ending with a user turn), optional "id" (string or integer) and '
+                  '"reference" (or "answer")')
+
+
+def normalise_problem(p) -> dict:
+    """One problem as the loop uses it: ``{"prompt", "id"?, "messages"?, "reference"?, ...}``; a plain
+    string is a prompt. ValueError saying what is expected otherwise."""
+    if isinstance(p, str):
+        p = {"prompt": p}
+    if not isinstance(p, dict):
+        raise ValueError(f"got {type(p).__name__}; expected {PROBLEM_FORMAT}")
+    q = dict(p)
+    msgs = q.pop("dialogs", None) if "messages" not in q else q.get("messages")
+    if msgs is not None:
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise ValueError(f"\"messages\" is not a non-empty list of {{role, content}} strings; expected "
+                             f"{PROBLEM_FORMAT}")
+        if msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
+            raise ValueError(f"the last message must be a non-empty user turn; expected {PROBLEM_FORMAT}")
+        q["messages"] = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        q.setdefault("prompt", msgs[-1]["content"])
+    if not isinstance(q.get("prompt"), str) or not q["prompt"].strip():
+        raise ValueError(f"no non-empty \"prompt\" string; expected {PROBLEM_FORMAT}")
+    if q.get("id") is not None:
+        if isinstance(q["id"], bool) or not isinstance(q["id"], (str, int)):
+            raise ValueError(f"\"id\" must be a string or an integer, got {type(q['id']).__name__}")
+        q["id"] = str(q["id"])
+    ref = q.pop("answer", None) if "reference" not in q else q["reference"]
+    if ref is not None:
+        q["reference"] = str(ref)
+    return q
+
+
+def read_problems(path: str) -> List[dict]:
+    """Problems from a JSONL file, one :func:`normalise_problem` object per line (blank lines
+    skipped). ValueError naming ``path:line`` and what is expected on a malformed line."""
+    import json
+    out = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e}); expected {PROBLEM_FORMAT}") from None
+            try:
+                out.append(normalise_problem(obj))
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+    return out
+
+
 def _normalise_problems(problems) -> List[dict]:
     out, seen = [], set()
     for i, p in enumerate(problems):
-        if isinstance(p, str):
-            p = {"prompt": p}
-        if not isinstance(p, dict) or not isinstance(p.get("prompt"), str) or not p["prompt"]:
-            raise ValueError(f"problem {i}: need a dict with a non-empty 'prompt' string")
-        q = dict(p)
+        try:
+            q = normalise_problem(p)
+        except ValueError as e:
+            raise ValueError(f"problem {i}: {e}") from None
         q["id"] = str(q.get("id") or problem_id(q["prompt"]))
         if q["id"] in seen:
             raise ValueError(f"duplicate problem id {q['id']!r}")
@@ -319,17 +466,22 @@ async def synthesize(problems, teacher: Backend, student: Backend, teacher_predi
                      counter: Optional[Callable[[str], int]] = None, progress: bool = False,
                      teacher_template: Optional[str] = None, student_template: Optional[str] = None,
                      on_record: Optional[Callable[[dict], None]] = None) -> dict:
-    """Run TESSY over ``problems`` (dicts with ``prompt`` and optional ``id`` and
-    ``reference``: the expected answer, kept in the record) and append one record per
-    problem to ``out_path``. Ids already in ``out_path`` are skipped (failed ones too,
+    """Run TESSY over ``problems`` (prompt strings, or dicts with ``prompt`` or ``messages`` and
+    optional ``id`` and ``reference``: the expected answer, kept in the record) and append one
+    record per problem to ``out_path``. Ids already in ``out_path`` are skipped (failed ones too,
     unless ``retry_failed``). ``shard=(i, n)`` keeps problems ``i, i+n, ...``.
-    Token counts use ``counter(text)``; default: the student's tokenizer. Returns a
-    summary (``records``, ``ok``, ``failed``, ``skipped``, ``seconds``, ...)."""
+    Token counts (``n_tokens``, the length limit) use ``counter(text)``; default: the student's
+    tokenizer; with both models' tokenizers known every span and record also carries the counts in
+    each model's own tokenizer (``tokens_per_model``, ``n_tokens_per_model``). A lexicon predictor
+    built without a tokenizer labels the tokens of its model's tokenizer. Returns a summary
+    (``records``, ``ok``, ``failed``, ``skipped``, ``seconds``, ``problems_per_minute``, ...)."""
     cfg = (config or TessyConfig()).validate()
     if teacher_predictor.role != "teacher" or student_predictor.role != "student":
         raise ValueError("pass the teacher's predictor (role 'teacher') and the student's (role 'student')")
-    for b in (teacher, student):
-        check_think_markers(b, cfg)
+    teacher_predictor = _bind_tokenizer(teacher_predictor, teacher)
+    student_predictor = _bind_tokenizer(student_predictor, student)
+    check_think_markers(teacher, cfg, "teacher")
+    check_think_markers(student, cfg, "student")
     probs = _normalise_problems(problems)
     if isinstance(shard, str):
         shard = parse_shard(shard)
@@ -342,7 +494,7 @@ async def synthesize(problems, teacher: Backend, student: Backend, teacher_predi
         tok = student.tokenizer or teacher.tokenizer or getattr(student_predictor, "tokenizer", None)
         if tok is None:
             raise ValueError("no tokenizer to count tokens with: pass counter= or give the student a tokenizer")
-        counter = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+        counter = _token_counter(tok)
     run = _Run(teacher, student, teacher_predictor, student_predictor, cfg, counter,
                teacher_template, student_template)
     writer = JsonlWriter(out_path) if out_path else None
@@ -385,7 +537,8 @@ async def synthesize(problems, teacher: Backend, student: Backend, teacher_predi
                 if k in prob:
                     rec[k] = prob[k]
             rec["config"] = {"teacher_step": cfg.teacher_step, "student_step": cfg.student_step,
-                             "extend": cfg.extend, "temperature": cfg.temperature}
+                             "extend": cfg.extend, "temperature": cfg.temperature,
+                             "markers": {r: list(cfg.markers(r)) for r in ("teacher", "student")}}
             if writer is not None:
                 writer.append(rec)
             summary["records"] += 1
@@ -410,6 +563,10 @@ async def synthesize(problems, teacher: Backend, student: Backend, teacher_predi
         for b in (teacher, student):
             await b.aclose()
     summary["seconds"] = time.time() - t0
+    for r, b in (("teacher", teacher), ("student", student)):
+        if hasattr(b, "prefill_tokens"):
+            summary[f"{r}_prefill_tokens"] = b.prefill_tokens
+            summary[f"{r}_reused_tokens"] = b.reused_tokens
     summary["student_token_share"] = summary["student_tokens"] / summary["tokens"] if summary["tokens"] else 0.0
     summary["problems_per_minute"] = 60.0 * summary["records"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
     return summary

@@ -8,7 +8,9 @@ checkpoints such as Qwen3 or Llama-3.x):
 * ``arith-teacher`` / ``arith-student`` - Qwen3ForCausalLM models that solve
   multi-step arithmetic as ``<think> steps </think> answer`` in two writing
   styles (TESSY); ``arith-student-teacher-style`` is a weaker student that writes
-  the teacher's style (TIP's on-policy distillation pair with ``arith-teacher``).
+  the teacher's style (TIP's on-policy distillation pair with ``arith-teacher``);
+  ``arith-teacher-robust`` continues traces of either style (or a mixture) correctly
+  and writes the teacher style unprompted (TESSY's teacher).
 
 All share one small tokenizer (:mod:`scrimp.testbed.tokenizer`)::
 
@@ -34,6 +36,9 @@ MODELS = {
     "arith-student": ("arith-student", "arith", "student"),
     # TIP's pair: the teacher's own style, smaller and trained less (distillation has room to help)
     "arith-student-teacher-style": ("arith-student-teacher-style", "arith", "teacher"),
+    # TESSY's teacher: arith-teacher fine-tuned on traces mixing both styles around correct steps, so
+    # it continues a trace in either style correctly; unprompted it writes the teacher style
+    "arith-teacher-robust": ("arith-teacher-robust", "arith", "teacher"),
 }
 
 _CKPT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")

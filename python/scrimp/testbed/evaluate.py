@@ -100,3 +100,80 @@ def evaluate(model, tokenizer, task: str, n: int = 100, seed: int = 0,
     acc = sum(r["correct"] for r in results) / len(results)
     return {"task": task, "n": n, "seed": seed, "context_tokens": context_tokens,
             "accuracy": acc, "results": results}
+
+
+#: words only the student style uses (connectives, fillers and the restatement's operation words)
+STUDENT_STYLE_WORDS = ("Okay", "Alright", "hmm", "Hmm", "um", "Um", "Wait", "Done", "Yeah", "Right",
+                       "plus", "minus", "times")
+
+
+def writes_teacher_style(text: str) -> bool:
+    """True when an arith completion uses none of the student style's words."""
+    import re
+    words = set(re.findall(r"[A-Za-z]+", text))
+    return not words & set(STUDENT_STYLE_WORDS)
+
+
+def arith_continuation(model, tokenizer, n: int = 200, seed: int = 0, style: str = "student",
+                       batch_size: int = 64, max_new_tokens: int = 128) -> dict:
+    """Greedy exact match of ``model`` continuing arith traces written in another style.
+
+    Example ``i`` is ``tasks.arith(seed * 1_000_003 + i, style=style)`` (``style`` "teacher" or
+    "student") or, for ``style="mixed"``, ``tasks.arith_mixed(seed * 1_000_003 + i,
+    student_share=0.5)``; its completion is cut right after one of its style segments (drawn
+    uniformly, ``random.Random(f"cut:{seed}:{i}")``), the prompt plus that prefix is given to the
+    model, and the final answer of prefix + continuation must equal the reference. This is what a
+    TESSY teacher faces: a trace whose style spans another model wrote. Prompts are left-padded
+    into batches of ``batch_size``. Returns ``{"accuracy", "n", "style", "results": [{"prefix",
+    "output", "expected", "got", "correct"}]}``."""
+    import random
+
+    import torch
+    from . import tasks
+
+    if style not in ("teacher", "student", "mixed"):
+        raise ValueError(f"unknown style {style!r}; valid: teacher, student, mixed")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    items = []
+    for i in range(n):
+        s = seed * 1_000_003 + i
+        ex = (tasks.arith_mixed(s, student_share=0.5, tokenizer=tokenizer) if style == "mixed"
+              else tasks.arith(s, style=style, tokenizer=tokenizer))
+        ends, pos = [], 0
+        for text, lab in ex.segments:
+            pos += len(text)
+            if lab == tasks.STYLE:
+                ends.append(pos)
+        cut = random.Random(f"cut:{seed}:{i}").choice(ends)
+        prefix = ex.completion[:cut]
+        ids = list(tokenizer(ex.prompt + prefix, add_special_tokens=False)["input_ids"])
+        items.append((ex, prefix, ids))
+    device = next(model.parameters()).device
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for b0 in range(0, n, batch_size):
+            chunk = items[b0:b0 + batch_size]
+            P = max(len(x[2]) for x in chunk)
+            inp = torch.full((len(chunk), P), pad, dtype=torch.long)   # [B, P] left-padded
+            att = torch.zeros_like(inp)
+            for r, (_, _, ids) in enumerate(chunk):
+                inp[r, P - len(ids):] = torch.tensor(ids)
+                att[r, P - len(ids):] = 1
+            with torch.no_grad():
+                out = model.generate(inp.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+                                     do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True)
+            for (ex, prefix, _), row in zip(chunk, out[:, P:].tolist()):
+                new = _cut_at_eos(row, eos)
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                got = arith_final_answer(prefix + text)
+                results.append({"prefix": prefix, "output": text, "expected": ex.answer, "got": got,
+                                "correct": got == ex.answer})
+    finally:
+        if was_training:
+            model.train()
+    return {"accuracy": sum(r["correct"] for r in results) / n, "n": n, "seed": seed, "style": style,
+            "results": results}

@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 
 __all__ = [
     "RecallExample", "ArithExample", "recall", "arith", "STYLES", "STYLE", "CAPABILITY",
-    "recall_records_for_context", "MAX_RECALL_RECORDS",
+    "recall_records_for_context", "MAX_RECALL_RECORDS", "arith_mixed", "MIXED_PURE_TEACHER",
 ]
 
 STYLES = ("teacher", "student")
@@ -296,39 +296,92 @@ def _problem_text(steps) -> str:
     return expr
 
 
-def _teacher_segments(rng, steps):
-    S, C = STYLE, CAPABILITY
-    segs = [("<think>", C)]
-    n = len(steps)
-    for i, (a, op, b, r) in enumerate(steps):
-        if i == 0:
-            conn = rng.choice(["First, ", "First, "])
-        elif i == n - 1:
-            conn = rng.choice(["Finally, ", "Finally, "])
-        else:
-            conn = rng.choice(["Then ", "Next, "])
-        segs.append((" " + conn, S))
-        segs.append((f"{a} {op} {b} = {r}.", C))
-    segs.append((" ", S))
-    segs.append(("</think> " + str(steps[-1][3]), C))
+def _teacher_block(rng, i, n, step):
+    """Style + capability segments of reasoning step ``i`` of ``n`` in the teacher style."""
+    a, op, b, r = step
+    if i == 0:
+        conn = rng.choice(["First, ", "First, "])
+    elif i == n - 1:
+        conn = rng.choice(["Finally, ", "Finally, "])
+    else:
+        conn = rng.choice(["Then ", "Next, "])
+    return [(" " + conn, STYLE), (f"{a} {op} {b} = {r}.", CAPABILITY)]
+
+
+def _student_block(rng, i, n, step):
+    """Style + capability segments of reasoning step ``i`` of ``n`` in the student style (the
+    first step restates the operation in words)."""
+    a, op, b, r = step
+    segs = []
+    if i == 0:
+        segs.append((" " + rng.choice(["Okay so ", "Okay, let me see, ", "Alright so "]), STYLE))
+        segs.append((f"{a} {_OP_WORD[op]} {b}", CAPABILITY))
+        segs.append(("... " + rng.choice(["hmm, ", "um, ", "so "]), STYLE))
+    else:
+        segs.append((" " + rng.choice(["Wait, next ", "Hmm, then ", "Um, now ", "Okay and "]), STYLE))
+    segs.append((f"{a} {op} {b} = {r}.", CAPABILITY))
     return segs
+
+
+def _teacher_end(rng, steps):
+    return [(" ", STYLE), ("</think> " + str(steps[-1][3]), CAPABILITY)]
+
+
+def _student_end(rng, steps):
+    return [(" " + rng.choice(["Done.", "Yeah.", "Right."]) + " ", STYLE),
+            ("</think> " + str(steps[-1][3]), CAPABILITY)]
+
+
+def _teacher_segments(rng, steps):
+    segs = [("<think>", CAPABILITY)]
+    for i, step in enumerate(steps):
+        segs += _teacher_block(rng, i, len(steps), step)
+    return segs + _teacher_end(rng, steps)
 
 
 def _student_segments(rng, steps):
-    S, C = STYLE, CAPABILITY
-    segs = [("<think>", C)]
-    n = len(steps)
-    for i, (a, op, b, r) in enumerate(steps):
-        if i == 0:
-            segs.append((" " + rng.choice(["Okay so ", "Okay, let me see, ", "Alright so "]), S))
-            segs.append((f"{a} {_OP_WORD[op]} {b}", C))
-            segs.append(("... " + rng.choice(["hmm, ", "um, ", "so "]), S))
-        else:
-            segs.append((" " + rng.choice(["Wait, next ", "Hmm, then ", "Um, now ", "Okay and "]), S))
-        segs.append((f"{a} {op} {b} = {r}.", C))
-    segs.append((" " + rng.choice(["Done.", "Yeah.", "Right."]) + " ", S))
-    segs.append(("</think> " + str(steps[-1][3]), C))
-    return segs
+    segs = [("<think>", CAPABILITY)]
+    for i, step in enumerate(steps):
+        segs += _student_block(rng, i, len(steps), step)
+    return segs + _student_end(rng, steps)
+
+
+#: share of ``arith_mixed`` traces written entirely in the teacher style when ``student_share`` is
+#: not given; the others draw their student share uniformly from [0, 1]. Teacher-style openings
+#: then make up 0.4 + 0.6 / 2 = 70% of the traces, so a model trained on them opens (greedy) in
+#: the teacher style.
+MIXED_PURE_TEACHER = 0.4
+
+
+def arith_mixed(seed: int = 0, student_share: Optional[float] = None, n_steps: Optional[int] = None,
+                tokenizer=None) -> ArithExample:
+    """One ``arith`` problem (the same problem and steps as ``arith(seed)``) written in a mixture of
+    the two styles: every reasoning step, and the closing phrase, is written in the student style
+    with probability ``student_share``, otherwise in the teacher style; the capability segments are
+    always the correct ones. ``student_share=None`` draws it per example: 0 (a pure teacher-style
+    trace) with probability ``MIXED_PURE_TEACHER``, else uniform in [0, 1]. ``style`` is
+    ``"mixed"``. The training data of ``arith-teacher-robust``."""
+    _check_seed(seed)
+    if student_share is not None:
+        if isinstance(student_share, bool) or not isinstance(student_share, (int, float)):
+            raise TypeError(f"student_share must be a float in [0, 1] or None, got {type(student_share).__name__}")
+        if not 0.0 <= student_share <= 1.0:
+            raise ValueError(f"student_share must be in [0, 1], got {student_share}")
+    rng = random.Random(f"arith:{seed}")
+    if n_steps is None:
+        n_steps = rng.randint(2, 4)
+    _check_int("n_steps", n_steps, 1, 8)
+    steps = _arith_steps(rng, n_steps)
+    srng = random.Random(f"arith-style:mixed:{seed}")
+    q = student_share
+    if q is None:
+        q = 0.0 if srng.random() < MIXED_PURE_TEACHER else srng.random()
+    segs = [("<think>", CAPABILITY)]
+    for i, step in enumerate(steps):
+        block = _student_block if srng.random() < q else _teacher_block
+        segs += block(srng, i, len(steps), step)
+    segs += (_student_end if srng.random() < q else _teacher_end)(srng, steps)
+    return _arith_build(_tokenizer(tokenizer), steps, segs, "mixed")
 
 
 def arith(seed: int = 0, style: str = "teacher", n_steps: Optional[int] = None,

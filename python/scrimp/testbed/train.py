@@ -4,6 +4,7 @@
     python -m scrimp.testbed.train --task arith --role teacher --seed 0 --out DIR
     python -m scrimp.testbed.train --task arith --role student --seed 0 --out DIR
     python -m scrimp.testbed.train --task arith --role student --style teacher --seed 0 --out DIR
+    python -m scrimp.testbed.train --task arith --role teacher --style mixed --seed 0 --out DIR
 
 Writes ``model.safetensors``, ``config.json``, ``generation_config.json``, the
 tokenizer files and ``metrics.json`` into ``--out`` and prints a final
@@ -57,12 +58,31 @@ RECIPES = {
     ("arith", "student", "teacher"): dict(
         arch="qwen3", hidden=96, intermediate=288, layers=3, heads=4, kv_heads=2,
         max_pos=512, steps=800, lr=2e-3, warmup=30, batch=32),
+    # arith-teacher-robust (TESSY's teacher): arith-teacher fine-tuned on traces whose style segments
+    # come from either style, mixed within a trace (`tasks.arith_mixed`), around correct capability
+    # segments, so it continues a trace whatever style the other model wrote; 40% of the traces are
+    # pure teacher style, so unprompted it opens (and writes) the teacher style.
+    ("arith", "teacher", "mixed"): dict(
+        arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
+        max_pos=512, steps=400, lr=1e-3, warmup=40, batch=32, init="arith-teacher"),
 }
 
 
 def build_model(recipe, tokenizer, seed):
+    """A freshly initialised model of the recipe's shape, or, when the recipe names a shipped
+    checkpoint in ``init``, that checkpoint (whose shape must match the recipe)."""
     import torch
     torch.manual_seed(seed)
+    if recipe.get("init"):
+        from . import load
+        model, _ = load(recipe["init"])
+        cfg = model.config
+        got = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+               cfg.num_key_value_heads)
+        want = (recipe["hidden"], recipe["intermediate"], recipe["layers"], recipe["heads"], recipe["kv_heads"])
+        if got != want:
+            raise ValueError(f"init checkpoint {recipe['init']!r} has shape {got}, the recipe {want}")
+        return model
     common = dict(
         vocab_size=len(tokenizer), hidden_size=recipe["hidden"],
         intermediate_size=recipe["intermediate"], num_hidden_layers=recipe["layers"],
@@ -221,10 +241,14 @@ def _recall_losses(model, inp, att, lab, ids, masks, answer_vocab=None):
 
 
 def arith_batch(tok, rng, bs, style):
+    """``bs`` arith training sequences in ``style`` ("teacher", "student" or "mixed":
+    `tasks.arith_mixed`), loss mask on the completion and ``<eos>``."""
     from . import tasks
     ids, masks = [], []
     for _ in range(bs):
-        ex = tasks.arith(seed=rng.getrandbits(62) + 10**19, style=style, tokenizer=tok)
+        s = rng.getrandbits(62) + 10**19
+        ex = (tasks.arith_mixed(seed=s, tokenizer=tok) if style == "mixed"
+              else tasks.arith(seed=s, style=style, tokenizer=tok))
         seq = ex.prompt_ids + ex.completion_ids + [tok.eos_token_id]
         ids.append(seq)
         masks.append([0] * len(ex.prompt_ids) + [1] * (len(ex.completion_ids) + 1))
@@ -256,6 +280,15 @@ def final_eval(model, tok, task, style, quick=False, n=None):
         for L in lengths:
             k = n or (20 if quick else 100)
             out[f"accuracy@{L}"] = evaluate(model, tok, "recall", n=k, seed=0, context_tokens=L)["accuracy"]
+    elif style == "mixed":
+        # unprompted (greedy, the teacher style expected) and continuing traces another model began
+        from .evaluate import arith_continuation, writes_teacher_style
+        k = n or (30 if quick else 200)
+        ev = evaluate(model, tok, "arith", n=k, seed=0, style="teacher")
+        out["accuracy"] = ev["accuracy"]
+        out["teacher_style_share"] = sum(writes_teacher_style(r["output"]) for r in ev["results"]) / k
+        for st in ("student", "mixed"):
+            out[f"continuation_accuracy_{st}"] = arith_continuation(model, tok, n=k, seed=0, style=st)["accuracy"]
     else:
         k = n or (30 if quick else 200)
         out["accuracy"] = evaluate(model, tok, "arith", n=k, seed=0, style=style)["accuracy"]
@@ -280,8 +313,8 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
         raise ValueError(f"no recipe for task={task!r} role={role!r}; recall has only role 'teacher'")
     if task == "arith":
         style = role if style is None else style
-        if style not in ("teacher", "student"):
-            raise ValueError(f"unknown style {style!r}; valid: teacher, student")
+        if style not in ("teacher", "student", "mixed"):
+            raise ValueError(f"unknown style {style!r}; valid: teacher, student, mixed")
     elif style is not None:
         raise ValueError("style applies to the arith task only")
     r = dict(RECIPES.get((task, role, style), RECIPES[(task, role)]))
@@ -389,27 +422,29 @@ def _save(model, tok, out, metrics):
 def build_parser(parser=None):
     p = parser or argparse.ArgumentParser(prog="python -m scrimp.testbed.train",
                                           description="Train a scrimp testbed model on CPU.")
-    p.add_argument("--task", required=True, choices=["recall", "arith"])
+    p.add_argument("--task", required=True, choices=["recall", "arith"],
+                   help="the task the model learns: recall (KV Packet, IceCache) or arith (TIP, TESSY)")
     p.add_argument("--role", default="teacher", choices=["teacher", "student"],
                    help="arith: teacher (larger, teacher-style traces) or student; recall: teacher only")
-    p.add_argument("--style", default=None, choices=["teacher", "student"],
-                   help="arith: writing style of the training traces (default: the role's own)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default=None, choices=["teacher", "student", "mixed"],
+                   help="arith: writing style of the training traces (default: the role's own; mixed: "
+                        "either style and mixtures within a trace, tasks.arith_mixed)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps of the --steps schedule (time-boxed runs)")
     p.add_argument("--save-intermediate", action="store_true",
                    help="with --eval-every: also save a checkpoint to OUT/stepN at every evaluation")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one entry of the recipe (repeatable), e.g. --set layers=6")
     p.add_argument("--eval-every", type=int, default=0, help="quick eval every N steps (0: never)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--quick-eval", action="store_true", help="small final evaluation (smoke tests)")
     p.add_argument("--eval-n", type=int, default=None,
                    help="examples per final evaluation (default 100 per recall length, 200 arith)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bars")
     return p
 
 

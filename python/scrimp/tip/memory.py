@@ -2,7 +2,8 @@
 
 ``python -m scrimp.tip.memory MODE RULE RATIO [--vocab ...]`` builds a random-weight Qwen3 student
 (and a 2x wider teacher), runs one forward + backward (no optimizer) and prints one JSON line.
-MODE ``plain`` is the anchor step (full-vocabulary float32 log-softmax at every response position, or at a
+MODE ``trl-gkd`` / ``trl-tip`` is one ``compute_loss`` + backward of TRL's ``GKDTrainer`` / scrimp's
+``TipGKDTrainer`` on the same batch (:func:`run_trl_step`). MODE ``plain`` is the anchor step (full-vocabulary float32 log-softmax at every response position, or at a
 random ``RATIO`` subset gathered before the lm_head); ``lean`` is :func:`scrimp.tip.tip_loss`.
 A warm-up step on one short sequence runs first (lazy imports and one-time initialisation are not the
 step's memory). On CPU the number is the peak RSS during the step (VmHWM, reset just before it via
@@ -54,14 +55,20 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _spec(name: str) -> str:
+    """A bare testbed name (``arith-teacher``) as a model spec; specs and directories unchanged."""
+    from .. import testbed
+
+    return f"testbed:{name}" if name in testbed.MODELS else name
+
+
 def _arith_batch(student: str, teacher: str, batch: int, device: str, dt):
     """Testbed models (names or HF directories) and a batch of arith prompts + student-style completions."""
-    from .. import testbed
+    from ..models import load_model
     from ..testbed import tasks
-    from .cli import _load
 
-    s, tok = _load(student)
-    t, _ = _load(teacher)
+    s, tok = load_model(_spec(student), device="cpu")
+    t, _ = load_model(_spec(teacher), device="cpu")
     exs = [tasks.arith(seed=20_000_000 + i, style="student", tokenizer=tok) for i in range(batch)]
     seqs = [e.prompt_ids + e.completion_ids + [tok.eos_token_id] for e in exs]
     L = max(len(x) for x in seqs)
@@ -151,6 +158,75 @@ def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch:
             "fp32_logits_bytes": int(resp.sum()) * vocab * 4, "peak_reset": reset}
 
 
+def run_trl_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch: int, prompt: int, response: int,
+                 dtype: str, device: str, threads: int, chunk: int, student: str = "", teacher: str = "") -> Dict:
+    """One ``compute_loss`` + backward of TRL's ``GKDTrainer`` (MODE ``trl-gkd``: full student and teacher
+    logits, TRL's generalized JSD) or :class:`scrimp.tip.trl_hook.TipGKDTrainer` (``trl-tip``: the lean step)
+    on the same random batch, both built by TRL (``GKDConfig``, beta 1 = reverse KL);
+    memory measured as in :func:`run_step`."""
+    import gc
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from ..testbed import get_tokenizer
+    from .trl_hook import TipGKDTrainer
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    tok = get_tokenizer()  # pads; the models have ``vocab`` rows and the batch is random ids below it
+
+    def model(seed, h):
+        torch.manual_seed(seed)
+        cfg = Qwen3Config(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=h // 4,
+                          max_position_embeddings=prompt + response + 8, tie_word_embeddings=True)
+        return Qwen3ForCausalLM(cfg).to(device, dt)
+
+    args = GKDConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, lmbda=0.0, beta=1.0,
+                     report_to="none", use_cpu=device == "cpu", save_strategy="no", disable_tqdm=True,
+                     bf16=dtype == "bfloat16" and device != "cpu")
+    ds = Dataset.from_list([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}])
+    kw = dict(tip_rule=rule, tip_ratio=ratio, tip_chunk_tokens=chunk, tip_vocab_size=vocab) if mode == "trl-tip" else {}
+    cls = TipGKDTrainer if mode == "trl-tip" else GKDTrainer
+    tr = cls(model=model(0, hidden), teacher_model=model(1, 2 * hidden), args=args, train_dataset=ds,
+             processing_class=tok, **kw)
+    g = torch.Generator().manual_seed(0)
+    L = prompt + response
+    ids = torch.randint(0, vocab, (batch, L), generator=g).to(tr.model.device)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def one_step(inp):
+        loss = tr.compute_loss(tr.model, inp)
+        loss.backward()
+        return loss
+
+    w = prompt + 4  # warm-up on one short sequence
+    one_step({k: v[:1, :w] for k, v in inputs.items()})
+    tr.model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    reset = _reset_peak_rss()
+    before_rss = _rss_bytes()
+    t = time.perf_counter()
+    loss = one_step(inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = _peak_rss_bytes() - before_rss
+    return {"mode": mode, "rule": rule if mode == "trl-tip" else "all", "ratio": ratio if mode == "trl-tip" else 1.0,
+            "peak_step_bytes": int(peak), "seconds": time.perf_counter() - t, "loss": float(loss),
+            "fp32_logits_bytes": batch * response * vocab * 4, "peak_reset": reset}
+
+
 def measure_step_memory(mode: str, rule: str = "all", ratio: float = 1.0, timeout: float = 900, **shape) -> Dict:
     """Run :func:`run_step` in a fresh Python process and return its JSON record."""
     cfg = dict(DEFAULT_SHAPE, **shape)
@@ -167,13 +243,15 @@ def measure_step_memory(mode: str, rule: str = "all", ratio: float = 1.0, timeou
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["plain", "lean"])
+    p.add_argument("mode", choices=["plain", "lean", "trl-gkd", "trl-tip"])
     p.add_argument("rule")
     p.add_argument("ratio", type=float)
     for k, v in DEFAULT_SHAPE.items():
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = vars(p.parse_args(argv))
-    print(json.dumps(run_step(a.pop("mode"), a.pop("rule"), a.pop("ratio"), **a)))
+    mode = a.pop("mode")
+    fn = run_trl_step if mode.startswith("trl-") else run_step
+    print(json.dumps(fn(mode, a.pop("rule"), a.pop("ratio"), **a)))
 
 
 if __name__ == "__main__":

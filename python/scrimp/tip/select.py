@@ -105,8 +105,10 @@ def _as_tip_scores(scores, vocab_size) -> TipScores:
         return scores
     if hasattr(scores, "student_entropy") and hasattr(scores, "kl_reverse"):  # scrimp.TokenScores
         if vocab_size is None:
-            raise ValueError("select: a TokenScores input needs vocab_size= to normalise the entropy "
-                             "(or pass scrimp.tip.compute_scores(...) output)")
+            vocab_size = getattr(scores, "vocab_size", None)
+        if vocab_size is None:
+            raise ValueError("select: this TokenScores carries no vocab_size (it was not made by "
+                             "scrimp.token_scores); pass vocab_size= to normalise the entropy")
         ent = scores.student_entropy
         return TipScores(normalize_entropy(ent, vocab_size), scores.kl_reverse, scores.kl_forward)
     if isinstance(scores, Mapping):
@@ -164,9 +166,10 @@ def select(scores: Union[TipScores, Mapping, "object"], response_mask: torch.Ten
 
     Parameters
     ----------
-    scores : TipScores (see :func:`compute_scores`), a ``scrimp.TokenScores`` (then ``vocab_size`` is
-        required) or a mapping with ``entropy`` (normalised) and ``kl_reverse`` / ``kl_forward``; each
-        tensor shaped like ``response_mask``.
+    scores : TipScores (see :func:`compute_scores`), the ``scrimp.TokenScores`` of
+        :func:`scrimp.token_scores` (its entropy is normalised by its ``vocab_size``; ``vocab_size=``
+        overrides it, e.g. for logits padded with ``-inf`` columns) or a mapping with ``entropy``
+        (normalised) and ``kl_reverse`` / ``kl_forward``; each tensor shaped like ``response_mask``.
     response_mask : bool tensor ``[B, L]`` (any shape): True at the response tokens that may be kept.
     rule : one of ``soft_or``, ``entropy``, ``q3``, ``divergence``, ``random``, ``all``.
     ratio : the kept fraction rho, in (0, 1].

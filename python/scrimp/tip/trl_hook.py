@@ -1,20 +1,20 @@
-"""TIP inside TRL's ``GKDTrainer``: a loss hook and a drop-in subclass.
+"""TIP inside TRL's ``GKDTrainer``: a lean trainer, and a loss hook.
 
-``GKDTrainer.compute_loss`` calls ``self.generalized_jsd_loss(student_logits, teacher_logits, labels=...,
-beta=..., num_items_in_batch=...)`` on the shifted logits. :func:`tip_generalized_jsd_loss` takes the same
-arguments plus the TIP selector: it scores every labelled position (fused, no gradient), keeps
-``ratio`` of them with ``rule``, and returns the generalized JSD (TRL's definition; ``beta=1`` is the
-paper's reverse KL) averaged over the kept positions, computed by the fused :func:`scrimp.kl_loss`.
-:class:`TipGKDTrainer` (importable when ``trl`` is installed) is ``GKDTrainer`` with that hook::
+:class:`TipGKDTrainer` (importable when ``trl`` is installed) is ``GKDTrainer`` whose ``compute_loss``
+runs scrimp's lean step: the student forward returns hidden states (``logits_to_keep=1``, so no
+``[B, L, V]`` logits), the teacher body runs without its head, every labelled position is scored in
+chunks without gradient, ``tip_rule`` / ``tip_ratio`` select, and both LM heads run on the kept hidden
+states only (over the tokenizer's vocabulary, with the models' logit transforms); the fused
+:func:`scrimp.kl_loss` gives TRL's generalized JSD (``beta``; ``beta=1`` is the paper's reverse KL) over
+the kept tokens. Everything else (on-policy generation with ``lmbda``, accumulation, logging, saving)
+is TRL's own machinery::
 
     from scrimp.tip.trl_hook import TipGKDTrainer
     trainer = TipGKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(..., beta=1.0),
                             train_dataset=ds, processing_class=tok, tip_rule="soft_or", tip_ratio=0.5)
 
-What this saves inside TRL: the float32 ``[n, V]`` log-softmax / mixture / KL buffers now exist for no
-row at all (fused loss) and the loss gradient only for the kept rows; the full student and teacher logits
-that TRL's ``compute_loss`` materialises before calling the hook remain (use :class:`OnPolicyDistiller`
-for the lm_head-on-kept-rows step).
+:func:`tip_generalized_jsd_loss` is the functional form for code that already has full logits: TRL's
+``generalized_jsd_loss`` signature plus the selector.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import torch
 
 from ..distill_loss import kl_loss
 from ..scoring import token_scores
+from .head import LogitHead
 from .select import TipScores, normalize_entropy, select
+from .step import select_and_project, shared_vocab_size, teacher_hidden_states
 
 
 def tip_generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -79,13 +81,49 @@ except ImportError:  # pragma: no cover - trl is optional
 
 if _GKDTrainer is not None:
     class TipGKDTrainer(_GKDTrainer):
-        """``GKDTrainer`` whose loss covers only the TIP-selected tokens (``tip_rule``, ``tip_ratio``)."""
+        """``GKDTrainer`` with scrimp's lean TIP step as ``compute_loss`` (see the module docstring).
 
-        def __init__(self, *args, tip_rule: str = "soft_or", tip_ratio: float = 0.5, tip_seed: int = 0, **kwargs):
-            self.tip_rule, self.tip_ratio = tip_rule, tip_ratio
+        ``tip_rule``, ``tip_ratio`` : the selector (``all`` / 1.0 reproduces GKD's loss on every token);
+        ``tip_seed`` : seeds the selection generator; ``tip_chunk_tokens`` : rows scored at a time.
+        The heads are used over ``tip_vocab_size`` rows (default ``len(processing_class)``). ``tip_last_stats`` holds the last selection.
+        """
+
+        def __init__(self, *args, tip_rule: str = "soft_or", tip_ratio: float = 0.5, tip_seed: int = 0,
+                     tip_chunk_tokens: int = 1024, tip_vocab_size: Optional[int] = None, **kwargs):
+            self.tip_rule, self.tip_ratio, self.tip_chunk_tokens = tip_rule, tip_ratio, tip_chunk_tokens
             self.tip_generator = torch.Generator().manual_seed(tip_seed)
             self.tip_last_stats = None
             super().__init__(*args, **kwargs)
+            student = self.accelerator.unwrap_model(self.model)
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            tok = self.processing_class
+            if tip_vocab_size is None and tok is not None:
+                tip_vocab_size = len(tok)
+            V = shared_vocab_size(student, teacher, tip_vocab_size)
+            self._tip_heads = (LogitHead(student, V, "student"), LogitHead(teacher, V, "teacher"))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, attn, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+            pred = torch.zeros_like(labels, dtype=torch.bool)
+            pred[:, :-1] = labels[:, 1:] != -100  # logits at i predict the token at i + 1
+            # through the (possibly wrapped) model; logits_to_keep=1: a [B, 1, V] block instead of [B, L, V]
+            out = model(input_ids=ids, attention_mask=attn, logits_to_keep=1, output_hidden_states=True,
+                        use_cache=False)
+            hs = out.hidden_states[-1]  # [B, L, H] after the final norm
+            self.teacher_model.eval()
+            ht = teacher_hidden_states(self.accelerator.unwrap_model(self.teacher_model), ids, attn)
+            if not bool(pred.any()):  # nothing to distil in this batch: a zero loss that keeps the graph
+                loss = hs.sum() * 0.0
+            else:
+                fw = select_and_project(hs, ht, pred, *self._tip_heads, rule=self.tip_rule, ratio=self.tip_ratio,
+                                        generator=self.tip_generator, chunk_tokens=self.tip_chunk_tokens)
+                self.tip_last_stats = fw.stats
+                rows = kl_loss(fw.student_logits, fw.teacher_logits, "jsd", beta=self.beta, reduction="none")
+                if num_items_in_batch is not None:  # TRL's accumulation-correct normalisation, kept tokens only
+                    loss = rows.sum() / (num_items_in_batch * fw.stats.kept_fraction)
+                else:
+                    loss = rows.mean()
+            return (loss, out) if return_outputs else loss
 
         def generalized_jsd_loss(self, student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
                                  reduction="batchmean", num_items_in_batch=None):
