@@ -1,6 +1,6 @@
 // Every public entry point checks its own arguments: each Span of the wrong size (and each other
-// refused argument the Python bindings used to check) is a scrimp::Error with the message the Python
-// user sees, thrown before anything is written.
+// argument a caller can get wrong: ranges, missing companions, aliasing) is a scrimp::Error with the
+// message the Python user sees, thrown before anything is written.
 #include <gtest/gtest.h>
 
 #include <cmath>
