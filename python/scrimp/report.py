@@ -335,7 +335,8 @@ h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #c
 table{border-collapse:collapse;margin:.8em 0;font-size:.9em} caption{text-align:left;font-weight:600;padding:.3em 0}
 th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right;vertical-align:top}
 th:first-child,td:first-child,th.l,td.l{text-align:left} th{background:#f3f3f3}
-table.summary td{text-align:left} table.summary td:nth-child(n+6){color:#555;font-size:.85em} .meta{color:#666;font-size:.9em} .error{color:#b00}
+table.summary td{text-align:left} table.summary td:nth-child(n+6){color:#555;font-size:.85em}
+.meta{color:#666;font-size:.9em} .error{color:#b00}
 img{max-width:100%;display:block;margin:.6em 0} .note{color:#444;font-size:.9em}
 """
 
