@@ -297,7 +297,10 @@ def render_plot(spec: dict) -> bytes:
                 ax.xaxis.set_minor_locator(NullLocator())
                 ax.xaxis.set_major_formatter(ScalarFormatter())
         if p.get("logy"):
+            from matplotlib.ticker import NullFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
         if p.get("ypct"):
             top = max([1.0] + [y for s in series for y in s["y"] if y is not None])
             ax.set_ylim(0, 1.05 * top)
