@@ -3,6 +3,8 @@ accuracy on the testbed arith task before/after short TIP runs. Everything is me
 
     python bench/bench_tip.py                       # kl_loss timing + step memory (CPU)
     python bench/bench_tip.py --arith --steps 30    # + accuracy table (needs the arith testbed models)
+    python bench/bench_tip.py --no-kl --no-memory --arith --arith-memory --seeds 0,1,2 --eval-seed 2 --eval-n 200
+                                                    # the seed-averaged selection table of docs/tip.md
     python bench/bench_tip.py --json out.json
 
 kl_loss: forward+backward of scrimp.kl_loss vs the plain torch formula (eager) and torch.compile of it,
@@ -124,35 +126,70 @@ def bench_arith(a):
 
     student0, tok = load("student")
     teacher, _ = load("teacher")
+    seeds = [int(x) for x in (a.seeds or str(a.seed)).split(",") if x.strip()]
+    ev = a.eval_seed
     # batched greedy: the same examples and exact-match rule as testbed.evaluate (see arith_accuracy)
-    base = arith_accuracy(student0, tok, n=a.eval_n)["accuracy"]
-    t_acc = arith_accuracy(teacher, tok, n=a.eval_n)["accuracy"]
+    base = arith_accuracy(student0, tok, n=a.eval_n, seed=ev)["accuracy"]
+    t_acc = arith_accuracy(teacher, tok, n=a.eval_n, seed=ev)["accuracy"]
     rows.append({"section": "arith", "rule": "(teacher)", "ratio": None, "accuracy_after": t_acc})
     rows.append({"section": "arith", "rule": "(student before)", "ratio": None, "accuracy_after": base})
     for rule, ratio in ARITH_CONFIGS:
-        student, _ = load("student")
-        d = OnPolicyDistiller(student, teacher, tok, rule=rule, ratio=ratio, lr=a.lr, batch_size=a.arith_batch,
-                              max_new_tokens=a.max_new_tokens, seed=a.seed, progress=False)
-        t = time.perf_counter()
-        hist = d.train(a.steps, arith_prompts(tok))
-        secs = time.perf_counter() - t
-        acc = arith_accuracy(d.student, tok, n=a.eval_n)["accuracy"]
         mem = {}
         if a.arith_memory:
             from scrimp.tip.memory import measure_step_memory
             m = measure_step_memory("lean", rule, ratio, student=a.student_path or "arith-student-teacher-style",  # shipped TIP student
-
                                     teacher=a.teacher_path or "arith-teacher", batch=a.arith_batch,
                                     dtype="float32", threads=a.threads)
             mem = {"step_peak_mb": m["peak_step_bytes"] / 2 ** 20}
-        rows.append({"section": "arith", "rule": rule, "ratio": ratio, "accuracy_before": base, "accuracy_after": acc,
-                     "steps": a.steps, "train_s": secs,
-                     "mean_loss_last5": statistics.mean(r["loss"] for r in hist[-5:]),
-                     "kept_fraction": statistics.mean(r["kept_fraction"] for r in hist),
-                     "q3_share_kept": statistics.mean(r["q3_kept"] for r in hist),
-                     "q3_share_all": statistics.mean(r["q3_all"] for r in hist), **mem})
-        print(json.dumps(rows[-1]), flush=True)
+        for seed in seeds:
+            student, _ = load("student")
+            # seed s: its own rollouts and random choices, and the prompt stream of rank s (disjoint per seed)
+            d = OnPolicyDistiller(student, teacher, tok, rule=rule, ratio=ratio, lr=a.lr, batch_size=a.arith_batch,
+                                  max_new_tokens=a.max_new_tokens, seed=seed, progress=False)
+            t = time.perf_counter()
+            hist = d.train(a.steps, arith_prompts(tok, rank=seed))
+            secs = time.perf_counter() - t
+            acc = arith_accuracy(d.student, tok, n=a.eval_n, seed=ev)["accuracy"]
+            rows.append({"section": "arith", "rule": rule, "ratio": ratio, "seed": seed, "eval_seed": ev,
+                         "accuracy_before": base, "accuracy_after": acc, "steps": a.steps, "train_s": secs,
+                         "mean_loss_last5": statistics.mean(r["loss"] for r in hist[-5:]),
+                         "kept_fraction": statistics.mean(r["kept_fraction"] for r in hist),
+                         "q3_share_kept": statistics.mean(r["q3_kept"] for r in hist),
+                         "q3_share_all": statistics.mean(r["q3_all"] for r in hist), **mem})
+            print(json.dumps(rows[-1]), flush=True)
+    if len(seeds) > 1:
+        rows += arith_summary(rows, seeds)
     return rows
+
+
+def arith_summary(rows, seeds):
+    """Mean, sample sd and range of the accuracy over seeds per selection, and the per-seed (paired)
+    difference to all tokens: mean +- sd; a difference exceeds the spread when |mean difference| is
+    larger than the sd of either row and every seed's difference has the same sign."""
+    def mean_sd(xs):
+        return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+    acc = {}
+    for r in rows:
+        if r["section"] == "arith" and "seed" in r:
+            acc.setdefault((r["rule"], r["ratio"]), {})[r["seed"]] = r
+    out = []
+    ref = acc.get(("all", 1.0), {})
+    for (rule, ratio), per in acc.items():
+        xs = [per[s]["accuracy_after"] for s in seeds]
+        m, sd = mean_sd(xs)
+        row = {"section": "arith over seeds", "rule": rule, "ratio": ratio, "seeds": len(xs), "mean": m, "sd": sd,
+               "min": min(xs), "max": max(xs),
+               "mean_loss_last5": statistics.mean(per[s]["mean_loss_last5"] for s in seeds),
+               "step_peak_mb": per[seeds[0]].get("step_peak_mb")}
+        if ref and (rule, ratio) != ("all", 1.0):
+            diffs = [per[s]["accuracy_after"] - ref[s]["accuracy_after"] for s in seeds]
+            dm, dsd = mean_sd(diffs)
+            ref_sd = mean_sd([ref[s]["accuracy_after"] for s in seeds])[1]
+            same_sign = all(x > 0 for x in diffs) or all(x < 0 for x in diffs)
+            row.update(diff_vs_all=dm, diff_sd=dsd, exceeds_spread=bool(abs(dm) > max(sd, ref_sd) and same_sign))
+        out.append(row)
+    return out
 
 
 def fmt(rows):
@@ -197,6 +234,11 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--eval-n", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds for the arith runs (rollouts, random selection, prompt stream); "
+                        "default: --seed; with several, a mean/sd table is added")
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="arith evaluation set (testbed seed): settings were tuned on 0, report on another (2)")
     p.add_argument("--self-noise", type=float, default=0.0,
                    help="student = arith-teacher + this much Gaussian weight noise (a sanity setting)")
     p.add_argument("--student-path", default=None, help="HF directory instead of the testbed arith-student-teacher-style")

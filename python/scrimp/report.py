@@ -297,7 +297,10 @@ def render_plot(spec: dict) -> bytes:
                 ax.xaxis.set_minor_locator(NullLocator())
                 ax.xaxis.set_major_formatter(ScalarFormatter())
         if p.get("logy"):
+            from matplotlib.ticker import NullFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
         if p.get("ypct"):
             top = max([1.0] + [y for s in series for y in s["y"] if y is not None])
             ax.set_ylim(0, 1.05 * top)
@@ -335,7 +338,8 @@ h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #c
 table{border-collapse:collapse;margin:.8em 0;font-size:.9em} caption{text-align:left;font-weight:600;padding:.3em 0}
 th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right;vertical-align:top}
 th:first-child,td:first-child,th.l,td.l{text-align:left} th{background:#f3f3f3}
-table.summary td{text-align:left} table.summary td:nth-child(n+6){color:#555;font-size:.85em} .meta{color:#666;font-size:.9em} .error{color:#b00}
+table.summary td{text-align:left} table.summary td:nth-child(n+6){color:#555;font-size:.85em}
+.meta{color:#666;font-size:.9em} .error{color:#b00}
 img{max-width:100%;display:block;margin:.6em 0} .note{color:#444;font-size:.9em}
 """
 

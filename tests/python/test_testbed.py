@@ -232,8 +232,10 @@ def test_robust_teacher_recipe_starts_from_the_shipped_teacher(tmp_path):
     from scrimp.testbed import train
 
     out = tmp_path / "robust"
+    # threads=1: train() sets torch's thread count for the process; 2 threads on a busy 2-core host
+    # spin-wait and slow every later test several-fold
     m = train.train("arith", "teacher", seed=0, out=str(out), steps=1, lr=1e-12, eval_n=1, style="mixed",
-                    progress=False)
+                    progress=False, threads=1)
     assert m["style"] == "mixed" and m["recipe"]["init"] == "arith-teacher"
     assert {"accuracy", "teacher_style_share", "continuation_accuracy_student",
             "continuation_accuracy_mixed"} <= set(m)
@@ -243,7 +245,7 @@ def test_robust_teacher_recipe_starts_from_the_shipped_teacher(tmp_path):
     assert all(torch.allclose(w[k], w0[k], atol=1e-6) for k in w)
     with pytest.raises(ValueError, match="init checkpoint 'arith-teacher' has shape"):
         train.train("arith", "teacher", seed=0, out=str(tmp_path / "x"), steps=1, style="mixed",
-                    overrides={"hidden": 64}, progress=False)
+                    overrides={"hidden": 64}, progress=False, threads=1)
 
 
 def test_arith_validation():
@@ -360,8 +362,10 @@ def test_tip_student_writes_the_teacher_style_and_is_weaker(models):
 def test_robust_teacher_continues_either_style_and_writes_the_teacher_style(models):
     from scrimp.testbed.evaluate import arith_continuation, writes_teacher_style
 
+    from scrimp.tip import arith_accuracy  # batched testbed.evaluate (same examples and rule)
+
     m, t = models["arith-teacher-robust"]
-    res = tb.evaluate(m, t, "arith", n=N_ARITH, style="teacher")
+    res = arith_accuracy(m, t, n=N_ARITH, seed=0)
     assert res["accuracy"] >= _recorded(("arith-teacher-robust", None)) - MARGIN
     # unprompted it writes the teacher style
     assert all(writes_teacher_style(r["output"]) for r in res["results"])
@@ -467,7 +471,7 @@ def test_training_smoke(tmp_path):
 
     out = tmp_path / "student"
     metrics = train.train("arith", "student", seed=0, out=str(out), steps=3, eval_n=2,
-                          progress=False)
+                          progress=False, threads=1)
     assert metrics["steps"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["final_loss"] > 0
     m = AutoModelForCausalLM.from_pretrained(out)
@@ -479,7 +483,7 @@ def test_training_smoke(tmp_path):
 
     out2 = tmp_path / "recall"
     metrics = train.train("recall", "teacher", seed=1, out=str(out2), steps=2, eval_n=1,
-                          final_eval_quick=True, progress=False)
+                          final_eval_quick=True, progress=False, threads=1)
     assert "accuracy@2048" in metrics
     assert type(AutoModelForCausalLM.from_pretrained(out2)).__name__ == "LlamaForCausalLM"
     with pytest.raises(ValueError, match="role"):
@@ -490,8 +494,8 @@ def test_training_is_seeded(tmp_path):
     from scrimp.testbed import train
     from safetensors.torch import load_file
 
-    a = train.train("arith", "student", seed=5, out=str(tmp_path / "a"), steps=2, eval_n=1, progress=False)
-    b = train.train("arith", "student", seed=5, out=str(tmp_path / "b"), steps=2, eval_n=1, progress=False)
+    a = train.train("arith", "student", seed=5, out=str(tmp_path / "a"), steps=2, eval_n=1, progress=False, threads=1)
+    b = train.train("arith", "student", seed=5, out=str(tmp_path / "b"), steps=2, eval_n=1, progress=False, threads=1)
     assert a["final_loss"] == b["final_loss"]
     wa = load_file(str(tmp_path / "a" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "model.safetensors"))

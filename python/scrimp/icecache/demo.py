@@ -20,10 +20,10 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     """The IceCache section of the demo report (see :mod:`scrimp.report`)."""
     from .. import report, testbed
 
-    n = n or (12 if quick else 50)
+    n = n or (12 if quick else 30)
     budgets = (64, 128, 256) if quick else (32, 64, 128, 256, 512)
     # icecache+summaries: scrimp's extension (unselected pages count through their mean key and value)
-    variants = [("icecache", {}), ("icecache+summaries", {"summaries": True})]
+    variants = [("icecache", {"summaries": False, "rerank": 0}), ("icecache+summaries", {"summaries": True, "rerank": 0})]
     runs = [("full", None, "full", {})] + [(name, b, "icecache", extra) for b in budgets for name, extra in variants]
     model, tok = testbed.load("recall")
     rows = []

@@ -46,7 +46,7 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     from .. import report, testbed
     from .compare import DEFAULT_ADAPTERS, RECALL_CONTEXT, compare_on_testbed, load_adapters
 
-    n = n or (10 if quick else 40)
+    n = n or (10 if quick else 30)
     methods = ["full", "none", "kvpacket", "cacheblend-10", "epic"] + ([] if quick else ["cacheblend-30"])
     if not os.path.exists(DEFAULT_ADAPTERS):
         raise FileNotFoundError(f"no shipped adapters at {DEFAULT_ADAPTERS}: run `scrimp packets train`")

@@ -14,6 +14,10 @@ PAPER = ("22.4% of trace tokens from the student; SFT on TESSY traces +11.3 / +6
          "where teacher-only traces hurt it (-3.3 / -10.0)")
 
 
+#: the evaluation set the docs report on (choices such as the SFT learning rate were made on set 0)
+EVAL_SEED = 2
+
+
 def render_spans(rec: dict) -> str:
     """One record's trace with every span tagged by its source: ``S[...]`` / ``T[...]``."""
     return "".join(f"{'S' if s['source'] == 'student' else 'T'}[{s['text']}]" for s in rec.get("spans", []))
@@ -40,8 +44,8 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     from .sft import baseline_records, sft
     from .synth import TessyConfig, run_synthesis
 
-    problems_n = 32 if quick else 200
-    eval_n = n or (50 if quick else 200)
+    problems_n = 32 if quick else 100
+    eval_n = n or (50 if quick else 100)
     sft_steps = 60 if quick else 120
     teacher_name = _teacher_name()
     bar = report.bar(total=3 + 4, desc="TESSY", progress=progress)
@@ -73,7 +77,7 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
         model, tok = student.model, student.tokenizer
         # scrimp's own SFT loop: the same in every install (TRL, when installed, is the CLI's default)
         loop = {"trainer": "loop"} if "trainer" in inspect.signature(sft).parameters else {}
-        base = testbed.evaluate(model, tok, "arith", n=eval_n, seed=0)["accuracy"]
+        base = testbed.evaluate(model, tok, "arith", n=eval_n, seed=EVAL_SEED)["accuracy"]
         bar.update()
         rows = []
         for label in ("teacher-only", "TESSY", "student-only"):
@@ -83,7 +87,7 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
             if data:
                 with contextlib.redirect_stdout(io.StringIO()):  # trainers log to stdout
                     tuned, _ = sft(model, tok, data, steps=sft_steps, batch_size=16, lr=5e-4, seed=0, **loop)
-                acc = testbed.evaluate(tuned, tok, "arith", n=eval_n, seed=0)["accuracy"]
+                acc = testbed.evaluate(tuned, tok, "arith", n=eval_n, seed=EVAL_SEED)["accuracy"]
             bar.update()
             rows.append({"source": label, "traces": len(data), "correct": correct / len(data) if data else None,
                          "sft_accuracy": acc})
@@ -99,7 +103,8 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
         notes.append(f"example ({'correct' if example.get('answer') == example.get('reference') else 'wrong'} "
                      f"answer) - {example['prompt']}: {render_spans(example)}")
     notes.append(f"SFT: {sft_steps} steps, batch 16, lr 5e-4 on {problems_n} problems' traces; accuracy on n={eval_n} "
-                 "held-out problems. Small sizes: the seed-averaged table with its command is in docs/tessy.md.")
+                 f"problems of evaluation set {EVAL_SEED}. One seed at small sizes: the seed-averaged table with its "
+                 "command is in docs/tessy.md.")
     return {
         "title": report.SECTIONS["tessy"][0],
         "setting": (f"testbed {teacher_name} (teacher) + arith-student, local backend, greedy, k=20/20, lexicon "

@@ -11,6 +11,10 @@ PAPER = ("Soft-OR 50%: 47% less peak GPU memory (72.0 -> 38.1 GB, Qwen3-8B -> 4B
          "76.7% with all tokens")
 
 
+#: the evaluation set the docs report on (choices such as the learning rate were made on set 0)
+EVAL_SEED = 2
+
+
 def _rule_name(rule: str, ratio: float) -> str:
     names = {"all": "all tokens", "soft_or": "Soft-OR", "entropy": "entropy", "q3": "Q3-only", "random": "random",
              "divergence": "divergence"}
@@ -27,19 +31,18 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     from .memory import measure_step_memory
 
     n = n or (100 if quick else 200)
-    steps = 20 if quick else 60
+    steps = 20 if quick else 40
     lr = 5e-5
-    rules = [("all", 1.0), ("soft_or", 0.5)] + ([] if quick else [("entropy", 0.5), ("soft_or", 0.2), ("q3", 0.1),
-                                                                  ("random", 0.2)])
+    rules = [("all", 1.0), ("soft_or", 0.5)] + ([] if quick else [("soft_or", 0.2), ("random", 0.2)])
     shape = dict(vocab=32000, hidden=64, batch=2, response=256, prompt=32) if quick else \
         dict(vocab=32000, hidden=128, batch=4, response=448, prompt=64)
-    mem_runs = ([("plain", "random", r) for r in ((1.0, 0.2) if quick else (1.0, 0.5, 0.2, 0.1))]
-                + [("lean", "all", 1.0)] + [("lean", "soft_or", r) for r in ((0.5, 0.2) if quick else (0.5, 0.2, 0.1))])
+    mem_runs = ([("plain", "random", r) for r in ((1.0, 0.2) if quick else (1.0, 0.5, 0.2))]
+                + [("lean", "all", 1.0)] + [("lean", "soft_or", r) for r in (0.5, 0.2)])
     bar = report.bar(total=1 + 2 * len(rules) + len(mem_runs), desc="TIP", progress=progress)
 
     student0, tok = testbed.load("arith-student-teacher-style")
     teacher, _ = testbed.load("arith-teacher")
-    base = arith_accuracy(student0, tok, n=n, seed=0)["accuracy"]
+    base = arith_accuracy(student0, tok, n=n, seed=EVAL_SEED)["accuracy"]
     bar.update()
     torch.manual_seed(0)
     runs = []
@@ -48,7 +51,7 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
                               max_new_tokens=96, lr=lr, seed=0, progress=False)
         hist = d.train(steps, arith_prompts(tok))
         bar.update()
-        acc = arith_accuracy(d.student, tok, n=n, seed=0)["accuracy"]
+        acc = arith_accuracy(d.student, tok, n=n, seed=EVAL_SEED)["accuracy"]
         bar.update()
         runs.append({"rule": rule, "ratio": ratio, "name": _rule_name(rule, ratio), "accuracy": acc,
                      "kept": statistics.mean(r["kept_fraction"] for r in hist), "loss_last": hist[-1]["loss"],
@@ -82,7 +85,8 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     return {
         "title": report.SECTIONS["tip"][0],
         "setting": (f"testbed arith-student-teacher-style <- arith-teacher, {steps} on-policy steps x 8 rollouts, "
-                    f"reverse KL, lr {lr:g}; accuracy = greedy exact match on n={n} held-out problems (before: "
+                    f"reverse KL, lr {lr:g}; accuracy = greedy exact match on n={n} problems of evaluation set "
+                    f"{EVAL_SEED} (before: "
                     f"{report.fmt(base, 'pct')}). Step memory: random Qwen3 V={shape['vocab']}, "
                     f"{shape['batch']}x{shape['response']} response tokens, bf16, CPU peak RSS in a fresh process"),
         "tables": [
