@@ -32,7 +32,7 @@ SOURCES = {"testbed": "scrimp.testbed:path"}
 #: dtype names accepted by :func:`resolve_dtype` (``auto`` keeps the checkpoint's dtype)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-SPEC_HELP = ("model: testbed:NAME (a shipped checkpoint), a local Hugging Face checkpoint directory, "
+SPEC_HELP = ("testbed:NAME (a shipped checkpoint), a local Hugging Face checkpoint directory, "
              "or a hub id loaded with from_pretrained")
 
 
@@ -155,6 +155,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, *names: str, default: O
         what = name.lstrip("-").replace("-", " ")
         suffix = f" (default {default})" if default else ""
         parser.add_argument(name, default=default, required=required and default is None,
-                            help=f"{what} {SPEC_HELP}{suffix}")
+                            help=f"{what}: {SPEC_HELP}{suffix}")
     if device_dtype:
         add_device_dtype_arguments(parser)
