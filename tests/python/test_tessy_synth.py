@@ -23,6 +23,8 @@ def _student_reply(trace, k):
         return " Done. </think> 3"
     if trace.endswith("</think>"):
         return GenResult(" 3", "stop")
+    if trace.endswith("Done. "):  # asked to close the thinking the teacher ended: it does not write its marker
+        return " Hmm"
     raise AssertionError(f"unexpected student call on {trace!r}")
 
 
@@ -76,6 +78,61 @@ def test_teacher_first_and_no_boundary_continues():
     assert calls == ["", "1 + 2", "1 + 2 = 3."]
     assert recs[0]["completion"] == "<think>1 + 2 = 3. </think> 3"
     assert {x["source"] for x in recs[0]["spans"] if x["phase"] == "think"} == {"teacher"}
+
+
+def test_a_teacher_span_through_the_marker_is_cut_there_and_the_student_closes_and_answers():
+    """The teacher's span runs through its marker into the answer: the text after the marker is dropped, the
+    student closes the thinking with its own phrase and marker, and its answer call sees the trace ending
+    exactly with that marker and keeps its whole answer."""
+    student_calls = []
+
+    def teacher(trace, k):
+        assert trace == ""
+        return "12 + 30 = 42. </think> 4"  # no style token: one span, through the marker
+
+    def student(trace, k):
+        student_calls.append((trace, k))
+        if trace == "12 + 30 = 42. ":
+            return " Done. </think> 42 and more"
+        if trace == "12 + 30 = 42.  Done. </think>":
+            return GenResult(" 42", "stop")
+        raise AssertionError(f"unexpected student call on {trace!r}")
+
+    recs = []
+    cfg = TessyConfig(first="teacher", teacher_step=10, student_step=7, answer_max_tokens=9)
+    run_synthesis([{"prompt": "Compute 12 + 30", "reference": "42"}], ScriptBackend("T", teacher),
+                  ScriptBackend("S", student), LEX_T, LEX_S, cfg, on_record=recs.append)
+    (rec,) = recs
+    assert rec["status"] == "ok", rec
+    assert [(x["source"], x["text"], x["phase"]) for x in rec["spans"]] == [
+        ("teacher", "12 + 30 = 42. ", "think"), ("student", " Done. </think>", "think"),
+        ("student", " 42", "answer")]
+    assert rec["answer"] == rec["reference"] == "42"
+    assert rec["completion"] == "<think>12 + 30 = 42.  Done. </think> 42"
+    # one closing span (student_step tokens), then the answer call with its own budget
+    assert [k for _, k in student_calls] == [7, 9]
+
+
+def test_the_teacher_marker_stands_when_the_student_does_not_close():
+    """Per-model markers: the student, asked to close, writes no marker of its own within its span; the
+    thinking ends where the teacher ended it, written with the student's marker."""
+    def teacher(trace, k):
+        return "1 + 2 = 3. </think> 3"
+
+    def student(trace, k):
+        if trace == "1 + 2 = 3. ":
+            return " so so so </think>"  # the teacher's marker is not the student's
+        if trace == "1 + 2 = 3. [[/reason]]":
+            return GenResult(" 3", "stop")
+        raise AssertionError(f"unexpected student call on {trace!r}")
+
+    recs = []
+    cfg = TessyConfig(first="teacher", student_think_close="[[/reason]]")
+    run_synthesis(["Compute 1 + 2"], ScriptBackend("T", teacher), ScriptBackend("S", student), LEX_T, LEX_S, cfg,
+                  on_record=recs.append)
+    assert recs[0]["status"] == "ok", recs[0]
+    assert [(x["source"], x["text"]) for x in recs[0]["spans"]] == [
+        ("teacher", "1 + 2 = 3. [[/reason]]"), ("student", " 3")]
 
 
 def test_failures_are_retried_then_recorded_and_the_run_continues(tmp_path):

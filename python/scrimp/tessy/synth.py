@@ -9,7 +9,11 @@ For every problem:
    word is split); the kept text is appended to the shared trace; on a cut the
    roles switch, otherwise the same model continues;
 3. the end-of-thinking marker ends the thinking (text after it is dropped), and the
-   *student* writes the final answer in one call;
+   *student* writes the final answer in one call, given the trace ending with its own
+   marker; when the teacher's span reaches the marker, the teacher's text up to the
+   marker is kept and the student first closes the thinking with one span (its closing
+   phrase and marker), or, when it writes no marker of its own within that span, the
+   thinking ends where the teacher ended it;
 4. abort on total length, on a repeated fragment (checked every
    ``repetition_check_every`` steps), on an empty reply, on a backend error; a
    failed problem is retried up to ``max_retries`` times, then a failure record is
@@ -277,6 +281,25 @@ class _Run:
         except BackendError as e:
             raise _Failure("error", str(e))
 
+    def _add(self, spans: List[_Span], used: Dict[str, int], sp: _Span) -> None:
+        spans.append(sp)
+        used["counter"] += sp.tokens
+        for r, n in (sp.tokens_per_model or {}).items():
+            used[r] += n
+
+    async def _student_closing(self, prompt: str, trace: str, used: Dict[str, int], session) -> Optional[str]:
+        """The teacher ended the thinking: the student, given ``trace`` (the thinking up to the teacher's
+        marker, the marker excluded), writes one span (``student_step`` tokens). Its text up to and including
+        its own closing marker when it writes one within the span, else None (the teacher's marker stands)."""
+        cfg = self.cfg
+        k = min(cfg.student_step, cfg.max_total_tokens - max(used.values()))
+        if k < 1:
+            return None
+        res = await self._generate("student", prompt + trace, k, cfg.params, session)
+        close = cfg.markers("student")[1]
+        at = res.text.find(close)
+        return res.text[:at + len(close)] if at >= 0 else None
+
     async def attempt(self, prob: dict) -> dict:
         session = object()  # this attempt's key for the backends' per-problem state (KV caches)
         try:
@@ -308,6 +331,7 @@ class _Run:
             combined = trace + cut.text
             close = cfg.markers(role)[1]  # the active model ends the thinking with its own marker
             end = combined.find(close, max(0, len(trace) - len(close) + 1))
+            closing = None
             if end >= 0:  # end of thinking: drop whatever follows the marker, write the student's marker
                 new_trace = combined[:end] + s_close
                 keep = len(trace)
@@ -324,12 +348,15 @@ class _Run:
                 piece = new_trace[keep:]
             else:
                 new_trace, piece = combined, cut.text
-            sp = self.span(role, piece, "think", cut.boundary)
-            spans.append(sp)
+            if end >= 0 and role == "teacher":  # the student closes the thinking the teacher ended
+                closing = await self._student_closing(prompts["student"], combined[:end], used, session)
+                if closing is not None:
+                    piece, new_trace = combined[keep:end], combined[:end] + closing
+            if piece:
+                self._add(spans, used, self.span(role, piece, "think", cut.boundary))
+            if end >= 0 and role == "teacher" and closing is not None:
+                self._add(spans, used, self.span("student", closing, "think", True))
             trace = new_trace
-            used["counter"] += sp.tokens
-            for r, n in (sp.tokens_per_model or {}).items():
-                used[r] += n
             steps += 1
             if max(used.values()) >= cfg.max_total_tokens:
                 raise _Failure("length", f"the trace reached {max(used.values())} tokens "
