@@ -30,6 +30,17 @@ def _prompts_from_file(args, tok):
     return prompts
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {n}")
+    return n
+
+
 def _is_testbed_recall(spec: str) -> bool:
     return spec.strip() == DEFAULT_MODEL
 
@@ -150,8 +161,10 @@ def _build(p: argparse.ArgumentParser) -> None:
                    help="length of the teacher's greedy answer for prompts without an answer (default 32)")
     t.add_argument("--n-train", type=int, default=64, help="testbed recall prompts to train on (default 64)")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, decayed linearly to 0 (default 1e-3)")
-    t.add_argument("--n-header", type=int, default=8, help="header adapter tokens (default 8, the paper's)")
-    t.add_argument("--n-trailer", type=int, default=8, help="trailer adapter tokens (default 8, the paper's)")
+    t.add_argument("--n-header", type=_non_negative_int, default=8,
+                   help="header adapter tokens, >= 0 (default 8, the paper's)")
+    t.add_argument("--n-trailer", type=_non_negative_int, default=8,
+                   help="trailer adapter tokens, >= 0 (default 8, the paper's)")
     t.add_argument("--header-kv", choices=("every", "once", "none"), default="every",
                    help="where the header's K/V go: in every packet (the paper), one shared copy before the first "
                         "document, or nowhere (build-time context only); the last two assemble and re-rotate fewer tokens")

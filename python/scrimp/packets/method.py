@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import numbers
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,8 +37,12 @@ __all__ = ["model_fingerprint", "Adapters", "packet_positions", "build_packet_kv
 
 # ----------------------------------------------------------------------------- model helpers
 
-def model_fingerprint(model) -> str:
-    """SHA-256 over the model's config and weights (sampled for models over 64M parameters)."""
+def model_fingerprint(model, as_dtype: Optional[torch.dtype] = None) -> str:
+    """SHA-256 over the model's config and weights (sampled for models over 64M parameters).
+
+    The weights are hashed in the dtype they have, so the same checkpoint loaded at float32 and at
+    bfloat16 gives two fingerprints (a packet's KV depends on the dtype). ``as_dtype``: hash the
+    floating point weights cast to that dtype instead (:func:`model_fingerprint_any_dtype`)."""
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset"):
@@ -45,12 +50,37 @@ def model_fingerprint(model) -> str:
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     total = sum(p.numel() for p in model.parameters())
     for name, p in sorted(model.state_dict().items()):
+        if as_dtype is not None and p.is_floating_point():
+            p = p.detach().to(as_dtype)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         t = p.detach().reshape(-1)
         if total > 64_000_000 and t.numel() > 8192:
             t = torch.cat([t[:4096], t[-4096:]])
         h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def model_fingerprint_any_dtype(model) -> str:
+    """:func:`model_fingerprint` with the weights cast to bfloat16: equal for one checkpoint loaded
+    at float32 or bfloat16, so a fingerprint mismatch can be told apart from a dtype mismatch."""
+    return model_fingerprint(model, as_dtype=torch.bfloat16)
+
+
+def model_dtype_name(model) -> str:
+    """The dtype of the model's first parameter, e.g. ``"float32"``."""
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+def _wrong_model_message(what: str, fp: str, dtype: Optional[str], fp_any_dtype: Optional[str], model,
+                         mine: str) -> str:
+    """The ValueError text for adapters trained for fingerprint ``fp`` (at ``dtype``, whose
+    dtype-free fingerprint is ``fp_any_dtype``; None when unknown) used with ``model``."""
+    here = model_dtype_name(model)
+    if dtype and dtype != here and fp_any_dtype and fp_any_dtype == model_fingerprint_any_dtype(model):
+        return (f"{what} were trained for this model at dtype {dtype}, and it is loaded as {here}: a packet's KV "
+                f"depends on the dtype; load the model with dtype {dtype} (or train adapters at {here})")
+    trained = f" (dtype {dtype})" if dtype else ""
+    return f"{what} were trained for model {fp}{trained}, not this model ({mine}, dtype {here})"
 
 
 def _cache_kw(model) -> str:
@@ -71,6 +101,26 @@ def _out_cache(out):
 
 def _embed(model, ids: torch.Tensor) -> torch.Tensor:
     return model.get_input_embeddings()(ids)
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's input embedding table: token ids must be below it."""
+    from .. import hf
+
+    return int(hf.input_embeddings(model).num_embeddings)
+
+
+def check_token_ids(model, prompt, name: str = "prompt") -> None:
+    """ValueError naming the part (``prefix``, ``documents[i]``, ``question``, or ``name`` for plain
+    ids) whose token ids reach past the model's vocabulary."""
+    n = vocab_size(model)
+    parts = ([("prefix", prompt.prefix), *((f"documents[{i}]", d) for i, d in enumerate(prompt.documents)),
+              ("question", prompt.question)] if isinstance(prompt, Prompt) else [(name, prompt)])
+    for part, ids in parts:
+        top = max(ids, default=-1)
+        if top >= n:
+            raise ValueError(f"{part}: token id {top} is outside the model's vocabulary "
+                             f"({n} input embeddings, ids 0..{n - 1})")
 
 
 def _device(model):
@@ -95,8 +145,11 @@ class Adapters(nn.Module):
     def __init__(self, hidden_size: int, n_header: int = 8, n_trailer: int = 8, std: float = 0.02,
                  seed: int = 0, dtype=torch.float32, header_kv: str = "every"):
         super().__init__()
-        if n_header < 0 or n_trailer < 0:
-            raise ValueError("n_header and n_trailer must be >= 0")
+        for name, n in (("n_header", n_header), ("n_trailer", n_trailer)):
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+            if n < 0:
+                raise ValueError(f"{name} must be >= 0, got {n}")
         if header_kv not in HEADER_KV:
             raise ValueError(f"header_kv must be one of {', '.join(HEADER_KV)}, got {header_kv!r}")
         # Where the header's K/V end up (scrimp's extension; "every" is the paper). Causal attention
@@ -110,6 +163,8 @@ class Adapters(nn.Module):
         self.header = nn.Parameter(torch.randn(1, n_header, hidden_size, generator=g, dtype=torch.float32).to(dtype) * std)
         self.trailer = nn.Parameter(torch.randn(1, n_trailer, hidden_size, generator=g, dtype=torch.float32).to(dtype) * std)
         self.fingerprint: Optional[str] = None  # the model these adapters were trained for
+        self.model_dtype: Optional[str] = None  # that model's dtype, e.g. "float32"
+        self.fingerprint_any_dtype: Optional[str] = None  # model_fingerprint_any_dtype of that model
 
     @property
     def n_header(self) -> int:
@@ -152,11 +207,14 @@ class Adapters(nn.Module):
         fp = model_fingerprint(model) if model is not None else self.fingerprint
         if not fp:
             raise ValueError("save: pass the model (or set .fingerprint) so the file records which model it belongs to")
+        dtype = model_dtype_name(model) if model is not None else self.model_dtype
+        fp_any = model_fingerprint_any_dtype(model) if model is not None else self.fingerprint_any_dtype
+        extra = {k: v for k, v in (("model_dtype", dtype), ("model_fingerprint_any_dtype", fp_any)) if v}
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         # adapter_id is a SHA-256 over the weights: stored, it doubles as the file's checksum
         save_file({"header": self.header.detach().cpu().contiguous(), "trailer": self.trailer.detach().cpu().contiguous()},
                   path, metadata={"model_fingerprint": fp, "format": ADAPTER_FORMAT, "adapter_id": self.adapter_id,
-                                  "header_kv": self.header_kv})
+                                  "header_kv": self.header_kv, **extra})
 
     @classmethod
     def load(cls, path: str, model=None) -> "Adapters":
@@ -185,8 +243,8 @@ class Adapters(nn.Module):
         if meta.get("format") != ADAPTER_FORMAT:
             raise ValueError(f"{path}: format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
         for name, t in (("header", header), ("trailer", trailer)):
-            if t.dim() != 3 or t.shape[0] != 1 or t.shape[1] < 1 or t.shape[2] < 1:
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected [1, n_tokens >= 1, hidden]")
+            if t.dim() != 3 or t.shape[0] != 1 or t.shape[2] < 1:
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected [1, n_tokens >= 0, hidden]")
             if not t.is_floating_point():
                 raise ValueError(f"{path}: {name} has dtype {t.dtype}, expected a floating point dtype")
             if not bool(torch.isfinite(t).all()):
@@ -199,7 +257,8 @@ class Adapters(nn.Module):
         if model is not None:
             mine = model_fingerprint(model)
             if fp != mine:
-                raise ValueError(f"adapters {path} were trained for model {fp}, not this model ({mine})")
+                raise ValueError(_wrong_model_message(f"adapters {path}", fp, meta.get("model_dtype"),
+                                                      meta.get("model_fingerprint_any_dtype"), model, mine))
             if header.shape[-1] != model.config.hidden_size:
                 raise ValueError(f"adapter hidden size {header.shape[-1]} != model hidden size {model.config.hidden_size}")
         header_kv = meta.get("header_kv", "every")  # files written before the option keep it in every packet
@@ -213,6 +272,8 @@ class Adapters(nn.Module):
             raise ValueError(f"{path}: checksum mismatch (stored adapter_id {meta.get('adapter_id')!r}, "
                              f"weights hash to {a.adapter_id!r}): the file is corrupt")
         a.fingerprint = fp
+        a.model_dtype = meta.get("model_dtype")
+        a.fingerprint_any_dtype = meta.get("model_fingerprint_any_dtype")
         return a
 
 
@@ -325,14 +386,28 @@ def _new_cache(model):
 def stop_ids(model, tokenizer=None) -> frozenset:
     """Token ids that end a generation: the generation config's ``eos_token_id`` (an id or a list,
     as Llama-3 instruct checkpoints have) and the tokenizer's eos token."""
-    ids = set()
     gc = getattr(model, "generation_config", None)
-    for src in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(i) for i in src)
-    return frozenset(ids)
+    return frozenset(token_id_list(getattr(gc, "eos_token_id", None)) + token_id_list(getattr(tokenizer, "eos_token_id", None)))
+
+
+def token_id_list(src) -> List[int]:
+    """Token ids from an ``eos_token_id``-like value: None, an integer (Python, numpy or a 0-d
+    tensor), or a list / tuple / tensor / array of them."""
+    import operator
+
+    if src is None:
+        return []
+    if isinstance(src, torch.Tensor):
+        return [int(i) for i in src.reshape(-1).tolist()]
+    try:
+        return [operator.index(src)]
+    except TypeError:
+        pass
+    if hasattr(src, "tolist") and not isinstance(src, (list, tuple)):  # numpy arrays
+        src = src.tolist()
+        if not isinstance(src, list):
+            src = [src]
+    return [operator.index(i) for i in src]
 
 
 @torch.no_grad()
@@ -388,6 +463,10 @@ class Answer:
     packets_reused: int  # packets served by the store
 
 
+#: (model fingerprint, rope spec) pairs :func:`verify_rerotation` has passed in this process
+_VERIFIED_ROPE: set = set()
+
+
 class PacketEngine:
     """KV Packet inference (``adapters`` given) or the no-recompute baseline (``adapters=None``)::
 
@@ -398,12 +477,13 @@ class PacketEngine:
     Packets missing from the store are built on first use (offline work, not part of the time to
     first token); the same document in another prompt is a store hit (key = model fingerprint +
     adapter id + document tokens). Models with features KV Packet cannot run exactly are refused
-    (:func:`check_model`); the model's rotary layout is checked once on the model itself
-    (:func:`~scrimp.packets.rope.verify_rerotation`).
+    (:func:`check_model`); the model's rotary layout is checked on the model itself
+    (:func:`~scrimp.packets.rope.verify_rerotation`) once per model fingerprint and rope spec, by
+    every engine: a layout or frequency rule re-rotation does not reproduce is always refused.
     """
 
     def __init__(self, model, tokenizer=None, adapters: Optional[Adapters] = None, store: Optional[PacketStore] = None,
-                 pruning=None, *, verify: bool = True):
+                 pruning=None):
         from .prune import Pruning
 
         if pruning is not None and not isinstance(pruning, Pruning):
@@ -418,15 +498,17 @@ class PacketEngine:
         self.store = store if store is not None else PacketStore(host_bytes=2 << 30)
         self.fingerprint = model_fingerprint(model)
         if adapters is not None and adapters.fingerprint not in (None, self.fingerprint):
-            raise ValueError(f"the adapters were trained for model {adapters.fingerprint}, not this model "
-                             f"({self.fingerprint})")
+            raise ValueError(_wrong_model_message("the adapters", adapters.fingerprint, adapters.model_dtype,
+                                                  adapters.fingerprint_any_dtype, model, self.fingerprint))
         if adapters is not None and adapters.header.shape[-1] != model.config.hidden_size:
             raise ValueError(f"adapter hidden size {adapters.header.shape[-1]} != model hidden size "
                              f"{model.config.hidden_size}")
         self.adapter_id = adapters.adapter_id if adapters is not None else "none"
         self.rope = rope_spec(model)
-        if verify:
+        checked = (self.fingerprint, repr(self.rope), tuple(self.rope.inv_freq.tolist()))
+        if checked not in _VERIFIED_ROPE:
             verify_rerotation(model, self.rope)
+            _VERIFIED_ROPE.add(checked)
         self.inv_freq = self.rope.inv_freq
         self.layout = _kv_layout(model)
         self.ttfts: List[float] = []
@@ -477,6 +559,7 @@ class PacketEngine:
         """The packet of a document (built and stored on a miss)."""
         from .store import packet_key
 
+        check_token_ids(self.model, doc, "document")
         toks = self._packet_tokens(doc)
         no_header = self.adapters is not None and self.adapters.header_kv != "every"
         # a packet without its header rows holds a subset of its tokens: the store needs a rule for that
@@ -509,6 +592,7 @@ class PacketEngine:
         keeps its frequencies for (dynamic, longrope)."""
         if not isinstance(prompt, Prompt):
             raise TypeError(f"prepare: expected a scrimp.packets.Prompt, got {type(prompt).__name__}")
+        check_token_ids(self.model, prompt)
         prefix, docs, question = prompt.prefix, prompt.documents, prompt.question
         n_header = self.adapters.n_header if self.adapters is not None else 0
         self.rope.check_positions(prompt.context_len + n_header + len(question) + max_new_tokens)
@@ -552,6 +636,7 @@ class PacketEngine:
 
     def warm(self, prompt: Prompt) -> None:
         """Build and store the packets of a prompt's documents (offline work)."""
+        check_token_ids(self.model, prompt)
         for d in prompt.documents:
             self.packet(d).release()
 
@@ -570,15 +655,23 @@ def _question_logits(model, cache, n, question) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
-def _plain_ids(prompt) -> List[int]:
-    return prompt.ids if isinstance(prompt, Prompt) else [int(i) for i in prompt]
+def _plain_ids(model, prompt) -> List[int]:
+    """The plain prompt's ids, checked against the model's vocabulary."""
+    if isinstance(prompt, Prompt):
+        check_token_ids(model, prompt)
+        return prompt.ids
+    from .prompt import _ids
+
+    ids = _ids("prompt", prompt)
+    check_token_ids(model, ids)
+    return ids
 
 
 @torch.no_grad()
 def full_first_token_logits(model, prompt) -> torch.Tensor:
     """Logits ``[vocab]`` after the plain prompt (a :class:`Prompt` or token ids) with full attention."""
     dev = _device(model)
-    return model(input_ids=torch.tensor([_plain_ids(prompt)], device=dev), logits_to_keep=1).logits[0, -1].float()
+    return model(input_ids=torch.tensor([_plain_ids(model, prompt)], device=dev), logits_to_keep=1).logits[0, -1].float()
 
 
 @torch.no_grad()
@@ -586,7 +679,7 @@ def full_answer(model, prompt, max_new_tokens: int = 64, tokenizer=None) -> Tupl
     """The full-recompute anchor: prefill the whole plain prompt, greedy decode. Returns (new ids,
     seconds to the first token)."""
     t0 = time.perf_counter()
-    return _greedy_from(model, _new_cache(model), _plain_ids(prompt), 0, max_new_tokens,
+    return _greedy_from(model, _new_cache(model), _plain_ids(model, prompt), 0, max_new_tokens,
                         stop_ids(model, tokenizer), t0)
 
 
@@ -682,8 +775,16 @@ class SelectiveRecompute:
                  store: Optional[PacketStore] = None):
         if (ratio is None) == (first_k is None):
             raise ValueError("give exactly one of ratio (CacheBlend) or first_k (EPIC)")
-        if ratio is not None and not 0 <= ratio <= 1:
-            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+                raise TypeError(f"ratio must be a real number, got {type(ratio).__name__}")
+            if not 0 <= ratio <= 1:  # NaN fails too
+                raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        if first_k is not None:
+            if isinstance(first_k, bool) or not isinstance(first_k, int):
+                raise TypeError(f"first_k must be an int, got {type(first_k).__name__}")
+            if first_k < 0:
+                raise ValueError(f"first_k must be >= 0, got {first_k}")
         self.engine = PacketEngine(model, tokenizer, None, store)
         self.ratio, self.first_k = ratio, first_k
         self.ttfts: List[float] = []

@@ -114,6 +114,19 @@ class RopeSpec:
                 f"max_positions={self.max_positions})")
 
 
+#: transformers model types whose rotary embedding pairs dims (2i, 2i + 1) (GPT-J style) instead of
+#: rotate_half's (i, i + R/2); configs with ``rope_interleave=True`` (DeepSeek-V3) are interleaved too
+INTERLEAVED_ROPE_MODEL_TYPES = ("gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "deepseek_v2")
+
+
+def interleaved_rope(config) -> bool:
+    """Whether the model's rotary embedding uses the interleaved (GPT-J) layout."""
+    from .. import hf
+
+    c = hf.text_config(config)
+    return bool(getattr(c, "rope_interleave", False)) or getattr(c, "model_type", None) in INTERLEAVED_ROPE_MODEL_TYPES
+
+
 def rope_spec(model) -> RopeSpec:
     """The :class:`RopeSpec` of a transformers causal LM, or ValueError naming a rope type that
     re-rotation cannot move exactly.
@@ -122,6 +135,9 @@ def rope_spec(model) -> RopeSpec:
     ``max_positions`` uses; dynamic / longrope overwrite ``inv_freq`` during long forwards)."""
     from .. import hf
 
+    if interleaved_rope(model.config):
+        raise ValueError(f"rotary layout 'interleaved' (model type {hf.text_config(model.config).model_type!r}) is not "
+                         f"supported by KV Packet: packets are only moved for the rotate_half layout ('half')")
     rot = hf.rotary_embedding(model)
     params = hf.rope_parameters(model.config)
     rope_type = str(params.get("rope_type", "default"))
@@ -272,7 +288,8 @@ def verify_rerotation(model, spec: Optional[RopeSpec] = None, n_tokens: int = 8,
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
     tol = 1e-3 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 5e-2
     if not err <= tol:
-        raise ValueError(f"rope type {spec.rope_type!r} ({type(hf.rotary_embedding(model)).__name__}): keys moved by "
-                         f"re-rotation differ from the model's own by {err:.3g} (relative): a rotary layout or "
-                         f"frequency rule KV Packet does not reproduce")
+        raise ValueError(f"rope type {spec.rope_type!r}, rotary layout {spec.layout!r} "
+                         f"({type(hf.rotary_embedding(model)).__name__}): keys moved by re-rotation differ from the "
+                         f"model's own by {err:.3g} (relative): a rotary layout or frequency rule KV Packet does not "
+                         f"reproduce")
     return err

@@ -127,6 +127,12 @@ class OnPolicyDistiller:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None or tokenizer.eos_token_id is None:
             raise ValueError("tokenizer: needs an eos token (rollouts end there and are padded with pad or eos)")
+        # rollouts stop at the tokenizer's eos and at every id of the student's generation config
+        # (Llama-3-Instruct lists <|eot_id|> and <|end_of_text|>)
+        from ..packets.method import token_id_list
+
+        gen_eos = getattr(getattr(student, "generation_config", None), "eos_token_id", None)
+        self.stop_ids: List[int] = list(dict.fromkeys(token_id_list(tokenizer.eos_token_id) + token_id_list(gen_eos)))
         self.device = torch.device(device) if device is not None else next(student.parameters()).device
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size() > 1
@@ -171,7 +177,7 @@ class OnPolicyDistiller:
     def rollout(self, prompts: Sequence[Sequence[int]]):
         """Sample one response per prompt from the student; returns right-padded ``input_ids``,
         ``attention_mask`` and ``response_mask`` (the sampled tokens up to and including ``<eos>``)."""
-        pad, eos = self.pad_id, self.tokenizer.eos_token_id
+        pad, stops = self.pad_id, self.stop_ids
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("rollout: expected non-empty prompts (token id lists)")
         P = max(len(p) for p in prompts)
@@ -184,7 +190,7 @@ class OnPolicyDistiller:
         sampling = (dict(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
                     if self.temperature > 0 else dict(do_sample=False))
         kw = dict(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=self.max_new_tokens,
-                  eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling)
+                  eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling)
         if self.fsdp:  # inside the root FSDP unit's forward (its parameters gathered); ranks stop together
             out = self.body(generate=dict(kw, synced_gpus=True))
         else:
@@ -194,8 +200,9 @@ class OnPolicyDistiller:
         seqs, resp_lens = [], []
         for i, p in enumerate(prompts):
             g = gen[i].tolist()
-            if eos in g:
-                g = g[:g.index(eos) + 1]
+            end = next((j for j, t in enumerate(g) if t in stops), None)
+            if end is not None:
+                g = g[:end + 1]
             seqs.append(list(p) + g)
             resp_lens.append(len(g))
         L = max(len(s) for s in seqs)
