@@ -1,25 +1,40 @@
-"""Where IceCache loses accuracy at small budgets: page selection or the summary of unselected pages?
+"""Where IceCache loses accuracy: page selection or the summary of unselected pages, per layer and head?
 
-A float64-free torch re-implementation of one IceCache decode step on the testbed `recall` model, with
-the same pages (the library's clustering and index) but interchangeable parts:
+A torch re-implementation of one IceCache decode step on the testbed `recall` model, with the same
+pages (the library's clustering and index) but interchangeable parts:
 
-* ``--select``: how the pages are chosen - ``bound`` (the library's min/max bound), ``rerank`` (bound
+* selection: how the pages are chosen - ``bound`` (the library's min/max bound), ``rerank`` (bound
   candidates, ``--rerank`` per selected page, re-scored by their exact max q.k: what
-  ``IceCache(rerank=N)`` does), ``exact`` (the pages with the largest exact max q.k among all pages),
-  ``centroid`` (q . mean key), ``mass`` (q . mean key * scale + log(page tokens));
-* ``--summary``: what the unselected pages contribute - ``none`` (nothing, the paper), ``mean``
-  (mean key + log count, mean value: ``IceCache(summaries=True)``), ``lse`` (the page's exact
-  attention mass, mean value), ``var`` (mean key + a diagonal Gaussian correction 1/2 q^2 . var * scale^2).
+  ``IceCache(rerank=N)`` does), ``exact`` (the oracle: the pages with the largest exact max q.k
+  among all pages, i.e. the pages holding the true top attention), ``centroid`` (q . mean key),
+  ``mass`` (q . mean key + log(page tokens));
+* summary: what the unselected pages contribute - ``none`` (nothing, the paper), ``mean`` (mean key +
+  log count, mean value: ``IceCache(summaries=True)``), ``lse`` (the page's exact attention mass, mean
+  value), ``var`` (mean key + a diagonal Gaussian correction 1/2 q^2 . var * scale^2).
 
-The step reads every key and value (a full copy kept for the analysis), so it is slow and for
-measurement only. Results are in docs/icecache.md.
+``--runs SELECT:SUMMARY ...`` are evaluated end to end (greedy accuracy; the generation follows that
+run's attention in every layer). ``--oracle-layers L ...`` switches the selection to ``exact`` in
+those layers only (per-layer attribution of the selection error). During the first run every decode
+step also computes, per layer and query head and on that run's state, the softmax attention mass
+the attended tokens hold and the relative error ``|o - o_full| / |o_full|`` of the attention output
+for every selection in (bound, rerank, exact) x summary in (none, mean), and exact + lse (the exact
+mass of every unselected page: what is left is the mean value's error), against the full attention
+over every cached token. The step reads every key and value (a full copy kept for the analysis), so
+it is slow and for measurement only. Results are in docs/icecache.md.
 
-    python bench/icecache_selection_analysis.py --select rerank --rerank 4 --summary mean --n 100 --budget 64
+Prompts: example ``i`` of seed ``s`` is ``testbed.tasks.recall(seed=s * 1_000_003 + i)``, as in
+``testbed.evaluate`` (exact match of the stripped output) and ``scrimp icecache eval``.
+
+    python bench/icecache_selection_analysis.py --seeds 1 2 --n 50 --budget 64 \\
+        --runs bound:none bound:mean rerank:mean exact:none exact:mean --json out.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import time
+from collections import defaultdict
 
 import torch
 
@@ -27,105 +42,216 @@ from scrimp import testbed
 from scrimp.icecache import make_generate_fn
 from scrimp.icecache.cache import IceCacheLayer
 
+SELECTIONS = ("bound", "rerank", "exact", "centroid", "mass")
+SUMMARIES = ("none", "mean", "lse", "var")
+#: the (selection, summary) pairs whose output error and attended mass are recorded per layer and head
+PROBES = [(sel, summ) for sel in ("bound", "rerank", "exact") for summ in ("none", "mean")] + [("exact", "lse")]
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--select", choices=("bound", "rerank", "exact", "centroid", "mass"), default="bound")
-    ap.add_argument("--rerank", type=int, default=4, help="candidates per selected page for --select rerank")
-    ap.add_argument("--summary", choices=("none", "mean", "lse", "var"), default="mean")
-    ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--budget", type=int, default=64)
-    ap.add_argument("--page-size", type=int, default=8)
-    ap.add_argument("--context", type=int, default=2048)
-    args = ap.parse_args(argv)
 
-    orig_build, orig_append = IceCacheLayer._build, IceCacheLayer._append
+class Analysis:
+    """The replacement decode step and its per-layer / per-head records."""
 
-    def build(self, valid):
-        v = self._prefill_v
-        orig_build(self, valid)
-        self.full_v = v.clone()  # with measure=True the layer keeps full_k; the analysis also needs V
+    def __init__(self, rerank: int):
+        self.rerank = rerank
+        self.select, self.summary, self.oracle_layers = "bound", "mean", set()
+        self.probe = False
+        # (layer, query head) -> {"mass:<sel>": [...], "err:<sel>:<summ>": [...]}
+        self.records = defaultdict(lambda: defaultdict(list))
 
-    def append(self, k, v):
-        orig_append(self, k, v)
-        self.full_v = torch.cat([self.full_v, v], dim=-2)
+    def attend(self, qh, s, k, v, pos, valid, cnt, base, chosen, summary, scale):
+        """Attention output [G, D] over base tokens + chosen pages exactly and `summary` for the rest.
+        s [G, L] scores; pos/valid [P, ps]; cnt [P]; base [L] bool (sink + window); chosen [P] bool."""
+        tok = base.clone()
+        tok[pos[chosen][valid[chosen]]] = True
+        logits, values = [s[:, tok]], [v[tok]]
+        rest = ~chosen & (cnt > 0)
+        if summary != "none" and bool(rest.any()):
+            pr, vr, cr = pos[rest], valid[rest][..., None], cnt[rest][:, None]
+            mk = (k[pr] * vr).sum(1) / cr  # [R, D]
+            mv = (v[pr] * vr).sum(1) / cr
+            if summary == "lse":
+                lg = torch.logsumexp(s[:, pr].masked_fill(~valid[rest], float("-inf")), -1)  # [G, R]
+            else:
+                lg = (qh @ mk.T) * scale + torch.log(cr.T.float())
+                if summary == "var":
+                    var = (((k[pr] - mk[:, None]) ** 2) * vr).sum(1) / cr
+                    lg = lg + 0.5 * scale ** 2 * ((qh ** 2) @ var.T)
+            logits.append(lg)
+            values.append(mv)
+        w = torch.softmax(torch.cat(logits, 1), -1)
+        return w @ torch.cat(values, 0), tok
 
-    def decode_attention(self, module, query, scaling):
-        o = self.owner
+    def decode_attention(self, layer, module, query, scaling):
+        o = layer.owner
         B, Hq, _, D = query.shape
-        H, ps = self.H, o.page_size
+        H, ps = layer.H, o.page_size
         G = Hq // H
         scale = float(scaling if scaling is not None else 1 / math.sqrt(D))
         q = query[:, :, -1, :].float()
         k_sel = o.selected_pages
-        P = self.index.num_pages()
-        kc = k_sel * args.rerank if args.select == "rerank" else k_sel
+        P = layer.index.num_pages()
+        kc = k_sel * self.rerank
         cand = torch.empty((B, H, kc), dtype=torch.int32)
-        self.index.select(q.cpu().contiguous(), kc, cand)
+        layer.index.select(q.cpu().contiguous(), kc, cand)
         every = torch.arange(P, dtype=torch.int32).expand(B, H, P).clone()
-        for s in range(B * H):
-            every[s // H, s % H, self.index.num_pages(s):] = -1
-        pos = torch.empty((B, H, P, ps), dtype=torch.long)
-        self.index.page_positions(every, P, pos)
+        for st in range(B * H):
+            every[st // H, st % H, layer.index.num_pages(st):] = -1
+        pos_all = torch.empty((B, H, P, ps), dtype=torch.long)
+        layer.index.page_positions(every, P, pos_all)
         out = torch.empty((B, Hq, D))
-        K, V = self.full_k.float(), self.full_v.float()
+        K, V = layer.full_k.float(), layer.full_v.float()
         for b in range(B):
             for h in range(H):
                 k, v = K[b, h], V[b, h]
                 qh = q[b, h * G:(h + 1) * G]  # [G, D]
-                s = qh @ k.T * scale  # [G, tokens]
-                n_pages = self.index.num_pages(b * H + h)
-                members = [pos[b, h, p][pos[b, h, p] >= 0] for p in range(n_pages)]
+                s = qh @ k.T * scale  # [G, L]
+                n_pages = layer.index.num_pages(b * H + h)
+                pos = pos_all[b, h, :n_pages]  # [P, ps], -1 = empty slot
+                valid = pos >= 0
+                pos = pos.clamp(min=0)
+                cnt = valid.sum(-1)
+                page_max = s[:, pos].masked_fill(~valid, float("-inf")).amax(-1)  # [G, P]
+                mean_k = (k[pos] * valid[..., None]).sum(1) / cnt.clamp(min=1)[:, None]
 
-                def top(score_of, among):  # GQA merge as in ClusteredCache::select
-                    sc = torch.stack([score_of(p) for p in among], -1)  # [G, len(among)]
+                def top(score, among):  # GQA merge as in ClusteredCache::select; score [G, P]
+                    sc = score[:, among]
                     merged = (sc - sc.amax(-1, keepdim=True)).amax(0)
-                    return {among[int(i)] for i in merged.topk(min(k_sel, len(among))).indices}
+                    keep = among[merged.topk(min(k_sel, len(among))).indices]
+                    m = torch.zeros(n_pages, dtype=torch.bool)
+                    m[keep] = True
+                    return m
 
-                bound_cand = [int(p) for p in cand[b, h] if p >= 0]
-                if args.select == "bound":
-                    chosen = set(bound_cand[:k_sel])
-                elif args.select == "rerank":
-                    chosen = top(lambda p: s[:, members[p]].amax(-1), bound_cand)
-                elif args.select == "exact":
-                    chosen = top(lambda p: s[:, members[p]].amax(-1), list(range(n_pages)))
-                else:
-                    bias = (lambda p: math.log(len(members[p]))) if args.select == "mass" else (lambda p: 0.0)
-                    chosen = top(lambda p: (qh @ k[members[p]].mean(0)) * scale + bias(p), list(range(n_pages)))
-                exact = torch.zeros(k.shape[0], dtype=torch.bool)
-                exact[self.sink_pos[b][self.sink_pos[b] >= 0]] = True
-                exact[self.ws:self.length] = True
-                for p in chosen:
-                    exact[members[p]] = True
-                logits, values = [s[:, exact]], [v[exact]]
-                if args.summary != "none":
-                    for p in range(n_pages):
-                        if p in chosen:
-                            continue
-                        m = members[p]
-                        mk = k[m].mean(0)
-                        if args.summary == "lse":
-                            lg = torch.logsumexp(s[:, m], -1, keepdim=True)
-                        else:
-                            lg = (qh @ mk)[:, None] * scale + math.log(len(m))
-                            if args.summary == "var":
-                                lg = lg + 0.5 * scale ** 2 * ((qh ** 2) @ k[m].var(0, unbiased=False))[:, None]
-                        logits.append(lg)
-                        values.append(v[m].mean(0, keepdim=True))
-                w = torch.softmax(torch.cat(logits, 1), -1)
-                out[b, h * G:(h + 1) * G] = w @ torch.cat(values, 0)
+                bound_cand = torch.tensor([int(p) for p in cand[b, h] if p >= 0], dtype=torch.long)
+                everything = torch.arange(n_pages)
+
+                def choose(sel):
+                    if sel == "bound":
+                        m = torch.zeros(n_pages, dtype=torch.bool)
+                        m[bound_cand[:k_sel]] = True
+                        return m
+                    if sel == "rerank":
+                        return top(page_max, bound_cand)
+                    if sel == "exact":
+                        return top(page_max, everything)
+                    bias = torch.log(cnt.clamp(min=1).float()) if sel == "mass" else 0.0
+                    return top((qh @ mean_k.T) * scale + bias, everything)
+
+                base = torch.zeros(k.shape[0], dtype=torch.bool)
+                base[layer.sink_pos[b][layer.sink_pos[b] >= 0]] = True
+                base[layer.ws:layer.length] = True
+                sel = "exact" if layer.layer_idx in self.oracle_layers else self.select
+                o_run, _ = self.attend(qh, s, k, v, pos, valid, cnt, base, choose(sel), self.summary, scale)
+                out[b, h * G:(h + 1) * G] = o_run
+                if self.probe:
+                    p_full = torch.softmax(s, -1)  # [G, L]
+                    o_full = p_full @ v
+                    norm = o_full.norm(dim=-1).clamp(min=1e-12)
+                    chosen = {name: choose(name) for name in ("bound", "rerank", "exact")}
+                    for name, m in chosen.items():
+                        for summ in [x for sel_, x in PROBES if sel_ == name]:
+                            o_x, tok = self.attend(qh, s, k, v, pos, valid, cnt, base, m, summ, scale)
+                            err = (o_x - o_full).norm(dim=-1) / norm  # [G]
+                            for g in range(G):
+                                rec = self.records[(layer.layer_idx, h * G + g)]
+                                rec[f"err:{name}:{summ}"].append(float(err[g]))
+                                if summ == "none":
+                                    rec[f"mass:{name}"].append(float(p_full[g, tok].sum()))
         return out.to(query.dtype).unsqueeze(1)
 
-    IceCacheLayer._build, IceCacheLayer._append, IceCacheLayer.decode_attention = build, append, decode_attention
+    def install(self):
+        orig_build, orig_append = IceCacheLayer._build, IceCacheLayer._append
+
+        def build(layer, valid):
+            v = layer._prefill_v
+            orig_build(layer, valid)
+            layer.full_v = v.clone()  # with measure=True the layer keeps full_k; the analysis also needs V
+
+        def append(layer, k, v):
+            orig_append(layer, k, v)
+            layer.full_v = torch.cat([layer.full_v, v], dim=-2)
+
+        IceCacheLayer._build, IceCacheLayer._append = build, append
+        IceCacheLayer.decode_attention = lambda layer, module, query, scaling: self.decode_attention(
+            layer, module, query, scaling)
+
+    def table(self):
+        rows = []
+        for (layer, head), rec in sorted(self.records.items()):
+            row = {"layer": layer, "head": head, "steps": len(rec["mass:bound"])}
+            for key, vals in rec.items():
+                row[key] = sum(vals) / len(vals)
+            rows.append(row)
+        return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", default=["bound:mean"],
+                    help=f"SELECT:SUMMARY pairs to evaluate (SELECT in {SELECTIONS}, SUMMARY in {SUMMARIES})")
+    ap.add_argument("--rerank", type=int, default=8, help="candidates per selected page for rerank (default 8, the library's)")
+    ap.add_argument("--oracle-layers", type=int, nargs="*", default=[],
+                    help="layers whose selection is exact in every run (per-layer attribution)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="example seeds")
+    ap.add_argument("--n", type=int, default=100, help="prompts per seed")
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--page-size", type=int, default=8)
+    ap.add_argument("--sink-pages", type=int, default=None, help="default: 1 at budget <= 64, else 2")
+    ap.add_argument("--window-pages", type=int, default=None, help="default: 1 at budget <= 64, else 2")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--no-probe", action="store_true", help="skip the per-layer / per-head records")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    runs = [tuple(r.split(":")) for r in args.runs]
+    for r in runs:
+        if len(r) != 2 or r[0] not in SELECTIONS or r[1] not in SUMMARIES:
+            ap.error(f"--runs takes SELECT:SUMMARY with SELECT in {SELECTIONS} and SUMMARY in {SUMMARIES}")
+
+    an = Analysis(args.rerank)
+    an.oracle_layers = set(args.oracle_layers)
+    an.install()
     model, tok = testbed.load("recall")
-    sink, window = (1, 1) if args.budget <= 64 else (2, 2)
+    small = args.budget <= 64
+    sink = args.sink_pages if args.sink_pages is not None else (1 if small else 2)
+    window = args.window_pages if args.window_pages is not None else (1 if small else 2)
     fn = make_generate_fn("icecache", budget=args.budget, measure=True, dense_layers=0, max_context=args.context + 64,
                           page_size=args.page_size, sink_pages=sink, window_pages=window, select_on_device=False)
-    res = testbed.evaluate(model, tok, "recall", n=args.n, context_tokens=args.context, generate_fn=fn)
-    full = testbed.evaluate(model, tok, "recall", n=args.n, context_tokens=args.context)["accuracy"]
-    print(f"select={args.select}{args.rerank if args.select == 'rerank' else ''} summary={args.summary} "
-          f"budget={args.budget} page={args.page_size} n={args.n}: accuracy {res['accuracy']:.3f}, "
-          f"full {full:.3f}, relative {res['accuracy'] / full:.3f}")
+    full = {s: testbed.evaluate(model, tok, "recall", n=args.n, seed=s, context_tokens=args.context)
+            for s in args.seeds}
+    n_full = sum(sum(r["correct"] for r in full[s]["results"]) for s in args.seeds)
+    result = {"budget": args.budget, "page_size": args.page_size, "sink_pages": sink, "window_pages": window,
+              "seeds": args.seeds, "n": args.n, "oracle_layers": args.oracle_layers, "rerank": args.rerank,
+              "full_correct": n_full, "full_per_seed": {s: sum(r["correct"] for r in full[s]["results"])
+                                                        for s in args.seeds}, "runs": []}
+    head = (f"budget={args.budget} page={args.page_size} sink {sink} + window {window} pages, seeds {args.seeds} x "
+            f"n={args.n}, oracle layers {sorted(an.oracle_layers) or 'none'}")
+    print(f"{head}: full {n_full}/{len(args.seeds) * args.n}", flush=True)
+    for i, (select, summary) in enumerate(runs):
+        an.select, an.summary, an.probe = select, summary, (i == 0 and not args.no_probe)
+        t0 = time.perf_counter()
+        per_seed = {}
+        for s in args.seeds:
+            res = testbed.evaluate(model, tok, "recall", n=args.n, seed=s, context_tokens=args.context, generate_fn=fn)
+            per_seed[s] = sum(r["correct"] for r in res["results"])
+        corr = sum(per_seed.values())
+        result["runs"].append({"select": select, "summary": summary, "correct": corr, "per_seed": per_seed,
+                               "relative": corr / max(n_full, 1),
+                               "relative_per_seed": {s: per_seed[s] / max(result["full_per_seed"][s], 1)
+                                                     for s in args.seeds}})
+        print(f"select={select}{args.rerank if select == 'rerank' else ''} summary={summary}: "
+              f"{corr}/{len(args.seeds) * args.n} per seed {per_seed}, relative {corr / max(n_full, 1):.3f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if an.probe:
+            result["per_head"] = an.table()
+            print(f"  per layer / query head, on this run's states: attended mass and output error "
+                  f"|o - o_full| / |o_full|")
+            print(f"  {'layer':>5} {'head':>4} {'mass bound':>10} {'rerank':>7} {'exact':>7} "
+                  + " ".join(f"{f'err {a}:{b}':>17}" for a, b in PROBES))
+            for r in result["per_head"]:
+                print(f"  {r['layer']:>5} {r['head']:>4} {r['mass:bound']:>10.3f} {r['mass:rerank']:>7.3f} "
+                      f"{r['mass:exact']:>7.3f} " + " ".join(f"{r[f'err:{a}:{b}']:>17.3f}" for a, b in PROBES))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

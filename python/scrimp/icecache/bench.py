@@ -27,11 +27,15 @@ from scrimp.icecache import IceCache, cache_argument, make_generate_fn
 METHODS = ("icecache", "quest", "oracle", "random", "streaming")
 
 
-#: page size of the testbed tables. The recall model's records are 7 tokens: a 16-token page holds
-#: two to three of them, so at budget 64 (2 selected pages) the right record competes with its page
-#: mates; 8-token pages (6 selected at budget 64) raised IceCache at budget 64 from 0.67 to 1.06 of
-#: full (a 20-prompt probe at 1,024 tokens). The library default stays 16 (the GPU gather target).
+#: page size of the testbed tables (the library default). The recall model's records are 7 tokens: a
+#: 16-token page holds two to three of them, so at budget 64 the right record competes with its page mates.
 TESTBED_PAGE_SIZE = 8
+
+
+#: the paper's selection (bounds only, unselected pages left out): the "icecache" rows and the baselines
+PLAIN = dict(summaries=False, rerank=0)
+#: the paper's page geometry (memory and timing tables)
+PAPER_GEOMETRY = dict(page_size=16, sink_pages=2, window_pages=2, **PLAIN)
 
 
 def geometry(budget: int, page_size: int = TESTBED_PAGE_SIZE) -> dict:
@@ -48,15 +52,15 @@ def accuracy_table(model, tok, n, context, budgets, dense_layers, page_size=TEST
     ``rerank`` > 0 a row ``icecache+rerankN`` (bound candidates re-scored by their exact max q.k),
     and with both, ``icecache+summaries+rerankN``."""
     rows = []
-    variants = [(m, m, {}) for m in methods]
+    variants = [(m, m, dict(PLAIN)) for m in methods]
     if summaries:
-        variants.append(("icecache+summaries", "icecache", {"summaries": True}))
+        variants.append(("icecache+summaries", "icecache", {"summaries": True, "rerank": 0}))
     if rerank:
-        variants.append((f"icecache+rerank{rerank}", "icecache", {"rerank": rerank}))
+        variants.append((f"icecache+rerank{rerank}", "icecache", {"summaries": False, "rerank": rerank}))
         if summaries:
             variants.append((f"icecache+summaries+rerank{rerank}", "icecache", {"summaries": True, "rerank": rerank}))
     if reuse_selection:
-        variants.append((f"icecache+reuse{reuse_selection}", "icecache", {"reuse_selection": reuse_selection}))
+        variants.append((f"icecache+reuse{reuse_selection}", "icecache", {"reuse_selection": reuse_selection, **PLAIN}))
     full = testbed.evaluate(model, tok, "recall", n=n, context_tokens=context,
                             generate_fn=make_generate_fn("full", budget=64, max_context=context + 64))
     full_acc = full["accuracy"]
@@ -83,17 +87,18 @@ def accuracy_table(model, tok, n, context, budgets, dense_layers, page_size=TEST
     return rows
 
 
-#: the setting that keeps 97% at budget 64 on the testbed (docs/icecache.md): 8-token pages, sink 1 +
-#: window 1 page, page summaries and exact reranking of 4 bound candidates per selected page
+#: budget 64 with 8-token pages, sink 1 + window 1 page, page summaries and exact reranking of 4 bound
+#: candidates per selected page (memory and timing tables)
 SMALL_BUDGET = dict(budget=64, **geometry(64), summaries=True, rerank=4)
 
 
 def memory_table(model, tok, lengths, dense_layers):
     rows = []
     variants = (("full", dict(budget=256, method="full", dense_layers=dense_layers)),
-                ("icecache", dict(budget=256, dense_layers=dense_layers)),
-                ("icecache0", dict(budget=256, dense_layers=0)),
-                ("icecache+summaries", dict(budget=256, dense_layers=dense_layers, summaries=True)),
+                ("icecache", dict(budget=256, dense_layers=dense_layers, **PAPER_GEOMETRY)),
+                ("icecache0", dict(budget=256, dense_layers=0, **PAPER_GEOMETRY)),
+                ("icecache+summaries", dict(budget=256, dense_layers=dense_layers,
+                                            **{**PAPER_GEOMETRY, "summaries": True})),
                 ("small_budget", dict(dense_layers=dense_layers, **SMALL_BUDGET)))
     for L in lengths:
         ex = testbed.tasks.recall(seed=123, context_tokens=L, tokenizer=tok)
@@ -133,7 +138,8 @@ def decode_ms(model, ids, dense_layers, steps=16, **cache_kw):
 def timing_table(model, tok, context, dense_layers, reps=5):
     ex = testbed.tasks.recall(seed=7, context_tokens=context, tokenizer=tok)
     ids = torch.tensor([ex.prompt_ids])
-    variants = {"full": dict(method="full"), "icecache": {}, "icecache+summaries": dict(summaries=True),
+    variants = {"full": dict(method="full"), "icecache": PAPER_GEOMETRY,
+                "icecache+summaries": {**PAPER_GEOMETRY, "summaries": True},
                 "small_budget": SMALL_BUDGET}
     times = {name: [] for name in variants}
     for _ in range(reps):  # anchor and candidates alternate in the same process
@@ -157,8 +163,8 @@ def arith_table(n=30, budgets=(48, 64, 96), methods=("icecache", "quest", "oracl
     rows = [{"method": "full", "budget": None, "accuracy": full["accuracy"], "same_output": n}]
     for budget in budgets:
         for method in methods:
-            fn = make_generate_fn(method, budget=budget, sink_pages=1, window_pages=1, dense_layers=1,
-                                  max_context=1024)
+            fn = make_generate_fn(method, budget=budget, page_size=16, sink_pages=1, window_pages=1, dense_layers=1,
+                                  max_context=1024, **PLAIN)
             r = testbed.evaluate(model, tok, "arith", n=n, generate_fn=fn)
             same = sum(a["output"] == b["output"] for a, b in zip(r["results"], full["results"]))
             rows.append({"method": method, "budget": budget, "accuracy": r["accuracy"], "same_output": same})

@@ -35,6 +35,15 @@ _METHOD_INDEX = {  # method -> (cluster pages at prefill, page score)
 }
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
+#: candidates per selected page that the default ``rerank`` re-scores (method "icecache")
+DEFAULT_RERANK = 8
+
+#: the IceCache paper's configuration (arXiv 2604.10539): 16-token pages, sink 2 + window 2 pages, the
+#: first 2 layers dense, pages chosen by their bounds alone, unselected pages left out of the softmax.
+#: ``IceCache(model, budget=256, **PAPER)``. The defaults differ in page geometry, summaries and rerank
+#: (chosen on testbed recall prompts of tuning seeds, measured on reporting seeds: docs/icecache.md).
+PAPER = dict(page_size=16, sink_pages=2, window_pages=2, dense_layers=2, summaries=False, rerank=0)
+
 #: model features IceCache cannot run exactly (names from scrimp.hf.FEATURES): the decode attention is
 #: plain softmax attention over every cached token of the layer, with the module's own scaling
 REFUSED_FEATURES = ("sliding_window", "hybrid_layers", "attn_logit_softcapping", "attention_sinks")
@@ -801,8 +810,9 @@ class IceCache(Cache):
     budget : tokens attended per decode step per layer and KV head (sink + window + selected pages).
         A budget above what the cache holds attends every token; memory follows the tokens held,
         not the budget.
-    page_size, sink_pages, window_pages : page geometry; ``budget >= (sink_pages + window_pages) * page_size``.
-    dense_layers : the first layers keep a full (dynamic) cache.
+    page_size, sink_pages, window_pages : page geometry (default 8 tokens, 1 sink page, 1 window page);
+        ``budget >= (sink_pages + window_pages) * page_size``. The paper's: 16, 2, 2 (:data:`PAPER`).
+    dense_layers : the first layers keep a full (dynamic) cache (default 2, as in the paper).
     method : ``"icecache"`` (clustered pages, bound scores), baselines ``"quest"`` (time-ordered pages,
         bound scores), ``"random"``, ``"oracle"`` (exact max q.k per page), ``"streaming"`` (sink +
         window only) and ``"full"`` (every layer dense).
@@ -830,24 +840,27 @@ class IceCache(Cache):
         clustered on its own keys). 0 (default): every sparse layer selects its own pages.
     prefetch : with reuse_selection, copy each follower's pages as soon as its leader has selected
         them, on the copy stream, overlapping the layers in between (default: on for CUDA).
-    summaries : scrimp's extension (off by default, not in the IceCache paper): every page that is
-        not selected still takes part in the softmax through one summary row, its mean key scored
-        with a log(token count) bias and its mean value, so heads whose attention is spread over
-        the whole context keep that mass. Costs a device mirror of one key and one value per page
-        (2 x head_dim per page and KV head, the cache dtype) and reading them each step.
-    rerank : scrimp's extension (0 = off, the default): a second selection stage. The page bounds pick
-        ``rerank`` times the selected pages as candidates, which are then ranked by the exact
-        max_t q.k_t over their keys, read from the host pool (``ClusteredCache.rerank``). Costs
-        ``rerank * selected pages * page_size`` dot products per query head on the host each step,
-        and, with device selection, the candidates' copy to the host. For ``method`` "icecache" and "quest".
+    summaries : scrimp's extension (not in the IceCache paper; default None = on for method "icecache",
+        off for the baselines): every page that is not selected still takes part in the softmax through
+        one summary row, its mean key scored with a log(token count) bias and its mean value, so heads
+        whose attention is spread over the whole context keep that mass. Costs a device mirror of one
+        key and one value per page (2 x head_dim per page and KV head, the cache dtype: 1/page_size of
+        the full cache, so device memory grows with the context again) and reading them each step.
+        ``summaries=False`` keeps device memory fixed (the paper's algorithm).
+    rerank : scrimp's extension (default None = :data:`DEFAULT_RERANK` (8) for method "icecache", 0 =
+        off for the baselines): a second selection stage. The page bounds pick ``rerank`` times the
+        selected pages as candidates, which are then ranked by the exact max_t q.k_t over their keys,
+        read from the host pool (``ClusteredCache.rerank``). Costs ``rerank * selected pages *
+        page_size`` dot products per query head on the host each step, and, with device selection, the
+        candidates' copy to the host. For ``method`` "icecache" and "quest".
     """
 
-    def __init__(self, model_or_config, budget: int = 256, page_size: int = 16, sink_pages: int = 2,
-                 window_pages: int = 2, dense_layers: int = 2, device=None, method: str = "icecache",
+    def __init__(self, model_or_config, budget: int = 256, page_size: int = 8, sink_pages: int = 1,
+                 window_pages: int = 1, dense_layers: int = 2, device=None, method: str = "icecache",
                  cache_pages: Optional[int] = None, max_context: Optional[int] = None, measure: bool = False,
                  seed: int = 0, pin_memory: bool = True, coarse_tokens: int = 1024, recluster_pages: int = 4,
                  select_on_device: Optional[bool] = None, reuse_selection: int = 0, prefetch: Optional[bool] = None,
-                 summaries: bool = False, rerank: int = 0, prefill_chunk: Optional[int] = None):
+                 summaries: Optional[bool] = None, rerank: Optional[int] = None, prefill_chunk: Optional[int] = None):
         model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
         config = model.config if model is not None else model_or_config
         if not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
@@ -908,8 +921,12 @@ class IceCache(Cache):
             raise TypeError(f"prefetch must be a bool or None, got {type(prefetch).__name__}")
         self.reuse_selection = reuse_selection
         self._prefetch = prefetch
+        if summaries is None:
+            summaries = method == "icecache"
+        if rerank is None:
+            rerank = DEFAULT_RERANK if method == "icecache" else 0
         if not isinstance(summaries, bool):
-            raise TypeError(f"summaries must be a bool, got {type(summaries).__name__}")
+            raise TypeError(f"summaries must be a bool or None, got {type(summaries).__name__}")
         self.summaries = summaries
         if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 0:
             raise ValueError(f"rerank must be an int >= 0 (candidate pages per selected page; 0 = off), got {rerank!r}")

@@ -13,15 +13,19 @@ DEFAULT_MODEL = "testbed:recall"
 def _cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 256],
                    help="IceCache token budgets per layer and KV head (default 64 256)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16)")
-    p.add_argument("--sink-pages", type=int, default=2, help="resident sink pages (default 2)")
-    p.add_argument("--window-pages", type=int, default=2, help="resident recent-window pages (default 2)")
+    p.add_argument("--page-size", type=int, default=8, help="tokens per page (default 8)")
+    p.add_argument("--sink-pages", type=int, default=1, help="resident sink pages (default 1)")
+    p.add_argument("--window-pages", type=int, default=1, help="resident recent-window pages (default 1)")
     p.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense (default 2)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prefill the prompt this many tokens at a time (default: one pass)")
-    p.add_argument("--summaries", action="store_true", help="page summaries for unselected pages (scrimp's extension)")
-    p.add_argument("--rerank", type=int, default=0,
-                   help="re-score N bound candidates per selected page by their exact max q.k (0 = off)")
+    p.add_argument("--summaries", action=argparse.BooleanOptionalAction, default=True,
+                   help="page summaries for unselected pages (scrimp's extension; default on, --no-summaries: off)")
+    p.add_argument("--rerank", type=int, default=8,
+                   help="re-score N bound candidates per selected page by their exact max q.k (default 8; 0 = off)")
+    p.add_argument("--paper", action="store_true",
+                   help="the IceCache paper's configuration: 16-token pages, sink 2 + window 2 pages, no summaries, "
+                        "no rerank (overrides those options; --dense-layers still applies)")
 
 
 def _testbed_examples(tokenizer, n: int, context: int, seed: int) -> list:
@@ -48,6 +52,11 @@ def run_eval(args) -> int:
     else:
         examples = examples[:args.n] if args.n else examples
         source = f"{args.data} ({len(examples)} examples)"
+    if args.paper:
+        from .cache import PAPER
+
+        for key in ("page_size", "sink_pages", "window_pages", "summaries", "rerank"):
+            setattr(args, key, PAPER[key])
     geo = dict(page_size=args.page_size, sink_pages=args.sink_pages, window_pages=args.window_pages,
                dense_layers=args.dense_layers, prefill_chunk=args.prefill_chunk, summaries=args.summaries,
                rerank=args.rerank)
@@ -55,7 +64,8 @@ def run_eval(args) -> int:
                    progress=not args.quiet, **geo)
     print(f"IceCache eval: {args.model} on {source}; prompts {res['prompt_tokens']['mean']:.0f} tokens on average; "
           f"page {args.page_size}, sink {args.sink_pages} + window {args.window_pages} pages, "
-          f"dense layers {args.dense_layers}, prefill chunk {args.prefill_chunk or 'none'}")
+          f"dense layers {args.dense_layers}, summaries {'on' if args.summaries else 'off'}, "
+          f"rerank {args.rerank or 'off'}, prefill chunk {args.prefill_chunk or 'none'}")
     print(format_rows(res))
     write_json(args.json, {"model": args.model, "data": args.data, "source": source, "seed": args.seed,
                            "settings": geo, "budgets": args.budgets, **{k: res[k] for k in ("rows", "prompt_tokens")}})

@@ -1,0 +1,159 @@
+"""IceCache fidelity on the testbed recall model, per example seed: settings are chosen on tuning seeds
+and reported on held-out seeds whose prompts no choice saw.
+
+Example ``i`` of seed ``s`` is ``testbed.tasks.recall(seed=s * 1_000_003 + i, context_tokens=...)`` (the
+numbering of ``testbed.evaluate`` and ``scrimp icecache eval``). Before anything runs, the prompts of
+every ``--seeds`` seed are checked to share no prompt with the first ``--tuning-n`` prompts of each
+``--tuning-seeds`` seed (ValueError otherwise). Per seed the full cache runs once; every configuration's
+greedy answers are scored by ``scrimp.icecache.answer_matches`` and compared with the full cache's.
+
+Configurations (``--configs``, names from CONFIGS): the library default, the paper's algorithm with
+8-token pages, and scrimp's extensions (page summaries, exact rerank), at budgets 256 and 64.
+
+    OMP_NUM_THREADS=1 python bench/bench_icecache_heldout.py --seeds 1 2 --n 100 --json heldout.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from scrimp import testbed
+from scrimp.icecache import answer_matches, make_generate_fn
+
+#: name -> IceCache options (dense_layers 0 everywhere: the recall model has 4 layers, and with its
+#: first 2 dense the look-up happens there, so the budget would not be tested)
+CONFIGS = {
+    "default@256": dict(budget=256),
+    "paper16@256": dict(budget=256, page_size=16, summaries=False, rerank=0),
+    "paper8@256": dict(budget=256, page_size=8, summaries=False, rerank=0),
+    "paper8+rerank4@256": dict(budget=256, page_size=8, summaries=False, rerank=4),
+    "paper8+summaries@256": dict(budget=256, page_size=8, summaries=True, rerank=0),
+    "paper8+summaries+rerank4@256": dict(budget=256, page_size=8, summaries=True, rerank=4),
+    "default@64": dict(budget=64),
+    "paper8@64": dict(budget=64, page_size=8, summaries=False, rerank=0),
+    "paper8+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1, summaries=False, rerank=0),
+    "paper8+summaries+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1, summaries=True,
+                                          rerank=0),
+    "paper8+summaries+rerank4@64": dict(budget=64, page_size=8, summaries=True, rerank=4),
+    "paper8+summaries+rerank4+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1,
+                                                  summaries=True, rerank=4),
+    "paper8+rerank4+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1, rerank=4),
+    "paper8+summaries+rerank8+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1,
+                                                  summaries=True, rerank=8),
+    "paper8+summaries+rerank8+sink1win1@256": dict(budget=256, page_size=8, sink_pages=1, window_pages=1,
+                                                   summaries=True, rerank=8),
+    "paper8+summaries+rerank4+sink1win1@256": dict(budget=256, page_size=8, sink_pages=1, window_pages=1,
+                                                   summaries=True, rerank=4),
+}
+
+
+def examples(tok, seed, n, context):
+    out = []
+    for i in range(n):
+        ex = testbed.tasks.recall(seed=seed * 1_000_003 + i, context_tokens=context, tokenizer=tok)
+        out.append((list(ex.prompt_ids), ex.answer))
+    return out
+
+
+def digest(ids) -> str:
+    return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def check_disjoint(tok, seeds, n, tuning_seeds, tuning_n, context):
+    """ValueError when a reporting seed shares a prompt with the tuning prompts (or another reporting seed)."""
+    tuned = {digest(ids) for s in tuning_seeds for ids, _ in examples(tok, s, tuning_n, context)}
+    seen = set()
+    for s in seeds:
+        got = {digest(ids) for ids, _ in examples(tok, s, n, context)}
+        if got & tuned:
+            raise ValueError(f"seed {s} shares {len(got & tuned)} prompts with the tuning seeds {tuning_seeds}")
+        if got & seen:
+            raise ValueError(f"seed {s} shares prompts with another reporting seed")
+        seen |= got
+    return len(tuned), len(seen)
+
+
+def run(model, tok, exs, options, max_context):
+    fn = make_generate_fn(max_context=max_context, **options)
+    outs = []
+    with torch.no_grad():
+        for ids, answer in exs:
+            new = fn(model, tok, torch.tensor([ids]), len(tok(answer, add_special_tokens=False).input_ids) + 1)
+            cut = []
+            for t in new.tolist():
+                if t == tok.eos_token_id:
+                    break
+                cut.append(t)
+            outs.append(tok.decode(cut, skip_special_tokens=True))
+    return outs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="reporting (held-out) example seeds")
+    ap.add_argument("--n", type=int, default=100, help="prompts per seed")
+    ap.add_argument("--tuning-seeds", type=int, nargs="+", default=[0], help="example seeds settings were chosen on")
+    ap.add_argument("--tuning-n", type=int, default=100, help="prompts per tuning seed")
+    ap.add_argument("--context", type=int, default=2048, help="recall prompt length in tokens")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--json", default=None, help="write the results here (rewritten after every configuration)")
+    args = ap.parse_args(argv)
+
+    model, tok = testbed.load("recall")
+    model.config._attn_implementation = "sdpa"
+    n_tuned, n_held = check_disjoint(tok, args.seeds, args.n, args.tuning_seeds, args.tuning_n, args.context)
+    print(f"{n_held} reporting prompts (seeds {args.seeds}) share none of the {n_tuned} tuning prompts "
+          f"(seeds {args.tuning_seeds}, first {args.tuning_n} each); load avg {os.getloadavg()[0]:.2f}", flush=True)
+    result = {"seeds": args.seeds, "n": args.n, "tuning_seeds": args.tuning_seeds, "tuning_n": args.tuning_n,
+              "context": args.context, "dense_layers": 0, "rows": []}
+    max_context = args.context + 64
+    for seed in args.seeds:
+        exs = examples(tok, seed, args.n, args.context)
+        t0 = time.perf_counter()
+        full = run(model, tok, exs, dict(method="full"), max_context)
+        full_ok = [answer_matches(o, a) for o, (_, a) in zip(full, exs)]
+        result["rows"].append({"seed": seed, "config": "full", "correct": sum(full_ok), "n": len(exs),
+                               "same_as_full": len(exs), "seconds": time.perf_counter() - t0})
+        print(f"seed {seed} full: {sum(full_ok)}/{len(exs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for name in args.configs:
+            t0 = time.perf_counter()
+            outs = run(model, tok, exs, {"dense_layers": 0, **CONFIGS[name]}, max_context)
+            ok = [answer_matches(o, a) for o, (_, a) in zip(outs, exs)]
+            row = {"seed": seed, "config": name, "options": CONFIGS[name], "correct": sum(ok), "n": len(exs),
+                   "full_correct": sum(full_ok), "relative": sum(ok) / max(sum(full_ok), 1),
+                   "same_as_full": sum(a == b for a, b in zip(outs, full)),
+                   "lost": sum(f and not o for f, o in zip(full_ok, ok)),
+                   "gained": sum(o and not f for f, o in zip(full_ok, ok)), "seconds": time.perf_counter() - t0}
+            result["rows"].append(row)
+            print(f"seed {seed} {name}: {row['correct']}/{row['n']} (relative {row['relative']:.3f}, same as full "
+                  f"{row['same_as_full']}, lost {row['lost']}, gained {row['gained']}; {row['seconds']:.0f} s)",
+                  flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=2)
+    print("\nconfig                                    " + " ".join(f"seed {s:>3}" for s in args.seeds)
+          + "   pooled  relative  spread")
+    names = ["full"] + list(args.configs)
+    for name in names:
+        rows = [r for r in result["rows"] if r["config"] == name]
+        corr, n = sum(r["correct"] for r in rows), sum(r["n"] for r in rows)
+        fulls = sum(r["correct"] for r in result["rows"] if r["config"] == "full")
+        rel = [r["correct"] / max(r.get("full_correct", r["correct"]), 1) for r in rows]
+        spread = max(rel) - min(rel) if len(rel) > 1 else 0.0
+        print(f"{name:<41} " + " ".join(f"{r['correct']:>4}/{r['n']:<3}" for r in rows)
+              + f"  {corr / n:>7.3f}  {corr / max(fulls, 1):>8.3f}  {spread:>6.3f}")
+        result.setdefault("pooled", {})[name] = {"correct": corr, "n": n, "relative": corr / max(fulls, 1),
+                                                 "relative_per_seed": rel, "spread": spread}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
