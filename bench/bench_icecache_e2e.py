@@ -1,6 +1,7 @@
 """End to end: `model.generate` of a Llama-3.1-8B-shaped model (random bf16 weights) at long context,
-the default dynamic cache (the anchor) vs IceCache (budget 256), same run; time per output token
-and peak device memory. Mirrors bench/anchors/gpu_e2e.py decode, whose H200 numbers
+the default dynamic cache (the anchor) vs IceCache (budget 256) with its defaults and with the
+paper's configuration (``scrimp.icecache.PAPER``), same run; time per output token and peak device
+memory. Mirrors bench/anchors/gpu_e2e.py decode, whose H200 numbers
 (bench/anchors/h200-e2e-decode.json) also have transformers' offloaded cache. Without a GPU it runs
 a tiny model on the CPU as a smoke test.
 
@@ -49,7 +50,7 @@ def main(argv=None):
     print(f"device {dev}; weights {weights:.1f} GiB")
     for L in lengths:
         ids = torch.randint(0, cfg.vocab_size, (1, L), device=dev)
-        for impl in ("dynamic", "icecache"):
+        for impl in ("dynamic", "icecache", "icecache-paper"):
             gc.collect()
             if not small:
                 torch.cuda.empty_cache()
@@ -57,9 +58,10 @@ def main(argv=None):
 
             def gen(n):
                 kw = {}
-                if impl == "icecache":
+                if impl != "dynamic":
+                    extra = scrimp.icecache.PAPER if impl == "icecache-paper" else {}
                     kw[cache_argument(model)] = scrimp.IceCache(model.config, budget=args.budget, device=dev,
-                                                            max_context=L + n + 16)
+                                                                max_context=L + n + 16, **extra)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -74,10 +76,10 @@ def main(argv=None):
                 tpot = (tn - t1) / (new - 1)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if not small else float("nan")
                 row = {"L": L, "cache": impl, "prefill_s": t1, "tpot_ms": tpot * 1e3, "peak_GiB": peak}
-                print(f"L={L:>6} {impl:<9} prefill {t1:7.2f} s  TPOT {tpot * 1e3:8.1f} ms  peak {peak:6.1f} GiB")
+                print(f"L={L:>6} {impl:<14} prefill {t1:7.2f} s  TPOT {tpot * 1e3:8.1f} ms  peak {peak:6.1f} GiB")
             except Exception as e:  # report and go on (e.g. out of memory)
                 row = {"L": L, "cache": impl, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                print(f"L={L:>6} {impl:<9} failed: {row['error']}")
+                print(f"L={L:>6} {impl:<14} failed: {row['error']}")
             res["rows"].append(row)
         dyn, ice = (next((r for r in res["rows"] if r["L"] == L and r["cache"] == c and "error" not in r), None)
                     for c in ("dynamic", "icecache"))
