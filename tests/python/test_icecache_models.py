@@ -196,10 +196,10 @@ def test_cli_eval_runs_end_to_end_on_jsonl(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line,words", [
-    ("[1, 2]", "line 2: got a JSON list"),
-    ('{"prompt": "a"}', "line 2: 'answer' is missing"),
-    ('{"prompt": "", "answer": "b"}', "line 2: 'prompt' is str"),
-    ("{not json", "line 2: not valid JSON"),
+    ("[1, 2]", "bad.jsonl:2: got a JSON list"),
+    ('{"prompt": "a"}', "bad.jsonl:2: 'answer' is missing"),
+    ('{"prompt": "", "answer": "b"}', "bad.jsonl:2: 'prompt' is str"),
+    ("{not json", "bad.jsonl:2: not valid JSON"),
 ])
 def test_bad_jsonl_lines_stop_before_anything_runs(tmp_path, line, words):
     path = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "answer": "a"}, line])

@@ -52,16 +52,17 @@ def test_bad_lines_are_named_with_what_was_expected(tmp_path):
         read_examples(str(path))
     msg = str(e.value)
     assert "7 bad line(s)" in msg and "nothing was done" in msg
-    for no, words in ((2, "a JSON object, got list"), (3, "a 'documents' key"), (4, "'documents' to hold at least one document"),
-                      (5, "a 'question' key"), (6, "one JSON object per line"), (8, "'documents'[1] to be a string"),
-                      (9, "'answer' (optional)")):
-        assert f"bad.jsonl:{no}: expected {words}" in msg, (no, msg)
-    with pytest.warns(UserWarning, match=r"bad.jsonl:2: expected a JSON object.*line skipped"):
+    for no, words in ((2, "got a JSON list"), (3, "no 'documents' key (a list of strings)"), (4, "'documents' is an empty list"),
+                      (5, "no 'question' key (a string)"), (6, "not valid JSON (Expecting property name enclosed in double "
+                                                     "quotes at column 2)"),
+                      (8, "'documents'[1] is int, not a string"), (9, "'answer' (optional) is not non-empty text: 5")):
+        assert f"bad.jsonl:{no}: {words}; expected a JSON object {{\"documents\"" in msg, (no, msg)
+    with pytest.warns(UserWarning, match=r"bad.jsonl:2: got a JSON list; expected a JSON object.*line skipped"):
         good = read_examples(str(path), on_error="skip")
     assert [g.line for g in good] == [1, 10] and good[1].answer is not None
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="no usable examples"):
+    with pytest.raises(ValueError, match="no usable lines"):
         read_examples(str(empty))
     with pytest.raises(FileNotFoundError):
         read_examples(str(tmp_path / "missing.jsonl"))
@@ -123,7 +124,7 @@ def test_cli_bad_input_writes_nothing(root, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(_examples(1)[0]) + "\n" + json.dumps({"documents": [], "question": "q?"}) + "\n")
     out = tmp_path / "ad.safetensors"
-    with pytest.raises(ValueError, match="bad.jsonl:2: expected 'documents' to hold at least one document"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: 'documents' is an empty list; expected a JSON object"):
         cli.main(["packets", "train", "--model", ckpt, "--data", str(bad), "--out", str(out), "--steps", "1", "--quiet"])
     assert not out.exists() and not (tmp_path / "ad.safetensors.train.pt").exists()
     # adapters trained for another model: both fingerprints named

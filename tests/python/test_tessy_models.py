@@ -214,7 +214,7 @@ def test_sft_bad_input(ckpts):
     ("{not json", "not valid JSON"),
     ('{"id": "a"}', 'no non-empty "prompt" string'),
     ('{"prompt": ""}', 'no non-empty "prompt" string'),
-    ('["a list"]', "got list"),
+    ('["a list"]', "got a JSON list"),
     ('{"messages": [{"role": "user"}]}', '"messages" is not a non-empty list'),
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
      "the last message must be a non-empty user turn"),

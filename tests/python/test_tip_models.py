@@ -136,7 +136,7 @@ def test_tokenizers_that_disagree_name_the_first_differing_token(ckpts, tmp_path
     (["{\"messages\": [{\"role\": \"user\"}]}"], r"p\.jsonl:1: messages\[0\] must be"),
     (["{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}"],
      r"p\.jsonl:1: the last message is the assistant's"),
-    ([""], r"no prompts"),
+    ([""], r"no usable lines"),
 ])
 def test_malformed_prompt_files(ckpts, tmp_path, lines, match):
     from transformers import AutoTokenizer

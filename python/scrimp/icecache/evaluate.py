@@ -10,12 +10,12 @@ followed by a letter or digit (``"042"`` matches ``"042."`` and ``"042 is"``, no
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Iterable, List, Optional, Sequence
 
 import torch
 
+from ..jsonl import read_jsonl
 from .cache import IceCache, cache_argument
 
 
@@ -49,30 +49,22 @@ def make_generate_fn(method="icecache", budget=256, record=None, **kwargs):
 def load_jsonl(path: str) -> List[dict]:
     """The examples of a ``{"prompt": str, "answer": str}`` JSONL file.
 
-    Every line is checked before anything runs: the first bad one raises ValueError with the file,
-    the line number and what was expected (nothing is skipped). Blank lines are ignored.
+    Every line is checked before anything runs: bad lines raise one ValueError listing each as
+    ``PATH:N: <reason>; expected ...`` (nothing is skipped). Blank lines are ignored.
     """
-    expected = 'a JSON object {"prompt": non-empty string, "answer": non-empty string}'
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {no}: not valid JSON ({e.msg}); expected {expected}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} line {no}: got a JSON {type(obj).__name__}; expected {expected}")
-            for key in ("prompt", "answer"):
-                v = obj.get(key)
-                if not isinstance(v, str) or not v.strip():
-                    got = "missing" if key not in obj else f"{type(v).__name__} {v!r:.40}"
-                    raise ValueError(f"{path} line {no}: '{key}' is {got}; expected {expected}")
-            out.append({"prompt": obj["prompt"], "answer": obj["answer"]})
-    if not out:
-        raise ValueError(f"{path}: no examples; expected one {expected} per line")
-    return out
+    return read_jsonl(path, _check_example, EXAMPLE_FORMAT)
+
+
+EXAMPLE_FORMAT = 'a JSON object {"prompt": non-empty string, "answer": non-empty string}'
+
+
+def _check_example(obj: dict, line: int) -> dict:
+    for key in ("prompt", "answer"):
+        v = obj.get(key)
+        if not isinstance(v, str) or not v.strip():
+            got = "missing" if key not in obj else f"{type(v).__name__} {v!r:.40}"
+            raise ValueError(f"'{key}' is {got}")
+    return {"prompt": obj["prompt"], "answer": obj["answer"]}
 
 
 def answer_matches(output: str, answer: str) -> bool:

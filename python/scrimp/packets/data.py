@@ -3,17 +3,17 @@
 
 Bad lines (not JSON, not an object, no ``documents`` list of non-empty strings, no non-empty
 ``question`` string, an ``answer`` that is not a string) are reported with their line number and
-what was expected. ``on_error="stop"`` (the default) checks the whole file first and raises one
-ValueError listing every bad line, before anything is trained or written; ``on_error="skip"`` warns
-about each bad line and keeps the good ones. Blank lines are ignored; other keys are ignored.
+what was expected, as ``PATH:N: <reason>; expected <format>`` (:func:`scrimp.jsonl.read_jsonl`).
+``on_error="stop"`` (the default) checks the whole file first and raises one ValueError listing the
+bad lines, before anything is trained or written; ``on_error="skip"`` warns about each bad line and
+keeps the good ones. Blank lines are ignored; other keys are ignored.
 """
 from __future__ import annotations
 
-import json
-import os
-import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
+
+from ..jsonl import read_jsonl
 
 __all__ = ["Example", "read_examples", "JSONL_FORMAT"]
 
@@ -29,64 +29,31 @@ class Example:
     line: int  # 1-based line number in the file
 
 
-def _check(obj) -> Tuple[Optional[Example], Optional[str]]:
-    if not isinstance(obj, dict):
-        return None, f"a JSON object, got {type(obj).__name__}"
-    docs = obj.get("documents")
+def _check(obj: dict, line: int) -> Example:
+    """The Example of one line's JSON object; ValueError(reason) for a bad one."""
     if "documents" not in obj:
-        return None, "a 'documents' key (a list of strings)"
+        raise ValueError("no 'documents' key (a list of strings)")
+    docs = obj["documents"]
     if not isinstance(docs, list):
-        return None, f"'documents' to be a list of strings, got {type(docs).__name__}"
+        raise ValueError(f"'documents' is {type(docs).__name__}, not a list of strings")
     if not docs:
-        return None, "'documents' to hold at least one document, got an empty list"
+        raise ValueError("'documents' is an empty list")
     for i, d in enumerate(docs):
         if not isinstance(d, str):
-            return None, f"'documents'[{i}] to be a string, got {type(d).__name__}"
+            raise ValueError(f"'documents'[{i}] is {type(d).__name__}, not a string")
         if not d.strip():
-            return None, f"'documents'[{i}] to be non-empty text"
+            raise ValueError(f"'documents'[{i}] is empty text")
     if "question" not in obj:
-        return None, "a 'question' key (a string)"
+        raise ValueError("no 'question' key (a string)")
     q = obj["question"]
     if not isinstance(q, str) or not q.strip():
-        return None, f"'question' to be non-empty text, got {q!r:.40}"
+        raise ValueError(f"'question' is not non-empty text: {q!r:.40}")
     a = obj.get("answer")
     if a is not None and (not isinstance(a, str) or not a.strip()):
-        return None, f"'answer' (optional) to be non-empty text, got {a!r:.40}"
-    return Example(list(docs), q, a, 0), None
+        raise ValueError(f"'answer' (optional) is not non-empty text: {a!r:.40}")
+    return Example(list(docs), q, a, line)
 
 
 def read_examples(path: str, on_error: str = "stop") -> List[Example]:
     """The examples of a KV Packet JSONL file (see the module docstring for bad lines)."""
-    if on_error not in ("stop", "skip"):
-        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no data file at {path}")
-    good: List[Example] = []
-    bad: List[str] = []
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                ex, why = None, f"one JSON object per line ({e.msg} at column {e.colno})"
-            else:
-                ex, why = _check(obj)
-            if ex is None:
-                msg = f"{path}:{no}: expected {why}"
-                if on_error == "skip":
-                    warnings.warn(f"{msg}; line skipped", stacklevel=2)
-                bad.append(msg)
-                continue
-            ex.line = no
-            good.append(ex)
-    if bad and on_error == "stop":
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise ValueError(f"{len(bad)} bad line(s) in {path} (each line must be {JSONL_FORMAT}); nothing was "
-                         f"done:\n  {shown}")
-    if not good:
-        raise ValueError(f"{path} holds no usable examples (each line must be {JSONL_FORMAT})")
-    return good
+    return read_jsonl(path, _check, f"a JSON object {JSONL_FORMAT}", on_error=on_error)

@@ -422,25 +422,32 @@ PROBLEM_FORMAT = ('a JSON object with "prompt" (a non-empty string) or "messages
 
 def normalise_problem(p) -> dict:
     """One problem as the loop uses it: ``{"prompt", "id"?, "messages"?, "reference"?, ...}``; a plain
-    string is a prompt. ValueError saying what is expected otherwise."""
+    string is a prompt. ValueError saying what is wrong and what is expected otherwise."""
+    try:
+        return _problem(p)
+    except ValueError as e:
+        raise ValueError(f"{e}; expected {PROBLEM_FORMAT}") from None
+
+
+def _problem(p) -> dict:
+    """:func:`normalise_problem` without the expected format in its ValueError (the reason alone)."""
     if isinstance(p, str):
         p = {"prompt": p}
     if not isinstance(p, dict):
-        raise ValueError(f"got {type(p).__name__}; expected {PROBLEM_FORMAT}")
+        raise ValueError(f"got {type(p).__name__}")
     q = dict(p)
     msgs = q.pop("dialogs", None) if "messages" not in q else q.get("messages")
     if msgs is not None:
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in msgs):
-            raise ValueError(f"\"messages\" is not a non-empty list of {{role, content}} strings; expected "
-                             f"{PROBLEM_FORMAT}")
+            raise ValueError("\"messages\" is not a non-empty list of {role, content} strings")
         if msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
-            raise ValueError(f"the last message must be a non-empty user turn; expected {PROBLEM_FORMAT}")
+            raise ValueError("the last message must be a non-empty user turn")
         q["messages"] = [{"role": m["role"], "content": m["content"]} for m in msgs]
         q.setdefault("prompt", msgs[-1]["content"])
     if not isinstance(q.get("prompt"), str) or not q["prompt"].strip():
-        raise ValueError(f"no non-empty \"prompt\" string; expected {PROBLEM_FORMAT}")
+        raise ValueError("no non-empty \"prompt\" string")
     if q.get("id") is not None:
         if isinstance(q["id"], bool) or not isinstance(q["id"], (str, int)):
             raise ValueError(f"\"id\" must be a string or an integer, got {type(q['id']).__name__}")
@@ -453,23 +460,10 @@ def normalise_problem(p) -> dict:
 
 def read_problems(path: str) -> List[dict]:
     """Problems from a JSONL file, one :func:`normalise_problem` object per line (blank lines
-    skipped). ValueError naming ``path:line`` and what is expected on a malformed line."""
-    import json
-    out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError) as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e}); expected {PROBLEM_FORMAT}") from None
-            try:
-                out.append(normalise_problem(obj))
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-    return out
+    skipped). One ValueError listing every malformed line as ``path:line: <reason>; expected ...``
+    (:func:`scrimp.jsonl.read_jsonl`); ValueError for a file with no problem."""
+    from ..jsonl import read_jsonl
+    return read_jsonl(path, lambda obj, line: _problem(obj), PROBLEM_FORMAT)
 
 
 def _normalise_problems(problems) -> List[dict]:

@@ -8,8 +8,8 @@ Each non-blank line of the file is one JSON object with either
 
 other keys (an ``"answer"``, an ``"id"``) are ignored. With a chat template the tokenizer renders both
 forms with ``add_generation_prompt=True``; without one a ``prompt`` is tokenized as plain text and
-``messages`` are refused. A malformed line raises ValueError naming the file, the line number and
-what was expected.
+``messages`` are refused. Malformed lines raise one ValueError listing each as
+``FILE:LINE: <reason>; expected ...`` (:func:`scrimp.jsonl.read_jsonl`).
 
 :func:`prompt_source` turns the rendered prompts into ``f(micro_batch_index, batch_size)`` for
 :meth:`scrimp.tip.OnPolicyDistiller.train`: a fixed function of the index, the seed and the rank, so a
@@ -17,9 +17,10 @@ resumed run draws exactly the prompts the uninterrupted run would have.
 """
 from __future__ import annotations
 
-import json
 import random
 from typing import Callable, Dict, List, Optional, Sequence
+
+from ..jsonl import read_jsonl
 
 EXPECTED = ('a JSON object {"prompt": str} or {"messages": [{"role": str, "content": str}, ...]} '
             '(other keys are ignored)')
@@ -27,45 +28,27 @@ EXPECTED = ('a JSON object {"prompt": str} or {"messages": [{"role": str, "conte
 
 def read_prompt_file(path: str) -> List[Dict]:
     """The validated records of a prompts JSONL file: ``[{"line": n, "prompt": str} | {"line": n, "messages": [...]}]``."""
-    records = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read the prompts file {path}: {e.strerror or e}") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); expected {EXPECTED}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: got a JSON {type(obj).__name__}; expected {EXPECTED}")
-            has_p, has_m = "prompt" in obj, "messages" in obj
-            if has_p == has_m:
-                raise ValueError(f"{where}: {'both' if has_p else 'neither'} \"prompt\" and \"messages\"; "
-                                 f"expected {EXPECTED}")
-            if has_p:
-                if not isinstance(obj["prompt"], str) or not obj["prompt"]:
-                    raise ValueError(f"{where}: \"prompt\" must be a non-empty string, got {obj['prompt']!r:.80}")
-                records.append({"line": n, "prompt": obj["prompt"]})
-                continue
-            msgs = obj["messages"]
-            if not isinstance(msgs, list) or not msgs:
-                raise ValueError(f"{where}: \"messages\" must be a non-empty list; expected {EXPECTED}")
-            for i, m in enumerate(msgs):
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                    raise ValueError(f"{where}: messages[{i}] must be {{\"role\": str, \"content\": str}}, "
-                                     f"got {m!r:.80}")
-            if msgs[-1]["role"] == "assistant":
-                raise ValueError(f"{where}: the last message is the assistant's; the student writes the next "
-                                 "assistant turn, so end with a user (or system/tool) message")
-            records.append({"line": n, "messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
-    if not records:
-        raise ValueError(f"{path}: no prompts (the file is empty); expected one {EXPECTED} per line")
-    return records
+    return read_jsonl(path, _check_prompt, EXPECTED)
+
+
+def _check_prompt(obj: dict, n: int) -> Dict:
+    has_p, has_m = "prompt" in obj, "messages" in obj
+    if has_p == has_m:
+        raise ValueError(f"{'both' if has_p else 'neither'} \"prompt\" and \"messages\"")
+    if has_p:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+            raise ValueError(f"\"prompt\" must be a non-empty string, got {obj['prompt']!r:.80}")
+        return {"line": n, "prompt": obj["prompt"]}
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("\"messages\" must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"messages[{i}] must be {{\"role\": str, \"content\": str}}, got {m!r:.80}")
+    if msgs[-1]["role"] == "assistant":
+        raise ValueError("the last message is the assistant's; the student writes the next assistant turn, so "
+                         "end with a user (or system/tool) message")
+    return {"line": n, "messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
 
 
 def render_prompt(record: Dict, tokenizer, where: str = "prompt") -> List[int]:
