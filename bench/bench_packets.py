@@ -197,8 +197,8 @@ def assembly_bench(args, out):
 
 def method_bench(args, out):
     """The method table: on ``--data`` (JSONL) with ``--model``, else on the testbed recall task."""
-    from scrimp.packets.compare import (DEFAULT_ADAPTERS, compare_methods, compare_on_testbed, format_table,
-                                        load_adapters)
+    from scrimp.packets.compare import DEFAULT_ADAPTERS, compare_methods, format_table, load_adapters
+    from scrimp.packets.bench import compare_on_testbed
 
     try:
         model, tok = scrimp.load_model(args.model, device=args.device)

@@ -105,7 +105,7 @@ def test_features_are_refused_by_name(ckpts):
 
 
 # Modules that may choose the testbed as their default: command lines, demos and benchmarks.
-TESTBED_CLIENTS = ("cli.py", "demo.py", "bench.py", "benchmarks.py", "memory.py", "compare.py")
+TESTBED_CLIENTS = ("cli.py", "demo.py", "bench.py", "benchmarks.py")
 
 
 def _imports_testbed(path):

@@ -9,7 +9,7 @@ from packets_helpers import tiny_recall_setup
 from scrimp.packets import method as M
 from scrimp.packets import rope as R
 from scrimp.packets.cli import _non_negative_int
-from scrimp.packets.compare import split_recall_prompt
+from scrimp.packets.bench import split_recall_prompt
 from scrimp.packets.prompt import Prompt
 
 

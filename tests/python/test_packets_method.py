@@ -8,7 +8,7 @@ import torch
 import scrimp.testbed as tb
 from packets_helpers import tiny_recall_setup
 from scrimp.packets import method as M
-from scrimp.packets.compare import recall_prompts, split_recall_prompt
+from scrimp.packets.bench import recall_prompts, split_recall_prompt
 from scrimp.packets.train import student_answer_logits, train_adapters
 
 
@@ -143,7 +143,7 @@ def test_recomputing_everything_equals_full_prefill(setup):
 def test_methods_run_in_the_testbed_harness(setup):
     import io
 
-    from scrimp.packets.compare import compare_on_testbed
+    from scrimp.packets.bench import compare_on_testbed
 
     model, tok, ex, pr = setup
     ad = M.Adapters(model.config.hidden_size)
@@ -226,7 +226,8 @@ def test_shipped_adapters_on_the_shipped_recall_model():
     recompute's (the 100- and 500-prompt tables are in docs/packets.md)."""
     import io
 
-    from scrimp.packets.compare import RECALL_CONTEXT, compare_on_testbed, load_adapters
+    from scrimp.packets.compare import load_adapters
+    from scrimp.packets.bench import RECALL_CONTEXT, compare_on_testbed
 
     model, tok = tb.load("recall")
     ad = load_adapters(model)

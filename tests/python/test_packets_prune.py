@@ -7,7 +7,8 @@ import torch
 import scrimp
 from packets_helpers import tiny_recall_setup
 from scrimp.packets import method as M
-from scrimp.packets.compare import pruning_of, split_recall_prompt
+from scrimp.packets.compare import pruning_of
+from scrimp.packets.bench import split_recall_prompt
 from scrimp.packets.prune import Pruning, attention_scores
 from scrimp.packets.store import packet_key
 

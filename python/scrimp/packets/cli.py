@@ -9,7 +9,8 @@ import sys
 
 from ..cli import add_common_arguments, register_command, write_json
 from ..models import add_model_arguments, load_model
-from .compare import ALL_METHODS, RECALL_CONTEXT
+from .compare import ALL_METHODS
+from .bench import RECALL_CONTEXT
 
 #: the model the commands use when none is named (the shipped example, with shipped adapters)
 DEFAULT_MODEL = "testbed:recall"
@@ -63,7 +64,7 @@ def _run_train(args) -> int:
         max_answer = args.max_answer_tokens
         heldout = args.heldout
     else:  # the testbed recall task: fresh prompts far from the evaluation seeds
-        from .compare import recall_prompts
+        from .bench import recall_prompts
 
         prompts = recall_prompts(tok, args.n_train, args.context_tokens, seed=args.seed, training=True)
         max_answer = [len(p.answer) + 1 for p in prompts]
@@ -89,7 +90,7 @@ def _run_train(args) -> int:
                "heldout_before": hist["heldout_before"], "heldout_after": hist["heldout_after"],
                "adapters": out, "adapter_id": ad.adapter_id, "checkpoint": ckpt}
     if args.eval_n and _is_testbed_recall(args.model):
-        from .compare import compare_on_testbed
+        from .bench import compare_on_testbed
         rows = compare_on_testbed(model, tok, ad, n=args.eval_n, context_tokens=args.context_tokens,
                                   methods=["full", "none", "kvpacket"], out=sys.stderr)
         metrics.update({f"accuracy_{r['method']}": r["accuracy"] for r in rows})
@@ -99,7 +100,8 @@ def _run_train(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from .compare import compare_methods, compare_on_testbed, format_table, load_adapters
+    from .compare import compare_methods, format_table, load_adapters
+    from .bench import compare_on_testbed
 
     methods = args.methods or None
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)

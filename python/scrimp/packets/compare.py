@@ -1,5 +1,5 @@
-"""Accuracy / time-to-first-token / FLOPs of KV Packet and its baselines on the testbed ``recall`` task,
-all through :func:`scrimp.testbed.evaluate` with a different ``generate_fn``."""
+"""Accuracy / time-to-first-token / FLOPs of KV Packet and its baselines on any prompts: one row per
+method (full recompute, no recompute, KV Packet, CacheBlend-r, EPIC)."""
 from __future__ import annotations
 
 import os
@@ -14,25 +14,10 @@ import torch
 from . import method as M
 from .prompt import Prompt
 
-__all__ = ["DEFAULT_ADAPTERS", "RECALL_CONTEXT", "compare_methods", "compare_on_testbed", "format_table",
-           "load_recall_model", "load_adapters", "split_recall_prompt", "recall_prompts", "answer_matches",
-           "ALL_METHODS"]
+__all__ = ["DEFAULT_ADAPTERS", "compare_methods", "format_table", "load_adapters", "answer_matches", "ALL_METHODS"]
 
 #: adapters shipped for the testbed ``recall`` model
 DEFAULT_ADAPTERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters", "recall.safetensors")
-
-#: context length (tokens) of the testbed comparison: the length the recall model is trained for. At
-#: 1,024 tokens no recompute already matches full recompute on this task (KL 0.0008 on the first answer
-#: token), so there is nothing for adapters or recompute to restore; at 2,048 there is.
-RECALL_CONTEXT = 2048
-
-
-def load_recall_model():
-    """The testbed ``recall`` model and tokenizer (FileNotFoundError while it is not shipped)."""
-    from .. import testbed
-
-    return testbed.load("recall")
-
 
 def load_adapters(model, path: Optional[str] = None) -> M.Adapters:
     return M.Adapters.load(path or DEFAULT_ADAPTERS, model)
@@ -72,48 +57,6 @@ def _median(xs):
 #: every method name compare_methods knows (plus kvpacket-knorm-<pct> / kvpacket-attn-<pct>)
 ALL_METHODS = ("full", "none", "kvpacket", "cacheblend-10", "cacheblend-30", "cacheblend-50", "epic")
 _CACHEBLEND = re.compile(r"^cacheblend-(\d{1,3})$")
-
-
-def split_recall_prompt(ids: Sequence[int], tokenizer) -> Prompt:
-    """A testbed ``recall`` prompt as a :class:`Prompt`, split at its ``<doc>``/``</doc>`` markers: a
-    document runs from ``<doc>`` through ``</doc>`` and the token after it (the newline)."""
-    vocab = tokenizer.get_vocab()
-    if "<doc>" not in vocab or "</doc>" not in vocab:
-        raise ValueError("split_recall_prompt needs a tokenizer with <doc> and </doc> tokens (the testbed's)")
-    open_id, close_id = vocab["<doc>"], vocab["</doc>"]
-    ids = [int(i) for i in ids]
-    prefix: List[int] = []
-    docs: List[List[int]] = []
-    i = 0
-    while i < len(ids) and ids[i] != open_id:
-        prefix.append(ids[i])
-        i += 1
-    while i < len(ids) and ids[i] == open_id:
-        j = ids.index(close_id, i) if close_id in ids[i:] else len(ids) - 1
-        end = min(j + 2, len(ids))
-        docs.append(ids[i:end])
-        i = end
-    return Prompt(prefix, docs, ids[i:])
-
-
-#: testbed recall training prompts use seeds from here on, far from the evaluation seeds (0, 1, 2, ...)
-TRAIN_SEED_BASE = 50_000_000
-
-
-def recall_prompts(tokenizer, n: int, context_tokens: int = RECALL_CONTEXT, seed: int = 0,
-                   training: bool = False) -> List[Prompt]:
-    """The ``n`` testbed ``recall`` prompts :func:`scrimp.testbed.evaluate` scores (same seeds), with
-    their reference answers; ``training``: prompts from seeds far from every evaluation seed."""
-    from .. import testbed
-
-    out = []
-    for i in range(n):
-        s = TRAIN_SEED_BASE + seed * 100_003 + i if training else seed * 1_000_003 + i
-        ex = testbed.tasks.recall(seed=s, context_tokens=context_tokens, tokenizer=tokenizer)
-        p = split_recall_prompt(ex.prompt_ids, tokenizer)
-        p.answer = list(ex.answer_ids)
-        out.append(p)
-    return out
 
 
 def _normalize(text: str) -> str:
@@ -248,24 +191,6 @@ def compare_methods(model, tokenizer, adapters: Optional[M.Adapters], prompts: S
         print(f"  {name:<14} acc {acc}  KL {kl:.4f}  agree {100 * agree:5.1f}%  ttft {row['ttft_ms']:7.1f} ms  "
               f"flops {flops:9.3g}  ({row['seconds']:.0f}s)", file=out, flush=True)
     return rows
-
-
-def compare_on_testbed(model, tokenizer, adapters: Optional[M.Adapters], n: int = 20,
-                       context_tokens: int = RECALL_CONTEXT, seed: int = 0, methods: Optional[Sequence[str]] = None,
-                       out=None, fidelity: bool = True, progress: bool = False) -> List[Dict]:
-    """:func:`compare_methods` on the testbed ``recall`` task, accuracy scored by
-    :func:`scrimp.testbed.evaluate` on the same ``n`` prompts."""
-    from .. import testbed
-
-    def accuracy_fn(answer_fn):
-        def gen(model_, tok_, prompt_ids, max_new_tokens):
-            ids = answer_fn(split_recall_prompt(prompt_ids[0].tolist(), tok_), max_new_tokens)
-            return torch.tensor(ids, dtype=torch.long)
-        return testbed.evaluate(model, tokenizer, "recall", n=n, seed=seed, context_tokens=context_tokens,
-                                generate_fn=gen, progress=progress)["accuracy"]
-
-    return compare_methods(model, tokenizer, adapters, recall_prompts(tokenizer, n, context_tokens, seed), methods,
-                           accuracy_fn=accuracy_fn, fidelity=fidelity, progress=progress, out=out)
 
 
 def format_table(rows: List[Dict], anchor: str = "full") -> str:

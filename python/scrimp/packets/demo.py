@@ -44,7 +44,8 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     import io
 
     from .. import report, testbed
-    from .compare import DEFAULT_ADAPTERS, RECALL_CONTEXT, compare_on_testbed, load_adapters
+    from .compare import DEFAULT_ADAPTERS, load_adapters
+    from .bench import RECALL_CONTEXT, compare_on_testbed
 
     n = n or (10 if quick else 30)
     methods = ["full", "none", "kvpacket", "cacheblend-10", "epic"] + ([] if quick else ["cacheblend-30"])

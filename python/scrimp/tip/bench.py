@@ -58,3 +58,37 @@ def arith_accuracy(model, tokenizer, n: int = 50, seed: int = 0, batch_size: int
         if was_training:
             model.train()
     return {"accuracy": sum(r["correct"] for r in results) / n, "n": n, "results": results}
+
+
+def testbed_spec(name: str) -> str:
+    """A bare testbed name (``arith-teacher``) as a model spec; specs and directories unchanged."""
+    from .. import testbed
+
+    return f"testbed:{name}" if name in testbed.MODELS else name
+
+
+def arith_step_batch(student: str, teacher: str, batch: int, device: str, dt):
+    """Testbed models (names or HF directories) and a batch of arith prompts + student-style completions."""
+    from ..models import load_model
+    from ..testbed import tasks
+
+    s, tok = load_model(testbed_spec(student), device="cpu")
+    t, _ = load_model(testbed_spec(teacher), device="cpu")
+    exs = [tasks.arith(seed=20_000_000 + i, style="student", tokenizer=tok) for i in range(batch)]
+    seqs = [e.prompt_ids + e.completion_ids + [tok.eos_token_id] for e in exs]
+    L = max(len(x) for x in seqs)
+    ids = torch.full((batch, L), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    resp = torch.zeros(batch, L, dtype=torch.bool)
+    for i, (e, x) in enumerate(zip(exs, seqs)):
+        ids[i, :len(x)] = torch.tensor(x)
+        attn[i, :len(x)] = 1
+        resp[i, len(e.prompt_ids):len(x)] = True
+    return s.to(device, dt), t.to(device, dt).eval(), ids.to(device), attn.to(device), resp.to(device)
+
+
+def testbed_tokenizer():
+    """The testbed tokenizer (it pads), for benchmarks whose models only need a pad-capable tokenizer."""
+    from ..testbed import get_tokenizer
+
+    return get_tokenizer()

@@ -55,31 +55,37 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _spec(name: str) -> str:
-    """A bare testbed name (``arith-teacher``) as a model spec; specs and directories unchanged."""
-    from .. import testbed
+def _random_qwen3(seed: int, hidden: int, vocab: int, positions: int, device: str, dt):
+    """A 2-layer random-weight Qwen3 of width ``hidden`` (the step's student or 2x-wider teacher)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    return f"testbed:{name}" if name in testbed.MODELS else name
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                      max_position_embeddings=positions, tie_word_embeddings=True)
+    return Qwen3ForCausalLM(cfg).to(device, dt)
 
 
-def _arith_batch(student: str, teacher: str, batch: int, device: str, dt):
-    """Testbed models (names or HF directories) and a batch of arith prompts + student-style completions."""
-    from ..models import load_model
-    from ..testbed import tasks
+def _measured(step, device: str):
+    """Run ``step()`` once and return ``(its result, peak bytes above the memory before it, seconds,
+    whether the CPU peak could be reset)``: CUDA ``max_memory_allocated``, else the RSS high-water mark."""
+    import gc
 
-    s, tok = load_model(_spec(student), device="cpu")
-    t, _ = load_model(_spec(teacher), device="cpu")
-    exs = [tasks.arith(seed=20_000_000 + i, style="student", tokenizer=tok) for i in range(batch)]
-    seqs = [e.prompt_ids + e.completion_ids + [tok.eos_token_id] for e in exs]
-    L = max(len(x) for x in seqs)
-    ids = torch.full((batch, L), tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    resp = torch.zeros(batch, L, dtype=torch.bool)
-    for i, (e, x) in enumerate(zip(exs, seqs)):
-        ids[i, :len(x)] = torch.tensor(x)
-        attn[i, :len(x)] = 1
-        resp[i, len(e.prompt_ids):len(x)] = True
-    return s.to(device, dt), t.to(device, dt).eval(), ids.to(device), attn.to(device), resp.to(device)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    reset = _reset_peak_rss()
+    before_rss = _rss_bytes()
+    t = time.perf_counter()
+    out = step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = _peak_rss_bytes() - before_rss
+    return out, int(peak), time.perf_counter() - t, reset
 
 
 def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch: int, prompt: int, response: int,
@@ -87,28 +93,21 @@ def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch:
     """One measured step in *this* process (use :func:`measure_step_memory` for a clean one). With
     ``student`` / ``teacher`` (testbed names or directories) the step runs on those models and a batch of
     ``batch`` arith examples instead of the random-weight shapes."""
-    import resource
-
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from .select import select
     from .step import plain_loss, tip_loss
 
     torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
 
-    def model(seed, h):
-        torch.manual_seed(seed)
-        cfg = Qwen3Config(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=h // 4,
-                          max_position_embeddings=prompt + response + 8, tie_word_embeddings=True)
-        return Qwen3ForCausalLM(cfg).to(device, dt)
-
     if student:
-        student_m, teacher_m, ids, attn, resp = _arith_batch(student, teacher, batch, device, dt)
+        from .bench import arith_step_batch
+
+        student_m, teacher_m, ids, attn, resp = arith_step_batch(student, teacher, batch, device, dt)
         vocab = student_m.get_output_embeddings().weight.shape[0]
     else:
-        student_m, teacher_m = model(0, hidden), model(1, 2 * hidden).eval()
+        positions = prompt + response + 8
+        student_m = _random_qwen3(0, hidden, vocab, positions, device, dt)
+        teacher_m = _random_qwen3(1, 2 * hidden, vocab, positions, device, dt).eval()
         g = torch.Generator().manual_seed(0)
         L = prompt + response
         ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
@@ -138,23 +137,9 @@ def run_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, batch:
     w = min(ids.shape[1], int(torch.nonzero(resp[0]).min()) + 4)
     one_step(ids[:1, :w], attn[:1, :w], resp[:1, :w])
     student.zero_grad(set_to_none=True)
-    import gc
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    reset = _reset_peak_rss()
-    before_rss = _rss_bytes()
-    t = time.perf_counter()
-    loss = one_step(ids, attn, resp)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = _peak_rss_bytes() - before_rss
-    return {"mode": mode, "rule": rule, "ratio": ratio, "peak_step_bytes": int(peak),
-            "seconds": time.perf_counter() - t, "loss": float(loss),
+    loss, peak, seconds, reset = _measured(lambda: one_step(ids, attn, resp), device)
+    return {"mode": mode, "rule": rule, "ratio": ratio, "peak_step_bytes": peak,
+            "seconds": seconds, "loss": float(loss),
             "fp32_logits_bytes": int(resp.sum()) * vocab * 4, "peak_reset": reset}
 
 
@@ -164,26 +149,18 @@ def run_trl_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, ba
     logits, TRL's generalized JSD) or :class:`scrimp.tip.trl_hook.TipGKDTrainer` (``trl-tip``: the lean step)
     on the same random batch, both built by TRL (``GKDConfig``, beta 1 = reverse KL);
     memory measured as in :func:`run_step`."""
-    import gc
     import tempfile
 
     from datasets import Dataset
-    from transformers import Qwen3Config, Qwen3ForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from ..testbed import get_tokenizer
+    from .bench import testbed_tokenizer
     from .trl_hook import TipGKDTrainer
 
     torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
-    tok = get_tokenizer()  # pads; the models have ``vocab`` rows and the batch is random ids below it
-
-    def model(seed, h):
-        torch.manual_seed(seed)
-        cfg = Qwen3Config(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=h // 4,
-                          max_position_embeddings=prompt + response + 8, tie_word_embeddings=True)
-        return Qwen3ForCausalLM(cfg).to(device, dt)
+    tok = testbed_tokenizer()  # pads; the models have ``vocab`` rows and the batch is random ids below it
+    positions = prompt + response + 8
 
     args = GKDConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, lmbda=0.0, beta=1.0,
                      report_to="none", use_cpu=device == "cpu", save_strategy="no", disable_tqdm=True,
@@ -191,7 +168,8 @@ def run_trl_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, ba
     ds = Dataset.from_list([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}])
     kw = dict(tip_rule=rule, tip_ratio=ratio, tip_chunk_tokens=chunk, tip_vocab_size=vocab) if mode == "trl-tip" else {}
     cls = TipGKDTrainer if mode == "trl-tip" else GKDTrainer
-    tr = cls(model=model(0, hidden), teacher_model=model(1, 2 * hidden), args=args, train_dataset=ds,
+    tr = cls(model=_random_qwen3(0, hidden, vocab, positions, device, dt),
+             teacher_model=_random_qwen3(1, 2 * hidden, vocab, positions, device, dt), args=args, train_dataset=ds,
              processing_class=tok, **kw)
     g = torch.Generator().manual_seed(0)
     L = prompt + response
@@ -208,22 +186,9 @@ def run_trl_step(mode: str, rule: str, ratio: float, vocab: int, hidden: int, ba
     w = prompt + 4  # warm-up on one short sequence
     one_step({k: v[:1, :w] for k, v in inputs.items()})
     tr.model.zero_grad(set_to_none=True)
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    reset = _reset_peak_rss()
-    before_rss = _rss_bytes()
-    t = time.perf_counter()
-    loss = one_step(inputs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = _peak_rss_bytes() - before_rss
+    loss, peak, seconds, reset = _measured(lambda: one_step(inputs), device)
     return {"mode": mode, "rule": rule if mode == "trl-tip" else "all", "ratio": ratio if mode == "trl-tip" else 1.0,
-            "peak_step_bytes": int(peak), "seconds": time.perf_counter() - t, "loss": float(loss),
+            "peak_step_bytes": peak, "seconds": seconds, "loss": float(loss),
             "fp32_logits_bytes": batch * response * vocab * 4, "peak_reset": reset}
 
 
