@@ -549,8 +549,8 @@ def test_cli_demo_and_errors(capsys):
 def test_train_recipe_overrides_are_checked(tmp_path):
     from scrimp.testbed import train as T
 
-    with pytest.raises(SystemExit, match="expected a number"):
-        T.main(["--task", "recall", "--out", str(tmp_path / "a"), "--set", "lr=abc"])
+    with pytest.raises(ValueError, match="recipe entry 'lr' is a number, got 'abc'"):
+        T.main(["--task", "recall", "--out", str(tmp_path / "a"), "--set", "lr=abc", "--steps", "1"])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         T.main(["--task", "recall", "--out", str(tmp_path / "a"), "--set", "lr"])
     with pytest.raises(ValueError, match="unknown recipe entry 'nope'"):
@@ -609,6 +609,55 @@ def test_recall_training_text_confusable_keys_share_letters():
             assert text[a:b] == v + "<eos>" and records[k] == v
     plain, _ = tasks.recall_training_text(random.Random(3), 2048, 32)
     assert len(set("".join(re.findall(r"([A-Z]{2})=\d{3}\n", plain)))) == 26
+
+
+def test_recall_training_text_shared_value_prefixes_collide():
+    """shared_value_prefixes: about one two-digit value prefix per 8 records, so a prefix recurs in
+    many records and only the key tells the third digit; keys stay the plain layout's and every answer
+    span is its record's value. A batch draws such contexts only after the look-up has formed."""
+    import collections
+    import random
+    import re
+    from scrimp.testbed import tasks, train
+
+    for L, nq in [(160, 8), (2048, 32)]:
+        text, spans = tasks.recall_training_text(random.Random(3), L, nq, shared_value_prefixes=True)
+        assert (text, spans) == tasks.recall_training_text(random.Random(3), L, nq, shared_value_prefixes=True)
+        pairs = re.findall(r"([A-Z]{2})=(\d{3})\n", text.partition("Query: ")[0])
+        records = dict(pairs)
+        assert len(records) == len(pairs)
+        prefixes = collections.Counter(v[:2] for v in records.values())
+        assert len(prefixes) <= max(2, -(-len(records) // 8))
+        for (a, b), (k, v) in zip(spans, re.findall(r"Query: ([A-Z]{2})=(\d{3})", text)):
+            assert text[a:b] == v + "<eos>" and records[k] == v
+    plain, _ = tasks.recall_training_text(random.Random(3), 2048, 32)
+    plain_prefixes = {v[:2] for v in re.findall(r"[A-Z]{2}=(\d{3})\n", plain)}
+    assert len(plain_prefixes) > 3 * len(prefixes)
+    tok = tasks._tokenizer(None)
+    base = dict(train.RECIPES[("recall", "teacher")], induction_share=0.0)
+    collide = dict(base, value_collision_share=1.0)
+    assert train.recall_batch(tok, random.Random(5), 0.0, base) == train.recall_batch(tok, random.Random(5), 0.0, collide)
+    assert train.recall_batch(tok, random.Random(5), 0.5, base) != train.recall_batch(tok, random.Random(5), 0.5, collide)
+
+
+def test_recall_training_continues_from_a_checkpoint_directory(tmp_path):
+    """``--set init=DIR`` continues from a saved checkpoint (its shape must be the recipe's); a shape
+    mismatch names both shapes."""
+    from scrimp.testbed import train as T
+
+    small = ["--set", "hidden=32", "--set", "intermediate=64", "--set", "layers=1", "--set", "heads=2",
+             "--set", "kv_heads=1", "--set", "head_dim=16", "--set", "tokens_per_step=256",
+             "--set", "max_len=200"]
+    T.main(["--task", "recall", "--out", str(tmp_path / "a"), "--steps", "1", "--quick-eval",
+            "--eval-n", "1", "--quiet", "--threads", "1"] + small)
+    m = T.main(["--task", "recall", "--out", str(tmp_path / "b"), "--steps", "1", "--quick-eval",
+                "--eval-n", "1", "--quiet", "--threads", "1", "--set", f"init={tmp_path / 'a'}"] + small)
+    assert m == 0
+    import json
+    assert json.load(open(tmp_path / "b" / "metrics.json"))["recipe"]["init"] == str(tmp_path / "a")
+    with pytest.raises(ValueError, match="has shape"):
+        T.main(["--task", "recall", "--out", str(tmp_path / "c"), "--steps", "1", "--quick-eval",
+                "--quiet", "--set", f"init={tmp_path / 'a'}"])
 
 
 def test_recall_batch_confusable_keys_leave_the_stream_before_the_look_up_alone(tok):

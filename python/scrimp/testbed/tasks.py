@@ -193,7 +193,8 @@ def recall(n_docs: int = 8, records_per_doc: int = 16, seed: int = 0,
 
 def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int,
                          records_per_doc: int = 16,
-                         confusable_keys: bool = False) -> Tuple[str, List[Tuple[int, int]]]:
+                         confusable_keys: bool = False,
+                         shared_value_prefixes: bool = False) -> Tuple[str, List[Tuple[int, int]]]:
     """A training sequence: a recall context followed by ``n_queries`` answered
     queries ``Query: K=VVV<eos>\\n``. Returns the text and the character spans of
     every answer (value digits plus ``<eos>``), on which the loss is taken.
@@ -203,6 +204,12 @@ def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int
     others and reversed pairs (``KE`` / ``EK``) occur even in short contexts. The look-up then has to
     match both letters in order; the typical error of a model trained without it at 2,048 tokens is
     the value of a record whose key shares one letter with the queried key (``XS`` -> ``SS``'s value).
+
+    ``shared_value_prefixes``: the values' first two digits come from a random set of about one
+    prefix per 8 records, so every ``d1 d2`` occurs in ~8 records and the third digit can only be
+    copied from the queried key's record. Without it a 2-digit prefix occurs in ~3 records at
+    2,048 tokens, and the typical error of the model is a right record's first two digits followed by
+    another record's third digit (``869`` -> ``862``, the value of a record that also starts ``86``).
     """
     counts = recall_records_for_context(context_tokens - (n_queries - 1) * 12, records_per_doc)
     if confusable_keys:
@@ -216,6 +223,11 @@ def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int
             k += c
     else:
         records = _recall_layout(rng, counts)
+    if shared_value_prefixes:
+        total = sum(counts)
+        prefixes = rng.sample(range(100), max(2, min(100, math.ceil(total / 8))))
+        records = [[(k, "%02d%d" % (rng.choice(prefixes), rng.randrange(10))) for k, _ in recs]
+                   for recs in records]
     _, text = _recall_context_text(records)
     flat = [kv for recs in records for kv in recs]
     spans = []

@@ -47,7 +47,12 @@ RECIPES = {
         # past the 2,048 the model is evaluated at (with max_len 2048 they stopped at 1,676).
         max_pos=8192, steps=6000, lr=1e-3, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2432, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
-        queries_per_token=1 / 20, confusable_share=0.0, lr_horizon=6000, small_alphabet_share=0.5),
+        queries_per_token=1 / 20, confusable_share=0.0, lr_horizon=6000, small_alphabet_share=0.5,
+        # value_collision_share: after the gate, that share of the recall contexts reuses ~1 two-digit
+        # value prefix per 8 records (`tasks.recall_training_text(shared_value_prefixes=True)`)
+        value_collision_share=0.0,
+        # init: a shipped checkpoint name or a checkpoint directory to continue training from
+        init=""),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
         max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
@@ -74,8 +79,12 @@ def build_model(recipe, tokenizer, seed):
     import torch
     torch.manual_seed(seed)
     if recipe.get("init"):
-        from . import load
-        model, _ = load(recipe["init"])
+        if os.path.isdir(recipe["init"]):
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(recipe["init"])
+        else:
+            from . import load
+            model, _ = load(recipe["init"])
         cfg = model.config
         got = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
                cfg.num_key_value_heads)
@@ -198,7 +207,10 @@ def recall_batch(tok, rng, progress, r):
             # before that, so the data stream up to the look-up is the one the recipe always had.
             share = r.get("confusable_share", 0.0)
             confusable = progress > 0 and share > 0 and rng.random() < share
-            text, spans = tasks.recall_training_text(rng, L, nq, confusable_keys=confusable)
+            vshare = r.get("value_collision_share", 0.0)
+            collide = progress > 0 and vshare > 0 and rng.random() < vshare
+            text, spans = tasks.recall_training_text(rng, L, nq, confusable_keys=confusable,
+                                                     shared_value_prefixes=collide)
             i, m = _encode_with_mask(tok, text, spans)
             # 2 = answer token (loss, and the curriculum's criterion); 1 = context token with loss
             m = [2 if a else (1 if r["context_loss"] else 0) for a in m]
@@ -321,7 +333,12 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     for k, v in (overrides or {}).items():
         if k not in r:
             raise ValueError(f"unknown recipe entry {k!r}; valid: {', '.join(sorted(r))}")
-        r[k] = type(r[k])(v) if not isinstance(r[k], str) else v
+        if isinstance(r[k], str):
+            r[k] = str(v)
+        elif isinstance(v, str):
+            raise ValueError(f"recipe entry {k!r} is a number, got {v!r}")
+        else:
+            r[k] = type(r[k])(v)
     if steps is not None:
         r["steps"] = steps
         r["warmup"] = min(r["warmup"], max(1, steps // 10))
@@ -468,7 +485,7 @@ def _parse_overrides(items):
         try:
             out[k.strip()] = float(v) if any(c in v for c in ".e") else int(v)
         except ValueError:
-            raise SystemExit(f"--set {k.strip()}: expected a number, got {v!r}") from None
+            out[k.strip()] = v.strip()  # a text entry (init); train() checks it against the recipe
     return out
 
 
