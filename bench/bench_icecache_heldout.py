@@ -27,23 +27,26 @@ from scrimp import testbed
 from scrimp.icecache import answer_matches, make_generate_fn
 
 #: name -> IceCache options (dense_layers 0 everywhere: the recall model has 4 layers, and with its
-#: first 2 dense the look-up happens there, so the budget would not be tested)
+#: first 2 dense the look-up happens there, so the budget would not be tested). "paper" names spell out
+#: the sink and window (2 + 2 pages, the paper's; "sink1win1": 1 + 1) so that they do not follow the
+#: library defaults; "default" is whatever the library's defaults are.
 CONFIGS = {
     "default@256": dict(budget=256),
-    "paper16@256": dict(budget=256, page_size=16, summaries=False, rerank=0),
-    "paper8@256": dict(budget=256, page_size=8, summaries=False, rerank=0),
-    "paper8+rerank4@256": dict(budget=256, page_size=8, summaries=False, rerank=4),
-    "paper8+summaries@256": dict(budget=256, page_size=8, summaries=True, rerank=0),
-    "paper8+summaries+rerank4@256": dict(budget=256, page_size=8, summaries=True, rerank=4),
+    "paper16@256": dict(budget=256, sink_pages=2, window_pages=2, page_size=16, summaries=False, rerank=0),
+    "paper8@256": dict(budget=256, sink_pages=2, window_pages=2, page_size=8, summaries=False, rerank=0),
+    "paper8+rerank4@256": dict(budget=256, sink_pages=2, window_pages=2, page_size=8, summaries=False, rerank=4),
+    "paper8+summaries@256": dict(budget=256, sink_pages=2, window_pages=2, page_size=8, summaries=True, rerank=0),
+    "paper8+summaries+rerank4@256": dict(budget=256, sink_pages=2, window_pages=2, page_size=8, summaries=True, rerank=4),
     "default@64": dict(budget=64),
-    "paper8@64": dict(budget=64, page_size=8, summaries=False, rerank=0),
+    "paper8@64": dict(budget=64, sink_pages=2, window_pages=2, page_size=8, summaries=False, rerank=0),
     "paper8+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1, summaries=False, rerank=0),
     "paper8+summaries+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1, summaries=True,
                                           rerank=0),
-    "paper8+summaries+rerank4@64": dict(budget=64, page_size=8, summaries=True, rerank=4),
+    "paper8+summaries+rerank4@64": dict(budget=64, sink_pages=2, window_pages=2, page_size=8, summaries=True, rerank=4),
     "paper8+summaries+rerank4+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1,
                                                   summaries=True, rerank=4),
-    "paper8+rerank4+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1, rerank=4),
+    "paper8+rerank4+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1, summaries=False,
+                                        rerank=4),
     "paper8+summaries+rerank8+sink1win1@64": dict(budget=64, page_size=8, sink_pages=1, window_pages=1,
                                                   summaries=True, rerank=8),
     "paper8+summaries+rerank8+sink1win1@256": dict(budget=256, page_size=8, sink_pages=1, window_pages=1,
