@@ -531,22 +531,27 @@ def test_page_summaries_are_exact_at_full_budget_and_hold_device_mirrors(kind):
 
 def test_page_summaries_and_rerank_keep_the_shipped_recall_models_accuracy_at_budget_64():
     """On the shipped recall model at budget 64 (8-token pages, sink 1 + window 1 page, no dense
-    layers; 2,048-token contexts, 30 prompts) summaries of the unselected pages answer at least as
-    many prompts as IceCache without them, and summaries + rerank 4 within 1 prompt of the full cache
-    (recorded on these 30 prompts of example seed 0: full 26, plain 15, summaries 21, summaries +
-    rerank 26)."""
+    layers; 2,048-token contexts, 30 prompts of example seed 0): each of summaries, rerank 4 and
+    rerank 8 answers more prompts than the step before it, and every configuration holds its recorded
+    count minus one prompt (RECORDED_64_30)."""
     import scrimp.testbed as tb
     from scrimp.icecache import make_generate_fn
 
     model, tok = tb.load("recall")
     geo = dict(page_size=8, sink_pages=1, window_pages=1, dense_layers=0, max_context=2112)
-    acc = {kw: tb.evaluate(model, tok, "recall", n=30, context_tokens=2048,
-                           generate_fn=make_generate_fn("icecache", budget=64, summaries=kw[0], rerank=kw[1],
-                                                        **geo))["accuracy"]
-           for kw in ((False, 0), (True, 0), (True, 4))}
-    full = tb.evaluate(model, tok, "recall", n=30, context_tokens=2048)["accuracy"]
-    assert acc[(True, 0)] >= acc[(False, 0)]
-    assert acc[(True, 4)] >= full - 1 / 30 and acc[(True, 4)] > acc[(True, 0)]
+    got = {kw: sum(r["correct"] for r in tb.evaluate(
+        model, tok, "recall", n=30, context_tokens=2048,
+        generate_fn=make_generate_fn("icecache", budget=64, summaries=kw[0], rerank=kw[1], **geo))["results"])
+        for kw in ((False, 0), (True, 0), (True, 4), (True, 8))}
+    got["full"] = sum(r["correct"] for r in tb.evaluate(model, tok, "recall", n=30, context_tokens=2048)["results"])
+    for kw, recorded in RECORDED_64_30.items():
+        assert got[kw] >= recorded - 1, (kw, got)
+    assert got[(False, 0)] < got[(True, 0)] < got[(True, 4)] <= got[(True, 8)] <= got["full"] + 1, got
+
+
+#: correct answers of 30 prompts of example seed 0 at budget 64 (summaries, rerank), recorded on the
+#: shipped recall model
+RECORDED_64_30 = {"full": 27, (False, 0): 7, (True, 0): 19, (True, 4): 23, (True, 8): 25}
 
 
 def test_page_summaries_with_reuse_selection_are_exact_at_full_budget_and_followers_keep_summaries():
@@ -675,7 +680,7 @@ def test_defaults_are_summaries_and_rerank_on_8_token_pages_and_the_paper_is_an_
 
 #: recorded on the first 20 prompts of example seed 3 (2,048 tokens, dense_layers 0), a reporting seed
 #: no setting was chosen on (docs/icecache.md): correct answers of the full cache and of the defaults
-HELD_OUT_20 = {"full": 15, 256: 15, 64: 16}
+HELD_OUT_20 = {"full": 19, 256: 19, 64: 18}
 #: margin of the regression check, in prompts out of 20
 MARGIN = 1
 
