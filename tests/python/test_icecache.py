@@ -529,6 +529,11 @@ def test_page_summaries_are_exact_at_full_budget_and_hold_device_mirrors(kind):
     assert small.device_bytes() > plain.device_bytes()
 
 
+#: correct answers of 30 prompts of example seed 0 at budget 64 (summaries, rerank), recorded on the
+#: shipped recall model
+RECORDED_64_30 = {"full": 27, (False, 0): 7, (True, 0): 19, (True, 4): 23, (True, 8): 25}
+
+
 def test_page_summaries_and_rerank_keep_the_shipped_recall_models_accuracy_at_budget_64():
     """On the shipped recall model at budget 64 (8-token pages, sink 1 + window 1 page, no dense
     layers; 2,048-token contexts, 30 prompts of example seed 0): each of summaries, rerank 4 and
@@ -547,11 +552,6 @@ def test_page_summaries_and_rerank_keep_the_shipped_recall_models_accuracy_at_bu
     for kw, recorded in RECORDED_64_30.items():
         assert got[kw] >= recorded - 1, (kw, got)
     assert got[(False, 0)] < got[(True, 0)] < got[(True, 4)] <= got[(True, 8)] <= got["full"] + 1, got
-
-
-#: correct answers of 30 prompts of example seed 0 at budget 64 (summaries, rerank), recorded on the
-#: shipped recall model
-RECORDED_64_30 = {"full": 27, (False, 0): 7, (True, 0): 19, (True, 4): 23, (True, 8): 25}
 
 
 def test_page_summaries_with_reuse_selection_are_exact_at_full_budget_and_followers_keep_summaries():

@@ -632,6 +632,14 @@ def test_recall_training_text_shared_value_prefixes_collide():
     plain, _ = tasks.recall_training_text(random.Random(3), 2048, 32)
     plain_prefixes = {v[:2] for v in re.findall(r"[A-Z]{2}=(\d{3})\n", plain)}
     assert len(plain_prefixes) > 3 * len(prefixes)
+    for bad, err in [(dict(shared_value_prefixes=1), "shared_value_prefixes must be a bool"),
+                     (dict(confusable_keys="yes"), "confusable_keys must be a bool")]:
+        with pytest.raises(TypeError, match=err):
+            tasks.recall_training_text(random.Random(0), 160, 4, **bad)
+    with pytest.raises(TypeError, match="rng must be a random.Random"):
+        tasks.recall_training_text(0, 160, 4)
+    with pytest.raises(ValueError, match="n_queries"):
+        tasks.recall_training_text(random.Random(0), 160, 0)
     tok = tasks._tokenizer(None)
     base = dict(train.RECIPES[("recall", "teacher")], induction_share=0.0)
     collide = dict(base, value_collision_share=1.0)

@@ -211,6 +211,12 @@ def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int
     2,048 tokens, and the typical error of the model is a right record's first two digits followed by
     another record's third digit (``869`` -> ``862``, the value of a record that also starts ``86``).
     """
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
+    _check_int("n_queries", n_queries, 1)
+    for name, flag in (("confusable_keys", confusable_keys), ("shared_value_prefixes", shared_value_prefixes)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     counts = recall_records_for_context(context_tokens - (n_queries - 1) * 12, records_per_doc)
     if confusable_keys:
         total = sum(counts)
