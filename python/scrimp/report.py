@@ -7,7 +7,9 @@ A section is produced by ``demo_report(quick, n, progress) -> dict`` in the modu
 - ``title`` (str), ``setting`` (str: data, sizes, models), ``notes`` (list of str);
 - ``tables``: ``[{"title", "columns": [[name, kind], ...], "rows": [[value, ...], ...]}]`` where
   ``kind`` (see :func:`fmt`) says how each value is shown: ``pct`` (a fraction shown as a percent),
-  ``x`` (a ratio), ``mib`` (bytes), ``ms``, ``s``, ``flops``, ``int``, ``num``, ``text``;
+  ``x`` (a ratio), ``mib`` (bytes), ``ms``, ``s``, ``flops``, ``int``, ``num``, ``text``, ``ci`` (a
+  ``[low, high]`` pair of fractions shown as a percent interval), ``pts`` (a difference of fractions
+  shown in percentage points);
 - ``plots``: ``[{"title", "panels": [panel, ...]}]``, a panel being ``{"kind": "line" | "bar" |
   "scatter", "xlabel", "ylabel", "x", "series": [{"label", "y", "x" (optional)}], "logx", "logy",
   "ypct" (fractions shown as %), "hline": {"y", "label"}}``;
@@ -18,6 +20,9 @@ A section is produced by ``demo_report(quick, n, progress) -> dict`` in the modu
   recorded metrics rather than this run)}``.
 
 The report adds ``key``, ``seconds`` and, when a section fails, ``error`` (the other sections still run).
+
+Every accuracy is shown with its 95% Wilson score interval (:func:`wilson`); a difference between two
+methods measured on the same prompts with the 95% interval of a paired difference (:func:`paired_diff`).
 """
 from __future__ import annotations
 
@@ -79,11 +84,58 @@ def fmt(value, kind: str = "num") -> str:
         return f"{value:.2e}"
     if kind == "int":
         return f"{int(value):,}"
+    if kind == "ci":
+        lo, hi = value
+        return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+    if kind == "pts":
+        return f"{100 * value:+.1f}"
     if kind == "bool":
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+#: z of a two-sided 95% interval
+Z95 = 1.959963984540054
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> Tuple[float, float]:
+    """The Wilson score interval ``(low, high)`` of a proportion ``successes / n`` (95% by default)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def paired_diff(a: List[bool], b: List[bool], z: float = Z95) -> Tuple[float, float, float]:
+    """``(d, low, high)``: accuracy of ``a`` minus accuracy of ``b`` on the same items, with the 95%
+    interval for a difference of paired proportions (Newcombe 1998, method 10: Wilson intervals of
+    both, combined through the phi correlation of the pairs)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_diff: two non-empty lists of the same length")
+    n = len(a)
+    both = sum(1 for x, y in zip(a, b) if x and y)
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson(both + only_a, n, z)
+    l2, u2 = wilson(both + only_b, n, z)
+    den = (both + only_a) * (neither + only_b) * (both + only_b) * (neither + only_a)
+    phi = (both * neither - only_a * only_b) / math.sqrt(den) if den > 0 else 0.0
+    d = p1 - p2
+    lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return (d, max(-1.0, lo), min(1.0, hi))
+
+
+def pct_ci(successes: int, n: int) -> str:
+    """``85.0% [76.7, 90.7]`` (n=100): an accuracy with its 95% Wilson interval, as the report writes it."""
+    return f"{fmt(successes / n, 'pct')} {fmt(wilson(successes, n), 'ci')}"
 
 
 def bar(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "", progress: bool = True):
