@@ -134,6 +134,36 @@ def test_budget_above_context_is_exact(kind):
     assert torch.equal(_generate(model, ids), ref)
 
 
+def test_update_without_the_kwargs_dict_is_exact(monkeypatch):
+    """transformers releases before the ``cache.update(..., kwargs=)`` call (5.16-5.19) reach the
+    attention through a per-thread mark; the installed release is made to call update that way."""
+    from scrimp.icecache.cache import IceCacheLayer
+
+    update = IceCacheLayer.update
+
+    def old_style_update(self, key_states, value_states, *args, **kwargs):
+        kwargs.pop("kwargs", None)
+        return update(self, key_states, value_states, *args, **kwargs)
+
+    model = _tiny()
+    ids = torch.randint(1, 96, (2, 230))
+    ref = _generate(model, ids)
+    monkeypatch.setattr(IceCacheLayer, "update", old_style_update)
+    cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, max_context=1024, prefill_chunk=64)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0, prefill_chunk_size=64, **{cache_argument(model): cache})
+    assert torch.equal(ref, out)
+
+
+def test_old_transformers_is_refused_by_version(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.15.0")
+    with pytest.raises(RuntimeError, match=r"transformers >= 5\.16\.1, found 5\.15\.0"):
+        scrimp.IceCache(_tiny().config)
+
+
 def test_left_padded_batch_matches_single_rows():
     model = _tiny()
     a = torch.randint(1, 96, (1, 200))

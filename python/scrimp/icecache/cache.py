@@ -9,13 +9,15 @@ The decode attention needs the query, which ``Cache.update`` does not see. ``Ice
 registers an attention function ``"scrimp_icecache"`` with transformers' ``AttentionInterface`` and
 switches the model config to it: the function runs IceCache's attention for calls that an
 ``IceCache`` layer marked (through the per-layer kwargs dict that transformers passes both to
-``Cache.update`` and to the attention function) and plain SDPA for every other call, so the model
-behaves exactly as before with any other cache.
+``Cache.update`` and to the attention function, or, on releases whose update gets no such dict, a
+per-thread mark the next attention call for that layer takes) and plain SDPA for every other call, so
+the model behaves exactly as before with any other cache.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -66,6 +68,49 @@ def _refuse_attention_call(module, kwargs):
                              f"({hf.FEATURES['attention_sinks']}): the module has a learned '{name}' parameter")
 
 
+#: the mark of the last IceCache layer update made without the attention kwargs dict (transformers
+#: releases whose attention modules call ``cache.update(k, v, layer_idx)`` without ``kwargs=``): the
+#: attention call that follows in the same thread, for the same layer index, takes it
+_PENDING = threading.local()
+
+
+def _mark(layer: "IceCacheLayer", kind: str, model_kwargs):
+    """Tell the attention call that follows ``layer``'s update what to run (``kind``: "icecache_prefill",
+    "icecache_chunk" or "icecache_decode"): in the kwargs dict transformers passes to both, or, where the
+    update gets no such dict, in a per-thread slot taken by the next attention call for that layer."""
+    if isinstance(model_kwargs, dict):
+        model_kwargs[kind] = layer
+        _PENDING.mark = None
+    else:
+        _PENDING.mark = (kind, layer)
+
+
+def _take_mark(module, kwargs: dict):
+    """Move a per-thread mark (see :func:`_mark`) into ``kwargs`` when it is for ``module``'s layer."""
+    mark = getattr(_PENDING, "mark", None)
+    if mark is None:
+        return
+    kind, layer = mark
+    if getattr(module, "layer_idx", None) == layer.layer_idx:
+        _PENDING.mark = None
+        kwargs.setdefault(kind, layer)
+
+
+#: the oldest transformers release IceCache is tested with (its Cache, CacheLayerMixin and
+#: AttentionInterface APIs as used here)
+MIN_TRANSFORMERS = "5.16.1"
+
+
+def _check_transformers():
+    """RuntimeError naming the installed and the required transformers version when it is too old."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise RuntimeError(f"IceCache needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}: "
+                           f"pip install 'transformers>={MIN_TRANSFORMERS}'")
+
+
 def _register_attention():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -75,6 +120,7 @@ def _register_attention():
         return
 
     def icecache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        _take_mark(module, kwargs)
         layer = kwargs.pop("icecache_decode", None)
         chunk = kwargs.pop("icecache_chunk", None)
         prefill = kwargs.pop("icecache_prefill", None)
@@ -212,24 +258,19 @@ class IceCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self._prefill_k, self._prefill_v = key_states, value_states
-            if isinstance(model_kwargs, dict):
-                model_kwargs["icecache_prefill"] = self
-            else:  # called outside a transformers attention layer: build now, without padding info
-                self._build(None)
+            _mark(self, "icecache_prefill", model_kwargs)
             return key_states, value_states
         o._check_states(key_states, value_states, self.layer_idx, (self.B, self.H, self.D), self.dtype)
         if self._prefill_k is not None or self._chunk is not None:
             raise RuntimeError(f"IceCache layer {self.layer_idx}: the previous call was not finished by the "
                                f"'{ATTN_NAME}' attention function (was this cache used with another model, or the model's "
                                "attention implementation changed?); create a new IceCache for each model and sequence")
-        if not isinstance(model_kwargs, dict):
-            raise RuntimeError("IceCache needs the transformers attention kwargs dict (cache.update(..., kwargs=...))")
         if key_states.shape[-2] > 1:  # a prefill chunk: attended exactly in chunk_attention
             self._chunk = (key_states.to(self.device), value_states.to(self.device))
-            model_kwargs["icecache_chunk"] = self
+            _mark(self, "icecache_chunk", model_kwargs)
             return key_states, value_states
         self._append(key_states.to(self.device), value_states.to(self.device))
-        model_kwargs["icecache_decode"] = self
+        _mark(self, "icecache_decode", model_kwargs)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int):
@@ -861,6 +902,7 @@ class IceCache(Cache):
                  seed: int = 0, pin_memory: bool = True, coarse_tokens: int = 1024, recluster_pages: int = 4,
                  select_on_device: Optional[bool] = None, reuse_selection: int = 0, prefetch: Optional[bool] = None,
                  summaries: Optional[bool] = None, rerank: Optional[int] = None, prefill_chunk: Optional[int] = None):
+        _check_transformers()
         model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
         config = model.config if model is not None else model_or_config
         if not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
