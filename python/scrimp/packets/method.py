@@ -30,7 +30,7 @@ from .store import PacketStore, _layers_of
 ADAPTER_FORMAT = "scrimp-kv-packet-adapters-v1"
 
 __all__ = ["model_fingerprint", "Adapters", "packet_positions", "build_packet_kv", "build_pruned_packet_kv",
-           "PacketEngine", "Answer", "SelectiveRecompute", "full_answer", "full_first_token_logits", "check_model",
+           "PacketEngine", "PACKET_POSITIONS", "Answer", "SelectiveRecompute", "full_answer", "full_first_token_logits", "check_model",
            "REFUSED_FEATURES", "stop_ids", "layer_kv_full_attention", "drop_header", "HEADER_KV", "flops_prefill",
            "flops_rerotation", "method_flops"]
 
@@ -463,6 +463,12 @@ class Answer:
     packets_reused: int  # packets served by the store
 
 
+#: where :class:`PacketEngine` places the packets: ``"overlap"`` keeps every document token at its plain-prompt
+#: position shifted by the header length (a packet's header overlaps the previous trailer's positions);
+#: ``"slots"`` puts every packet row (header, document, trailer) at its own position, back to back after the
+#: prefix, as a paged engine (vLLM) lays out one token per slot
+PACKET_POSITIONS = ("overlap", "slots")
+
 #: (model fingerprint, rope spec) pairs :func:`verify_rerotation` has passed in this process
 _VERIFIED_ROPE: set = set()
 
@@ -483,9 +489,17 @@ class PacketEngine:
     """
 
     def __init__(self, model, tokenizer=None, adapters: Optional[Adapters] = None, store: Optional[PacketStore] = None,
-                 pruning=None):
+                 pruning=None, positions: str = "overlap"):
         from .prune import Pruning
 
+        if positions not in PACKET_POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(PACKET_POSITIONS)}, got {positions!r}")
+        if positions == "slots" and pruning is not None:
+            raise ValueError('positions="slots" places every packet row in its own slot; pruned packets are not '
+                             'supported there (pruning=None)')
+        if positions == "slots" and adapters is not None and adapters.header_kv != "every":
+            raise ValueError(f'positions="slots" needs adapters with header_kv="every", got {adapters.header_kv!r}')
+        self.positions = positions
         if pruning is not None and not isinstance(pruning, Pruning):
             raise TypeError(f"pruning must be a scrimp.packets.prune.Pruning or None, got {type(pruning).__name__}")
         if adapters is not None and not isinstance(adapters, Adapters):
@@ -605,7 +619,10 @@ class PacketEngine:
             pre = [(k.clone(), v.clone()) for k, v in _layers_of(_out_cache(out))]
             self._prefix_kv[tuple(prefix)] = pre
         packets = [self.packet(d) for d in docs]
-        if packets:
+        if packets and self.positions == "slots":
+            kv = assemble(packets, prefix=pre)  # back to back: every row at its own position
+            cache, n = kv.to_cache(self.model.config), kv.keys[0].shape[2]
+        elif packets:
             starts, n = packet_positions(len(prefix), [len(d) for d in docs], n_header)
             if self.adapters is not None and self.adapters.header_kv == "once" and n_header:
                 pre = self._with_shared_header(pre, starts[0])
