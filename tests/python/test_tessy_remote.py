@@ -120,8 +120,9 @@ def test_http_errors_malformed_replies_timeouts():
             gen("/e500")
         assert state["n500"] == 3  # retried twice
         t0 = time.time()
-        with pytest.raises(BackendError, match="after 1 attempt.*HTTP 400"):
+        with pytest.raises(BackendError, match="refused \\(not retried\\).*HTTP 400.*bad prompt") as ei:
             gen("/e400")  # a client error is not retried
+        assert ei.value.permanent and ei.value.reason == "refused"
         with pytest.raises(BackendError, match="malformed reply"):
             gen("/garbage")
         with pytest.raises(BackendError, match="malformed reply.*IndexError"):
@@ -142,6 +143,206 @@ def test_unreachable_endpoint_gives_failure_records(tmp_path):
     recs = latest_records(out)
     assert summ["failed"] == 2 and len(recs) == 2
     assert all(r["finish_reason"] == "error" and "ConnectError" in r["error"] for r in recs.values())
+
+
+# ----------------------------------------------------------------------------- server limits
+
+def _vllm_like_app(local, name, max_model_len, tokenize=True, reply_model=None, listed=None):
+    """An app that answers as vLLM does: ``/v1/models`` with ``max_model_len``, ``/tokenize``, and a
+    ``/v1/completions`` that refuses (HTTP 400) a prompt + max_tokens over the context."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    app = FastAPI()
+    st = {"completions": 0, "refused": 0, "max_tokens": [], "tokenize": 0}
+    tok = local.tokenizer
+
+    def count(p):
+        return len(tok(p, add_special_tokens=False)["input_ids"])
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": m, "object": "model", "max_model_len": max_model_len}
+                                           for m in (listed or [name])]}
+
+    if tokenize:
+        @app.post("/tokenize")
+        async def tokenize_(request: Request):
+            st["tokenize"] += 1
+            b = await request.json()
+            return {"count": count(b["prompt"]), "max_model_len": max_model_len}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        b = await request.json()
+        n, mt = count(b["prompt"]), b["max_tokens"]
+        if n + mt > max_model_len:
+            st["refused"] += 1
+            return JSONResponse(status_code=400, content={"error": {
+                "message": f"This model's maximum context length is {max_model_len} tokens. However, you "
+                           f"requested {n + mt} tokens ({n} in the messages, {mt} in the completion).",
+                "type": "BadRequestError", "code": 400}})
+        st["completions"] += 1
+        st["max_tokens"].append(mt)
+        r = await local.generate(b["prompt"], mt, GenParams(b["temperature"], b["top_p"], b["top_k"]))
+        return {"model": reply_model or name, "choices": [{"text": r.text, "finish_reason": r.finish_reason}],
+                "usage": {"prompt_tokens": n, "completion_tokens": r.n_tokens}}
+    return app, st
+
+
+def _run(coro_fn):
+    return asyncio.run(coro_fn())
+
+
+def test_context_length_from_v1_models_bounds_max_tokens():
+    """max_model_len from /v1/models: max_tokens is lowered to the room the prompt leaves (counted with the
+    tokenizer, or the server's /tokenize without one); a prompt that fills the context fails at once."""
+    local = _local(5)
+    tok = local.tokenizer
+    L = 40
+    n0 = len(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])
+    assert n0 < L
+    app, st = _vllm_like_app(local, "m", L)
+    with ThreadServer(app) as srv:
+        for use_tok in (True, False):
+            rb = RemoteBackend([srv.url], "m", tokenizer=tok if use_tok else None, retries=0)
+
+            async def go():
+                try:
+                    return await rb.generate(PROMPTS[0], 1000, GREEDY)
+                finally:
+                    await rb.aclose()
+            r = _run(go)
+            assert st["max_tokens"][-1] == L - n0 and r.n_tokens <= L - n0
+            assert rb.endpoints[0].max_model_len == L and rb.endpoints[0].clamped == 1
+        assert st["tokenize"] >= 1  # the run without a tokenizer counted on the server
+        long_prompt = PROMPTS[0] + " 1 + 2" * 20
+        rb = RemoteBackend([srv.url], "m", tokenizer=tok, retries=3, backoff=0.01)
+
+        async def go_long():
+            try:
+                return await rb.generate(long_prompt, 5, GREEDY)
+            finally:
+                await rb.aclose()
+        before = st["completions"] + st["refused"]
+        with pytest.raises(BackendError, match="max_model_len 40: no room") as ei:
+            _run(go_long)
+        assert ei.value.permanent and ei.value.reason == "context_length"
+        assert st["completions"] + st["refused"] == before  # nothing was sent
+        assert st["refused"] == 0
+        # a limit given by the client lowers the server's
+        rb = RemoteBackend([srv.url], "m", tokenizer=tok, retries=0, max_model_len=n0 + 3)
+
+        async def go3():
+            try:
+                return await rb.generate(PROMPTS[0], 50, GREEDY)
+            finally:
+                await rb.aclose()
+        _run(go3)
+        assert st["max_tokens"][-1] == 3
+
+
+def test_synthesis_defaults_against_a_short_context_server(tmp_path):
+    """The default config (answer budget 1024, trace limit 38000) against a server with a 96-token context:
+    no request is ever refused; traces that fill the context end as context_length failures."""
+    local = _local(6)
+    app, st = _vllm_like_app(local, "t", 96)
+    out = str(tmp_path / "short.jsonl")
+    with ThreadServer(app) as srv:
+        teacher = RemoteBackend([srv.url], "t", tokenizer=local.tokenizer, retries=0)
+        student = ScriptBackend("S", lambda trace, k: " Okay so")
+        summ = run_synthesis(["Compute 1 + 2", "Compute 3 + 4"], teacher, student, LexiconPredictor("teacher"),
+                             LexiconPredictor("student"), TessyConfig(temperature=0, max_retries=1,
+                                                                      first="teacher"), out_path=out)
+    assert st["refused"] == 0 and st["completions"] >= 2
+    assert max(st["max_tokens"]) <= 96
+    recs = latest_records(out)
+    assert len(recs) == 2 and summ["records"] == 2
+    for r in recs.values():
+        assert r["status"] == "ok" or r["finish_reason"] == "context_length", r
+        if r["status"] != "ok":
+            assert "max_model_len 96" in r["error"]
+
+
+def test_refused_request_fails_the_problem_at_once(tmp_path):
+    app, state = _bad_app()
+    out = str(tmp_path / "refused.jsonl")
+    hits = {"n": 0}
+
+    with ThreadServer(app) as srv:
+        teacher = RemoteBackend([srv.url + "/e400"], "m", retries=3, backoff=0.01)
+        from scrimp.testbed import get_tokenizer
+        teacher.tokenizer = get_tokenizer()
+
+        def reply(trace, k):
+            hits["n"] += 1
+            return " Okay so"
+        student = ScriptBackend("S", reply)
+        t0 = time.time()
+        summ = run_synthesis(["Compute 1 + 2"], teacher, student, LexiconPredictor("teacher"),
+                             LexiconPredictor("student"), TessyConfig(max_retries=4, first="teacher"), out_path=out)
+    (r,) = latest_records(out).values()
+    assert r["status"] == "failed" and r["finish_reason"] == "refused" and r["attempts"] == 1
+    assert "HTTP 400" in r["error"] and "bad prompt" in r["error"]
+    assert summ["attempts"] == 1 and time.time() - t0 < 5
+
+
+def test_wrong_model_slow_down_and_malformed_are_retried_then_fail(tmp_path):
+    """Another model's name (in /v1/models or in the reply), a dead endpoint and garbage replies: retried
+    with bounded backoff, then failure records with the reason; records written before are kept."""
+    local = _local(7)
+    tok = local.tokenizer
+    app_other, _ = _vllm_like_app(local, "m", 512, listed=["other"])
+    app_reply, st_reply = _vllm_like_app(local, "m", 512, reply_model="other")
+    app_bad, _ = _bad_app()
+    with ThreadServer(app_other) as a, ThreadServer(app_reply) as b, ThreadServer(app_bad) as c:
+        def gen(url, **kw):
+            rb = RemoteBackend([url], "m", tokenizer=tok, backoff=0.01, max_backoff=0.05, **kw)
+
+            async def go():
+                try:
+                    return await rb.generate(PROMPTS[0], 3, GREEDY)
+                finally:
+                    await rb.aclose()
+            return _run(go)
+        t0 = time.time()
+        with pytest.raises(BackendError, match=r"after 3 attempt.*serves \['other'\], not 'm'"):
+            gen(a.url, retries=2)
+        with pytest.raises(BackendError, match="after 3 attempt.*answered as model 'other', not 'm'"):
+            gen(b.url, retries=2)
+        assert st_reply["completions"] == 3
+        with pytest.raises(BackendError, match="after 4 attempt.*malformed reply"):
+            gen(c.url + "/garbage", retries=3)
+        with pytest.raises(BackendError, match="after 2 attempt.*Timeout"):
+            gen(c.url + "/slow", retries=1, timeout=0.3)
+        assert time.time() - t0 < 10  # backoff bounded by max_backoff
+
+        # a file with good records, then a run against a dead endpoint: failures appended, nothing lost
+        out = str(tmp_path / "mixed.jsonl")
+        good, _ = _vllm_like_app(local, "t", 512)
+        with ThreadServer(good) as g:
+            run_synthesis(["Compute 1 + 2"], RemoteBackend([g.url], "t", tokenizer=tok),
+                          ScriptBackend("S", lambda trace, k: " Okay so </think> 3"), LexiconPredictor("teacher"),
+                          LexiconPredictor("student"), TessyConfig(temperature=0, max_retries=0), out_path=out)
+        first = latest_records(out)
+        dead = RemoteBackend([f"http://127.0.0.1:{free_port()}"], "t", tokenizer=tok, retries=2, backoff=0.01)
+        run_synthesis(["Compute 1 + 2", "Compute 5 + 6"], dead, ScriptBackend("S", lambda trace, k: " Okay so"),
+                      LexiconPredictor("teacher"), LexiconPredictor("student"),
+                      TessyConfig(temperature=0, max_retries=1, first="teacher"), out_path=out)
+        recs = latest_records(out)
+        assert len(recs) == 2
+        for i, r in first.items():
+            assert recs[i] == r  # the earlier record is untouched (its id skipped)
+        (new,) = [r for i, r in recs.items() if i not in first]
+        assert new["status"] == "failed" and "ConnectError" in new["error"] and "after 3 attempt" in new["error"]
+
+
+def test_cli_refuses_when_no_endpoint_serves_the_model(tmp_path, capsys):
+    from scrimp.cli import main
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit, match="no endpoint of 'teacher' is usable.*ConnectError"):
+        main(["tessy", "synth", "--testbed-arith", "1", "--out", str(tmp_path / "x.jsonl"), "--teacher-url", dead,
+              "--teacher-model-name", "teacher", "--teacher-tokenizer", "testbed:arith-teacher", "--retries", "0",
+              "--quiet"])
 
 
 def _start_server(model, name, port):

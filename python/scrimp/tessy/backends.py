@@ -7,8 +7,9 @@
   across its spans (a ``session``) and only the new tokens are prefilled.
 * :class:`RemoteBackend` - one or more OpenAI-compatible ``/v1/completions``
   endpoints (vLLM, SGLang, :mod:`scrimp.tessy.server`): async HTTP with a
-  concurrency limit, timeouts, retries with exponential backoff, and the least
-  loaded endpoint chosen per request.
+  concurrency limit, timeouts, retries with bounded exponential backoff, the least
+  loaded endpoint chosen per request, and requests kept inside each endpoint's
+  context length (``max_model_len`` from ``/v1/models``).
 
 Teacher and student may use different tokenizers and chat templates: the loop
 hands each backend the prompt *text* and receives text.
@@ -29,7 +30,16 @@ __all__ = ["GenParams", "GenResult", "Backend", "LocalBackend", "RemoteBackend",
 
 
 class BackendError(RuntimeError):
-    """A request that failed for good (after retries), with a readable reason."""
+    """A request that failed for good, with a readable reason.
+
+    ``permanent``: the server refused the request itself (an HTTP 4xx client error, or a prompt that
+    leaves no room in the model's context); the same request would be refused again, so it is not
+    retried. ``reason``: a short tag for the failure record (``error``, ``refused``, ``context_length``)."""
+
+    def __init__(self, message: str, permanent: bool = False, reason: Optional[str] = None):
+        super().__init__(message)
+        self.permanent = bool(permanent)
+        self.reason = reason or ("refused" if permanent else "error")
 
 
 @dataclass
@@ -430,35 +440,51 @@ class LocalBackend(Backend):
 
 @dataclass
 class _Endpoint:
-    url: str
+    url: str                                 # .../v1/completions
+    base: str = ""                           # http://host:port (no /v1)
     in_flight: int = 0
     served: int = 0
     failures: int = 0
     down_until: float = 0.0
+    probed: bool = False                     # /v1/models read and the model found there
+    max_model_len: Optional[int] = None      # the context length the endpoint reports for the model
+    tokenize: Optional[bool] = None          # whether POST /tokenize answers (None: not tried)
+    clamped: int = 0                         # requests whose max_tokens was lowered to fit the context
 
 
 class RemoteBackend(Backend):
     """OpenAI-compatible completions endpoints for one model.
 
-    ``urls``: base URLs (``http://host:port`` or ``.../v1``; ``/v1/completions`` is
-    appended when missing). Each request goes to the endpoint with the fewest
-    requests in flight (endpoints that failed recently are avoided for
-    ``cooldown`` seconds). At most ``concurrency`` requests are in flight in total.
-    Connection errors, timeouts, HTTP 408/429/5xx and malformed replies are retried
-    up to ``retries`` times with exponential backoff (``backoff * 2**attempt``,
-    jittered); other HTTP errors fail at once. A failure raises
-    :class:`BackendError`."""
+    ``urls``: base URLs (``http://host:port`` or ``.../v1``; ``/v1/completions`` is appended when
+    missing). Each request goes to the endpoint with the fewest requests in flight (endpoints that
+    failed recently are avoided for ``cooldown`` seconds). At most ``concurrency`` requests are in
+    flight in total.
+
+    Context length: before its first request an endpoint's ``GET /v1/models`` is read; the model
+    must be listed there under ``model_name``, and the ``max_model_len`` it reports (vLLM does) bounds
+    every request: ``max_tokens`` is lowered to ``max_model_len - prompt tokens``, the prompt counted
+    with ``tokenizer`` (or the server's ``POST /tokenize`` without one). A prompt that leaves no room
+    fails at once (:class:`BackendError` with ``permanent`` and reason ``context_length``).
+    ``max_model_len`` overrides what the endpoints report.
+
+    Errors: connection errors, timeouts, HTTP 408/409/425/429/5xx, malformed replies and replies that
+    name another model are retried up to ``retries`` times with exponential backoff
+    (``backoff * 2**attempt``, jittered, at most ``max_backoff`` seconds); any other HTTP 4xx is the
+    server refusing the request and fails at once (``permanent``). Prompts are sent with
+    ``add_special_tokens: false`` (the chat template already wrote them), as the local backend
+    tokenizes them."""
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
     def __init__(self, urls: Sequence[str], model_name: str, tokenizer=None, concurrency: int = 64,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, cooldown: float = 5.0,
-                 name: Optional[str] = None, api_key: Optional[str] = None):
+                 name: Optional[str] = None, api_key: Optional[str] = None, max_backoff: float = 10.0,
+                 max_model_len: Optional[int] = None):
         if isinstance(urls, str):
             urls = [urls]
         if not urls:
             raise ValueError("RemoteBackend needs at least one endpoint URL")
-        self.endpoints = [_Endpoint(self._completions_url(u)) for u in urls]
+        self.endpoints = [_Endpoint(self._completions_url(u), base=self._base_url(u)) for u in urls]
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.name = name or model_name
@@ -466,12 +492,24 @@ class RemoteBackend(Backend):
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
         self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
         self.cooldown = float(cooldown)
         self.api_key = api_key
+        if max_model_len is not None and (isinstance(max_model_len, bool) or int(max_model_len) < 2):
+            raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
+        self.max_model_len = None if max_model_len is None else int(max_model_len)
         self._client = None
         self._sem = None
         self._loop = None
         self._rr = 0
+
+    @staticmethod
+    def _base_url(u: str) -> str:
+        u = u.rstrip("/")
+        for tail in ("/completions", "/v1"):
+            if u.endswith(tail):
+                u = u[:-len(tail)]
+        return u
 
     @staticmethod
     def _completions_url(u: str) -> str:
@@ -484,7 +522,8 @@ class RemoteBackend(Backend):
 
     def describe(self) -> dict:
         return {"name": self.name, "backend": "remote", "model": self.model_name,
-                "endpoints": [{"url": e.url, "served": e.served, "failures": e.failures} for e in self.endpoints]}
+                "endpoints": [{"url": e.url, "served": e.served, "failures": e.failures,
+                               "max_model_len": e.max_model_len, "clamped": e.clamped} for e in self.endpoints]}
 
     def _ensure(self):
         import httpx
@@ -514,26 +553,116 @@ class RemoteBackend(Backend):
                 pass
             self._client = None
 
+    # ------------------------------------------------------------------ endpoint facts
+    async def _probe(self, ep: _Endpoint) -> None:
+        """Read ``GET /v1/models``: the model must be listed; keep its ``max_model_len``."""
+        url = ep.base + "/v1/models"
+        r = await self._client.get(url)
+        if r.status_code in self.RETRY_STATUS:
+            raise BackendError(f"HTTP {r.status_code} from {url}: {r.text[:200]}")
+        if r.status_code != 200:  # a server without the listing: nothing known about the context
+            ep.max_model_len, ep.probed = None, True
+            return
+        try:
+            models = r.json()["data"]
+            ids = [m["id"] for m in models]
+        except (ValueError, KeyError, TypeError) as e:
+            raise BackendError(f"malformed reply from {url}: {type(e).__name__}: {e}; body {r.text[:200]!r}")
+        if self.model_name not in ids:
+            raise BackendError(f"{ep.base} serves {ids}, not {self.model_name!r} (check the model name)")
+        entry = models[ids.index(self.model_name)]
+        mml = entry.get("max_model_len")
+        ep.max_model_len = int(mml) if isinstance(mml, int) and not isinstance(mml, bool) and mml > 0 else None
+        ep.probed = True
+
+    async def _count_tokens(self, ep: _Endpoint, prompt: str) -> Optional[int]:
+        """Prompt tokens by ``tokenizer``, else by the endpoint's ``POST /tokenize``; None when neither."""
+        if self.tokenizer is not None:
+            return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if ep.tokenize is False:
+            return None
+        r = await self._client.post(ep.base + "/tokenize", json={"model": self.model_name, "prompt": prompt,
+                                                                 "add_special_tokens": False})
+        if r.status_code == 200:
+            try:
+                n = r.json()["count"]
+                ep.tokenize = True
+                return int(n)
+            except (ValueError, KeyError, TypeError):
+                pass
+        if r.status_code in self.RETRY_STATUS:
+            raise BackendError(f"HTTP {r.status_code} from {ep.base}/tokenize: {r.text[:200]}")
+        ep.tokenize = False
+        return None
+
+    def context_limit(self, ep: _Endpoint) -> Optional[int]:
+        lims = [x for x in (self.max_model_len, ep.max_model_len) if x]
+        return min(lims) if lims else None
+
+    async def _budget(self, ep: _Endpoint, prompt: str, max_tokens: int) -> int:
+        limit = self.context_limit(ep)
+        if limit is None:
+            return max_tokens
+        n = await self._count_tokens(ep, prompt)
+        if n is None:
+            return min(max_tokens, max(1, limit - 1))
+        room = limit - n
+        if room < 1:
+            raise BackendError(f"the prompt has {n} tokens and {ep.base} serves {self.model_name!r} with "
+                               f"max_model_len {limit}: no room for a generated token", permanent=True,
+                               reason="context_length")
+        if room < max_tokens:
+            ep.clamped += 1
+            return room
+        return max_tokens
+
+    async def check(self) -> List[Optional[str]]:
+        """Read every endpoint's ``/v1/models`` now (retried like a request). One entry per endpoint:
+        None when it answers and serves ``model_name``, else the reason."""
+        import httpx
+        self._ensure()
+        out = []
+        for ep in self.endpoints:
+            last = None
+            for attempt in range(self.retries + 1):
+                try:
+                    await self._probe(ep)
+                    last = None
+                    break
+                except (httpx.TransportError, BackendError) as e:
+                    last = str(e) if isinstance(e, BackendError) else f"{type(e).__name__} talking to {ep.base}: {e}"
+                    if attempt < self.retries:
+                        await asyncio.sleep(self._delay(attempt))
+            out.append(last)
+        return out
+
+    def _delay(self, attempt: int) -> float:
+        return min(self.max_backoff, self.backoff * (2 ** attempt)) * (0.5 + random.random())
+
+    # ------------------------------------------------------------------ requests
     async def generate(self, prompt: str, max_tokens: int, params: GenParams) -> GenResult:
         import httpx
         self._ensure()
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
         payload = {"model": self.model_name, "prompt": prompt, "max_tokens": int(max_tokens),
                    "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                   "n": 1, "stream": False}
+                   "n": 1, "stream": False, "add_special_tokens": False}
         last_err = "no attempt"
         prev = None
+        attempt = 0
         async with self._sem:
             for attempt in range(self.retries + 1):
                 ep = self._pick(exclude=prev)
                 ep.in_flight += 1
-                retry = True
                 try:
+                    if not ep.probed:
+                        await self._probe(ep)
+                    payload["max_tokens"] = await self._budget(ep, prompt, int(max_tokens))
                     r = await self._client.post(ep.url, json=payload)
                     if r.status_code != 200:
-                        body = r.text[:300]
-                        last_err = f"HTTP {r.status_code} from {ep.url}: {body}"
-                        retry = r.status_code in self.RETRY_STATUS
-                        raise BackendError(last_err)
+                        last_err = f"HTTP {r.status_code} from {ep.url}: {r.text[:300]}"
+                        raise BackendError(last_err, permanent=r.status_code not in self.RETRY_STATUS)
                     try:
                         data = r.json()
                         choice = data["choices"][0]
@@ -543,19 +672,29 @@ class RemoteBackend(Backend):
                     except (ValueError, KeyError, IndexError, TypeError) as e:
                         last_err = f"malformed reply from {ep.url}: {type(e).__name__}: {e}; body {r.text[:200]!r}"
                         raise BackendError(last_err)
+                    got = data.get("model")
+                    if got is not None and got != self.model_name:
+                        last_err = f"{ep.url} answered as model {got!r}, not {self.model_name!r}"
+                        raise BackendError(last_err)
                     usage = data.get("usage") or {}
                     ep.served += 1
                     return GenResult(text=text, finish_reason=choice.get("finish_reason") or "length",
                                      n_tokens=usage.get("completion_tokens"), endpoint=ep.url)
                 except (httpx.TransportError, BackendError) as e:
+                    ep.probed = False  # read /v1/models again: the server may have been restarted
                     if isinstance(e, httpx.TransportError):
                         last_err = f"{type(e).__name__} talking to {ep.url}: {e}"
+                    else:
+                        last_err = str(e)
+                        if e.permanent:
+                            raise BackendError(f"{self.name}: request refused (not retried): {last_err}",
+                                               permanent=True, reason=e.reason) from None
                     ep.failures += 1
                     ep.down_until = time.monotonic() + self.cooldown
                     prev = ep
-                    if not retry or attempt == self.retries:
+                    if attempt == self.retries:
                         break
-                    await asyncio.sleep(self.backoff * (2 ** attempt) * (0.5 + random.random()))
+                    await asyncio.sleep(self._delay(attempt))
                 finally:
                     ep.in_flight -= 1
         raise BackendError(f"{self.name}: request failed after {attempt + 1} attempt(s): {last_err}")

@@ -184,13 +184,60 @@ def make_backends(args):
                 tok = load_tokenizer(tspec)
             name = getattr(args, f"{role}_model_name") or model or role
             out.append(RemoteBackend(urls, name, tokenizer=tok, concurrency=args.remote_concurrency,
-                                     timeout=args.timeout, retries=args.retries, name=name))
+                                     timeout=args.timeout, retries=args.retries, name=name,
+                                     max_model_len=getattr(args, f"{role}_max_model_len")))
         else:
             if not model:
                 raise SystemExit(f"error: give --{role} SPEC (local) or --{role}-url URL (remote)")
             out.append(LocalBackend.from_pretrained(model, name=model, max_batch=args.max_batch, device=args.device,
                                                     dtype=args.dtype, decoding=args.decoding))
     return out
+
+
+def check_remote(backends) -> None:
+    """Read each remote model's endpoints once before the run: SystemExit when none of a model's endpoints
+    answers or serves its name; a note for each endpoint that does not (the run avoids it and retries it)."""
+    import asyncio
+    from .backends import RemoteBackend
+
+    async def go():
+        from .backends import BackendError, GenParams
+        res = []
+        for b in backends:
+            if isinstance(b, RemoteBackend):
+                try:
+                    errs = await b.check()
+                    for i, (ep, e) in enumerate(zip(b.endpoints, errs)):  # a broken engine shows at once
+                        if e is None:
+                            one = RemoteBackend([ep.url], b.model_name, tokenizer=b.tokenizer, timeout=b.timeout,
+                                                retries=0, name=b.name, max_model_len=b.max_model_len)
+                            try:
+                                await one.generate("a", 1, GenParams(0.0, 1.0, 0))
+                            except BackendError as x:
+                                errs[i] = f"a 1-token completion failed: {x}"
+                            finally:
+                                await one.aclose()
+                    res.append((b, errs))
+                finally:
+                    await b.aclose()
+        return res
+    roles = {id(b): r for b, r in zip(backends, ("teacher", "student"))}
+    for b, errs in asyncio.run(go()):
+        bad = [(ep.url, e) for ep, e in zip(b.endpoints, errs) if e is not None]
+        if len(bad) == len(errs):
+            role = roles.get(id(b), "student")
+            hint = ""
+            if any("1-token completion" in e for _, e in bad):
+                hint = (f" (the server's log gives the engine's reason; a model the server cannot run, such as one "
+                        f"with attention heads vLLM's CPU backend refuses, runs in process: --{role} SPEC without "
+                        f"--{role}-url)")
+            raise SystemExit(f"error: no endpoint of {b.name!r} is usable: " + "; ".join(e for _, e in bad) + hint)
+        for url, e in bad:
+            _log(f"warning: {url}: {e}")
+        for ep in b.endpoints:
+            if ep.probed:
+                lim = b.context_limit(ep)
+                _log(f"{b.name} at {ep.base}: context {lim if lim else 'not reported'} tokens")
 
 
 def _synth(args) -> int:
@@ -206,14 +253,15 @@ def _synth(args) -> int:
         shard = parse_shard(args.shard)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    cfg = TessyConfig(teacher_step=args.teacher_step, student_step=args.student_step,
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
+                if v is not None}
+    cfg = TessyConfig.with_sampling(args.sampling, teacher_step=args.teacher_step, student_step=args.student_step,
                       max_total_tokens=args.max_tokens, answer_max_tokens=args.answer_max_tokens,
                       max_retries=args.max_retries, concurrency=args.concurrency, extend=args.extend,
                       think_open=args.think_open, think_close=args.think_close,
                       teacher_think_open=args.teacher_think_open, teacher_think_close=args.teacher_think_close,
                       student_think_open=args.student_think_open, student_think_close=args.student_think_close,
-                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      min_span_tokens=args.min_span_tokens)
+                      min_span_tokens=args.min_span_tokens, **sampling)
     try:
         cfg.validate()
     except ValueError as e:
@@ -222,6 +270,7 @@ def _synth(args) -> int:
     progress = _progress(args)
     try:
         teacher, student = make_backends(args)
+        check_remote([teacher, student])
         tp = load_predictor(args.teacher_predictor, "teacher", device=args.device)
         sp = load_predictor(args.student_predictor, "student", device=args.device)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -304,6 +353,7 @@ def _build(p: argparse.ArgumentParser) -> None:
     from scrimp.models import add_device_dtype_arguments, add_model_arguments
     from .backends import DECODING_MODES
     from .sft import SFT_TRAINERS
+    from .synth import SAMPLING_PRESETS
     sub = p.add_subparsers(dest="tessy_command", metavar="{train-predictor,eval-predictor,synth,stats,convert,sft-eval}")
     sub.required = True
 
@@ -391,12 +441,21 @@ def _build(p: argparse.ArgumentParser) -> None:
                        help=f"the {role}'s opening think marker (default --think-open); text, any number of tokens")
         s.add_argument(f"--{role}-think-close", default=None,
                        help=f"the {role}'s closing think marker (default --think-close); text, any number of tokens")
-    s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
-    s.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling p")
-    s.add_argument("--top-k", type=int, default=20, help="top-k sampling (0: off)")
+    s.add_argument("--sampling", default="tessy", choices=sorted(SAMPLING_PRESETS),
+                   help="sampling preset: tessy = the official code's temperature 0.7, top-p 0.8, top-k 20 "
+                        "(default; top-k is sent to remote servers too); greedy = temperature 0. "
+                        "--temperature/--top-p/--top-k override single values")
+    s.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy; default: "
+                                                                   "the --sampling preset's)")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling p (default: the preset's)")
+    s.add_argument("--top-k", type=int, default=None, help="top-k sampling (0: off; default: the preset's)")
     s.add_argument("--concurrency", type=int, default=100, help="problems in flight")
     s.add_argument("--max-batch", type=int, default=64, help="local backend: largest generate batch")
     s.add_argument("--remote-concurrency", type=int, default=64, help="remote: requests in flight per model")
+    for role in ("teacher", "student"):
+        s.add_argument(f"--{role}-max-model-len", type=int, default=None,
+                       help=f"remote {role}: context length in tokens (prompt + generated) when the endpoints do "
+                            "not report it in /v1/models (vLLM does) or to stay below what they report")
     s.add_argument("--timeout", type=float, default=120.0, help="remote: seconds per request")
     s.add_argument("--retries", type=int, default=3, help="remote: retries per request")
     s.add_argument("--shard", help="i/n: process problems i, i+n, ...")

@@ -14,10 +14,11 @@ For every problem:
    marker is kept and the student first closes the thinking with one span (its closing
    phrase and marker), or, when it writes no marker of its own within that span, the
    thinking ends where the teacher ended it;
-4. abort on total length, on a repeated fragment (checked every
+4. abort on total length (``max_total_tokens``, or a trace that fills a remote
+   model's context), on a repeated fragment (checked every
    ``repetition_check_every`` steps), on an empty reply, on a backend error; a
    failed problem is retried up to ``max_retries`` times, then a failure record is
-   written.
+   written; a request the server refused (HTTP 4xx) fails the problem at once.
 
 Many problems progress concurrently (``concurrency`` workers); with the local
 backend their requests are batched into one ``generate`` call per model.
@@ -36,9 +37,17 @@ from .backends import Backend, BackendError, GenParams, MicroBatcher
 from .output import JsonlWriter, finished_ids
 from .predictor import EXTEND_MODES, Predictor
 
-__all__ = ["TessyConfig", "synthesize", "run_synthesis", "find_repetition", "build_prompt",
+__all__ = ["TessyConfig", "SAMPLING_PRESETS", "synthesize", "run_synthesis", "find_repetition", "build_prompt",
            "problem_id", "parse_shard", "check_think_markers", "check_marker_pair", "read_problems",
            "normalise_problem"]
+
+
+#: named sampling settings: ``tessy`` is the official code's (temperature 0.7, top-p 0.8, top-k 20),
+#: ``greedy`` is temperature 0 (top-p and top-k off)
+SAMPLING_PRESETS = {
+    "tessy": {"temperature": 0.7, "top_p": 0.8, "top_k": 20},
+    "greedy": {"temperature": 0.0, "top_p": 1.0, "top_k": 0},
+}
 
 
 @dataclass
@@ -67,6 +76,14 @@ class TessyConfig:
     teacher_think_close: Optional[str] = None
     student_think_open: Optional[str] = None
     student_think_close: Optional[str] = None
+
+    @classmethod
+    def with_sampling(cls, preset: str = "tessy", **kw) -> "TessyConfig":
+        """A config with the named :data:`SAMPLING_PRESETS` sampling; keyword arguments (any field,
+        ``temperature`` / ``top_p`` / ``top_k`` too) override it."""
+        if preset not in SAMPLING_PRESETS:
+            raise ValueError(f"sampling preset must be one of {sorted(SAMPLING_PRESETS)}, got {preset!r}")
+        return cls(**{**SAMPLING_PRESETS[preset], **kw})
 
     def markers(self, role: str) -> Tuple[str, str]:
         """``(open, close)`` think markers of ``role`` ("teacher" or "student")."""
@@ -219,10 +236,14 @@ class _Span:
 
 
 class _Failure(Exception):
-    def __init__(self, reason: str, message: str = ""):
+    """A failed attempt; ``final``: retrying the problem would fail the same way (a request the server
+    refused), so it is marked failed at once."""
+
+    def __init__(self, reason: str, message: str = "", final: bool = False):
         super().__init__(message or reason)
         self.reason = reason
         self.message = message or reason
+        self.final = final
 
 
 def _bind_tokenizer(predictor: Predictor, backend: Backend) -> Predictor:
@@ -279,7 +300,9 @@ class _Run:
                 return await backend.generate(prompt, k, params, session=session)
             return await backend.generate(prompt, k, params)
         except BackendError as e:
-            raise _Failure("error", str(e))
+            reason = getattr(e, "reason", "error")
+            # a refused request is final; a trace that filled the server's context ends like --max-tokens
+            raise _Failure(reason, str(e), final=getattr(e, "permanent", False) and reason != "context_length")
 
     def _add(self, spans: List[_Span], used: Dict[str, int], sp: _Span) -> None:
         spans.append(sp)
@@ -547,6 +570,10 @@ async def synthesize(problems, teacher: Backend, student: Backend, teacher_predi
                     break
                 except _Failure as f:
                     last = (f.reason, f.message)
+                    if f.final:
+                        summary["failures"][last[0]] = summary["failures"].get(last[0], 0) + 1
+                        rec = _failure_record(prob, last[0], last[1], attempt, run.models)
+                        break
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
                 except Exception as e:  # a bug or a predictor crash: this problem fails, the run goes on
