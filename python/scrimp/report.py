@@ -105,6 +105,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> Tuple[float, float]:
     if n <= 0:
         return (float("nan"), float("nan"))
     p = successes / n
+    if successes in (0, n):  # closed forms: one end of the interval is exact
+        edge = (z * z / n) / (1 + z * z / n)
+        return (0.0, edge) if successes == 0 else (1.0 - edge, 1.0)
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
@@ -126,7 +129,9 @@ def paired_diff(a: List[bool], b: List[bool], z: float = Z95) -> Tuple[float, fl
     l1, u1 = wilson(both + only_a, n, z)
     l2, u2 = wilson(both + only_b, n, z)
     den = (both + only_a) * (neither + only_b) * (both + only_b) * (neither + only_a)
-    phi = (both * neither - only_a * only_b) / math.sqrt(den) if den > 0 else 0.0
+    cross = both * neither - only_a * only_b
+    cross = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)  # Newcombe's continuity correction
+    phi = cross / math.sqrt(den) if den > 0 else 0.0
     d = p1 - p2
     lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
@@ -273,6 +278,11 @@ def _header(rep: dict) -> str:
             f"{rep['seconds']:.0f} s in all")
 
 
+QUICK_NOTE = ("--quick: fewer prompts and settings per section, so the numbers are noisy: the 95% intervals "
+              "are wide and most differences between a method and its baseline are not resolved; the full "
+              "`scrimp demo` measures at the sizes the docs report.")
+
+
 def render_section_text(sec: dict) -> str:
     """One section as text: its header once, the setting, the tables, the notes."""
     lines = [f"== {sec['title']} =="]
@@ -292,7 +302,8 @@ def render_section_text(sec: dict) -> str:
 
 def render_text(rep: dict) -> str:
     """The whole report as text: the header, the summary table first, then every section."""
-    out = [_header(rep), "", "== Summary: what each method saves, at what fidelity =="]
+    out = [_header(rep)] + ([QUICK_NOTE] if rep["quick"] else []) + [
+        "", "== Summary: what each method saves, at what fidelity =="]
     if rep["summary"]:
         out.append(format_table(_summary_table(rep)))
     else:
@@ -400,8 +411,10 @@ def render_html(rep: dict) -> str:
     """The report as one self-contained HTML page: header, summary table, sections with embedded plots."""
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{html.escape(rep['title'])}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{html.escape(rep['title'])}</h1>", f'<p class="meta">{html.escape(_header(rep))}</p>',
-             "<h2>Summary: what each method saves, at what fidelity</h2>"]
+             f"<h1>{html.escape(rep['title'])}</h1>", f'<p class="meta">{html.escape(_header(rep))}</p>']
+    if rep["quick"]:
+        parts.append(f'<p class="note">{html.escape(QUICK_NOTE)}</p>')
+    parts.append("<h2>Summary: what each method saves, at what fidelity</h2>")
     if rep["summary"]:
         parts.append(_html_table(_summary_table(rep, details=True), cls="summary")
                      .replace("<table ", '<table id="summary" ', 1))

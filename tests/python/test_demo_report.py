@@ -30,6 +30,31 @@ def test_fmt_is_consistent():
     assert report.fmt(1.2e9, "flops") == "1.20e+09"
     assert report.fmt(12345, "int") == "12,345"
     assert report.fmt("abc", "pct") == "abc"
+    assert report.fmt((0.767, 0.907), "ci") == "[76.7, 90.7]"
+    assert report.fmt(-0.045, "pts") == "-4.5"
+
+
+def test_intervals():
+    lo, hi = report.wilson(85, 100)
+    assert abs(lo - 0.7672) < 1e-4 and abs(hi - 0.9069) < 1e-4  # Wilson score interval, z = 1.96
+    assert report.wilson(0, 10)[0] == 0.0 and report.wilson(10, 10)[1] == 1.0
+    assert abs(report.wilson(0, 10)[1] - 0.2775) < 1e-4 and abs(report.wilson(10, 10)[0] - 0.7225) < 1e-4
+    lo, hi = report.wilson(9, 10)
+    assert abs(lo - 0.5958) < 1e-4 and abs(hi - 0.9821) < 1e-4
+    assert report.pct_ci(85, 100) == "85.0% [76.7, 90.7]"
+    # paired difference: the estimate inside its interval, and pairs that agree give a narrower interval
+    # than pairs that disagree for the same two accuracies
+    a = [True] * 80 + [True] * 10 + [False] * 2 + [False] * 8
+    b = [True] * 80 + [False] * 10 + [True] * 2 + [False] * 8
+    d, lo, hi = report.paired_diff(a, b)
+    assert abs(d - 0.08) < 1e-9 and lo < d < hi and lo > 0
+    shuffled = b[50:] + b[:50]
+    d2, lo2, hi2 = report.paired_diff(a, shuffled)
+    assert abs(d2 - d) < 1e-9 and hi2 - lo2 > hi - lo
+    d, lo, hi = report.paired_diff(a, a)
+    assert d == 0 and lo <= 0 <= hi
+    with pytest.raises(ValueError):
+        report.paired_diff([True], [True, False])
 
 
 def test_table_checks_rows():
@@ -89,7 +114,11 @@ def test_demo_text_and_json(demo_run):
     row = rep["summary"][0]
     assert row["factor"] > 1.0 and 0.0 <= row["fidelity_method"] <= 1.0
     ice = rep["sections"][1]
-    assert ice["data"]["rows"][0]["cache"] == "full" and ice["plots"]
+    assert ice["data"]["rows"][0]["cache"] == "full KV cache" and ice["plots"]
+    # the library's defaults, named, on the reporting seeds of docs/icecache.md, each accuracy with its interval
+    assert {r["cache"] for r in ice["data"]["rows"]} == {"full KV cache", "IceCache defaults", "paper configuration"}
+    assert ice["data"]["seeds"][0][0] == 3 and all(len(r["ci"]) == 2 for r in ice["data"]["rows"])
+    assert "--quick" in text.splitlines()[1]
     # accuracy is always shown as a percentage
     ice_text = text[text.index("== IceCache"):]
     assert re.search(r"\b\d{1,3}\.\d%", ice_text) and not re.search(r"\b0\.\d{3}\b", ice_text.split("\n", 2)[2])

@@ -64,12 +64,14 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     n = n or (10 if quick else 20)
     rows = eval_rows(n=n, progress=progress)
     cols = [("model", "text"), ("task", "text"), ("setting", "text"), ("n", "int"), ("accuracy now", "pct"),
-            ("recorded", "pct")]
+            ("95% interval", "ci"), ("recorded", "pct")]
     return {
         "title": report.SECTIONS["testbed"][0],
         "setting": f"greedy exact match on n={n} examples per row (seed 0); 'recorded' is the accuracy in the "
-                   "checkpoint's metrics.json (measured on more examples when it was trained)",
-        "tables": [report.table("", cols, [[r["model"], r["task"], r["setting"], r["n"], r["accuracy"], r["recorded"]]
+                   "checkpoint's metrics.json (measured on more examples when it was trained); a recorded value inside the 95% Wilson "
+                   "interval of the measured one agrees with it",
+        "tables": [report.table("", cols, [[r["model"], r["task"], r["setting"], r["n"], r["accuracy"],
+                                            report.wilson(round(r["accuracy"] * r["n"]), r["n"]), r["recorded"]]
                                            for r in rows])],
         "plots": [], "notes": [], "summary": None, "data": {"rows": rows},
     }
