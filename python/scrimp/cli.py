@@ -147,9 +147,11 @@ def _build_demo(p: argparse.ArgumentParser) -> None:
     from . import report
 
     p.add_argument("--quick", action="store_true",
-                   help="fewer examples and settings per section (a few minutes on 2 CPU cores)")
+                   help="fewer examples and settings per section (a few minutes on 2 CPU cores); noisy: wide "
+                        "95%% intervals, method differences mostly not resolved")
     p.add_argument("--n", type=int, default=None,
-                   help="examples per accuracy measurement (default: each section's, smaller with --quick)")
+                   help="examples per accuracy measurement (default: each section's, sized to the docs' "
+                        "reporting sets; smaller with --quick)")
     p.add_argument("--sections", nargs="+", default=None, choices=list(report.SECTIONS), metavar="SECTION",
                    help=f"run only these sections (default all: {' '.join(report.SECTIONS)})")
     p.add_argument("--html", metavar="PATH", default=None,
