@@ -54,6 +54,10 @@ CONFIGS = {
     "paper8+summaries+rerank4+sink1win1@256": dict(budget=256, page_size=8, sink_pages=1, window_pages=1,
                                                    summaries=True, rerank=4),
 }
+#: the defaults with fewer summary rows per KV head (the fixed stand-ins' size; default 512): the frontier
+for _rows in (64, 128, 256):
+    for _budget in (256, 64):
+        CONFIGS[f"rows{_rows}@{_budget}"] = dict(budget=_budget, summary_rows=_rows)
 
 
 def examples(tok, seed, n, context):

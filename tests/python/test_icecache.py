@@ -547,7 +547,8 @@ def test_page_summaries_are_exact_at_full_budget_and_hold_device_mirrors(kind):
     small = scrimp.IceCache(model.config, budget=64, page_size=8, dense_layers=1, max_context=1024, summaries=True)
     _generate(model, ids, small, n=40)
     layer = small.layers[1]
-    keys, values, bias = layer.dev_summaries
+    rows = layer.dev_summaries
+    keys, values, bias = rows.keys, rows.values, rows.bias
     P = layer.index.num_pages()
     # one summary per page, log of its token count; nothing past the last page
     counts = torch.empty(layer.B * layer.H, P, dtype=torch.int32)
@@ -598,7 +599,7 @@ def test_page_summaries_with_reuse_selection_are_exact_at_full_budget_and_follow
     assert follower.leader is small.layers[0]
     P = follower.index.num_pages()
     # every follower page (its layout is the leader's, re-laid out after re-clustering) has a live summary
-    assert P > 0 and torch.isfinite(follower.dev_summaries[2][:, :, :P]).all()
+    assert P > 0 and torch.isfinite(follower.dev_summaries.bias[:, :, :P]).all()
 
 
 def _exact_page_max(idx, q, k_all, B, H, G, P, ps):
@@ -732,3 +733,99 @@ def test_defaults_keep_the_recorded_accuracy_on_held_out_recall_prompts():
     assert abs(got["full"] - HELD_OUT_20["full"]) <= MARGIN  # the model and the prompts are the recorded ones
     for budget in (256, 64):
         assert got[budget] >= HELD_OUT_20[budget] - MARGIN, (budget, got)
+
+
+class _FakeIndex:
+    """num_pages / export_summaries over given per-page means and counts ([S, P, D], [S, P])."""
+
+    def __init__(self, km, vm, lens):
+        self.km, self.vm, self.lens = km, vm, lens
+
+    def num_pages(self):
+        return self.km.shape[1]
+
+    def export_summaries(self, first, n, km, vm, lens):
+        km.copy_(self.km[:, first:first + n])
+        vm.copy_(self.vm[:, first:first + n])
+        lens.copy_(self.lens[:, first:first + n])
+
+
+@pytest.mark.parametrize("pages", [5, 12, 37])
+def test_summary_rows_stand_for_exactly_the_unselected_pages(pages):
+    """Whatever the group size, the live rows' count-weighted means add up to the unselected pages' sums."""
+    from scrimp.icecache.summaries import SummaryRows
+
+    torch.manual_seed(pages)
+    B, H, D, R, k = 1, 2, 4, 8, 3
+    km, vm = torch.randn(B * H, pages, D), torch.randn(B * H, pages, D)
+    lens = torch.randint(1, 9, (B * H, pages), dtype=torch.int32)
+    rows = SummaryRows(B, H, D, R, k, torch.float64, "cpu")
+    rows.sync(_FakeIndex(km[:, :pages - 2], vm[:, :pages - 2], lens[:, :pages - 2]), 0)
+    rows.sync(_FakeIndex(km, vm, lens), pages - 2)  # two pages appended later
+    assert rows.group == max(1, -(-pages // R))
+    sel = torch.tensor([[[0, pages - 1, -1], [1, 2, 3]]], dtype=torch.int32)
+    args = rows.step(sel)
+    w = args["summary_bias"].exp()  # [B, H, R + k] token counts of the live rows
+    for s in range(B * H):
+        keep = torch.ones(pages, dtype=torch.bool)
+        keep[sel.view(B * H, k)[s][sel.view(B * H, k)[s] >= 0].long()] = False
+        n = lens[s].double()
+        want_k = (km[s].double() * n[:, None])[keep].sum(0)
+        want_v = (vm[s].double() * n[:, None])[keep].sum(0)
+        ws = w.view(B * H, -1)[s]
+        torch.testing.assert_close((args["summary_keys"].view(B * H, -1, D)[s] * ws[:, None]).sum(0), want_k, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close((args["summary_values"].view(B * H, -1, D)[s] * ws[:, None]).sum(0), want_v, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(ws.sum().double(), n[keep].sum(), atol=1e-3, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        SummaryRows(B, H, D, 0, k, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="extra summary rows"):
+        rows.step(torch.zeros((B, H, k + 1), dtype=torch.int32))
+
+
+def test_few_summary_rows_are_exact_at_full_budget_and_attend_grouped_rows():
+    model = _tiny()
+    ids = torch.randint(1, 96, (2, 230))
+    ref = _generate(model, ids, n=40)
+    cache = scrimp.IceCache(model.config, budget=512, dense_layers=1, max_context=1024, summary_rows=4)
+    assert torch.equal(_generate(model, ids, cache, n=40), ref)
+    small = scrimp.IceCache(model.config, budget=64, dense_layers=1, max_context=1024, summary_rows=4)
+    _generate(model, ids, small, n=40)
+    rows = small.layers[1].dev_summaries
+    assert rows.group > 1 and rows.keys.shape[2] == 4 + small.selected_pages
+    with pytest.raises(ValueError, match="summary_rows"):
+        scrimp.IceCache(model.config, summary_rows=0)
+
+
+def _sparse_layer_device_bytes(tokens, **options):
+    """Device bytes of one sparse layer of a Llama-3.1-8B-shaped IceCache (8 KV heads of 128, 32 query
+    heads, bf16) after a synthetic prefill of `tokens` and 9 decode steps (one window page evicted)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=4096, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, attn_implementation="sdpa")
+    cache = scrimp.IceCache(cfg, dense_layers=2, pin_memory=False, **options)
+    layer, module = cache.layers[2], SimpleNamespace(config=cfg, layer_idx=2)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn((1, 8, tokens, 128), generator=g).to(torch.bfloat16)
+    layer.update(k, k.flip(2), 2, kwargs={})
+    layer.finish_prefill(module, None)
+    del k
+    for _ in range(9):
+        step = torch.randn((1, 8, 1, 128), generator=g).to(torch.bfloat16)
+        layer.update(step, step, 2, kwargs={})
+        layer.decode_attention(module, torch.randn((1, 32, 1, 128), generator=g).to(torch.bfloat16), None)
+    return layer.device_bytes(), layer.dev_summaries.group
+
+
+def test_default_device_memory_of_a_sparse_layer_is_fixed_from_8k_to_128k_tokens():
+    """The defaults' device bytes per sparse layer (resident tokens, page store, summary rows) at 8,192
+    and 131,072 tokens differ by at most 10%. The coarse pass groups 16,384 tokens (it decides which
+    tokens share pages, not what the device holds: checked at 8k against the default 1,024)."""
+    short, g_short = _sparse_layer_device_bytes(8192, coarse_tokens=16384)
+    assert _sparse_layer_device_bytes(8192)[0] == short
+    long, g_long = _sparse_layer_device_bytes(131072, coarse_tokens=16384)
+    assert g_long > g_short  # the rows stand for more pages each, not more rows
+    assert long <= 1.10 * short, (short, long)
+    assert long < 5 * 2**20  # ~4.1 MiB: 60 page slots x 8 tokens + 542 summary rows + sink/window, K and V, 8 heads

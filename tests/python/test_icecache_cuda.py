@@ -170,7 +170,7 @@ def test_generate_on_cuda_is_exact_at_full_budget():
 def test_generate_on_cuda_with_page_summaries_is_exact_at_full_budget():
     ref, out, cache = _greedy_on_cuda_with_and_without(3, 40, summaries=True)
     assert torch.equal(ref, out)
-    assert cache.layers[1].dev_summaries[0].is_cuda
+    assert cache.layers[1].dev_summaries.keys.is_cuda
 
 
 def test_generate_on_cuda_with_rerank_is_exact_at_full_budget_and_matches_the_host_at_a_small_one():

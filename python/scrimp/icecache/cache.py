@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .. import _C
 from .. import hf
+from .summaries import SummaryRows
 
 ATTN_NAME = "scrimp_icecache"
 METHODS = ("icecache", "quest", "random", "oracle", "streaming", "full")
@@ -656,43 +657,12 @@ class IceCacheLayer(CacheLayerMixin):
         del o
 
     def _sync_summaries(self, first):
-        """Mirror the page summaries (mean key and value in the cache dtype, log token count) from page
-        `first` on to the device: [B, H, cap, D] x 2 and [B, H, cap] float32 (-inf for no page); the
-        attention reads all `cap` rows (the padding rows are skipped by their bias)."""
-        P = self.index.num_pages()
-        B, H, D = self.B, self.H, self.D
-        n = P - first
-        if n <= 0:
-            return
-        if self.dev_summaries is None or self.dev_summaries[0].shape[2] < P:
-            cap = P + max(16, P // 8)  # room for window evictions; grows by >= 1/8 (not doubling: it is big)
-            keys = torch.zeros((B, H, cap, D), dtype=self.dtype, device=self.device)
-            values = torch.zeros_like(keys)
-            bias = torch.full((B, H, cap), float("-inf"), dtype=torch.float32, device=self.device)
-            if self.dev_summaries is not None:
-                old = self.dev_summaries[0].shape[2]
-                keys[:, :, :old], values[:, :, :old], bias[:, :, :old] = self.dev_summaries
-            self.dev_summaries = (keys, values, bias)
-        km = torch.empty((B * H, n, D), dtype=torch.float32)
-        vm = torch.empty_like(km)
-        lens = torch.empty((B * H, n), dtype=torch.int32)
-        self.index.export_summaries(first, n, km, vm, lens)
-        keys, values, bias = self.dev_summaries
-        keys[:, :, first:P] = km.view(B, H, n, D).to(device=self.device, dtype=self.dtype)
-        values[:, :, first:P] = vm.view(B, H, n, D).to(device=self.device, dtype=self.dtype)
-        bias[:, :, first:P] = lens.float().log().view(B, H, n).to(self.device)  # log 0 = -inf: no page
-
-    def _summary_bias(self, pages):
-        """This step's summary bias [B, H, cap]: the pages attended exactly (pages [B, H, k], -1
-        padding) are skipped (-inf), every other page counts through its summary."""
-        bias = self.dev_summaries[2]
-        if pages is None or not pages.numel():
-            return bias
-        cap = bias.shape[2]
-        p = pages.to(self.device, torch.long)
-        selected = torch.zeros(bias.shape[:2] + (cap + 1,), dtype=torch.bool, device=self.device)
-        selected.scatter_(2, torch.where(p >= 0, p, torch.full_like(p, cap)), True)  # -1 -> the spare column
-        return bias.masked_fill(selected[:, :, :cap], float("-inf"))
+        """Bring the summary rows (``SummaryRows``, created at the first page) in step with pages `first..`."""
+        if self.dev_summaries is None:
+            o = self.owner
+            self.dev_summaries = SummaryRows(self.B, self.H, self.D, o.summary_rows, max(o.selected_pages, 1),
+                                             self.dtype, self.device)
+        self.dev_summaries.sync(self.index, first)
 
     def select_on_device(self, q, k):
         """Bound scores on the device as two matmuls: sum_d max(q lo, q hi) = q+ . hi + q- . lo; the GQA
@@ -759,8 +729,7 @@ class IceCacheLayer(CacheLayerMixin):
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
         summaries = {}
         if self.dev_summaries is not None and self.index.num_pages() > 0:
-            sk, sv, _ = self.dev_summaries
-            summaries = dict(summary_keys=sk, summary_values=sv, summary_bias=self._summary_bias(pages))
+            summaries = self.dev_summaries.step(pages)
         _C.paged_decode_attention(q, k_store, v_store, table, tlens, k_dense, v_dense, mask, H,
                                   float(scaling if scaling is not None else 1.0 / math.sqrt(D)), out, stream,
                                   **summaries)
@@ -827,8 +796,8 @@ class IceCacheLayer(CacheLayerMixin):
                 n += x.numel() * x.element_size()
         for x in getattr(self, "dev_bounds", None) or ():
             n += x.numel() * x.element_size()
-        for x in self.dev_summaries or ():
-            n += x.numel() * x.element_size()
+        if self.dev_summaries is not None:
+            n += self.dev_summaries.nbytes()
         return n
 
 
@@ -901,7 +870,8 @@ class IceCache(Cache):
                  cache_pages: Optional[int] = None, max_context: Optional[int] = None, measure: bool = False,
                  seed: int = 0, pin_memory: bool = True, coarse_tokens: int = 1024, recluster_pages: int = 4,
                  select_on_device: Optional[bool] = None, reuse_selection: int = 0, prefetch: Optional[bool] = None,
-                 summaries: Optional[bool] = None, rerank: Optional[int] = None, prefill_chunk: Optional[int] = None):
+                 summaries: Optional[bool] = None, rerank: Optional[int] = None, prefill_chunk: Optional[int] = None,
+                 summary_rows: int = 512):
         _check_transformers()
         model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
         config = model.config if model is not None else model_or_config
@@ -970,6 +940,9 @@ class IceCache(Cache):
         if not isinstance(summaries, bool):
             raise TypeError(f"summaries must be a bool or None, got {type(summaries).__name__}")
         self.summaries = summaries
+        if not isinstance(summary_rows, int) or isinstance(summary_rows, bool) or summary_rows < 1:
+            raise ValueError(f"summary_rows must be an int >= 1, got {summary_rows!r}")
+        self.summary_rows = summary_rows
         if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 0:
             raise ValueError(f"rerank must be an int >= 0 (candidate pages per selected page; 0 = off), got {rerank!r}")
         if rerank and method not in ("icecache", "quest"):

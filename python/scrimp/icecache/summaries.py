@@ -1,0 +1,159 @@
+"""Stand-ins for the pages a decode step does not attend: a fixed number of summary rows per KV head.
+
+Each row stands for a *group* of ``g`` consecutive page ids (neighbouring leaves of the page tree, or
+pages evicted from the window one after another) by its mean key, scored with a bias of log(tokens
+in the group), and its mean value: the group's ``sum_t exp(q.k_t) v_t`` is approximated by
+``n exp(q.mean_k) mean_v``. While a layer holds at most ``rows`` pages, ``g = 1`` (one row per page);
+when it holds more, ``g = ceil(pages / rows)`` (the rows are regrouped whenever ``g`` grows), so the
+device memory of the rows does not grow with the context.
+
+A step's selected pages are attended exactly and must leave their group's row: the rows of groups
+holding a selected page are masked, and per selected page one extra row carries its group's summary
+without the group's selected pages (computed on the host from the per-page sums kept there). With
+``g = 1`` the extra rows are empty and the masked rows are the selected pages' own.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class SummaryRows:
+    """Device summary rows of one layer: ``rows`` group rows + ``extra`` per-step rows per stream.
+
+    Parameters
+    ----------
+    B, H, D : batch rows, KV heads, head dim.
+    rows : most group rows per stream (>= 1).
+    extra : most pages a step selects per stream (the extra rows' count).
+    dtype, device : the cache's dtype and device (rows are stored in ``dtype``; biases in float32).
+    """
+
+    def __init__(self, B: int, H: int, D: int, rows: int, extra: int, dtype, device):
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+        if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
+            raise ValueError(f"extra must be an int >= 0, got {extra!r}")
+        self.B, self.H, self.D, self.rows, self.extra = B, H, D, rows, extra
+        self.dtype, self.device = dtype, torch.device(device)
+        self.group = 1  # pages per row
+        S = B * H
+        R = rows + extra
+        self.keys = torch.zeros((B, H, R, D), dtype=dtype, device=self.device)  # [B, H, rows + extra, D]
+        self.values = torch.zeros_like(self.keys)
+        self.bias = torch.full((B, H, R), float("-inf"), dtype=torch.float32, device=self.device)
+        # host: per page the mean key / value (float32, [S, cap, D]) and token count ([S, cap])
+        self._ksum = torch.zeros((S, 0, D))
+        self._vsum = torch.zeros((S, 0, D))
+        self._lens = torch.zeros((S, 0))
+        # host: per group row the same sums ([S, rows, D], [S, rows])
+        self._gk = torch.zeros((S, rows, D))
+        self._gv = torch.zeros((S, rows, D))
+        self._gn = torch.zeros((S, rows))
+        self.pages = 0
+
+    # ---- keeping the rows in step with the index ----------------------------------------------------
+    def sync(self, index, first: int):
+        """Pages ``first..`` of ``index`` changed or arrived: refresh the host sums and the rows they
+        fall in (all rows when the group size grows)."""
+        P = index.num_pages()
+        n = P - first
+        if n <= 0:
+            return
+        S, D = self.B * self.H, self.D
+        if self._ksum.shape[1] < P:  # host arrays grow by doubling
+            cap = max(P, 2 * self._ksum.shape[1], 16)
+            for name in ("_ksum", "_vsum", "_lens"):
+                old = getattr(self, name)
+                new = old.new_zeros((S, cap) + tuple(old.shape[2:]))
+                new[:, :old.shape[1]] = old
+                setattr(self, name, new)
+        km = torch.empty((S, n, D), dtype=torch.float32)
+        vm = torch.empty_like(km)
+        lens = torch.empty((S, n), dtype=torch.int32)
+        index.export_summaries(first, n, km, vm, lens)
+        lf = lens.float()
+        self._ksum[:, first:P] = km  # page means (their sums: times the count)
+        self._vsum[:, first:P] = vm
+        self._lens[:, first:P] = lf
+        self.pages = P
+        g = max(self.group, -(-P // self.rows))
+        if g != self.group:
+            self.group, first = g, 0
+        self._write_groups(first // g, -(-P // g))
+
+    def _write_groups(self, a: int, b: int):
+        """Rows a..b-1 from the host sums (group j = pages [j g, (j + 1) g))."""
+        g, S, D = self.group, self.B * self.H, self.D
+        P = b * g
+        ks, vs, ls = self._ksum[:, a * g:P], self._vsum[:, a * g:P], self._lens[:, a * g:P]
+        if ks.shape[1] < P - a * g:  # pad the last group
+            pad = P - a * g - ks.shape[1]
+            ks = torch.cat([ks, ks.new_zeros((S, pad, D))], 1)
+            vs = torch.cat([vs, vs.new_zeros((S, pad, D))], 1)
+            ls = torch.cat([ls, ls.new_zeros((S, pad))], 1)
+        n = ls.view(S, b - a, g).sum(-1)  # [S, b - a]
+        d = n.clamp(min=1)[..., None]
+        w = ls[..., None]
+        gk, gv = (ks * w).view(S, b - a, g, D).sum(2), (vs * w).view(S, b - a, g, D).sum(2)
+        self._gk[:, a:b], self._gv[:, a:b], self._gn[:, a:b] = gk, gv, n
+        self._gn[:, b:] = 0
+        km, vm = (ks, vs) if g == 1 else (gk / d, gv / d)  # one page per row: its own mean, as exported
+        B, H = self.B, self.H
+        self.keys[:, :, a:b] = km.view(B, H, b - a, D).to(device=self.device, dtype=self.dtype)
+        self.values[:, :, a:b] = vm.view(B, H, b - a, D).to(device=self.device, dtype=self.dtype)
+        self.bias[:, :, a:b] = n.log().view(B, H, b - a).to(self.device)  # log 0 = -inf: no tokens
+        self.bias[:, :, b:self.rows] = float("-inf")
+
+    # ---- one decode step ----------------------------------------------------------------------------
+    def step(self, pages):
+        """The kernel's summary arguments for a step that attends ``pages`` ([B, H, k] int32 page ids,
+        -1 padding, or None) exactly: ``dict(summary_keys=, summary_values=, summary_bias=)``."""
+        args = dict(summary_keys=self.keys, summary_values=self.values)
+        if pages is None or not pages.numel():
+            args["summary_bias"] = self.bias
+            return args
+        B, H, R = self.B, self.H, self.rows
+        p = pages.to("cpu", torch.long)
+        k = p.shape[-1]
+        if k > self.extra:
+            raise ValueError(f"a step selected {k} pages per stream, more than the {self.extra} extra summary rows")
+        valid = p >= 0
+        gid = torch.where(valid, p // self.group, torch.full_like(p, -1))
+        hit = torch.zeros((B, H, R + 1), dtype=torch.bool)
+        hit.scatter_(2, torch.where(valid, gid, torch.full_like(gid, R)), True)  # -1 -> the spare column
+        bias = self.bias.masked_fill(torch.cat([hit[:, :, :R], torch.zeros((B, H, self.extra), dtype=torch.bool)],
+                                               2).to(self.device), float("-inf"))
+        if self.group > 1:
+            self._extra_rows(p.view(B * H, k), gid.view(B * H, k), valid.view(B * H, k), bias)
+        args["summary_bias"] = bias
+        return args
+
+    def _extra_rows(self, p, gid, valid, bias):
+        """Rows rows..rows+k-1: each touched group once, without its selected pages."""
+        S, k = p.shape
+        D, R = self.D, self.rows
+        pc = p.clamp(min=0)
+        ps_n = torch.gather(self._lens, 1, pc) * valid
+        ps_k = torch.gather(self._ksum, 1, pc[..., None].expand(S, k, D)) * ps_n[..., None]
+        ps_v = torch.gather(self._vsum, 1, pc[..., None].expand(S, k, D)) * ps_n[..., None]
+        same = (gid[:, :, None] == gid[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [S, k, k]
+        first = valid & ~(same & torch.ones(k, k, dtype=torch.bool).tril(-1)).any(-1)
+        sf = same.float()
+        gi = gid.clamp(min=0)
+        gk = torch.gather(self._gk, 1, gi[..., None].expand(S, k, D))
+        gv = torch.gather(self._gv, 1, gi[..., None].expand(S, k, D))
+        gn = torch.gather(self._gn, 1, gi)
+        rk = gk - sf @ ps_k
+        rv = gv - sf @ ps_v
+        rn = gn - (sf @ ps_n[..., None])[..., 0]
+        keep = first & (rn > 0.5)
+        d = rn.clamp(min=1)[..., None]
+        B, H = self.B, self.H
+        self.keys[:, :, R:R + k] = (rk / d).view(B, H, k, D).to(device=self.device, dtype=self.dtype)
+        self.values[:, :, R:R + k] = (rv / d).view(B, H, k, D).to(device=self.device, dtype=self.dtype)
+        eb = torch.where(keep, rn.clamp(min=1).log(), torch.full_like(rn, float("-inf")))
+        bias[:, :, R:R + k] = eb.view(B, H, k).to(self.device)
+
+    def nbytes(self) -> int:
+        """Device bytes of the rows (keys, values, biases)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.bias))
