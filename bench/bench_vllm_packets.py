@@ -28,31 +28,25 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def workload(tok, n_requests: int, pool: int, docs: int, seed: int = 0):
-    """(pool documents as token lists, requests as (doc indices, key, value)); keys unique per request."""
+    """(pool documents as token lists, requests as Prompts with their answers).
+
+    One global table gives every key one value; a pool document holds 16 of its records, so a key that
+    two chosen documents share has the same value in both and every question has one answer."""
     import string
 
     from scrimp.packets.prompt import Prompt
 
     rng = random.Random(f"bench_vllm_packets:{seed}")
     keys = [a + b for a in string.ascii_uppercase for b in string.ascii_uppercase]
-    records = [[(k, "%03d" % rng.randrange(1000)) for k in rng.sample(keys, 16)] for _ in range(pool)]
+    table = {k: "%03d" % rng.randrange(1000) for k in keys}
+    records = [[(k, table[k]) for k in rng.sample(keys, 16)] for _ in range(pool)]
     texts = ["<doc>\n" + "".join(f"{k}={v}\n" for k, v in recs) + "</doc>\n" for recs in records]
     doc_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     prefix = tok("<bos>", add_special_tokens=False)["input_ids"]
     reqs = []
-    while len(reqs) < n_requests:
-        chosen, used = [], set()
-        for i in rng.sample(range(pool), pool):
-            ks = {k for k, _ in records[i]}
-            if not ks & used:
-                chosen.append(i)
-                used |= ks
-            if len(chosen) == docs:
-                break
-        if len(chosen) < docs:
-            continue
-        target = rng.choice(chosen)
-        key, value = rng.choice(records[target])
+    for _ in range(n_requests):
+        chosen = rng.sample(range(pool), docs)
+        key, value = rng.choice(records[rng.choice(chosen)])
         q = tok(f"Query: {key}=", add_special_tokens=False)["input_ids"]
         reqs.append(Prompt(prefix, [doc_ids[i] for i in chosen], q, tok(value, add_special_tokens=False)["input_ids"]))
     return doc_ids, reqs

@@ -104,6 +104,12 @@ bench tip 60 --device cuda --kl-n 4096 --kl-v 151936 --dtypes bfloat16
 bench packets 60 --device cuda --skip-method
 bench icecache_gpu 60 --device cuda
 bench icecache_e2e 120 --lengths 32768
+# KV Packet inside vLLM (GPU KV layout), only where vLLM is installed
+if "$PY" -c "import vllm" >/dev/null 2>&1; then
+  bench vllm_packets 150 --requests 60
+else
+  note "bench_vllm_packets: skipped (vllm not importable)"
+fi
 
 "$PY" - "$BENCH_JSON_DIR" "$OUT/bench.json" <<'PY' || true
 import json, os, sys
