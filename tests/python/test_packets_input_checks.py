@@ -110,7 +110,9 @@ def test_interleaved_rotary_layout_is_refused_by_name(setup, monkeypatch):
     assert R.interleaved_rope(type(model.config)(model_type="x")) is False
     # a layout that re-rotation does not reproduce is refused by every engine, naming the layout
     good = R.rope_spec(model)
-    monkeypatch.setattr(M, "rope_spec", lambda m: R.RopeSpec(good.rope_type, good.inv_freq, good.head_dim,
+    import scrimp.packets.engine as E  # where PacketEngine looks the rope spec up
+
+    monkeypatch.setattr(E, "rope_spec", lambda m: R.RopeSpec(good.rope_type, good.inv_freq, good.head_dim,
                                                                  layout="interleaved"))
     with pytest.raises(ValueError, match="rope type 'default', rotary layout 'interleaved'.*differ from the model's own"):
         M.PacketEngine(model, tok, None)

@@ -2,7 +2,7 @@
 
 * :class:`PacketStore` - the embeddable packet store (GPU / host / disk tiers, C++ core).
 * :func:`rerotate_keys`, :func:`assemble` - RoPE re-rotation and fused assembly (C++/CUDA kernels).
-* :mod:`scrimp.packets.method` - adapters, building packets, inference, training, baselines, FLOPs.
+* :mod:`scrimp.packets.method` - adapters, building packets, inference, baselines, FLOPs (one module each, re-exported there).
 * :class:`Pruning` - score-based packet pruning (key norm or attention), adapter tokens kept.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                               KVConnectorRole)
 
-from ...packets.method import Adapters
+from ...packets.adapter import Adapters
 from .requests import document_spans
 from .worker import LoadSpec, PacketWriter
 

@@ -14,7 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...packets.method import Adapters, PacketEngine
+from ...packets.adapter import Adapters
+from ...packets.engine import PacketEngine
 from ...packets.prompt import Prompt
 from ...packets.store import PacketStore
 
