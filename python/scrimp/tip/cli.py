@@ -60,6 +60,14 @@ def _build_distill(p):
     p.add_argument("--eval-n", type=int, default=0,
                    help="testbed arith only: greedy accuracy on N problems before and after (default 0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: leave as is)")
+    p.add_argument("--rollouts", default="generate", choices=("generate", "vllm"),
+                   help="where rollouts are sampled: generate = the student's Hugging Face generate (default); vllm = "
+                        "a vllm.LLM in this process, the student's weights loaded into it every --sync-every steps")
+    p.add_argument("--sync-every", type=int, default=1,
+                   help="--rollouts vllm: load the student's weights into vLLM every K optimizer steps (default 1)")
+    p.add_argument("--vllm-max-model-len", type=int, default=0,
+                   help="--rollouts vllm: the engine's context in tokens (default 0: the student's "
+                        "max_position_embeddings, at most 4096)")
     add_common_arguments(p)
     p.set_defaults(func=_run_distill)
 
@@ -130,14 +138,30 @@ def _distill(args) -> int:
         if args.eval_n and rank == 0:
             from .bench import arith_accuracy
             report["accuracy_before"] = arith_accuracy(student.to(device), tok, n=args.eval_n)["accuracy"]
+        engine = None
+        if args.rollouts == "vllm":
+            if dist:
+                raise ValueError("--rollouts vllm runs one engine in a single training process; not under torchrun")
+            try:
+                from ..integrations.vllm.rollouts import VLLMRollouts
+            except ImportError as e:
+                raise ValueError(f"--rollouts vllm needs vLLM installed ({e})") from None
+            mml = args.vllm_max_model_len or min(4096, int(getattr(student.config, "max_position_embeddings",
+                                                                   4096) or 4096))
+            engine = VLLMRollouts(student, tok, max_model_len=mml, seed=args.seed)
+            report["rollouts"] = {"engine": "vllm", "sync_every": args.sync_every, "max_model_len": mml}
         d = OnPolicyDistiller(
             student, teacher, tok, teacher_tokenizer=teacher_tok, rule=args.rule, ratio=args.ratio, kind=args.kind,
             beta=args.beta, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             chunk_tokens=args.chunk_tokens, grad_clip=args.grad_clip, output_dir=args.out,
             checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.quiet, device=device,
-            fsdp=args.fsdp)
-        hist = d.train(args.steps, prompt_fn, resume=not args.no_resume)
+            fsdp=args.fsdp, rollout_engine=engine, sync_every=args.sync_every)
+        try:
+            hist = d.train(args.steps, prompt_fn, resume=not args.no_resume)
+        finally:
+            if engine is not None:
+                engine.close()
         if rank == 0:
             if args.eval_n:
                 from .bench import arith_accuracy

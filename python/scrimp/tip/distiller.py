@@ -101,6 +101,12 @@ class OnPolicyDistiller:
     output_dir, checkpoint_every : where checkpoints and ``metrics.jsonl`` go; 0 = only at the end.
     seed : seeds the selection generator and the sampling (offset by the rank).
     fsdp : shard the student with FSDP2 (needs ``torch.distributed`` initialised).
+    rollout_engine : where the rollouts are sampled: None (default) is the student's Hugging Face ``generate``;
+        an engine such as :class:`scrimp.integrations.vllm.rollouts.VLLMRollouts` has
+        ``generate(prompts, max_new_tokens, temperature, top_p, top_k, stop_ids)`` (token ids of the responses)
+        and ``sync(student)`` (load the student's current weights).
+    sync_every : with a ``rollout_engine``, the student's weights are loaded into it before the first step
+        and then every ``sync_every`` optimizer steps (1: the rollouts are always on-policy).
     """
 
     def __init__(self, student, teacher, tokenizer, *, teacher_tokenizer=None, rule: str = "soft_or",
@@ -108,7 +114,7 @@ class OnPolicyDistiller:
                  batch_size: int = 8, grad_accum: int = 1, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, loss_temperature: float = 1.0, chunk_tokens: int = 1024,
                  grad_clip: float = 1.0, output_dir: Optional[str] = None, checkpoint_every: int = 0, seed: int = 0,
-                 progress: bool = True, device=None, fsdp: bool = False):
+                 progress: bool = True, device=None, fsdp: bool = False, rollout_engine=None, sync_every: int = 1):
         if rule not in RULES:
             raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
         if not (0.0 < float(ratio) <= 1.0):
@@ -120,6 +126,11 @@ class OnPolicyDistiller:
         if not (temperature >= 0.0) or not (0.0 < top_p <= 1.0) or top_k < 0:
             raise ValueError(f"sampling: expected temperature >= 0, top_p in (0, 1], top_k >= 0; got "
                              f"{temperature}, {top_p}, {top_k}")
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every: expected an int >= 1, got {sync_every!r}")
+        if rollout_engine is not None and not (callable(getattr(rollout_engine, "generate", None)) and
+                                               callable(getattr(rollout_engine, "sync", None))):
+            raise ValueError("rollout_engine: expected an object with generate(...) and sync(student)")
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: expected >= 0, got {checkpoint_every}")
         self.vocab_size = (check_same_vocabulary(tokenizer, teacher_tokenizer) if teacher_tokenizer is not None
@@ -138,6 +149,12 @@ class OnPolicyDistiller:
             torch.distributed.get_world_size() > 1
         if fsdp and not self.distributed:
             raise ValueError("fsdp=True needs torch.distributed initialised with world size > 1 (run under torchrun)")
+        if rollout_engine is not None and self.distributed:
+            raise ValueError("rollout_engine: one colocated engine per training process is supported without "
+                             "torch.distributed only; use the generate rollouts under torchrun")
+        self.rollout_engine, self.sync_every = rollout_engine, sync_every
+        self._synced_at: Optional[int] = None
+        self.weight_syncs = 0
         self.fsdp = fsdp
         self.rank = torch.distributed.get_rank() if self.distributed else 0
         self.world = torch.distributed.get_world_size() if self.distributed else 1
@@ -186,20 +203,25 @@ class OnPolicyDistiller:
         for i, p in enumerate(prompts):  # left padding for generation
             ids[i, P - len(p):] = torch.tensor(list(p))
             attn[i, P - len(p):] = 1
-        self.student.eval()
-        sampling = (dict(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-                    if self.temperature > 0 else dict(do_sample=False))
-        kw = dict(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=self.max_new_tokens,
-                  eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling)
-        if self.fsdp:  # inside the root FSDP unit's forward (its parameters gathered); ranks stop together
-            out = self.body(generate=dict(kw, synced_gpus=True))
+        if self.rollout_engine is not None:
+            gen = self.rollout_engine.generate([list(p) for p in prompts], self.max_new_tokens, self.temperature,
+                                               self.top_p, self.top_k, stops)
         else:
-            out = self.student.generate(**kw)
-        self.student.train()
-        gen = out[:, P:].cpu()
+            self.student.eval()
+            sampling = (dict(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+                        if self.temperature > 0 else dict(do_sample=False))
+            kw = dict(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                      max_new_tokens=self.max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                      **sampling)
+            if self.fsdp:  # inside the root FSDP unit's forward (its parameters gathered); ranks stop together
+                out = self.body(generate=dict(kw, synced_gpus=True))
+            else:
+                out = self.student.generate(**kw)
+            self.student.train()
+            gen = out[:, P:].cpu().tolist()
         seqs, resp_lens = [], []
         for i, p in enumerate(prompts):
-            g = gen[i].tolist()
+            g = list(gen[i])
             end = next((j for j, t in enumerate(g) if t in stops), None)
             if end is not None:
                 g = g[:end + 1]
@@ -281,12 +303,27 @@ class OnPolicyDistiller:
                "mean_response_len": resp / max(1, n_rollouts),
                "tokens_per_s": resp / max(t2 - t0, 1e-9), "rollout_s": t1 - t0, "train_s": t2 - t1,
                "peak_memory_mb": peak_memory_bytes(self.device) / 2 ** 20}
+        if self.rollout_engine is not None:
+            rec["weight_syncs"] = self.weight_syncs
         self.history.append(rec)
         return rec
+
+    def sync_rollout_engine(self, force: bool = False) -> bool:
+        """Load the student's weights into the rollout engine when ``sync_every`` steps have passed since the
+        last load (or none was done, or ``force``); returns whether it did."""
+        if self.rollout_engine is None:
+            return False
+        if not force and self._synced_at is not None and self.step_count - self._synced_at < self.sync_every:
+            return False
+        self.rollout_engine.sync(self.student)
+        self._synced_at = self.step_count
+        self.weight_syncs += 1
+        return True
 
     def step(self, prompts: Sequence[Sequence[Sequence[int]]]) -> Dict:
         """One optimizer step: ``prompts`` holds one list of prompt token-id lists per micro-batch."""
         t0 = time.perf_counter()
+        self.sync_rollout_engine()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         batches = []
@@ -400,6 +437,7 @@ class OnPolicyDistiller:
                     f.write(json.dumps(rec) + "\n")
             os.replace(metrics + ".tmp", metrics)
         self.last_checkpoint = path
+        self._synced_at = None  # the rollout engine holds other weights now
         return True
 
     # ------------------------------------------------------------------ the loop
