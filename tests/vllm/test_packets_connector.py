@@ -258,3 +258,18 @@ def test_random_weight_qwen3_with_a_trained_tokenizer_and_text_documents(tmp_pat
                 assert abs(lp.logprob - float(ref[tid])) < 1e-3, (tid, lp.logprob, float(ref[tid]))
     finally:
         del llm
+
+
+def test_a_store_too_full_for_the_packets_falls_back_to_recompute(recall, recall_llm, monkeypatch):
+    from scrimp.packets.store import PacketStore
+
+    model, tok, adapters = recall
+    llm, _ = recall_llm
+    prompts = recall_prompts(tok, 2, seed=REPORT_SEED + 600)
+    plain = [list(o.outputs[0].token_ids) for o in generate(llm, prompts, adapters, with_packets=False)]
+    writer = worker_connector()._writer
+    tiny = PacketStore(host_bytes=4096)  # no packet of this model fits, and there is no disk tier
+    monkeypatch.setattr(writer.engine, "store", tiny)
+    outs = generate(llm, prompts, adapters)
+    assert [list(o.outputs[0].token_ids) for o in outs] == plain
+    assert len(tiny) == 0
