@@ -10,7 +10,12 @@ One C++/CUDA core (``scrimp._C``) with a slim Python layer:
 """
 from __future__ import annotations
 
-from . import _C
+from . import _versions
+from ._versions import VersionError
+
+_versions.check()  # Python, torch and transformers inside the tested ranges, else VersionError naming both
+
+from . import _C  # noqa: E402
 from .scoring import TokenScores, token_scores
 from .distill_loss import kl_loss
 from . import tip
@@ -61,5 +66,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'scrimp' has no attribute {name!r}")
 
 
-__all__ = ["TokenScores", "token_scores", "kl_loss", "tip", "tessy", "build_info", "cmake_dir", "__version__",
+__all__ = ["VersionError", "TokenScores", "token_scores", "kl_loss", "tip", "tessy", "build_info", "cmake_dir", "__version__",
            "PacketStore", "rerotate_keys", "assemble", "IceCache", "load_model"]

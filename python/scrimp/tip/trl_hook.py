@@ -9,15 +9,22 @@ states only (over the tokenizer's vocabulary, with the models' logit transforms)
 the kept tokens. Everything else (on-policy generation with ``lmbda``, accumulation, logging, saving)
 is TRL's own machinery::
 
-    from scrimp.tip.trl_hook import TipGKDTrainer
-    trainer = TipGKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(..., beta=1.0),
+    from scrimp.tip.trl_hook import TipGKDTrainer, gkd_config
+    trainer = TipGKDTrainer(model=student, teacher_model=teacher, args=gkd_config(..., beta=1.0),
                             train_dataset=ds, processing_class=tok, tip_rule="soft_or", tip_ratio=0.5)
+
+:func:`gkd_config` builds TRL's ``GKDConfig`` with gradient checkpointing under the name the installed
+transformers uses (``activation_checkpointing`` where ``gradient_checkpointing`` is deprecated), so the
+config raises no FutureWarning; a ``GKDConfig`` built directly works too. The trl versions admitted are
+``scrimp._versions.SUPPORTED["trl"]``: importing this module with another one installed raises
+:class:`scrimp.VersionError`.
 
 :func:`tip_generalized_jsd_loss` is the functional form for code that already has full logits: TRL's
 ``generalized_jsd_loss`` signature plus the selector.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -71,13 +78,70 @@ def tip_generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch
     return (loss, stats) if return_stats else loss
 
 
+from .. import _versions
+
+_versions.require("trl", "scrimp.tip.trl_hook")
+
 try:  # the drop-in subclass, only with trl installed
     try:
-        from trl.experimental.gkd import GKDTrainer as _GKDTrainer
+        from trl.experimental.gkd import GKDConfig as _GKDConfig, GKDTrainer as _GKDTrainer
     except ImportError:
-        from trl import GKDTrainer as _GKDTrainer
+        from trl import GKDConfig as _GKDConfig, GKDTrainer as _GKDTrainer
 except ImportError:  # pragma: no cover - trl is optional
-    _GKDTrainer = None
+    _GKDConfig = _GKDTrainer = None
+
+#: transformers' deprecated gradient-checkpointing names -> their replacements (transformers >= 5.25)
+_CHECKPOINTING_RENAMES = (("gradient_checkpointing", "activation_checkpointing"),
+                          ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+#: FutureWarnings transformers raises when TRL's rollout code calls the model's deprecated
+#: ``gradient_checkpointing_*`` methods (TRL's code, not scrimp's): silenced around TRL's training step only
+_TRL_CHECKPOINTING_WARNING = r"`(is_)?gradient_checkpointing\w*` is deprecated"
+
+
+class _ConfigOnlyGenerate:
+    """``model`` whose ``generate(..., generation_config=cfg, **kw)`` moves the generation parameters in
+    ``kw`` (attributes of ``cfg``) into a copy of ``cfg``, so that only model inputs travel beside it."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, *args, generation_config=None, **kw):
+        if generation_config is not None:
+            import copy
+
+            generation_config = copy.deepcopy(generation_config)
+            for k in [k for k in kw if k not in ("input_ids", "attention_mask") and hasattr(generation_config, k)]:
+                setattr(generation_config, k, kw.pop(k))
+        return self._model.generate(*args, generation_config=generation_config, **kw)
+
+
+def gkd_config(**kwargs):
+    """TRL's ``GKDConfig(**kwargs)``, with gradient checkpointing passed under the installed transformers'
+    name: where ``TrainingArguments`` has ``activation_checkpointing`` (the deprecated
+    ``gradient_checkpointing`` warns there), ``gradient_checkpointing`` / ``gradient_checkpointing_kwargs``
+    in ``kwargs`` (or TRL's default for them) go to ``activation_checkpointing`` / ``..._kwargs``."""
+    import dataclasses
+
+    if _GKDConfig is None:
+        raise ImportError("gkd_config needs trl: pip install 'trl" + _versions.specifier("trl") + "'")
+    fields = {f.name: f for f in dataclasses.fields(_GKDConfig)}
+    for old, new in _CHECKPOINTING_RENAMES:
+        if new not in fields or old not in fields:
+            continue
+        if old in kwargs:
+            value = kwargs.pop(old)
+            kwargs.setdefault(new, value)
+        elif new not in kwargs:
+            f = fields[old]
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            if default is not None:
+                kwargs[new] = default
+    return _GKDConfig(**kwargs)
 
 if _GKDTrainer is not None:
     class TipGKDTrainer(_GKDTrainer):
@@ -101,6 +165,17 @@ if _GKDTrainer is not None:
                 tip_vocab_size = len(tok)
             V = shared_vocab_size(student, teacher, tip_vocab_size)
             self._tip_heads = (LogitHead(student, V, "student"), LogitHead(teacher, V, "teacher"))
+
+        @staticmethod
+        def generate_on_policy_outputs(model, inputs, generation_config):
+            # TRL passes generation arguments beside generation_config, which transformers deprecates:
+            # its rollout runs on a view of the model whose generate() moves them into the config
+            return _GKDTrainer.generate_on_policy_outputs(_ConfigOnlyGenerate(model), inputs, generation_config)
+
+        def training_step(self, *args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_TRL_CHECKPOINTING_WARNING, category=FutureWarning)
+                return super().training_step(*args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, attn, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
