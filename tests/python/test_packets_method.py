@@ -33,6 +33,23 @@ def test_split_recall_prompt_matches_doc_spans(setup):
     assert q == ex.prompt_ids[slice(*ex.question_span)]
 
 
+def test_slots_packets_equal_the_slots_student(setup):
+    """positions="slots" (every packet row in its own position, vLLM's layout): the engine's question
+    logits equal the training forward's with the same placement, and the question sits after every row."""
+    model, tok, ex, pr = setup
+    ad = M.Adapters(model.config.hidden_size, n_header=3, n_trailer=2, seed=3)
+    eng = M.PacketEngine(model, tok, ad, positions="slots")
+    cache, n, question, kv, docs, prefix = eng.prepare(pr)
+    assert n == len(prefix) + sum(len(d) + 5 for d in docs)
+    lg = _question_logits(model, cache, n, question)
+    assert (lg - student_answer_logits(model, ad, pr, [5], positions="slots")[0]).abs().max() < 1e-4
+    assert (lg - student_answer_logits(model, ad, pr, [5])[0]).abs().max() > 1e-4  # the overlap layout differs
+    with pytest.raises(ValueError, match="positions must be one of overlap, slots"):
+        M.PacketEngine(model, tok, ad, positions="paged")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        train_adapters(model, [pr], steps=1, positions="paged", progress=False)
+
+
 @pytest.mark.parametrize("with_adapters", [False, True])
 def test_packets_equal_block_diagonal_student(setup, with_adapters):
     model, tok, ex, pr = setup

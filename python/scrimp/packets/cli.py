@@ -11,6 +11,7 @@ from ..cli import add_common_arguments, register_command, write_json
 from ..models import add_model_arguments, load_model
 from .compare import ALL_METHODS
 from .bench import RECALL_CONTEXT
+from .method import Adapters
 
 #: the model the commands use when none is named (the shipped example, with shipped adapters)
 DEFAULT_MODEL = "testbed:recall"
@@ -79,7 +80,8 @@ def _run_train(args) -> int:
                               n_header=args.n_header, n_trailer=args.n_trailer, seed=args.seed, heldout=heldout,
                               max_answer_tokens=max_answer, checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
                               resume=args.resume, max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-                              progress=not args.quiet, header_kv=args.header_kv,
+                              progress=not args.quiet, header_kv=args.header_kv, positions=args.positions,
+                              adapters=None if args.init is None else Adapters.load(args.init, model),
                               log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)))
     ad.save(out, model)
     k = min(16, len(hist["loss"]))
@@ -170,6 +172,11 @@ def _build(p: argparse.ArgumentParser) -> None:
     t.add_argument("--header-kv", choices=("every", "once", "none"), default="every",
                    help="where the header's K/V go: in every packet (the paper), one shared copy before the first "
                         "document, or nowhere (build-time context only); the last two assemble and re-rotate fewer tokens")
+    t.add_argument("--positions", choices=("overlap", "slots"), default="overlap",
+                   help="where inference places the packets: overlap (scrimp's engine default) or slots (every row "
+                        "in its own position: the layout vLLM gives packets, scrimp.integrations.vllm)")
+    t.add_argument("--init", default=None, metavar="ADAPTERS",
+                   help="continue training these adapters (their header/trailer sizes are kept) instead of new ones")
     t.add_argument("--resume", action="store_true",
                    help="continue from the training checkpoint when one exists (same data and settings)")
     t.add_argument("--checkpoint", default=None, metavar="PATH",

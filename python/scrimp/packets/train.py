@@ -44,9 +44,10 @@ def teacher_targets(model, prompt: Prompt, max_answer_tokens: int = 32, tokenize
     return answer, logits.float()
 
 
-def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail):
+def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail, positions: str = "overlap"):
     """(input embeddings [1, n, hidden], allowed-attention mask [1, 1, n, n], position ids [1, n]) of
-    the student sequence; positions as at inference (`packet_positions`). The question and answer
+    the student sequence; positions as at inference (`packet_positions`, or every row in its own slot
+    with ``positions="slots"``, as :class:`PacketEngine` and vLLM lay packets out). The question and answer
     attend to the header tokens the assembled cache holds (``adapters.header_kv``): every document's
     ("every"), the first document's only ("once": the one shared copy), none ("none")."""
     dev = _device(model)
@@ -56,7 +57,14 @@ def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail):
         seg += [0] * len(prefix)
         header += [False] * len(prefix)
     n_header = adapters.n_header if adapters is not None else 0
-    starts, q_pos = packet_positions(len(prefix), [len(d) for d in docs], n_header)
+    if positions == "slots":
+        n_rows = n_header + (adapters.n_trailer if adapters is not None else 0)
+        starts, q_pos = [], len(prefix)
+        for d in docs:
+            starts.append(q_pos)
+            q_pos += len(d) + n_rows
+    else:
+        starts, q_pos = packet_positions(len(prefix), [len(d) for d in docs], n_header)
     for i, (d, start) in enumerate(zip(docs, starts)):
         x = _embed(model, torch.tensor([d], device=dev))
         if adapters is not None:
@@ -82,10 +90,12 @@ def _student_inputs(model, adapters: Optional[Adapters], prefix, docs, tail):
     return x, allowed[None, None], torch.tensor([pos], device=dev)
 
 
-def student_answer_logits(model, adapters: Optional[Adapters], prompt: Prompt, answer: List[int]) -> torch.Tensor:
-    """Student logits ``[len(answer), V]`` of the answer tokens under the block-diagonal mask."""
+def student_answer_logits(model, adapters: Optional[Adapters], prompt: Prompt, answer: List[int],
+                          positions: str = "overlap") -> torch.Tensor:
+    """Student logits ``[len(answer), V]`` of the answer tokens under the block-diagonal mask (packets
+    placed as ``PacketEngine(positions=...)`` places them)."""
     tail = list(prompt.question) + list(answer[:-1])
-    x, mask, pos = _student_inputs(model, adapters, prompt.prefix, prompt.documents, tail)
+    x, mask, pos = _student_inputs(model, adapters, prompt.prefix, prompt.documents, tail, positions)
     n = x.shape[1]
     out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False)
     return out.logits[0, n - len(answer):].float()
@@ -117,8 +127,8 @@ def split_heldout(n: int, heldout: Union[int, float], seed: int = 0) -> Tuple[Li
 
 
 @torch.no_grad()
-def heldout_metrics(model, adapters: Optional[Adapters], targets: Sequence[Tuple[Prompt, List[int], torch.Tensor]]
-                    ) -> Dict[str, float]:
+def heldout_metrics(model, adapters: Optional[Adapters], targets: Sequence[Tuple[Prompt, List[int], torch.Tensor]],
+                    positions: str = "overlap") -> Dict[str, float]:
     """``{"kl", "first_token_agreement", "n"}`` of the block-masked forward (what inference computes)
     against the teacher on ``targets`` (prompt, answer, teacher logits): mean KL(teacher || student)
     over all answer tokens, and how often the first answer token's argmax equals the teacher's."""
@@ -126,7 +136,7 @@ def heldout_metrics(model, adapters: Optional[Adapters], targets: Sequence[Tuple
         return {"kl": float("nan"), "first_token_agreement": float("nan"), "n": 0}
     kls, agree = [], []
     for prompt, ans, tl in targets:
-        sl = student_answer_logits(model, adapters, prompt, ans)
+        sl = student_answer_logits(model, adapters, prompt, ans, positions)
         kls.append(float(_kl(sl, tl)))
         agree.append(int(sl[0].argmax()) == int(tl[0].argmax()))
     return {"kl": sum(kls) / len(kls), "first_token_agreement": sum(agree) / len(agree), "n": len(targets)}
@@ -145,7 +155,7 @@ def train_adapters(model, prompts: Sequence[Prompt], *, tokenizer=None, steps: O
                    checkpoint: Optional[str] = None, checkpoint_every: int = 50, resume: bool = False,
                    max_seconds: Optional[float] = None, progress: bool = True,
                    log: Callable[[str], None] = print, adapters: Optional[Adapters] = None,
-                   header_kv: str = "every"):
+                   header_kv: str = "every", positions: str = "overlap"):
     """Train header/trailer adapters for ``model`` by self-distillation on ``prompts``.
 
     Parameters
@@ -160,6 +170,8 @@ def train_adapters(model, prompts: Sequence[Prompt], *, tokenizer=None, steps: O
         with ``resume`` an existing one is continued (same prompts and settings required).
     max_seconds : stop early after this long (the learning-rate schedule is laid out for ``steps``).
     header_kv : where the header's K/V go at inference (see :class:`Adapters`); training masks accordingly.
+    positions : where inference places the packets (``PacketEngine(positions=...)``): ``"overlap"``, or
+        ``"slots"`` (every row in its own position, the layout vLLM gives packets; needs ``header_kv="every"``).
 
     Returns ``(adapters, history)``: history has per-step losses, ``steps``, ``seconds``,
     ``stopped_early``, ``heldout_before`` / ``heldout_after`` (see :func:`heldout_metrics`) and
@@ -168,6 +180,10 @@ def train_adapters(model, prompts: Sequence[Prompt], *, tokenizer=None, steps: O
     prompts = list(prompts)
     if not prompts:
         raise ValueError("train_adapters: no prompts given")
+    from .engine import PACKET_POSITIONS
+
+    if positions not in PACKET_POSITIONS:
+        raise ValueError(f"positions must be one of {', '.join(PACKET_POSITIONS)}, got {positions!r}")
     for i, p in enumerate(prompts):
         if not isinstance(p, Prompt):
             raise TypeError(f"prompts[{i}]: expected a scrimp.packets.Prompt, got {type(p).__name__}")
@@ -197,7 +213,7 @@ def train_adapters(model, prompts: Sequence[Prompt], *, tokenizer=None, steps: O
     order: List[int] = []
     start = 0
     settings = {"data": _data_hash(prompts), "steps": total, "lr": lr, "seed": seed, "heldout": heldout,
-                "n_header": adapters.n_header, "n_trailer": adapters.n_trailer, "header_kv": adapters.header_kv,
+                "n_header": adapters.n_header, "n_trailer": adapters.n_trailer, "header_kv": adapters.header_kv, "positions": positions,
                 "model": adapters.fingerprint}
     if resume and checkpoint and os.path.isfile(checkpoint):
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -225,7 +241,7 @@ def train_adapters(model, prompts: Sequence[Prompt], *, tokenizer=None, steps: O
     held = [targets[i] for i in held_idx]
     hist = {"loss": [], "seconds": 0.0, "steps": start, "stopped_early": False, "resumed_from": start,
             "n_train": len(train_idx), "n_heldout": len(held_idx),
-            "heldout_before": heldout_metrics(model, adapters, held)}
+            "heldout_before": heldout_metrics(model, adapters, held, positions)}
 
     def save_state(step):
         if checkpoint:
@@ -246,7 +262,7 @@ def train_adapters(model, prompts: Sequence[Prompt], *, tokenizer=None, steps: O
             order = list(train_idx)
             rng.shuffle(order)
         prompt, ans, tl = targets[order.pop()]
-        loss = _kl(student_answer_logits(model, adapters, prompt, ans), tl)
+        loss = _kl(student_answer_logits(model, adapters, prompt, ans, positions), tl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -265,6 +281,6 @@ def train_adapters(model, prompts: Sequence[Prompt], *, tokenizer=None, steps: O
         bar.close()
     adapters.eval()
     save_state(hist["steps"])
-    hist["heldout_after"] = heldout_metrics(model, adapters, held)
+    hist["heldout_after"] = heldout_metrics(model, adapters, held, positions)
     hist["seconds"] = time.time() - t0
     return adapters, hist
