@@ -778,8 +778,8 @@ def test_summary_rows_stand_for_exactly_the_unselected_pages(pages):
         torch.testing.assert_close(ws.sum().double(), n[keep].sum(), atol=1e-3, rtol=1e-5)
     with pytest.raises(ValueError, match="rows"):
         SummaryRows(B, H, D, 0, k, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="extra summary rows"):
-        rows.step(torch.zeros((B, H, k + 1), dtype=torch.int32))
+    rows.step(torch.arange(k + 1, dtype=torch.int32).expand(B, H, k + 1).contiguous())  # more pages: more rows
+    assert rows.keys.shape[2] == R + k + 1
 
 
 def test_few_summary_rows_are_exact_at_full_budget_and_attend_grouped_rows():
@@ -829,3 +829,20 @@ def test_default_device_memory_of_a_sparse_layer_is_fixed_from_8k_to_128k_tokens
     assert g_long > g_short  # the rows stand for more pages each, not more rows
     assert long <= 1.10 * short, (short, long)
     assert long < 5 * 2**20  # ~4.1 MiB: 60 page slots x 8 tokens + 542 summary rows + sink/window, K and V, 8 heads
+
+
+def test_options_object_and_keywords_configure_the_same_cache():
+    from scrimp.icecache import IceCacheOptions
+
+    cfg = _tiny().config
+    a = scrimp.IceCache(cfg, IceCacheOptions(budget=64, **scrimp.icecache.PAPER), dense_layers=1)
+    b = scrimp.IceCache(cfg, budget=64, **{**scrimp.icecache.PAPER, "dense_layers": 1})
+    assert a.options == b.options and a.options.rerank == 0 and a.options.summaries is False
+    assert scrimp.IceCache(cfg).options == IceCacheOptions().resolved()
+    assert scrimp.IceCache(cfg).options.summary_rows == 512 and scrimp.IceCache(cfg).options.rerank == 8
+    with pytest.raises(TypeError, match="unknown IceCache option.*budgte"):
+        scrimp.IceCache(cfg, budgte=64)
+    with pytest.raises(TypeError, match="options must be"):
+        scrimp.IceCache(cfg, dict(budget=64))
+    with pytest.raises(TypeError, match="select_on_device"):
+        scrimp.IceCache(cfg, select_on_device="yes")

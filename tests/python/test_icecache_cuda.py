@@ -223,3 +223,29 @@ def test_generate_on_cuda_with_reuse_selection_is_exact_at_full_budget(prefetch)
                                                        recluster_pages=2)
     assert cache.prefetch is prefetch
     assert torch.equal(ref, out)
+
+
+def test_default_device_memory_on_cuda_is_fixed_from_8k_to_128k_tokens():
+    """On CUDA the defaults select on the device while a layer holds at most summary_rows pages, then on
+    the host (the bound mirror is dropped): a sparse layer's device bytes at 8k and 128k tokens differ
+    by at most 10%, as on the CPU (test_icecache.py)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=4096, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, attn_implementation="sdpa")
+    got = []
+    for tokens in (8192, 131072):
+        cache = scrimp.IceCache(cfg, dense_layers=2, coarse_tokens=16384)
+        layer, module = cache.layers[2], SimpleNamespace(config=cfg, layer_idx=2)
+        k = torch.randn((1, 8, tokens, 128), device="cuda", dtype=torch.bfloat16)
+        layer.update(k, k.flip(2), 2, kwargs={})
+        layer.finish_prefill(module, None)
+        del k
+        for _ in range(9):
+            step = torch.randn((1, 8, 1, 128), device="cuda", dtype=torch.bfloat16)
+            layer.update(step, step, 2, kwargs={})
+            layer.decode_attention(module, torch.randn((1, 32, 1, 128), device="cuda", dtype=torch.bfloat16), None)
+        got.append(layer.device_bytes())
+    assert got[1] <= 1.10 * got[0], got

@@ -2,12 +2,13 @@
 
     cache = scrimp.IceCache(model, budget=256)                      # scrimp's defaults
     cache = scrimp.IceCache(model, budget=256, **scrimp.icecache.PAPER)  # the paper's configuration
+    cache = scrimp.IceCache(model, scrimp.icecache.IceCacheOptions(budget=64))  # one options object
     out = scrimp.icecache.generate(model, input_ids, cache, attention_mask=mask, max_new_tokens=32)
 
 torch and transformers are imported on first use of a name below.
 """
 _LAZY = {"IceCache": "cache", "IceCacheLayer": "cache", "METHODS": "cache", "REFUSED_FEATURES": "cache",
-         "PAPER": "cache", "DEFAULT_RERANK": "cache",
+         "PAPER": "cache", "DEFAULT_RERANK": "cache", "IceCacheOptions": "options",
          "generate": "cache", "cache_argument": "cache", "make_generate_fn": "evaluate", "evaluate": "evaluate",
          "load_jsonl": "evaluate", "answer_matches": "evaluate", "demo_section": "demo"}
 

@@ -24,7 +24,7 @@ class SummaryRows:
     ----------
     B, H, D : batch rows, KV heads, head dim.
     rows : most group rows per stream (>= 1).
-    extra : most pages a step selects per stream (the extra rows' count).
+    extra : pages a step selects per stream (the extra rows' count; grown when a step selects more).
     dtype, device : the cache's dtype and device (rows are stored in ``dtype``; biases in float32).
     """
 
@@ -37,8 +37,9 @@ class SummaryRows:
         self.dtype, self.device = dtype, torch.device(device)
         self.group = 1  # pages per row
         S = B * H
-        R = rows + extra
-        self.keys = torch.zeros((B, H, R, D), dtype=dtype, device=self.device)  # [B, H, rows + extra, D]
+        self.cap = 0  # group rows allocated (grown with the pages up to `rows`)
+        R = self.cap + extra
+        self.keys = torch.zeros((B, H, R, D), dtype=dtype, device=self.device)  # [B, H, cap + extra, D]
         self.values = torch.zeros_like(self.keys)
         self.bias = torch.full((B, H, R), float("-inf"), dtype=torch.float32, device=self.device)
         # host: per page the mean key / value (float32, [S, cap, D]) and token count ([S, cap])
@@ -76,6 +77,8 @@ class SummaryRows:
         self._vsum[:, first:P] = vm
         self._lens[:, first:P] = lf
         self.pages = P
+        if self.cap < min(P, self.rows):  # room for window evictions: grow by >= 1/8, at most to `rows`
+            self._resize(min(self.rows, P + max(16, P // 8)), self.extra)
         g = max(self.group, -(-P // self.rows))
         if g != self.group:
             self.group, first = g, 0
@@ -102,21 +105,19 @@ class SummaryRows:
         self.keys[:, :, a:b] = km.view(B, H, b - a, D).to(device=self.device, dtype=self.dtype)
         self.values[:, :, a:b] = vm.view(B, H, b - a, D).to(device=self.device, dtype=self.dtype)
         self.bias[:, :, a:b] = n.log().view(B, H, b - a).to(self.device)  # log 0 = -inf: no tokens
-        self.bias[:, :, b:self.rows] = float("-inf")
+        self.bias[:, :, b:self.cap] = float("-inf")
 
     # ---- one decode step ----------------------------------------------------------------------------
     def step(self, pages):
         """The kernel's summary arguments for a step that attends ``pages`` ([B, H, k] int32 page ids,
         -1 padding, or None) exactly: ``dict(summary_keys=, summary_values=, summary_bias=)``."""
-        args = dict(summary_keys=self.keys, summary_values=self.values)
         if pages is None or not pages.numel():
-            args["summary_bias"] = self.bias
-            return args
-        B, H, R = self.B, self.H, self.rows
+            return dict(summary_keys=self.keys, summary_values=self.values, summary_bias=self.bias)
+        B, H, R = self.B, self.H, self.cap
         p = pages.to("cpu", torch.long)
         k = p.shape[-1]
-        if k > self.extra:
-            raise ValueError(f"a step selected {k} pages per stream, more than the {self.extra} extra summary rows")
+        if k > self.extra:  # more pages selected than ever before (the page cache grew): more extra rows
+            self._resize(self.cap, k)
         valid = p >= 0
         gid = torch.where(valid, p // self.group, torch.full_like(p, -1))
         hit = torch.zeros((B, H, R + 1), dtype=torch.bool)
@@ -125,13 +126,22 @@ class SummaryRows:
                                                2).to(self.device), float("-inf"))
         if self.group > 1:
             self._extra_rows(p.view(B * H, k), gid.view(B * H, k), valid.view(B * H, k), bias)
-        args["summary_bias"] = bias
-        return args
+        return dict(summary_keys=self.keys, summary_values=self.values, summary_bias=bias)
+
+    def _resize(self, cap: int, extra: int):
+        """Hold `cap` group rows (the first min(old, new) kept) and `extra` extra rows."""
+        keep = min(cap, self.cap)
+        for name in ("keys", "values", "bias"):
+            old = getattr(self, name)
+            new = old.new_full(old.shape[:2] + (cap + extra,) + old.shape[3:], float("-inf") if name == "bias" else 0.0)
+            new[:, :, :keep] = old[:, :, :keep]
+            setattr(self, name, new)
+        self.cap, self.extra = cap, extra
 
     def _extra_rows(self, p, gid, valid, bias):
         """Rows rows..rows+k-1: each touched group once, without its selected pages."""
         S, k = p.shape
-        D, R = self.D, self.rows
+        D, R = self.D, self.cap
         pc = p.clamp(min=0)
         ps_n = torch.gather(self._lens, 1, pc) * valid
         ps_k = torch.gather(self._ksum, 1, pc[..., None].expand(S, k, D)) * ps_n[..., None]
