@@ -46,10 +46,10 @@ class SummaryRows:
         self._ksum = torch.zeros((S, 0, D))
         self._vsum = torch.zeros((S, 0, D))
         self._lens = torch.zeros((S, 0))
-        # host: per group row the same sums ([S, rows, D], [S, rows])
-        self._gk = torch.zeros((S, rows, D))
-        self._gv = torch.zeros((S, rows, D))
-        self._gn = torch.zeros((S, rows))
+        # host: per group row the same sums ([S, cap, D], [S, cap])
+        self._gk = torch.zeros((S, 0, D))
+        self._gv = torch.zeros((S, 0, D))
+        self._gn = torch.zeros((S, 0))
         self.pages = 0
 
     # ---- keeping the rows in step with the index ----------------------------------------------------
@@ -135,6 +135,11 @@ class SummaryRows:
             old = getattr(self, name)
             new = old.new_full(old.shape[:2] + (cap + extra,) + old.shape[3:], float("-inf") if name == "bias" else 0.0)
             new[:, :, :keep] = old[:, :, :keep]
+            setattr(self, name, new)
+        for name in ("_gk", "_gv", "_gn"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], cap) + tuple(old.shape[2:]))
+            new[:, :keep] = old[:, :keep]
             setattr(self, name, new)
         self.cap, self.extra = cap, extra
 
