@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--pool", type=int, default=48, help="documents in the pool")
     ap.add_argument("--docs", type=int, default=17, help="documents per request (17 x ~116 tokens: ~2,048)")
     ap.add_argument("--dtype", default="float32", help="vLLM dtype")
+    ap.add_argument("--adapters", default=None, help="KV Packet adapter file (default: the shipped recall adapters)")
     ap.add_argument("--json", default=None, help="write the table and every timing as JSON here")
     args = ap.parse_args()
     for k in ("requests", "pool", "docs"):
@@ -70,10 +71,11 @@ def main():
 
     import scrimp.testbed as tb
     from scrimp.integrations.vllm import packet_request
-    from scrimp.packets.method import Adapters
+    from scrimp.packets.method import Adapters, PacketEngine
 
     model_dir = os.path.join(os.path.dirname(tb.__file__), "checkpoints", "recall")
-    adapters_path = os.path.join(os.path.dirname(tb.__file__), "..", "packets", "adapters", "recall.safetensors")
+    adapters_path = args.adapters or os.path.join(os.path.dirname(tb.__file__), "..", "packets", "adapters",
+                                                  "recall.safetensors")
     adapters = Adapters.load(adapters_path)
     tok = tb.get_tokenizer()
     pool, reqs = workload(tok, args.requests, args.pool, args.docs)
@@ -130,6 +132,14 @@ def main():
                           ttft_median_ms=1e3 * statistics.median(t), ttft_p90_ms=1e3 * t[int(0.9 * (len(t) - 1))],
                           prompt_tokens_computed=statistics.mean(x["computed"] for x in r),
                           requests_per_s=len(r) / sum(t), accuracy=sum(x["right"] for x in r) / len(r), n=len(r)))
+    # the same requests through scrimp's own engine: (c) must match positions="slots"; "overlap" is its default
+    model, _ = tb.load("recall")
+    full_adapters = Adapters.load(adapters_path, model)
+    engine_acc = {}
+    for positions in ("slots", "overlap"):
+        eng = PacketEngine(model, tok, full_adapters, positions=positions)
+        engine_acc[positions] = sum(eng.answer(prompt=p, max_new_tokens=4).token_ids[:len(p.answer)] == p.answer
+                                    for p in reqs) / len(reqs)
     b, c = table[1], table[2]
     print(f"vLLM {__import__('vllm').__version__}, {len(reqs)} requests of {args.docs} documents from a pool of "
           f"{args.pool}, ~{statistics.mean(len(p.ids) for p in reqs):.0f} prompt tokens; engine start {startup:.0f} s")
@@ -139,11 +149,13 @@ def main():
     for row in table:
         print(f"{row['method']:34s} {row['ttft_median_ms']:11.1f} {row['ttft_p90_ms']:8.1f} "
               f"{row['prompt_tokens_computed']:9.1f} {row['requests_per_s']:7.2f} {row['accuracy']:9.3f}")
+    print(f"PacketEngine on the same requests: accuracy {engine_acc['slots']:.3f} with positions='slots' (the layout "
+          f"vLLM gives packets), {engine_acc['overlap']:.3f} with its default positions='overlap'")
     print(f"ratios (c)/(b): prompt tokens computed {c['prompt_tokens_computed'] / max(b['prompt_tokens_computed'], 1e-9):.3f} "
           f"(goal <= 0.1), TTFT median {c['ttft_median_ms'] / b['ttft_median_ms']:.3f} (goal <= 0.333)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(table=table, cold=cold, startup_s=startup, args=vars(args)), f, indent=1)
+            json.dump(dict(table=table, packet_engine_accuracy=engine_acc, cold=cold, startup_s=startup, args=vars(args)), f, indent=1)
 
 
 if __name__ == "__main__":
