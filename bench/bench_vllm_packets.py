@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--pool", type=int, default=48, help="documents in the pool")
     ap.add_argument("--docs", type=int, default=17, help="documents per request (17 x ~116 tokens: ~2,048)")
     ap.add_argument("--dtype", default="float32", help="vLLM dtype")
-    ap.add_argument("--adapters", default=None, help="KV Packet adapter file (default: the shipped recall adapters)")
+    ap.add_argument("--adapters", default=None, help="KV Packet adapter file (default: the shipped recall adapters trained for the slots layout)")
     ap.add_argument("--json", default=None, help="write the table and every timing as JSON here")
     args = ap.parse_args()
     for k in ("requests", "pool", "docs"):
@@ -75,7 +75,7 @@ def main():
 
     model_dir = os.path.join(os.path.dirname(tb.__file__), "checkpoints", "recall")
     adapters_path = args.adapters or os.path.join(os.path.dirname(tb.__file__), "..", "packets", "adapters",
-                                                  "recall.safetensors")
+                                                  "recall-slots.safetensors")
     adapters = Adapters.load(adapters_path)
     tok = tb.get_tokenizer()
     pool, reqs = workload(tok, args.requests, args.pool, args.docs)
