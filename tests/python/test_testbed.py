@@ -153,6 +153,38 @@ def test_recall_validation():
         tasks.recall(context_tokens=5)
 
 
+@pytest.mark.parametrize("L,share", [(2048, 0.3), (8192, 0.5), (8192, 0.1)])
+def test_recall_filler_reaches_long_contexts(L, share):
+    """``filler_share``: filler lines (no ``=``, no upper-case letter, no digit) spread through the
+    documents take the context past what the 676 unique keys can fill."""
+    ex = tasks.recall(context_tokens=L, seed=4, filler_share=share)
+    assert L - tasks.FILLER_TOKENS - 7 <= ex.n_tokens <= L
+    flat = [kv for recs in ex.records for kv in recs]
+    assert len(flat) <= tasks.MAX_RECALL_RECORDS and len({k for k, _ in flat}) == len(flat)
+    assert f"{ex.key}={ex.answer}\n" in ex.documents[ex.target_doc]
+    lines = [ln for d in ex.documents for ln in d.split("\n")]
+    filler = [ln for ln in lines if ln and "=" not in ln and not ln.startswith("<")]
+    assert filler and all(ln.islower() and not any(c.isdigit() for c in ln) for ln in filler)
+    assert len([ln for ln in lines if "=" in ln]) == len(flat)
+    assert ex == tasks.recall(context_tokens=L, seed=4, filler_share=share)
+    assert ex.doc_spans[0][0] == ex.prefix_span[1] and ex.doc_spans[-1][1] == ex.question_span[0]
+
+
+def test_recall_filler_share_zero_is_the_plain_task():
+    assert tasks.recall(context_tokens=2048, seed=5, filler_share=0.0) == tasks.recall(context_tokens=2048, seed=5)
+    with pytest.raises(ValueError, match="filler_share"):
+        tasks.recall(context_tokens=2048, filler_share=0.95)
+    with pytest.raises(TypeError, match="filler_share"):
+        tasks.recall(context_tokens=2048, filler_share="0.5")
+    with pytest.raises(ValueError, match="filler_share"):
+        tasks.recall(n_docs=2, filler_share=0.5)
+    text, spans = tasks.recall_training_text(random.Random(2), 8564, 32, filler_share=0.5)
+    assert (text, spans) == tasks.recall_training_text(random.Random(2), 8564, 32, filler_share=0.5)
+    assert len(spans) == 32 and all(text[a:b].endswith("<eos>") for a, b in spans)
+    assert tasks.recall_training_text(random.Random(2), 2048, 32, filler_share=0.0) == \
+        tasks.recall_training_text(random.Random(2), 2048, 32)
+
+
 def test_arith_deterministic_styles_share_reasoning():
     for s in range(30):
         t1, t2 = tasks.arith(seed=s), tasks.arith(seed=s)

@@ -35,12 +35,14 @@ def arith_final_answer(text: str) -> str:
 def evaluate(model, tokenizer, task: str, n: int = 100, seed: int = 0,
              context_tokens: Optional[int] = None,
              generate_fn: Optional[Callable] = None, style: str = "teacher",
-             max_new_tokens: Optional[int] = None, progress: bool = False) -> dict:
+             max_new_tokens: Optional[int] = None, progress: bool = False,
+             filler_share: float = 0.0) -> dict:
     """Greedy exact-match accuracy of ``model`` on ``n`` examples of ``task``.
 
     Example ``i`` is ``tasks.recall(seed=seed * 1_000_003 + i, context_tokens=...)`` or
     ``tasks.arith(seed=seed * 1_000_003 + i, style=style)``, tokenized with ``tokenizer``.
-    ``context_tokens`` sets the recall context length (default 512 tokens).
+    ``context_tokens`` sets the recall context length (default 512 tokens); ``filler_share`` the
+    share of it given to filler lines (``tasks.recall(filler_share=)``; 8,192-token contexts need it).
     ``generate_fn(model, tokenizer, prompt_ids, max_new_tokens) -> new_token_ids``
     (``prompt_ids`` a ``[1, L]`` LongTensor) replaces the default greedy
     ``model.generate`` with the full cache. Returns ``{"accuracy", "n", "task",
@@ -64,6 +66,8 @@ def evaluate(model, tokenizer, task: str, n: int = 100, seed: int = 0,
             raise ValueError("context_tokens only applies to task='recall'")
         if isinstance(context_tokens, bool) or not isinstance(context_tokens, int):
             raise TypeError(f"context_tokens must be an int, got {type(context_tokens).__name__}")
+    if filler_share and task != "recall":
+        raise ValueError("filler_share only applies to task='recall'")
     if generate_fn is not None and not callable(generate_fn):
         raise TypeError("generate_fn must be callable(model, tokenizer, prompt_ids, max_new_tokens)")
     gen = generate_fn or greedy_generate
@@ -82,7 +86,8 @@ def evaluate(model, tokenizer, task: str, n: int = 100, seed: int = 0,
         for i in it:
             s = seed * 1_000_003 + i
             if task == "recall":
-                ex = tasks.recall(seed=s, context_tokens=context_tokens, tokenizer=tokenizer)
+                ex = tasks.recall(seed=s, context_tokens=context_tokens, tokenizer=tokenizer,
+                                  filler_share=filler_share)
                 budget = max_new_tokens or len(ex.answer_ids) + 1
             else:
                 ex = tasks.arith(seed=s, style=style, tokenizer=tokenizer)

@@ -34,6 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 __all__ = [
     "RecallExample", "ArithExample", "recall", "arith", "STYLES", "STYLE", "CAPABILITY",
     "recall_records_for_context", "MAX_RECALL_RECORDS", "arith_mixed", "MIXED_PURE_TEACHER",
+    "FILLER_WORDS",
 ]
 
 STYLES = ("teacher", "student")
@@ -47,6 +48,12 @@ DOC_OVERHEAD_TOKENS = 4         # "<doc>" "\n" ... "</doc>" "\n"
 PREFIX_TOKENS = 1               # "<bos>"
 QUERY_TOKENS = 6                # "Query" ":" " " K K "="
 VALUE_DIGITS = 3
+#: lower-case vocabulary words of the filler lines (``filler_share``): no ``=``, no upper-case
+#: letter, no digit, so no filler token can be read as part of a ``KEY=VVV`` record
+FILLER_WORDS = ("the", "so", "then", "and", "of", "that", "this", "is", "what", "value",
+                "now", "next", "after", "right", "good", "again", "see", "think")
+FILLER_LINE_WORDS = 5
+FILLER_TOKENS = 2 * FILLER_LINE_WORDS  # 5 words, 4 spaces, "\n"
 
 
 def _tokenizer(tokenizer):
@@ -130,6 +137,45 @@ def recall_max_context(records_per_doc: int = 16) -> int:
             + n_docs * DOC_OVERHEAD_TOKENS)
 
 
+def _check_filler_share(filler_share):
+    if isinstance(filler_share, bool) or not isinstance(filler_share, (int, float)):
+        raise TypeError(f"filler_share must be a float in [0, 0.9], got {type(filler_share).__name__}")
+    if not 0.0 <= filler_share <= 0.9:
+        raise ValueError(f"filler_share must be in [0, 0.9], got {filler_share}")
+
+
+def recall_plan(context_tokens: int, records_per_doc: int = 16,
+                filler_share: float = 0.0) -> Tuple[List[int], int]:
+    """Records per document and number of filler lines of a ``recall`` context of about
+    ``context_tokens`` tokens. ``filler_share`` is the share of the context given to filler lines
+    (the records get the rest, at most the :data:`MAX_RECALL_RECORDS` unique keys: the filler then
+    takes what they cannot fill). With ``filler_share=0`` this is
+    ``(recall_records_for_context(...), 0)``."""
+    _check_filler_share(filler_share)
+    if filler_share == 0:
+        return recall_records_for_context(context_tokens, records_per_doc), 0
+    _check_int("context_tokens", context_tokens, 32)
+    rec_ctx = min(recall_max_context(records_per_doc),
+                  max(32, int(round(context_tokens * (1.0 - filler_share)))))
+    counts = recall_records_for_context(rec_ctx, records_per_doc)
+    used = PREFIX_TOKENS + QUERY_TOKENS + RECORD_TOKENS * sum(counts) + DOC_OVERHEAD_TOKENS * len(counts)
+    return counts, max(0, (context_tokens - used) // FILLER_TOKENS)
+
+
+def _filler_line(rng: random.Random) -> str:
+    return " ".join(rng.choice(FILLER_WORDS) for _ in range(FILLER_LINE_WORDS)) + "\n"
+
+
+def _spread_filler(rng: random.Random, records, n_filler: int):
+    """Lines of every document: its records (``(key, value)``) with ``n_filler`` filler lines
+    (``str``) inserted at uniformly random places across all documents."""
+    lines = [list(recs) for recs in records]
+    for _ in range(n_filler):
+        d = rng.randrange(len(lines))
+        lines[d].insert(rng.randint(0, len(lines[d])), _filler_line(rng))
+    return lines
+
+
 def _recall_layout(rng: random.Random, counts: Sequence[int]):
     total = sum(counts)
     if total > MAX_RECALL_RECORDS:
@@ -143,24 +189,37 @@ def _recall_layout(rng: random.Random, counts: Sequence[int]):
 
 
 def _recall_context_text(records) -> Tuple[List[str], str]:
-    docs = ["<doc>\n" + "".join(f"{k}={v}\n" for k, v in recs) + "</doc>\n" for recs in records]
+    """Documents and context text; a line is a ``(key, value)`` record or a filler line (``str``)."""
+    docs = ["<doc>\n" + "".join(x if isinstance(x, str) else f"{x[0]}={x[1]}\n" for x in recs)
+            + "</doc>\n" for recs in records]
     return docs, "<bos>" + "".join(docs)
 
 
 def recall(n_docs: int = 8, records_per_doc: int = 16, seed: int = 0,
-           context_tokens: Optional[int] = None, tokenizer=None) -> RecallExample:
+           context_tokens: Optional[int] = None, tokenizer=None,
+           filler_share: float = 0.0) -> RecallExample:
     """Generate one ``recall`` example.
 
     ``n_docs`` documents of ``records_per_doc`` key/value records each, then one
     query for a random record. With ``context_tokens`` the number of documents
     (and a few extra records) is chosen instead so that the prompt is about that
     many tokens long (``n_docs`` is then ignored).
+
+    ``filler_share`` (with ``context_tokens``): that share of the context is filler lines of
+    lower-case words (:data:`FILLER_WORDS`, no ``=``) spread at random through the documents, the
+    rest records (:func:`recall_plan`). The unique keys fill at most ~4,900 tokens; the filler
+    reaches longer contexts, e.g. ``context_tokens=8192, filler_share=0.5`` (~580 records, the
+    queried record anywhere in 8,192 tokens). ``0`` (default): records only.
     """
     _check_seed(seed)
     _check_int("records_per_doc", records_per_doc, 1)
+    _check_filler_share(filler_share)
+    n_filler = 0
     if context_tokens is not None:
-        counts = recall_records_for_context(context_tokens, records_per_doc)
+        counts, n_filler = recall_plan(context_tokens, records_per_doc, filler_share)
     else:
+        if filler_share:
+            raise ValueError("filler_share needs context_tokens")
         _check_int("n_docs", n_docs, 1)
         if n_docs * records_per_doc > MAX_RECALL_RECORDS:
             raise ValueError(
@@ -172,7 +231,8 @@ def recall(n_docs: int = 8, records_per_doc: int = 16, seed: int = 0,
     records = _recall_layout(rng, counts)
     target_doc = rng.randrange(len(records))
     key, value = rng.choice(records[target_doc])
-    docs, context = _recall_context_text(records)
+    lines = _spread_filler(rng, records, n_filler) if n_filler else records
+    docs, context = _recall_context_text(lines)
     question = f"Query: {key}="
     prompt = context + question
 
@@ -194,7 +254,8 @@ def recall(n_docs: int = 8, records_per_doc: int = 16, seed: int = 0,
 def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int,
                          records_per_doc: int = 16,
                          confusable_keys: bool = False,
-                         shared_value_prefixes: bool = False) -> Tuple[str, List[Tuple[int, int]]]:
+                         shared_value_prefixes: bool = False,
+                         filler_share: float = 0.0) -> Tuple[str, List[Tuple[int, int]]]:
     """A training sequence: a recall context followed by ``n_queries`` answered
     queries ``Query: K=VVV<eos>\\n``. Returns the text and the character spans of
     every answer (value digits plus ``<eos>``), on which the loss is taken.
@@ -210,6 +271,9 @@ def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int
     copied from the queried key's record. Without it a 2-digit prefix occurs in ~3 records at
     2,048 tokens, and the typical error of the model is a right record's first two digits followed by
     another record's third digit (``869`` -> ``862``, the value of a record that also starts ``86``).
+
+    ``filler_share``: that share of the context is filler lines spread through the documents, as in
+    :func:`recall` (``recall_plan``).
     """
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
@@ -217,7 +281,8 @@ def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int
     for name, flag in (("confusable_keys", confusable_keys), ("shared_value_prefixes", shared_value_prefixes)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    counts = recall_records_for_context(context_tokens - (n_queries - 1) * 12, records_per_doc)
+    _check_filler_share(filler_share)
+    counts, n_filler = recall_plan(context_tokens - (n_queries - 1) * 12, records_per_doc, filler_share)
     if confusable_keys:
         total = sum(counts)
         a = max(3, math.ceil(math.sqrt(1.2 * total)))
@@ -234,7 +299,7 @@ def recall_training_text(rng: random.Random, context_tokens: int, n_queries: int
         prefixes = rng.sample(range(100), max(2, min(100, math.ceil(total / 8))))
         records = [[(k, "%02d%d" % (rng.choice(prefixes), rng.randrange(10))) for k, _ in recs]
                    for recs in records]
-    _, text = _recall_context_text(records)
+    _, text = _recall_context_text(_spread_filler(rng, records, n_filler) if n_filler else records)
     flat = [kv for recs in records for kv in recs]
     spans = []
     # Distinct keys: a repeated query could be answered by copying the earlier answer instead of

@@ -51,6 +51,10 @@ RECIPES = {
         # value_collision_share: after the gate, that share of the recall contexts reuses ~1 two-digit
         # value prefix per 8 records (`tasks.recall_training_text(shared_value_prefixes=True)`)
         value_collision_share=0.0,
+        # filler_share: after the gate, every recall context gives a share drawn uniformly from
+        # [0, filler_share] of its tokens to filler lines (`tasks.recall_training_text(filler_share=)`);
+        # contexts longer than the unique keys can fill (~4,900 tokens) take the rest as filler
+        filler_share=0.0,
         # init: a shipped checkpoint name or a checkpoint directory to continue training from
         init=""),
     ("arith", "teacher"): dict(
@@ -209,8 +213,12 @@ def recall_batch(tok, rng, progress, r):
             confusable = progress > 0 and share > 0 and rng.random() < share
             vshare = r.get("value_collision_share", 0.0)
             collide = progress > 0 and vshare > 0 and rng.random() < vshare
+            fshare = r.get("filler_share", 0.0)
+            filler = rng.uniform(0.0, fshare) if progress > 0 and fshare > 0 else 0.0
+            if filler == 0.0 and L - (nq - 1) * 12 > tasks.recall_max_context():
+                filler = 1e-6  # records up to the unique keys, the rest filler
             text, spans = tasks.recall_training_text(rng, L, nq, confusable_keys=confusable,
-                                                     shared_value_prefixes=collide)
+                                                     shared_value_prefixes=collide, filler_share=filler)
             i, m = _encode_with_mask(tok, text, spans)
             # 2 = answer token (loss, and the curriculum's criterion); 1 = context token with loss
             m = [2 if a else (1 if r["context_loss"] else 0) for a in m]
