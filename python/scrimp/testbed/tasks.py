@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 __all__ = [
     "RecallExample", "ArithExample", "recall", "arith", "STYLES", "STYLE", "CAPABILITY",
     "recall_records_for_context", "MAX_RECALL_RECORDS", "arith_mixed", "MIXED_PURE_TEACHER",
-    "FILLER_WORDS",
+    "FILLER_LINE_LETTERS",
 ]
 
 STYLES = ("teacher", "student")
@@ -48,12 +48,14 @@ DOC_OVERHEAD_TOKENS = 4         # "<doc>" "\n" ... "</doc>" "\n"
 PREFIX_TOKENS = 1               # "<bos>"
 QUERY_TOKENS = 6                # "Query" ":" " " K K "="
 VALUE_DIGITS = 3
-#: lower-case vocabulary words of the filler lines (``filler_share``): no ``=``, no upper-case
-#: letter, no digit, so no filler token can be read as part of a ``KEY=VVV`` record
-FILLER_WORDS = ("the", "so", "then", "and", "of", "that", "this", "is", "what", "value",
-                "now", "next", "after", "right", "good", "again", "see", "think")
-FILLER_LINE_WORDS = 5
-FILLER_TOKENS = 2 * FILLER_LINE_WORDS  # 5 words, 4 spaces, "\n"
+#: a filler line (``filler_share``) is this many random upper-case letters and a newline: no ``=``
+#: and no digit, so it cannot be read as a ``KEY=VVV`` record, yet every key bigram can occur in it
+#: (a near miss the look-up must reject: ``MY`` in ``QMYNBIQPZ`` is not followed by ``=``). Tokens
+#: of the records' own vocabulary: filler of lower-case words (embeddings the recall model never
+#: trained) left the shipped model at 0% even at 1,024 tokens with 10% filler, and training on it
+#: lost the look-up; letter lines leave it at 100% there and 80% at 2,048 tokens with half filler.
+FILLER_LINE_LETTERS = 9
+FILLER_TOKENS = FILLER_LINE_LETTERS + 1  # letters, "\n"
 
 
 def _tokenizer(tokenizer):
@@ -163,7 +165,7 @@ def recall_plan(context_tokens: int, records_per_doc: int = 16,
 
 
 def _filler_line(rng: random.Random) -> str:
-    return " ".join(rng.choice(FILLER_WORDS) for _ in range(FILLER_LINE_WORDS)) + "\n"
+    return "".join(rng.choice(string.ascii_uppercase) for _ in range(FILLER_LINE_LETTERS)) + "\n"
 
 
 def _spread_filler(rng: random.Random, records, n_filler: int):
@@ -206,7 +208,7 @@ def recall(n_docs: int = 8, records_per_doc: int = 16, seed: int = 0,
     many tokens long (``n_docs`` is then ignored).
 
     ``filler_share`` (with ``context_tokens``): that share of the context is filler lines of
-    lower-case words (:data:`FILLER_WORDS`, no ``=``) spread at random through the documents, the
+    :data:`FILLER_LINE_LETTERS` upper-case letters (no ``=``, no digit) spread at random through the documents, the
     rest records (:func:`recall_plan`). The unique keys fill at most ~4,900 tokens; the filler
     reaches longer contexts, e.g. ``context_tokens=8192, filler_share=0.5`` (~580 records, the
     queried record anywhere in 8,192 tokens). ``0`` (default): records only.

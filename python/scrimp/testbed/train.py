@@ -290,9 +290,11 @@ def _collate(ids, masks, pad_id):
     return inp, att, lab
 
 
-def final_eval(model, tok, task, style, quick=False, n=None):
+def final_eval(model, tok, task, style, quick=False, n=None, filler_share=0.0):
     """Greedy exact match on the fixed evaluation sets (seed 0): recall at several
-    context lengths (100 examples each), arith in the model's own ``style`` (200)."""
+    context lengths (100 examples each), arith in the model's own ``style`` (200). A recall model
+    trained with filler lines (``filler_share`` > 0) is also evaluated with half of the context
+    filler up to 8,192 tokens (``accuracy@{L}f``)."""
     from .evaluate import evaluate
     out = {}
     if task == "recall":
@@ -300,6 +302,11 @@ def final_eval(model, tok, task, style, quick=False, n=None):
         for L in lengths:
             k = n or (20 if quick else 100)
             out[f"accuracy@{L}"] = evaluate(model, tok, "recall", n=k, seed=0, context_tokens=L)["accuracy"]
+        if filler_share > 0:
+            for L in ([2048, 8192] if quick else [2048, 4096, 8192]):
+                k = n or (20 if quick else 100)
+                out[f"accuracy@{L}f"] = evaluate(model, tok, "recall", n=k, seed=0, context_tokens=L,
+                                                 filler_share=0.5)["accuracy"]
     elif style == "mixed":
         # unprompted (greedy, the teacher style expected) and continuing traces another model began
         from .evaluate import arith_continuation, writes_teacher_style
@@ -407,7 +414,8 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
             ema = answer_loss.item() if ema is None else 0.95 * ema + 0.05 * answer_loss.item()
         bar.set_postfix(loss="-" if ema is None else f"{ema:.3f}", L=inp.shape[1], cur=f"{curriculum:.2f}", tok_s=int(n_tok / (time.time() - t0)), refresh=False)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < r["steps"]:
-            m = final_eval(model, tok, task, style, quick=True)
+            m = final_eval(model, tok, task, style, quick=True, n=eval_n,
+                           filler_share=r.get("filler_share", 0.0))
             model.train()
             print(f"[step {step + 1}] loss={ema if ema is None else round(ema, 4)} curriculum={curriculum:.3f} " +
                   " ".join(f"{k}={v:.3f}" for k, v in m.items()), file=sys.stderr, flush=True)
@@ -419,7 +427,8 @@ def train(task, role, seed, out, steps=None, lr=None, eval_every=0, threads=2,
     train_cpu_s = time.process_time() - cpu0
     model.eval()
     t1 = time.time()
-    metrics = final_eval(model, tok, task, style, quick=final_eval_quick, n=eval_n)
+    metrics = final_eval(model, tok, task, style, quick=final_eval_quick, n=eval_n,
+                         filler_share=r.get("filler_share", 0.0))
     metrics.update(
         task=task, role=role, style=style, seed=seed, steps=r["steps"],
         steps_run=min(r["steps"], stop_after) if stop_after is not None else r["steps"], lr=r["lr"], params=n_params,
