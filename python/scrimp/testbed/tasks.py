@@ -50,10 +50,9 @@ QUERY_TOKENS = 6                # "Query" ":" " " K K "="
 VALUE_DIGITS = 3
 #: a filler line (``filler_share``) is this many random upper-case letters and a newline: no ``=``
 #: and no digit, so it cannot be read as a ``KEY=VVV`` record, yet every key bigram can occur in it
-#: (a near miss the look-up must reject: ``MY`` in ``QMYNBIQPZ`` is not followed by ``=``). Tokens
-#: of the records' own vocabulary: filler of lower-case words (embeddings the recall model never
-#: trained) left the shipped model at 0% even at 1,024 tokens with 10% filler, and training on it
-#: lost the look-up; letter lines leave it at 100% there and 80% at 2,048 tokens with half filler.
+#: (a near miss the look-up must reject: ``MY`` in ``QMYNBIQPZ`` is not followed by ``=``). The
+#: letters are tokens the recall model reads in every record; tokens it never trained on (lower-case
+#: words) break its look-up whatever the context length (measurements in docs/testbed.md).
 FILLER_LINE_LETTERS = 9
 FILLER_TOKENS = FILLER_LINE_LETTERS + 1  # letters, "\n"
 
