@@ -19,6 +19,7 @@ RECORDED = {
     ("recall", 2048): 19 / 20,  # (full set: 92% of 100; 93.4% of 500; see docs/testbed.md)
     ("arith-teacher", None): 1.0,     # 30/30 (full set: 99.0% of 200)
     ("arith-student", None): 2 / 30,  # (full set: 8.0% of 200)
+    ("arith-student-h32", None): 1 / 30,  # (full set: 7.5% of 200)
     ("arith-student-teacher-style", None): 12 / 30,  # (full set: 36.0% of 200)
     ("arith-teacher-robust", None): 1.0,          # 30/30 (full set: 99.5% of 200)
     ("arith-teacher-robust", "student"): 1.0,     # 30/30 continuing student-style traces (98.5% of 200)
@@ -294,11 +295,11 @@ def test_arith_validation():
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_names_and_paths():
-    assert set(tb.MODELS) == {"recall", "arith-teacher", "arith-student", "arith-student-teacher-style",
-                              "arith-teacher-robust"}
+    assert set(tb.MODELS) == {"recall", "arith-teacher", "arith-student", "arith-student-h32",
+                              "arith-student-teacher-style", "arith-teacher-robust"}
     for name in tb.MODELS:
         assert os.path.isfile(os.path.join(tb.path(name), "config.json"))
-    with pytest.raises(ValueError, match="recall, arith-teacher, arith-student, arith-student-teacher-style, "
+    with pytest.raises(ValueError, match="recall, arith-teacher, arith-student, arith-student-h32, arith-student-teacher-style, "
                                          "arith-teacher-robust"):
         tb.load("nope")
     with pytest.raises(ValueError, match="valid names"):
@@ -311,7 +312,8 @@ def test_checkpoints_are_standard_small_gqa_models():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     expected = {"recall": "LlamaForCausalLM", "arith-teacher": "Qwen3ForCausalLM",
-                "arith-student": "Qwen3ForCausalLM", "arith-student-teacher-style": "Qwen3ForCausalLM",
+                "arith-student": "Qwen3ForCausalLM", "arith-student-h32": "Qwen3ForCausalLM",
+                "arith-student-teacher-style": "Qwen3ForCausalLM",
                 "arith-teacher-robust": "Qwen3ForCausalLM"}
     total = 0
     for name, cls in expected.items():
@@ -375,6 +377,24 @@ def test_arith_teacher_accurate_student_weaker(models):
     outs = [r["output"] for r in res["results"]]
     assert sum(o.startswith("<think>") and "</think>" in o for o in outs) >= 0.9 * N_ARITH
     assert sum(r["got"].isdigit() for r in res["results"]) >= 0.9 * N_ARITH
+    assert sum("Okay" in o or "Alright" in o for o in outs) >= N_ARITH // 2
+    assert not any(o.startswith("<think> First") for o in outs)
+
+
+def test_h32_student_is_the_student_with_32_dim_heads(models):
+    """arith-student-h32: the arith student's width and size with heads of 32 (vLLM's CPU attention
+    serves those, not 16), as weak as arith-student and writing the student style."""
+    m, t = models["arith-student-h32"]
+    base = models["arith-student"][0]
+    c = m.config
+    assert (c.head_dim, c.num_attention_heads, c.num_key_value_heads) == (32, 2, 1)
+    assert c.num_attention_heads * c.head_dim == base.config.num_attention_heads * base.config.head_dim
+    assert abs(sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in base.parameters())) <= 64
+    res = tb.evaluate(m, t, "arith", n=N_ARITH, style="student")
+    acc = res["accuracy"]
+    assert _recorded(("arith-student-h32", None)) - MARGIN <= acc <= _recorded(("arith-student-h32", None)) + MARGIN
+    outs = [r["output"] for r in res["results"]]
+    assert sum(o.startswith("<think>") and "</think>" in o for o in outs) >= 0.9 * N_ARITH
     assert sum("Okay" in o or "Alright" in o for o in outs) >= N_ARITH // 2
     assert not any(o.startswith("<think> First") for o in outs)
 

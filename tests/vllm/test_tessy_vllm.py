@@ -1,8 +1,9 @@
 """TESSY against a real vLLM OpenAI-compatible server (CPU build).
 
-One server per module: ``testbed:arith-teacher-robust`` (attention heads of 32 dims) served as the
-teacher with ``--max-model-len 512``; the student (heads of 16 dims, which vLLM's CPU attention
-refuses) runs in process. Greedy traces through vLLM equal the all-in-process run token for token.
+One teacher server per module: ``testbed:arith-teacher-robust`` (attention heads of 32 dims) served
+with ``--max-model-len 512``; the student ``arith-student`` (heads of 16 dims, which vLLM's CPU attention
+refuses) runs in process. One test serves both models: the teacher and ``arith-student-h32`` (the same
+student with heads of 32). Greedy traces through vLLM equal the all-in-process run token for token.
 """
 import json
 import os
@@ -30,7 +31,9 @@ pytestmark = needs_testbed
 
 TEACHER = "testbed:arith-teacher-robust"
 STUDENT = "testbed:arith-student"
+STUDENT_H32 = "testbed:arith-student-h32"
 N_EQUAL = 32  # problems compared token for token
+N_EQUAL_TWO_SERVERS = 16
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,37 @@ def _check_file(path):
         assert {s["source"] for s in r["spans"]} <= {"teacher", "student"}
         assert r["n_tokens"]["total"] == sum(s["tokens"] for s in r["spans"])
     return recs
+
+
+def test_two_vllm_servers_greedy_traces_equal_in_process(teacher_server, tmp_path):
+    """Teacher and student both behind vLLM servers (the student with 32-dim heads), as TESSY's authors
+    run it: the traces equal the in-process run of the same pair."""
+    log = str(tmp_path / "student.log")
+    student = VLLMServer(STUDENT_H32, "student", max_model_len=512, log_path=log, startup_timeout=400,
+                         role="student")
+    out_v, out_l = str(tmp_path / "vllm2.jsonl"), str(tmp_path / "local2.jsonl")
+    try:
+        student.start()
+        remote = ["--teacher-url", teacher_server.url, "--teacher-model-name", "teacher",
+                  "--teacher-tokenizer", TEACHER, "--student-url", student.url, "--student-model-name", "student",
+                  "--student-tokenizer", STUDENT_H32, "--sampling", "greedy", "--json", str(tmp_path / "v2.json")]
+        assert _synth(out_v, remote, N_EQUAL_TWO_SERVERS) == 0
+    finally:
+        student.stop()
+    assert _synth(out_l, ["--teacher", TEACHER, "--student", STUDENT_H32, "--sampling", "greedy"],
+                  N_EQUAL_TWO_SERVERS) == 0
+    rv, rl = _check_file(out_v), _check_file(out_l)
+    assert len(rv) == len(rl) == N_EQUAL_TWO_SERVERS
+    for i in rl:
+        assert rv[i]["status"] == rl[i]["status"], i
+        assert [(s["source"], s["text"], s["tokens"]) for s in rv[i]["spans"]] == \
+               [(s["source"], s["text"], s["tokens"]) for s in rl[i]["spans"]], i
+    assert sum(r["status"] == "ok" for r in rv.values()) >= N_EQUAL_TWO_SERVERS // 2
+    assert any(s["source"] == "student" for r in rv.values() for s in r["spans"])
+    rep = json.load(open(tmp_path / "v2.json"))
+    for role in ("teacher", "student"):
+        (ep,) = rep["backends"][role]["endpoints"]
+        assert ep["max_model_len"] == 512 and ep["served"] > 0 and ep["failures"] == 0
 
 
 def test_greedy_traces_through_vllm_equal_in_process(teacher_server, tmp_path):

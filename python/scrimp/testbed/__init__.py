@@ -34,6 +34,9 @@ MODELS = {
     "recall": ("recall", "recall", None),
     "arith-teacher": ("arith-teacher", "arith", "teacher"),
     "arith-student": ("arith-student", "arith", "student"),
+    # arith-student with 2 query / 1 KV heads of 32 (same width and size): vLLM's CPU attention
+    # refuses heads of 16, so this is the student a vLLM server can serve
+    "arith-student-h32": ("arith-student-h32", "arith", "student"),
     # TIP's pair: the teacher's own style, smaller and trained less (distillation has room to help)
     "arith-student-teacher-style": ("arith-student-teacher-style", "arith", "teacher"),
     # TESSY's teacher: arith-teacher fine-tuned on traces mixing both styles around correct steps, so
