@@ -363,6 +363,14 @@ def test_recall_accuracy_2048_full_set_meets_the_target(models):
     assert acc >= 0.9
 
 
+def _assert_student_style_traces(res):
+    """Well-formed ``<think> ... </think>`` traces, mostly in the student style, none in the teacher's."""
+    outs = [r["output"] for r in res["results"]]
+    assert sum(o.startswith("<think>") and "</think>" in o for o in outs) >= 0.9 * N_ARITH
+    assert sum("Okay" in o or "Alright" in o for o in outs) >= N_ARITH // 2
+    assert not any(o.startswith("<think> First") for o in outs)
+
+
 def test_arith_teacher_accurate_student_weaker(models):
     m, t = models["arith-teacher"]
     teacher = tb.evaluate(m, t, "arith", n=N_ARITH, style="teacher")["accuracy"]
@@ -374,11 +382,8 @@ def test_arith_teacher_accurate_student_weaker(models):
     assert student <= _recorded(("arith-student", None)) + MARGIN
     assert student < teacher - 0.15
     # the student writes well-formed traces in its own style, with a numeric final answer
-    outs = [r["output"] for r in res["results"]]
-    assert sum(o.startswith("<think>") and "</think>" in o for o in outs) >= 0.9 * N_ARITH
+    _assert_student_style_traces(res)
     assert sum(r["got"].isdigit() for r in res["results"]) >= 0.9 * N_ARITH
-    assert sum("Okay" in o or "Alright" in o for o in outs) >= N_ARITH // 2
-    assert not any(o.startswith("<think> First") for o in outs)
 
 
 def test_h32_student_is_the_student_with_32_dim_heads(models):
@@ -393,10 +398,7 @@ def test_h32_student_is_the_student_with_32_dim_heads(models):
     res = tb.evaluate(m, t, "arith", n=N_ARITH, style="student")
     acc = res["accuracy"]
     assert _recorded(("arith-student-h32", None)) - MARGIN <= acc <= _recorded(("arith-student-h32", None)) + MARGIN
-    outs = [r["output"] for r in res["results"]]
-    assert sum(o.startswith("<think>") and "</think>" in o for o in outs) >= 0.9 * N_ARITH
-    assert sum("Okay" in o or "Alright" in o for o in outs) >= N_ARITH // 2
-    assert not any(o.startswith("<think> First") for o in outs)
+    _assert_student_style_traces(res)
 
 
 def test_tip_student_writes_the_teacher_style_and_is_weaker(models):
