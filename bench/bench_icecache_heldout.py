@@ -60,10 +60,11 @@ for _rows in (64, 128, 256):
         CONFIGS[f"rows{_rows}@{_budget}"] = dict(budget=_budget, summary_rows=_rows)
 
 
-def examples(tok, seed, n, context):
+def examples(tok, seed, n, context, filler_share=0.0):
     out = []
     for i in range(n):
-        ex = testbed.tasks.recall(seed=seed * 1_000_003 + i, context_tokens=context, tokenizer=tok)
+        ex = testbed.tasks.recall(seed=seed * 1_000_003 + i, context_tokens=context, tokenizer=tok,
+                                  filler_share=filler_share)
         out.append((list(ex.prompt_ids), ex.answer))
     return out
 
@@ -72,12 +73,12 @@ def digest(ids) -> str:
     return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()
 
 
-def check_disjoint(tok, seeds, n, tuning_seeds, tuning_n, context):
+def check_disjoint(tok, seeds, n, tuning_seeds, tuning_n, context, filler_share=0.0):
     """ValueError when a reporting seed shares a prompt with the tuning prompts (or another reporting seed)."""
-    tuned = {digest(ids) for s in tuning_seeds for ids, _ in examples(tok, s, tuning_n, context)}
+    tuned = {digest(ids) for s in tuning_seeds for ids, _ in examples(tok, s, tuning_n, context, filler_share)}
     seen = set()
     for s in seeds:
-        got = {digest(ids) for ids, _ in examples(tok, s, n, context)}
+        got = {digest(ids) for ids, _ in examples(tok, s, n, context, filler_share)}
         if got & tuned:
             raise ValueError(f"seed {s} shares {len(got & tuned)} prompts with the tuning seeds {tuning_seeds}")
         if got & seen:
@@ -108,20 +109,25 @@ def main(argv=None):
     ap.add_argument("--tuning-seeds", type=int, nargs="+", default=[0], help="example seeds settings were chosen on")
     ap.add_argument("--tuning-n", type=int, default=100, help="prompts per tuning seed")
     ap.add_argument("--context", type=int, default=2048, help="recall prompt length in tokens")
+    ap.add_argument("--filler-share", type=float, default=0.0,
+                    help="share of each context given to filler lines (8,192-token prompts need 0.5)")
+    ap.add_argument("--model", default="recall", help="testbed recall checkpoint (recall, recall-8k)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--json", default=None, help="write the results here (rewritten after every configuration)")
     args = ap.parse_args(argv)
 
-    model, tok = testbed.load("recall")
+    model, tok = testbed.load(args.model)
     model.config._attn_implementation = "sdpa"
-    n_tuned, n_held = check_disjoint(tok, args.seeds, args.n, args.tuning_seeds, args.tuning_n, args.context)
+    n_tuned, n_held = check_disjoint(tok, args.seeds, args.n, args.tuning_seeds, args.tuning_n, args.context,
+                                    args.filler_share)
     print(f"{n_held} reporting prompts (seeds {args.seeds}) share none of the {n_tuned} tuning prompts "
           f"(seeds {args.tuning_seeds}, first {args.tuning_n} each); load avg {os.getloadavg()[0]:.2f}", flush=True)
     result = {"seeds": args.seeds, "n": args.n, "tuning_seeds": args.tuning_seeds, "tuning_n": args.tuning_n,
-              "context": args.context, "dense_layers": 0, "rows": []}
+              "context": args.context, "filler_share": args.filler_share, "model": args.model,
+              "dense_layers": 0, "rows": []}
     max_context = args.context + 64
     for seed in args.seeds:
-        exs = examples(tok, seed, args.n, args.context)
+        exs = examples(tok, seed, args.n, args.context, args.filler_share)
         t0 = time.perf_counter()
         full = run(model, tok, exs, dict(method="full"), max_context)
         full_ok = [answer_matches(o, a) for o, (_, a) in zip(full, exs)]

@@ -103,6 +103,7 @@ bench scoring 60 --device cuda
 bench tip 60 --device cuda --kl-n 4096 --kl-v 151936 --dtypes bfloat16
 bench packets 60 --device cuda --skip-method
 bench icecache_gpu 60 --device cuda
+bench icecache_decode 240 --device cuda --lengths 32768 131072 --steps 16
 bench icecache_e2e 120 --lengths 32768
 # KV Packet inside vLLM (GPU KV layout), only where vLLM is installed
 if "$PY" -c "import vllm" >/dev/null 2>&1; then

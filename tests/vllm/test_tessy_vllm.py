@@ -73,6 +73,20 @@ def _check_file(path):
     return recs
 
 
+def _assert_same_traces(got, want, n):
+    """Both runs wrote ``n`` records with the same status and the same spans (source, text, token count);
+    returns how many are ok."""
+    assert len(got) == len(want) == n
+    for i in want:
+        assert got[i]["status"] == want[i]["status"], i
+        assert got[i]["completion"] == want[i]["completion"], i
+        assert [(s["source"], s["text"], s["tokens"]) for s in got[i]["spans"]] == \
+               [(s["source"], s["text"], s["tokens"]) for s in want[i]["spans"]], i
+    ok = sum(r["status"] == "ok" for r in got.values())
+    assert ok >= n // 2
+    return ok
+
+
 def test_two_vllm_servers_greedy_traces_equal_in_process(teacher_server, tmp_path):
     """Teacher and student both behind vLLM servers (the student with 32-dim heads), as TESSY's authors
     run it: the traces equal the in-process run of the same pair."""
@@ -91,12 +105,7 @@ def test_two_vllm_servers_greedy_traces_equal_in_process(teacher_server, tmp_pat
     assert _synth(out_l, ["--teacher", TEACHER, "--student", STUDENT_H32, "--sampling", "greedy"],
                   N_EQUAL_TWO_SERVERS) == 0
     rv, rl = _check_file(out_v), _check_file(out_l)
-    assert len(rv) == len(rl) == N_EQUAL_TWO_SERVERS
-    for i in rl:
-        assert rv[i]["status"] == rl[i]["status"], i
-        assert [(s["source"], s["text"], s["tokens"]) for s in rv[i]["spans"]] == \
-               [(s["source"], s["text"], s["tokens"]) for s in rl[i]["spans"]], i
-    assert sum(r["status"] == "ok" for r in rv.values()) >= N_EQUAL_TWO_SERVERS // 2
+    _assert_same_traces(rv, rl, N_EQUAL_TWO_SERVERS)
     assert any(s["source"] == "student" for r in rv.values() for s in r["spans"])
     rep = json.load(open(tmp_path / "v2.json"))
     for role in ("teacher", "student"):
@@ -114,15 +123,7 @@ def test_greedy_traces_through_vllm_equal_in_process(teacher_server, tmp_path):
     assert _synth(out_l, ["--teacher", TEACHER, "--student", STUDENT, "--sampling", "greedy"], N_EQUAL) == 0
     t_l = time.time() - t0
     rv, rl = _check_file(out_v), _check_file(out_l)
-    assert len(rv) == len(rl) == N_EQUAL
-    ok = 0
-    for i in rl:
-        assert rv[i]["status"] == rl[i]["status"], i
-        assert rv[i]["completion"] == rl[i]["completion"], i
-        assert [(s["source"], s["text"], s["tokens"]) for s in rv[i]["spans"]] == \
-               [(s["source"], s["text"], s["tokens"]) for s in rl[i]["spans"]], i
-        ok += rv[i]["status"] == "ok"
-    assert ok >= N_EQUAL // 2
+    ok = _assert_same_traces(rv, rl, N_EQUAL)
     rep = json.load(open(tmp_path / "v.json"))
     (ep,) = rep["backends"]["teacher"]["endpoints"]
     assert ep["max_model_len"] == 512 and ep["served"] > 0 and ep["failures"] == 0

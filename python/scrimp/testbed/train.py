@@ -47,7 +47,9 @@ RECIPES = {
         # past the 2,048 the model is evaluated at (with max_len 2048 they stopped at 1,676).
         max_pos=8192, steps=6000, lr=1e-3, warmup=100, tokens_per_step=2560,
         min_len=160, start_len=160, max_len=2432, ramp_steps=1500, ramp_loss=0.3, p_max=0.25,
-        queries_per_token=1 / 20, confusable_share=0.0, lr_horizon=6000, small_alphabet_share=0.5,
+        # max_queries: answered queries per recall sequence at most (12 tokens each, after the context);
+        # a long context costs the same forward pass whatever the number of queries after it
+        queries_per_token=1 / 20, max_queries=32, confusable_share=0.0, lr_horizon=6000, small_alphabet_share=0.5,
         # value_collision_share: after the gate, that share of the recall contexts reuses ~1 two-digit
         # value prefix per 8 records (`tasks.recall_training_text(shared_value_prefixes=True)`)
         value_collision_share=0.0,
@@ -207,7 +209,7 @@ def recall_batch(tok, rng, progress, r):
             i, m = induction_training_ids(tok, rng, L, alphabet)
         else:
             # Many answered queries per sequence: far more look-up signal per forward pass.
-            nq = max(1, min(32, int(L * r["queries_per_token"])))
+            nq = max(1, min(r.get("max_queries", 32), int(L * r["queries_per_token"])))
             # after the look-up has formed, a share of the contexts draws its keys from a small
             # alphabet (hard negatives: keys sharing a letter, reversed pairs). No random draw happens
             # before that, so the data stream up to the look-up is the one the recipe always had.
