@@ -1,6 +1,7 @@
 """Tests of scrimp.testbed: tokenizer, task generators, shipped checkpoints, evaluation,
 training and the CLI."""
 import json
+import math
 import os
 import random
 
@@ -769,3 +770,35 @@ def test_induction_strings_over_a_small_alphabet_only_after_the_look_up(tok):
     ids_s, _ = train.recall_batch(tok, random.Random(5), 0.5, small)
     for seq in ids_s:  # every induction string of the batch uses fewer than the 36 symbols
         assert len(set(tok.decode(seq[1:seq.index(sep)]))) < len(train.INDUCTION_ALPHABET)
+
+
+def test_train_yarn_factor_continues_a_checkpoint_with_yarn_rope(tmp_path):
+    """`--set yarn_factor=F` continues a checkpoint with YaRN RoPE scaling: the weights are the
+    checkpoint's, the saved config carries the scaling (so `from_pretrained` rebuilds it), and the
+    scaled model differs from the plain one only through its rotary embedding."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from scrimp.testbed import train as T
+    from scrimp.testbed.tokenizer import get_tokenizer
+
+    r = dict(T.RECIPES[("recall", "teacher")], init="recall", yarn_factor=4.0, yarn_original_max=2048)
+    model = T.build_model(r, get_tokenizer(), seed=0)
+    rope = model.config.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0
+    assert rope["original_max_position_embeddings"] == 2048
+    assert abs(model.model.rotary_emb.attention_scaling - (0.1 * math.log(4.0) + 1.0)) < 1e-9
+    w0 = load_file(os.path.join(tb.path("recall"), "model.safetensors"))
+    assert all(torch.equal(p, w0[k]) for k, p in model.state_dict().items() if k in w0)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.rope_parameters["rope_type"] == "yarn"
+    ids = torch.tensor([tasks.recall(seed=3, context_tokens=3000, filler_share=0.5).prompt_ids])
+    plain, _ = tb.load("recall")
+    with torch.no_grad():
+        a, b, c = (m(ids).logits for m in (model.eval(), again, plain))
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
+    for bad, match in [(0.5, "yarn_factor must be 0"), (-1.0, "yarn_factor must be 0")]:
+        with pytest.raises(ValueError, match=match):
+            T.build_model(dict(r, yarn_factor=bad), get_tokenizer(), seed=0)
+    with pytest.raises(ValueError, match="yarn_original_max must be >= 1"):
+        T.build_model(dict(r, yarn_original_max=0), get_tokenizer(), seed=0)

@@ -58,7 +58,12 @@ RECIPES = {
         # contexts longer than the unique keys can fill (~4,900 tokens) take the rest as filler
         filler_share=0.0,
         # init: a shipped checkpoint name or a checkpoint directory to continue training from
-        init=""),
+        init="",
+        # yarn_factor: > 0 gives the model YaRN RoPE scaling by that factor over `yarn_original_max`
+        # positions (the low RoPE frequencies interpolated, the high ones kept, attention logits
+        # sharpened by YaRN's 0.1 ln(factor) + 1 on cos and sin), for continuing a checkpoint trained at
+        # `yarn_original_max` tokens to longer contexts; 0 keeps the checkpoint's (or plain) RoPE
+        yarn_factor=0.0, yarn_original_max=2048),
     ("arith", "teacher"): dict(
         arch="qwen3", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2,
         max_pos=512, steps=1000, lr=2e-3, warmup=100, batch=32),
@@ -86,13 +91,15 @@ def build_model(recipe, tokenizer, seed):
     checkpoint in ``init``, that checkpoint (whose shape must match the recipe)."""
     import torch
     torch.manual_seed(seed)
+    yarn = _yarn_parameters(recipe)
     if recipe.get("init"):
-        if os.path.isdir(recipe["init"]):
-            from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(recipe["init"])
-        else:
-            from . import load
-            model, _ = load(recipe["init"])
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from . import path as checkpoint_path
+        path = recipe["init"] if os.path.isdir(recipe["init"]) else checkpoint_path(recipe["init"])
+        cfg = AutoConfig.from_pretrained(path)
+        if yarn:
+            cfg.rope_parameters = yarn
+        model = AutoModelForCausalLM.from_pretrained(path, config=cfg)
         cfg = model.config
         got = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
                cfg.num_key_value_heads)
@@ -113,10 +120,28 @@ def build_model(recipe, tokenizer, seed):
     if recipe["arch"] == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
         cfg = LlamaConfig(**common, head_dim=head_dim)
-        return LlamaForCausalLM(cfg)
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    cfg = Qwen3Config(**common, head_dim=head_dim)
-    return Qwen3ForCausalLM(cfg)
+        model_class = LlamaForCausalLM
+    else:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        cfg = Qwen3Config(**common, head_dim=head_dim)
+        model_class = Qwen3ForCausalLM
+    if yarn:
+        cfg.rope_parameters = yarn
+    return model_class(cfg)
+
+
+def _yarn_parameters(recipe):
+    """The ``rope_parameters`` of YaRN scaling the recipe asks for (``yarn_factor`` > 0), else None."""
+    factor = float(recipe.get("yarn_factor", 0.0))
+    if factor == 0.0:
+        return None
+    if factor < 1.0:
+        raise ValueError(f"yarn_factor must be 0 (no scaling) or >= 1, got {factor}")
+    original = int(recipe.get("yarn_original_max", 2048))
+    if original < 1:
+        raise ValueError(f"yarn_original_max must be >= 1, got {original}")
+    return dict(rope_type="yarn", rope_theta=10000.0, factor=factor,
+                original_max_position_embeddings=original)
 
 
 def _lr_at(step, steps, lr, warmup):
