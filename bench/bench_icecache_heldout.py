@@ -58,6 +58,9 @@ CONFIGS = {
 for _rows in (64, 128, 256):
     for _budget in (256, 64):
         CONFIGS[f"rows{_rows}@{_budget}"] = dict(budget=_budget, summary_rows=_rows)
+#: one summary row per page at any length up to 8M tokens (the unbounded reference of the frontier)
+for _budget in (256, 64):
+    CONFIGS[f"rows-per-page@{_budget}"] = dict(budget=_budget, summary_rows=2**20)
 
 
 def examples(tok, seed, n, context, filler_share=0.0):
@@ -88,7 +91,9 @@ def check_disjoint(tok, seeds, n, tuning_seeds, tuning_n, context, filler_share=
 
 
 def run(model, tok, exs, options, max_context):
-    fn = make_generate_fn(max_context=max_context, **options)
+    """(greedy answers, mean device bytes of the cache at the end of each prompt's generation)."""
+    record = []
+    fn = make_generate_fn(max_context=max_context, record=record, **options)
     outs = []
     with torch.no_grad():
         for ids, answer in exs:
@@ -99,7 +104,7 @@ def run(model, tok, exs, options, max_context):
                     break
                 cut.append(t)
             outs.append(tok.decode(cut, skip_special_tokens=True))
-    return outs
+    return outs, statistics.mean(r["device_bytes"] for r in record)
 
 
 def main(argv=None):
@@ -129,29 +134,32 @@ def main(argv=None):
     for seed in args.seeds:
         exs = examples(tok, seed, args.n, args.context, args.filler_share)
         t0 = time.perf_counter()
-        full = run(model, tok, exs, dict(method="full"), max_context)
+        full, full_bytes = run(model, tok, exs, dict(method="full"), max_context)
         full_ok = [answer_matches(o, a) for o, (_, a) in zip(full, exs)]
         result["rows"].append({"seed": seed, "config": "full", "correct": sum(full_ok), "n": len(exs),
-                               "same_as_full": len(exs), "seconds": time.perf_counter() - t0})
+                               "same_as_full": len(exs), "device_bytes": full_bytes,
+                               "seconds": time.perf_counter() - t0})
         print(f"seed {seed} full: {sum(full_ok)}/{len(exs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
         for name in args.configs:
             t0 = time.perf_counter()
-            outs = run(model, tok, exs, {"dense_layers": 0, **CONFIGS[name]}, max_context)
+            outs, device_bytes = run(model, tok, exs, {"dense_layers": 0, **CONFIGS[name]}, max_context)
             ok = [answer_matches(o, a) for o, (_, a) in zip(outs, exs)]
             row = {"seed": seed, "config": name, "options": CONFIGS[name], "correct": sum(ok), "n": len(exs),
                    "full_correct": sum(full_ok), "relative": sum(ok) / max(sum(full_ok), 1),
                    "same_as_full": sum(a == b for a, b in zip(outs, full)),
                    "lost": sum(f and not o for f, o in zip(full_ok, ok)),
-                   "gained": sum(o and not f for f, o in zip(full_ok, ok)), "seconds": time.perf_counter() - t0}
+                   "gained": sum(o and not f for f, o in zip(full_ok, ok)), "device_bytes": device_bytes,
+                   "seconds": time.perf_counter() - t0}
             result["rows"].append(row)
             print(f"seed {seed} {name}: {row['correct']}/{row['n']} (relative {row['relative']:.3f}, same as full "
-                  f"{row['same_as_full']}, lost {row['lost']}, gained {row['gained']}; {row['seconds']:.0f} s)",
+                  f"{row['same_as_full']}, lost {row['lost']}, gained {row['gained']}; "
+                  f"{device_bytes / 2**10:.0f} device KiB; {row['seconds']:.0f} s)",
                   flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(result, f, indent=2)
     print("\nconfig                                    " + " ".join(f"seed {s:>3}" for s in args.seeds)
-          + "   pooled  relative  spread")
+          + "   pooled  relative  spread  device KiB")
     names = ["full"] + list(args.configs)
     for name in names:
         rows = [r for r in result["rows"] if r["config"] == name]
@@ -159,10 +167,11 @@ def main(argv=None):
         fulls = sum(r["correct"] for r in result["rows"] if r["config"] == "full")
         rel = [r["correct"] / max(r.get("full_correct", r["correct"]), 1) for r in rows]
         spread = max(rel) - min(rel) if len(rel) > 1 else 0.0
+        kib = statistics.mean(r["device_bytes"] for r in rows) / 2**10
         print(f"{name:<41} " + " ".join(f"{r['correct']:>4}/{r['n']:<3}" for r in rows)
-              + f"  {corr / n:>7.3f}  {corr / max(fulls, 1):>8.3f}  {spread:>6.3f}")
+              + f"  {corr / n:>7.3f}  {corr / max(fulls, 1):>8.3f}  {spread:>6.3f}  {kib:>10.0f}")
         result.setdefault("pooled", {})[name] = {"correct": corr, "n": n, "relative": corr / max(fulls, 1),
-                                                 "relative_per_seed": rel, "spread": spread}
+                                                 "relative_per_seed": rel, "spread": spread, "device_kib": kib}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -111,6 +111,9 @@ def _build_testbed(p: argparse.ArgumentParser) -> None:
     pe.add_argument("--n", type=int, default=50, help="examples per row (default 50)")
     pe.add_argument("--lengths", type=int, nargs="+", default=[512, 2048],
                     help="recall context lengths in tokens (default 512 2048)")
+    pe.add_argument("--filler-share", type=float, default=0.0,
+                    help="share of each recall context given to filler lines (default 0; recall-8k is "
+                         "measured at 0.5 up to 8,192 tokens)")
     pe.add_argument("--models", nargs="+", default=None, metavar="NAME",
                     help="shipped testbed models to evaluate (default: all of scrimp.testbed.MODELS)")
     from .models import add_device_dtype_arguments
@@ -127,10 +130,12 @@ def _build_testbed(p: argparse.ArgumentParser) -> None:
             quiet_libraries()
         try:
             rows = eval_rows(n=args.n, recall_lengths=tuple(args.lengths), seed=args.seed, models=args.models,
-                             device=args.device, dtype=args.dtype, progress=not args.quiet, out=sys.stdout)
+                             device=args.device, dtype=args.dtype, progress=not args.quiet, out=sys.stdout,
+                             filler_share=args.filler_share)
         except ValueError as e:
             pe.error(str(e))
-        write_json(args.json, {"command": "scrimp testbed eval", "n": args.n, "seed": args.seed, "rows": rows})
+        write_json(args.json, {"command": "scrimp testbed eval", "n": args.n, "seed": args.seed,
+                               "filler_share": args.filler_share, "rows": rows})
         return 0
 
     pe.set_defaults(func=run_eval)

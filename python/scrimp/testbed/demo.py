@@ -9,8 +9,12 @@ from typing import Optional, Sequence
 
 def eval_rows(n: int = 50, recall_lengths: Sequence[int] = (512, 2048), seed: int = 0,
               models: Optional[Sequence[str]] = None, device=None, dtype=None, progress: bool = True,
-              out=None) -> list:
+              out=None, filler_share: float = 0.0) -> list:
     """Evaluate shipped testbed models (all of :data:`scrimp.testbed.MODELS` by default).
+
+    ``filler_share`` > 0 evaluates the recall models with that share of each context in filler lines
+    (``tasks.recall(filler_share=)``; the recorded value is the checkpoint's ``accuracy@{L}f``, measured
+    at half filler).
 
     Returns rows ``{"model", "task", "setting", "n", "accuracy", "recorded", "seconds"}``; ``recorded``
     is the accuracy in the checkpoint's ``metrics.json`` (None when it has none for that setting).
@@ -27,7 +31,11 @@ def eval_rows(n: int = 50, recall_lengths: Sequence[int] = (512, 2048), seed: in
     jobs = []
     for name in names:
         _, task, style = testbed.MODELS[name]
-        if task == "recall":
+        if task == "recall" and filler_share:
+            jobs += [(name, task, f"context {L}, filler {filler_share:g}",
+                      dict(context_tokens=int(L), filler_share=filler_share),
+                      f"accuracy@{L}f" if filler_share == 0.5 else None) for L in recall_lengths]
+        elif task == "recall":
             jobs += [(name, task, f"context {L} tokens", dict(context_tokens=int(L)), f"accuracy@{L}")
                      for L in recall_lengths]
         else:
@@ -43,7 +51,7 @@ def eval_rows(n: int = 50, recall_lengths: Sequence[int] = (512, 2048), seed: in
             loaded[name] = testbed.load(name, dtype=dtype, device=device)
         model, tok = loaded[name]
         try:
-            recorded = testbed.shipped_metrics(name).get(key)
+            recorded = testbed.shipped_metrics(name).get(key) if key else None
         except OSError:
             recorded = None
         t0 = time.perf_counter()
