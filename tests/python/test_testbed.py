@@ -25,6 +25,8 @@ RECORDED = {
     ("arith-teacher-robust", None): 1.0,          # 30/30 (full set: 99.5% of 200)
     ("arith-teacher-robust", "student"): 1.0,     # 30/30 continuing student-style traces (98.5% of 200)
     ("arith-teacher-robust", "mixed"): 1.0,       # 30/30 continuing mixed-style traces (99.0% of 200)
+    ("recall-8k", "8192f"): 19 / 20,  # 8,192 tokens, half filler (86.8% of 500 of example seed 1)
+    ("recall-8k", 2048): 19 / 20,
 }
 MARGIN = 0.10
 N_RECALL_SHORT, N_RECALL_LONG, N_ARITH = 30, 20, 30
@@ -297,11 +299,11 @@ def test_arith_validation():
 
 def test_names_and_paths():
     assert set(tb.MODELS) == {"recall", "arith-teacher", "arith-student", "arith-student-h32",
-                              "arith-student-teacher-style", "arith-teacher-robust"}
+                              "arith-student-teacher-style", "arith-teacher-robust", "recall-8k"}
     for name in tb.MODELS:
         assert os.path.isfile(os.path.join(tb.path(name), "config.json"))
     with pytest.raises(ValueError, match="recall, arith-teacher, arith-student, arith-student-h32, arith-student-teacher-style, "
-                                         "arith-teacher-robust"):
+                                         "arith-teacher-robust, recall-8k"):
         tb.load("nope")
     with pytest.raises(ValueError, match="valid names"):
         tb.path("gpt2")
@@ -315,7 +317,7 @@ def test_checkpoints_are_standard_small_gqa_models():
     expected = {"recall": "LlamaForCausalLM", "arith-teacher": "Qwen3ForCausalLM",
                 "arith-student": "Qwen3ForCausalLM", "arith-student-h32": "Qwen3ForCausalLM",
                 "arith-student-teacher-style": "Qwen3ForCausalLM",
-                "arith-teacher-robust": "Qwen3ForCausalLM"}
+                "arith-teacher-robust": "Qwen3ForCausalLM", "recall-8k": "LlamaForCausalLM"}
     total = 0
     for name, cls in expected.items():
         d = tb.path(name)
@@ -348,6 +350,17 @@ def test_recall_accuracy_2048_holds_its_recorded_value(models):
     m, t = models["recall"]
     acc = tb.evaluate(m, t, "recall", n=N_RECALL_LONG, context_tokens=2048)["accuracy"]
     assert acc >= _recorded(("recall", 2048)) - MARGIN
+
+
+def test_recall_8k_accuracy_at_8192_tokens_holds_its_recorded_value(models):
+    """The long-context recall model at 8,192 tokens with half of the context filler, and at 2,048 tokens
+    without filler (the length `recall` is measured at), against the recorded values minus MARGIN."""
+    m, t = models["recall-8k"]
+    assert m.config.rope_parameters["rope_type"] == "yarn"
+    acc = tb.evaluate(m, t, "recall", n=N_RECALL_LONG, context_tokens=8192, filler_share=0.5)["accuracy"]
+    assert acc >= _recorded(("recall-8k", "8192f")) - MARGIN
+    acc = tb.evaluate(m, t, "recall", n=N_RECALL_LONG, context_tokens=2048)["accuracy"]
+    assert acc >= _recorded(("recall-8k", 2048)) - MARGIN
 
 
 # The task's target: >= 90% greedy exact match at 2048 tokens with the full cache, on the 100-example
@@ -566,6 +579,12 @@ def test_cli_testbed_eval(capsys):
     for name in tb.MODELS:
         assert name in out
     assert "context 256 tokens" in out and "%" in out
+    assert main(["testbed", "eval", "--n", "2", "--lengths", "1024", "--filler-share", "0.5",
+                 "--models", "recall", "--quiet"]) == 0
+    assert "context 1024, filler 0.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["testbed", "eval", "--n", "2", "--filler-share", "1.5", "--models", "recall", "--quiet"])
+    assert "filler_share must be in [0, 0.9], got 1.5" in capsys.readouterr().err
 
 
 def test_cli_testbed_train(tmp_path, capsys):

@@ -5,6 +5,8 @@ checkpoints such as Qwen3 or Llama-3.x):
 
 * ``recall`` - a LlamaForCausalLM (RoPE, grouped-query attention) that answers
   key/value look-ups over long multi-document contexts (KV Packet, IceCache);
+  ``recall-8k`` is ``recall`` continued with YaRN RoPE scaling on contexts of up to
+  8,192 tokens, half of them filler lines (IceCache at long context);
 * ``arith-teacher`` / ``arith-student`` - Qwen3ForCausalLM models that solve
   multi-step arithmetic as ``<think> steps </think> answer`` in two writing
   styles (TESSY); ``arith-student-teacher-style`` is a weaker student that writes
@@ -42,6 +44,9 @@ MODELS = {
     # TESSY's teacher: arith-teacher fine-tuned on traces mixing both styles around correct steps, so
     # it continues a trace in either style correctly; unprompted it writes the teacher style
     "arith-teacher-robust": ("arith-teacher-robust", "arith", "teacher"),
+    # recall continued with YaRN RoPE scaling (factor 4 over 2,048 positions) on contexts up to 8,948
+    # tokens with filler lines: the long-context recall model (8,192 tokens, half filler)
+    "recall-8k": ("recall-8k", "recall", None),
 }
 
 _CKPT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
