@@ -198,6 +198,9 @@ def main(argv=None):
     ap.add_argument("--sink-pages", type=int, default=None, help="default: 1 at budget <= 64, else 2")
     ap.add_argument("--window-pages", type=int, default=None, help="default: 1 at budget <= 64, else 2")
     ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--filler-share", type=float, default=0.0,
+                    help="share of each context given to filler lines (recall-8k at 8,192 tokens: 0.5)")
+    ap.add_argument("--model", default="recall", help="testbed recall checkpoint (recall, recall-8k)")
     ap.add_argument("--no-probe", action="store_true", help="skip the per-layer / per-head records")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -209,13 +212,14 @@ def main(argv=None):
     an = Analysis(args.rerank)
     an.oracle_layers = set(args.oracle_layers)
     an.install()
-    model, tok = testbed.load("recall")
+    model, tok = testbed.load(args.model)
     small = args.budget <= 64
     sink = args.sink_pages if args.sink_pages is not None else (1 if small else 2)
     window = args.window_pages if args.window_pages is not None else (1 if small else 2)
     fn = make_generate_fn("icecache", budget=args.budget, measure=True, dense_layers=0, max_context=args.context + 64,
                           page_size=args.page_size, sink_pages=sink, window_pages=window, select_on_device=False)
-    full = {s: testbed.evaluate(model, tok, "recall", n=args.n, seed=s, context_tokens=args.context)
+    full = {s: testbed.evaluate(model, tok, "recall", n=args.n, seed=s, context_tokens=args.context,
+                                filler_share=args.filler_share)
             for s in args.seeds}
     n_full = sum(sum(r["correct"] for r in full[s]["results"]) for s in args.seeds)
     result = {"budget": args.budget, "page_size": args.page_size, "sink_pages": sink, "window_pages": window,
@@ -230,7 +234,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         per_seed = {}
         for s in args.seeds:
-            res = testbed.evaluate(model, tok, "recall", n=args.n, seed=s, context_tokens=args.context, generate_fn=fn)
+            res = testbed.evaluate(model, tok, "recall", n=args.n, seed=s, context_tokens=args.context,
+                                   filler_share=args.filler_share, generate_fn=fn)
             per_seed[s] = sum(r["correct"] for r in res["results"])
         corr = sum(per_seed.values())
         result["runs"].append({"select": select, "summary": summary, "correct": corr, "per_seed": per_seed,
