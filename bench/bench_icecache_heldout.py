@@ -68,7 +68,7 @@ def examples(tok, seed, n, context, filler_share=0.0):
     for i in range(n):
         ex = testbed.tasks.recall(seed=seed * 1_000_003 + i, context_tokens=context, tokenizer=tok,
                                   filler_share=filler_share)
-        out.append((list(ex.prompt_ids), ex.answer))
+        out.append((list(ex.prompt_ids), ex.answer, ex.question_span[0]))
     return out
 
 
@@ -78,10 +78,10 @@ def digest(ids) -> str:
 
 def check_disjoint(tok, seeds, n, tuning_seeds, tuning_n, context, filler_share=0.0):
     """ValueError when a reporting seed shares a prompt with the tuning prompts (or another reporting seed)."""
-    tuned = {digest(ids) for s in tuning_seeds for ids, _ in examples(tok, s, tuning_n, context, filler_share)}
+    tuned = {digest(ids) for s in tuning_seeds for ids, _, _ in examples(tok, s, tuning_n, context, filler_share)}
     seen = set()
     for s in seeds:
-        got = {digest(ids) for ids, _ in examples(tok, s, n, context, filler_share)}
+        got = {digest(ids) for ids, _, _ in examples(tok, s, n, context, filler_share)}
         if got & tuned:
             raise ValueError(f"seed {s} shares {len(got & tuned)} prompts with the tuning seeds {tuning_seeds}")
         if got & seen:
@@ -96,7 +96,7 @@ def run(model, tok, exs, options, max_context):
     fn = make_generate_fn(max_context=max_context, record=record, **options)
     outs = []
     with torch.no_grad():
-        for ids, answer in exs:
+        for ids, answer, _ in exs:
             new = fn(model, tok, torch.tensor([ids]), len(tok(answer, add_special_tokens=False).input_ids) + 1)
             cut = []
             for t in new.tolist():
@@ -105,6 +105,15 @@ def run(model, tok, exs, options, max_context):
                 cut.append(t)
             outs.append(tok.decode(cut, skip_special_tokens=True))
     return outs, statistics.mean(r["device_bytes"] for r in record)
+
+
+def dump_prompts(path, seed, exs, full, full_ok, checkpoint, append):
+    """One JSONL line per prompt: what bench_kvpress_recall.py (another environment) needs to score the
+    same prompts against the same full-cache answers."""
+    with open(path, "a" if append else "w") as f:
+        for i, ((ids, answer, q0), out, ok) in enumerate(zip(exs, full, full_ok)):
+            f.write(json.dumps({"seed": seed, "index": i, "prompt_ids": ids, "question_start": q0, "answer": answer,
+                                "full_output": out, "full_correct": bool(ok), "checkpoint": checkpoint}) + "\n")
 
 
 def main(argv=None):
@@ -117,8 +126,11 @@ def main(argv=None):
     ap.add_argument("--filler-share", type=float, default=0.0,
                     help="share of each context given to filler lines (8,192-token prompts need 0.5)")
     ap.add_argument("--model", default="recall", help="testbed recall checkpoint (recall, recall-8k)")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--json", default=None, help="write the results here (rewritten after every configuration)")
+    ap.add_argument("--dump-prompts", default=None,
+                    help="write every reporting prompt with the full cache's answer here (JSONL, the input of "
+                         "bench_kvpress_recall.py)")
     args = ap.parse_args(argv)
 
     model, tok = testbed.load(args.model)
@@ -135,7 +147,9 @@ def main(argv=None):
         exs = examples(tok, seed, args.n, args.context, args.filler_share)
         t0 = time.perf_counter()
         full, full_bytes = run(model, tok, exs, dict(method="full"), max_context)
-        full_ok = [answer_matches(o, a) for o, (_, a) in zip(full, exs)]
+        full_ok = [answer_matches(o, a) for o, (_, a, _) in zip(full, exs)]
+        if args.dump_prompts:
+            dump_prompts(args.dump_prompts, seed, exs, full, full_ok, testbed.path(args.model), append=seed != args.seeds[0])
         result["rows"].append({"seed": seed, "config": "full", "correct": sum(full_ok), "n": len(exs),
                                "same_as_full": len(exs), "device_bytes": full_bytes,
                                "seconds": time.perf_counter() - t0})
@@ -143,7 +157,7 @@ def main(argv=None):
         for name in args.configs:
             t0 = time.perf_counter()
             outs, device_bytes = run(model, tok, exs, {"dense_layers": 0, **CONFIGS[name]}, max_context)
-            ok = [answer_matches(o, a) for o, (_, a) in zip(outs, exs)]
+            ok = [answer_matches(o, a) for o, (_, a, _) in zip(outs, exs)]
             row = {"seed": seed, "config": name, "options": CONFIGS[name], "correct": sum(ok), "n": len(exs),
                    "full_correct": sum(full_ok), "relative": sum(ok) / max(sum(full_ok), 1),
                    "same_as_full": sum(a == b for a, b in zip(outs, full)),
