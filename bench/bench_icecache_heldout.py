@@ -58,6 +58,12 @@ CONFIGS = {
 for _rows in (64, 128, 256):
     for _budget in (256, 64):
         CONFIGS[f"rows{_rows}@{_budget}"] = dict(budget=_budget, summary_rows=_rows)
+#: the defaults with the mean-key estimate of each summary row's mass (``summary_mass="mean"``)
+for _budget in (256, 64):
+    CONFIGS[f"mean@{_budget}"] = dict(budget=_budget, summary_mass="mean")
+    for _rows in (64, 2**20):
+        CONFIGS[f"rows{'-per-page' if _rows == 2**20 else _rows}+mean@{_budget}"] = dict(
+            budget=_budget, summary_rows=_rows, summary_mass="mean")
 #: one summary row per page at any length up to 8M tokens (the unbounded reference of the frontier)
 for _budget in (256, 64):
     CONFIGS[f"rows-per-page@{_budget}"] = dict(budget=_budget, summary_rows=2**20)

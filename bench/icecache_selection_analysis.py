@@ -10,7 +10,17 @@ pages (the library's clustering and index) but interchangeable parts:
   ``mass`` (q . mean key + log(page tokens));
 * summary: what the unselected pages contribute - ``none`` (nothing, the paper), ``mean`` (mean key +
   log count, mean value: ``IceCache(summaries=True)``), ``lse`` (the page's exact attention mass, mean
-  value), ``var`` (mean key + a diagonal Gaussian correction 1/2 q^2 . var * scale^2).
+  value), ``var`` (mean key + a diagonal Gaussian correction 1/2 q^2 . var * scale^2), ``candlse``
+  (the exact mass of the unselected pages among the bound's rerank candidates, whose keys rerank
+  reads anyway; mean key + log count for the others), ``pcal`` (mean key + log count + a per-page,
+  per-query-head correction calibrated once on the prompt's last query q0: lse_q0(page) - log n -
+  q0 . mean_k, i.e. exact for q0), ``pcalkv`` (the same correction averaged over the query heads of
+  each KV head: one bias per row, as the library's rows hold), ``ratioall`` / ``ratiocand`` /
+  ``ratiorand`` (mean key + log count, every row shifted per query head by one constant c, the log
+  ratio of exact to estimated mass over a sample of the unselected pages: all of them, the rerank
+  candidates, or as many random ones as there are candidates; ``ratioallkv``: all of them, c averaged
+  over the query heads of each KV head, one shift per row as the library's rows hold), ``cov`` (mean key + log count +
+  1/2 Var_t(q . k_t) over the page: the Gaussian correction with the page's full covariance).
 
 ``--runs SELECT:SUMMARY ...`` are evaluated end to end (greedy accuracy; the generation follows that
 run's attention in every layer). ``--oracle-layers L ...`` switches the selection to ``exact`` in
@@ -43,7 +53,7 @@ from scrimp.icecache import make_generate_fn
 from scrimp.icecache.cache import IceCacheLayer
 
 SELECTIONS = ("bound", "rerank", "exact", "centroid", "mass")
-SUMMARIES = ("none", "mean", "lse", "var")
+SUMMARIES = ("none", "mean", "lse", "var", "candlse", "pcal", "pcalkv", "ratioall", "ratioallkv", "ratiocand", "ratiorand", "cov")
 #: the (selection, summary) pairs whose output error and attended mass are recorded per layer and head
 PROBES = [(sel, summ) for sel in ("bound", "rerank", "exact") for summ in ("none", "mean")] + [("exact", "lse")]
 
@@ -58,9 +68,10 @@ class Analysis:
         # (layer, query head) -> {"mass:<sel>": [...], "err:<sel>:<summ>": [...]}
         self.records = defaultdict(lambda: defaultdict(list))
 
-    def attend(self, qh, s, k, v, pos, valid, cnt, base, chosen, summary, scale):
+    def attend(self, qh, s, k, v, pos, valid, cnt, base, chosen, summary, scale, cand=None, q0=None):
         """Attention output [G, D] over base tokens + chosen pages exactly and `summary` for the rest.
-        s [G, L] scores; pos/valid [P, ps]; cnt [P]; base [L] bool (sink + window); chosen [P] bool."""
+        s [G, L] scores; pos/valid [P, ps]; cnt [P]; base [L] bool (sink + window); chosen [P] bool;
+        cand [P] bool: the rerank candidates (``candlse``)."""
         tok = base.clone()
         tok[pos[chosen][valid[chosen]]] = True
         logits, values = [s[:, tok]], [v[tok]]
@@ -76,6 +87,33 @@ class Analysis:
                 if summary == "var":
                     var = (((k[pr] - mk[:, None]) ** 2) * vr).sum(1) / cr
                     lg = lg + 0.5 * scale ** 2 * ((qh ** 2) @ var.T)
+                if summary == "candlse":
+                    exact = torch.logsumexp(s[:, pr].masked_fill(~valid[rest], float("-inf")), -1)
+                    lg = torch.where(cand[rest][None, :], exact, lg)
+                if summary == "cov":  # second order with the page's full covariance: 1/2 Var_t(s_t)
+                    sp = s[:, pr]  # [G, R, ps]
+                    w = valid[rest].float()
+                    mu = (sp * w).sum(-1) / cr.T
+                    lg = lg + 0.5 * (((sp - mu[..., None]) ** 2) * w).sum(-1) / cr.T
+                if summary.startswith("ratio"):
+                    exact = torch.logsumexp(s[:, pr].masked_fill(~valid[rest], float("-inf")), -1)  # [G, R]
+                    if summary in ("ratioall", "ratioallkv"):
+                        pick = torch.ones(exact.shape[1], dtype=torch.bool)
+                    elif summary == "ratiocand":
+                        pick = cand[rest]
+                    else:
+                        gen = torch.Generator().manual_seed(int(s.shape[1]))
+                        m = int(cand.sum())
+                        pick = torch.zeros(exact.shape[1], dtype=torch.bool)
+                        pick[torch.randperm(exact.shape[1], generator=gen)[:m]] = True
+                    if bool(pick.any()):
+                        c = torch.logsumexp(exact[:, pick], -1) - torch.logsumexp(lg[:, pick], -1)  # [G]
+                        lg = lg + (c.mean() if summary == "ratioallkv" else c[:, None])
+                if summary in ("pcal", "pcalkv"):
+                    s0 = q0 @ k.T * scale  # [G, L]: the calibration query's scores
+                    lse0 = torch.logsumexp(s0[:, pr].masked_fill(~valid[rest], float("-inf")), -1)
+                    delta = lse0 - ((q0 @ mk.T) * scale + torch.log(cr.T.float()))  # [G, R] >= 0 (Jensen)
+                    lg = lg + (delta.mean(0, keepdim=True) if summary == "pcalkv" else delta)
             logits.append(lg)
             values.append(mv)
         w = torch.softmax(torch.cat(logits, 1), -1)
@@ -140,7 +178,11 @@ class Analysis:
                 base[layer.sink_pos[b][layer.sink_pos[b] >= 0]] = True
                 base[layer.ws:layer.length] = True
                 sel = "exact" if layer.layer_idx in self.oracle_layers else self.select
-                o_run, _ = self.attend(qh, s, k, v, pos, valid, cnt, base, choose(sel), self.summary, scale)
+                cand_mask = torch.zeros(n_pages, dtype=torch.bool)
+                cand_mask[bound_cand] = True
+                q0 = layer.calibration_query[b, h * G:(h + 1) * G] if hasattr(layer, "calibration_query") else None
+                o_run, _ = self.attend(qh, s, k, v, pos, valid, cnt, base, choose(sel), self.summary, scale,
+                                       cand_mask, q0)
                 out[b, h * G:(h + 1) * G] = o_run
                 if self.probe:
                     p_full = torch.softmax(s, -1)  # [G, L]
@@ -171,6 +213,21 @@ class Analysis:
             layer.full_v = torch.cat([layer.full_v, v], dim=-2)
 
         IceCacheLayer._build, IceCacheLayer._append = build, append
+        # the prompt's last query per layer (post-RoPE, [B, Hq, D] float32): the ``pcal`` calibration query
+        from transformers import AttentionInterface
+        from scrimp.icecache.attention import ATTN_NAME, _register_attention, _take_mark
+
+        _register_attention()
+        inner = AttentionInterface._global_mapping[ATTN_NAME]
+
+        def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            _take_mark(module, kwargs)
+            layer = kwargs.get("icecache_prefill")
+            if layer is not None:
+                layer.calibration_query = query[:, :, -1, :].float().cpu()
+            return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+        AttentionInterface._global_mapping[ATTN_NAME] = attention
         IceCacheLayer.decode_attention = lambda layer, module, query, scaling: self.decode_attention(
             layer, module, query, scaling)
 

@@ -74,7 +74,8 @@ struct AttnParams {
   const uint8_t* mask;
   const void* k_sum;      // [B, H, R, D] page summaries (optional)
   const void* v_sum;
-  const float* sum_bias;  // [B, H, R]
+  const float* sum_bias;  // [B, H, R], or [B, Hq, R] with bias_stride = R (one bias per query head)
+  int64_t bias_stride;    // 0: one bias per row for every head of the group
   float* part;  // [B * Hq, splits, D + 2] (m, l, acc)
   int64_t B, Hq, H, G, D, ps, P, T, R, dense_units, units, splits;
   float scale;
@@ -121,18 +122,19 @@ __global__ void paged_attention_split_kernel(AttnParams p) {
     } else {  // a chunk of page summaries: one row per unselected page, score + log(count) bias
       const int64_t r0 = (u - p.dense_units - p.P) * p.ps;
       n = min(p.ps, p.R - r0);
-      kp = static_cast<const T*>(p.k_sum) + (s * p.R + r0) * D;
+      kp = p.k_sum ? static_cast<const T*>(p.k_sum) + (s * p.R + r0) * D : nullptr;  // none: bias alone
       vp = static_cast<const T*>(p.v_sum) + (s * p.R + r0) * D;
-      bias = p.sum_bias + s * p.R + r0;
+      bias = p.sum_bias + (p.bias_stride ? s * G * p.R : s * p.R) + r0;
     }
     if (n <= 0) continue;
     // Scores: one warp per (token, head) pair.
     for (int64_t w = warp; w < n * G; w += nwarps) {
       const int64_t t = w / G, g = w % G;
       float v = 0.0f;
-      for (int64_t d = lane; d < D; d += 32) v += q_s[g * D + d] * to_float(kp[t * D + d]);
+      if (kp)
+        for (int64_t d = lane; d < D; d += 32) v += q_s[g * D + d] * to_float(kp[t * D + d]);
       v = warp_sum(v);
-      if (bias) v += bias[t];  // -inf bias: skipped
+      if (bias) v += bias[g * p.bias_stride + t];  // -inf bias: skipped
       if (lane == 0) sc[g * kMaxTile + t] = (mask && !mask[t]) ? -INFINITY : v;
     }
     __syncthreads();
@@ -219,10 +221,11 @@ void launch_attention(const PagedAttentionArgs& a, cudaStream_t stream) {
   p.k_dense = a.k_dense ? a.k_dense->data : nullptr;
   p.v_dense = a.v_dense ? a.v_dense->data : nullptr;
   p.mask = a.dense_mask.data;
-  p.R = a.summary_keys ? a.summary_keys->shape[2] : 0;
+  p.R = a.summary_values ? a.summary_values->shape[2] : 0;
   p.k_sum = a.summary_keys ? a.summary_keys->data : nullptr;
   p.v_sum = a.summary_values ? a.summary_values->data : nullptr;
   p.sum_bias = a.summary_bias.data;
+  p.bias_stride = a.summary_bias_per_query_head ? p.R : 0;
   p.scale = a.scale != 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(p.D));
   p.dense_units = (p.T + p.ps - 1) / p.ps;
   p.units = p.dense_units + p.P + (p.R + p.ps - 1) / p.ps;

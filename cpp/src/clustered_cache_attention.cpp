@@ -31,29 +31,32 @@ struct Partial {
 };
 
 // Attention of G queries (already scaled, float) over n rows of keys/values; result merged into `tot`.
-// mask (optional): 0 skips a row; bias (optional): added to each row's score, -inf skips it.
+// mask (optional): 0 skips a row; bias (optional): added to each row's score, -inf leaves the row out
+// (bias_stride 0: one bias per row for every head; else head g reads bias[g * bias_stride + t]).
 void attend_split(const float* q, int64_t G, int64_t D, const char* k, const char* v, int64_t n, DType dt,
-                  const uint8_t* mask, const float* bias, std::vector<float>& scores, std::vector<float>& krow, Partial& part,
-                  Partial& tot) {
+                  const uint8_t* mask, const float* bias, int64_t bias_stride, std::vector<float>& scores,
+                  std::vector<float>& krow, Partial& part, Partial& tot) {
   const int64_t esz = static_cast<int64_t>(dtype_size(dt));
   scores.resize(static_cast<std::size_t>(G * n));
   for (int64_t g = 0; g < G; ++g) part.m[g] = -std::numeric_limits<float>::infinity(), part.l[g] = 0;
   std::fill(part.acc.begin(), part.acc.end(), 0.0f);
   const auto skipped = [&](int64_t t) {
-    return (mask && !mask[t]) || (bias && bias[t] == -std::numeric_limits<float>::infinity());
+    return (mask && !mask[t]) || (bias && bias_stride == 0 && bias[t] == -std::numeric_limits<float>::infinity());
   };
   for (int64_t t = 0; t < n; ++t) {
     if (skipped(t)) {
       for (int64_t g = 0; g < G; ++g) scores[g * n + t] = -std::numeric_limits<float>::infinity();
       continue;
     }
-    dtype::load_row(k + t * D * esz, dt, D, krow.data());
+    if (k) dtype::load_row(k + t * D * esz, dt, D, krow.data());
     for (int64_t g = 0; g < G; ++g) {
-      float s = 0;
+      float s = 0;  // no keys (k == nullptr): the row's score is its bias alone
       const float* qg = q + g * D;
+      if (k) {
 #pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < D; ++d) s += qg[d] * krow[d];
-      if (bias) s += bias[t];
+        for (int64_t d = 0; d < D; ++d) s += qg[d] * krow[d];
+      }
+      if (bias) s += bias[g * bias_stride + t];
       scores[g * n + t] = s;
       part.m[g] = std::max(part.m[g], s);
     }
@@ -62,6 +65,7 @@ void attend_split(const float* q, int64_t G, int64_t D, const char* k, const cha
     if (skipped(t)) continue;
     dtype::load_row(v + t * D * esz, dt, D, krow.data());
     for (int64_t g = 0; g < G; ++g) {
+      if (scores[g * n + t] == -std::numeric_limits<float>::infinity()) continue;  // (a per-head -inf bias)
       const float p = std::exp(scores[g * n + t] - part.m[g]);
       part.l[g] += p;
       float* a = part.acc.data() + g * D;
@@ -127,21 +131,26 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
   if (a.dense_mask.given()) check_span(a.dense_mask, B * T, "dense_mask");
   int64_t R = 0;
   if (a.summary_keys || a.summary_values || a.summary_bias.given()) {
-    SCRIMP_CHECK(a.summary_keys && a.summary_values && a.summary_bias.given(),
-                 "summary_keys, summary_values and summary_bias must be given together");
-    check_float_tensor(*a.summary_keys, "summary_keys", 4);
+    SCRIMP_CHECK(a.summary_values && a.summary_bias.given(),
+                 "summary_keys, summary_values and summary_bias must be given together (summary_keys may be left "
+                 "out: each row is then scored by its bias alone)");
     check_float_tensor(*a.summary_values, "summary_values", 4);
-    SCRIMP_CHECK(a.summary_keys->shape == a.summary_values->shape && a.summary_keys->shape[0] == B &&
-                     a.summary_keys->shape[1] == H && a.summary_keys->shape[3] == D,
-                 "summary_keys/summary_values: expected [" << B << ", " << H << ", R, " << D << "], got "
-                                                           << describe(*a.summary_keys) << " and "
-                                                           << describe(*a.summary_values));
+    const TensorView& sv = *a.summary_values;
+    SCRIMP_CHECK(sv.shape[0] == B && sv.shape[1] == H && sv.shape[3] == D,
+                 "summary_values: expected [" << B << ", " << H << ", R, " << D << "], got " << describe(sv));
+    if (a.summary_keys) {
+      check_float_tensor(*a.summary_keys, "summary_keys", 4);
+      SCRIMP_CHECK(a.summary_keys->shape == sv.shape, "summary_keys/summary_values: expected [" << B << ", " << H
+                                                          << ", R, " << D << "], got " << describe(*a.summary_keys)
+                                                          << " and " << describe(sv));
+    }
     for (const TensorView* t : {a.summary_keys, a.summary_values}) {
+      if (!t) continue;
       SCRIMP_CHECK_TYPE(t->dtype == dt, "summaries: expected dtype " << dtype_name(dt) << ", got " << describe(*t));
       SCRIMP_CHECK(t->device == dev, "summaries: expected device " << device_name(dev) << ", got " << describe(*t));
     }
-    R = a.summary_keys->shape[2];
-    check_span(a.summary_bias, B * H * R, "summary_bias");
+    R = sv.shape[2];
+    check_span(a.summary_bias, B * (a.summary_bias_per_query_head ? Hq : H) * R, "summary_bias");
   }
   if (B == 0 || Hq == 0) return;
   const float scale = a.scale != 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(D));
@@ -161,7 +170,8 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
     SCRIMP_CHECK(r >= -1 && r < S, "page_table: row " << r << " outside the store [0, " << S << ")");
     SCRIMP_CHECK(n >= 0 && n <= ps, "page_lens: " << n << " outside [0, " << ps << "]");
   }
-  for (int64_t i = 0; i < B * H * R; ++i) {
+  const int64_t bias_heads = a.summary_bias_per_query_head ? Hq : H;
+  for (int64_t i = 0; i < B * bias_heads * R; ++i) {
     const float x = a.summary_bias[i];
     SCRIMP_CHECK(x == -std::numeric_limits<float>::infinity() || std::isfinite(x),
                  "summary_bias: expected finite values or -inf, got " << x << " at " << i);
@@ -183,20 +193,22 @@ void paged_decode_attention(const PagedAttentionArgs& a) {
       const char* vb = static_cast<const char*>(a.v_dense->data) + s * T * D * esz;
       for (int64_t t0 = 0; t0 < T; t0 += ps)
         attend_split(q.data(), G, D, kb + t0 * D * esz, vb + t0 * D * esz, std::min(ps, T - t0), dt,
-                     a.dense_mask.given() ? a.dense_mask.data + b * T + t0 : nullptr, nullptr, scores, krow, part, tot);
+                     a.dense_mask.given() ? a.dense_mask.data + b * T + t0 : nullptr, nullptr, 0, scores, krow, part,
+                     tot);
     }
     for (int64_t p = 0; p < P; ++p) {
       const int32_t r = a.page_table[s * P + p], n = a.page_lens[s * P + p];
       if (r < 0 || n == 0) continue;
-      attend_split(q.data(), G, D, kd + r * ps * D * esz, vd + r * ps * D * esz, n, dt, nullptr, nullptr, scores, krow,
-                   part, tot);
+      attend_split(q.data(), G, D, kd + r * ps * D * esz, vd + r * ps * D * esz, n, dt, nullptr, nullptr, 0, scores,
+                   krow, part, tot);
     }
     if (R > 0) {
-      const char* kb = static_cast<const char*>(a.summary_keys->data) + s * R * D * esz;
+      const char* kb = a.summary_keys ? static_cast<const char*>(a.summary_keys->data) + s * R * D * esz : nullptr;
       const char* vb = static_cast<const char*>(a.summary_values->data) + s * R * D * esz;
       for (int64_t r0 = 0; r0 < R; r0 += ps)
-        attend_split(q.data(), G, D, kb + r0 * D * esz, vb + r0 * D * esz, std::min(ps, R - r0), dt, nullptr,
-                     a.summary_bias.data + s * R + r0, scores, krow, part, tot);
+        attend_split(q.data(), G, D, kb ? kb + r0 * D * esz : nullptr, vb + r0 * D * esz, std::min(ps, R - r0), dt, nullptr,
+                     a.summary_bias_per_query_head ? a.summary_bias.data + s * G * R + r0 : a.summary_bias.data + s * R + r0,
+                     a.summary_bias_per_query_head ? R : 0, scores, krow, part, tot);
     }
     char* o = static_cast<char*>(a.out.data);
     for (int64_t g = 0; g < G; ++g) {

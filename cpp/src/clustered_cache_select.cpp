@@ -1,6 +1,7 @@
 // IceCache's page selection: scores every page of a stream against the decode query (bounds,
 // centroid, oracle or random, GQA heads merged) and keeps the best k (select), and re-scores
-// candidates by the exact max q.k over their keys (rerank).
+// candidates by the exact max q.k over their keys (rerank); the exact attention mass of every page
+// (page_log_mass).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -115,6 +116,45 @@ void ClusteredCache::rerank(const TensorView& query, Span<const int32_t> candida
       if (cand[i] >= 0) idx.push_back(static_cast<int32_t>(i));
     const int64_t take = best_first(idx, merged, k);
     for (int64_t i = 0; i < k; ++i) out_pages[s * k + i] = i < take ? cand[idx[static_cast<std::size_t>(i)]] : -1;
+  }
+}
+
+void ClusteredCache::page_log_mass(const TensorView& query, float scale, int64_t P, Span<float> out_in) const {
+  const int64_t B = cfg_.batch, H = cfg_.kv_heads, Hq = cfg_.q_heads, D = cfg_.head_dim, G = Hq / H;
+  check_query(query);
+  SCRIMP_CHECK(std::isfinite(scale) && scale > 0, "page_log_mass: scale must be finite and > 0, got " << scale);
+  SCRIMP_CHECK(P >= num_pages(), "page_log_mass: out holds " << P << " pages per head, the index has "
+                                                              << num_pages());
+  check_span(out_in, B * Hq * P, "out");
+  const float* q = static_cast<const float*>(query.data);
+  float* out = out_in.data;
+  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
+#pragma omp parallel for schedule(static) if (B * H > 1 && num_pages() * cfg_.page_size * G * D > 65536)
+  for (int64_t s = 0; s < B * H; ++s) {
+    const Stream& st = streams_[static_cast<std::size_t>(s)];
+    const int64_t n_pages = static_cast<int64_t>(st.len.size());
+    const int64_t b = s / H, h = s % H;
+    const float* qs = q + (b * Hq + h * G) * D;  // the group's G query rows
+    float* os = out + (b * Hq + h * G) * P;      // its G output rows of P
+    std::vector<float> kr(static_cast<std::size_t>(D)), sc(static_cast<std::size_t>(cfg_.page_size * G));
+    for (int64_t p = 0; p < n_pages; ++p) {
+      const int64_t n = st.len[static_cast<std::size_t>(p)];
+      const char* kp = pool_->keys(s * cfg_.max_pages + p);
+      for (int64_t i = 0; i < n; ++i) {
+        dtype::load_row(kp + i * row_bytes, cfg_.dtype, D, kr.data());
+        for (int64_t g = 0; g < G; ++g) sc[static_cast<std::size_t>(g * n + i)] = scale * ice::dot(qs + g * D, kr.data(), D);
+      }
+      for (int64_t g = 0; g < G; ++g) {  // log-sum-exp, shifted by the max (float64 sum)
+        const float* x = sc.data() + g * n;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+        double acc = 0;
+        for (int64_t i = 0; i < n; ++i) acc += std::exp(static_cast<double>(x[i] - m));
+        os[g * P + p] = n == 0 ? -std::numeric_limits<float>::infinity() : m + static_cast<float>(std::log(acc));
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t p = n_pages; p < P; ++p) os[g * P + p] = -std::numeric_limits<float>::infinity();
   }
 }
 

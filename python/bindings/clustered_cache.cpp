@@ -148,6 +148,15 @@ class PyClusteredCache {
     impl_->rerank(q.view(), cand, kc, k, pages);
   }
 
+  void page_log_mass(const py::object& query, float scale, const py::object& out) {
+    BorrowedTensor q(query, "query"), o(out, "out");
+    const auto& ov = o.view();
+    SCRIMP_CHECK(ov.ndim() == 3, "out: expected [B, Hq, P], got " << describe(ov));
+    const auto os = span_of<float>(o, kF32, "out");
+    py::gil_scoped_release release;
+    impl_->page_log_mass(q.view(), scale, ov.shape[2], os);
+  }
+
   void recall(const py::object& pages, int64_t k, const py::object& k_store, const py::object& v_store,
               const py::object& out_slots, const py::object& out_lens, uintptr_t stream, bool wait) {
     BorrowedTensor p(pages, "pages"), ks(k_store, "k_store"), vs(v_store, "v_store"), sl(out_slots, "out_slots"),
@@ -261,6 +270,14 @@ void paged_decode_attention(const py::object& query, const py::object& k_store, 
     a.summary_values = &sv->view();
   }
   a.summary_bias = optional_span<const float>(summary_bias, sb, kF32, "summary_bias", &dev);
+  if (sb) {  // [B, Hkv, R]: one bias per row; [B, Hq, R]: one per query head and row
+    const auto& bv = sb->view();
+    const int64_t Hq = a.query.ndim() == 3 ? a.query.shape[1] : -1;
+    SCRIMP_CHECK(bv.ndim() == 3 && (bv.shape[1] == kv_heads || bv.shape[1] == Hq),
+                 "summary_bias: expected [B, Hkv = " << kv_heads << ", R] or [B, Hq = " << Hq << ", R], got "
+                                                     << describe(bv));
+    a.summary_bias_per_query_head = bv.shape[1] == Hq && Hq != kv_heads;
+  }
   py::gil_scoped_release release;
   scrimp::paged_decode_attention(a);
 }
@@ -295,6 +312,7 @@ SCRIMP_BINDINGS(clustered_cache) {
            py::arg("out_scores") = py::none())
       .def("rerank", &PyClusteredCache::rerank, py::arg("query"), py::arg("candidates"), py::arg("k"),
            py::arg("out_pages"))
+      .def("page_log_mass", &PyClusteredCache::page_log_mass, py::arg("query"), py::arg("scale"), py::arg("out"))
       .def("recall", &PyClusteredCache::recall, py::arg("pages"), py::arg("k"), py::arg("k_store"),
            py::arg("v_store"), py::arg("out_slots"), py::arg("out_lens"), py::arg("stream") = 0,
            py::arg("wait") = true)

@@ -515,6 +515,92 @@ def test_page_summaries_are_exact_when_every_page_holds_one_key():
     assert (plain.double() - ref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("B,H,G,D,ps", [(1, 1, 1, 8, 8), (2, 3, 3, 20, 5)])
+def test_page_log_mass_matches_float64(dtype, B, H, G, D, ps):
+    """page_log_mass: per query head and page, log sum_t exp(scale q . k_t) over the page's keys as the
+    host pool holds them (the index's dtype), against float64 on the same keys; -inf past a stream's
+    pages."""
+    g = torch.Generator().manual_seed(B * 31 + D)
+    tdt = getattr(torch, dtype)
+    N = 7 * ps + 3  # a short last page
+    idx = _C.ClusteredCache(B, H, H * G, D, ps, 32, 4, dtype, True, "bounds")
+    k = (torch.randn(B, H, N, D, generator=g) * 3).to(tdt)  # large scores: the shifted sum matters
+    idx.build(k, k, torch.arange(N))
+    P = idx.num_pages()
+    q = torch.randn(B, H * G, D, generator=g)
+    scale = 0.7 / math.sqrt(D)
+    out = torch.empty(B, H * G, P + 2)
+    idx.page_log_mass(q, scale, out)
+    every = torch.arange(P, dtype=torch.int32).expand(B, H, P).contiguous()
+    pos = torch.empty(B, H, P, ps, dtype=torch.long)
+    idx.page_positions(every, P, pos)
+    k64, q64 = k.double(), q.double()
+    for b in range(B):
+        for hq in range(H * G):
+            h = hq // G
+            for p in range(P):
+                t = pos[b, h, p][pos[b, h, p] >= 0]
+                ref = torch.logsumexp(scale * (k64[b, h, t] @ q64[b, hq]), 0)
+                assert abs(float(out[b, hq, p]) - float(ref)) <= 1e-4 * max(1.0, abs(float(ref)))
+    assert torch.isneginf(out[..., P:]).all()
+    with pytest.raises(ValueError, match="scale"):
+        idx.page_log_mass(q, 0.0, out)
+    with pytest.raises(ValueError, match="holds"):
+        idx.page_log_mass(q, scale, torch.empty(B, H * G, P - 1))
+    with pytest.raises(ValueError, match="query"):
+        idx.page_log_mass(torch.randn(B, H * G + 1, D), scale, out)
+    with pytest.raises(TypeError):
+        idx.page_log_mass(q.double(), scale, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_per_query_head_summary_bias_matches_float64(dtype):
+    """summary_bias [B, Hq, R]: each query head scores row r as scale q . k_r + bias[b, hq, r] (-inf
+    leaves the row out for that head only); against float64 softmax attention over pages + rows."""
+    g = torch.Generator().manual_seed(7)
+    B, Hq, H, D, ps, R = 2, 6, 2, 24, 8, 13
+    G = Hq // H
+    S = B * H * 2
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    ks = torch.randn(S, ps, D, generator=g).to(dtype)
+    vs = torch.randn(S, ps, D, generator=g).to(dtype)
+    table = torch.arange(S, dtype=torch.int32).view(B, H, 2).contiguous()
+    lens = torch.tensor([ps, 5], dtype=torch.int32).expand(B, H, 2).contiguous()
+    sk = torch.randn(B, H, R, D, generator=g).to(dtype)
+    sv = torch.randn(B, H, R, D, generator=g).to(dtype)
+    bias = torch.randn(B, Hq, R, generator=g) * 2
+    bias[torch.rand(B, Hq, R, generator=g) < 0.3] = float("-inf")
+    bias[0, 0] = float("-inf")  # one head with no rows at all
+    scale = 1 / math.sqrt(D)
+    out = torch.empty_like(q)
+    _C.paged_decode_attention(q, ks, vs, table, lens, None, None, None, H, scale, out,
+                              summary_keys=sk, summary_values=sv, summary_bias=bias)
+    ref = torch.empty(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        for hq in range(Hq):
+            h = hq // G
+            rows = table[b, h].long()
+            kk = torch.cat([ks[rows[0]].double(), ks[rows[1], :5].double(), sk[b, h].double()])
+            vv = torch.cat([vs[rows[0]].double(), vs[rows[1], :5].double(), sv[b, h].double()])
+            logit = scale * (kk @ q[b, hq].double())
+            logit[ps + 5:] += bias[b, hq].double()
+            ref[b, hq] = torch.softmax(logit, 0) @ vv
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    # the same bias for every head of a group equals the [B, Hkv, R] call
+    shared = torch.randn(B, H, R, generator=g)
+    a, c = torch.empty_like(q), torch.empty_like(q)
+    _C.paged_decode_attention(q, ks, vs, table, lens, None, None, None, H, scale, a,
+                              summary_keys=sk, summary_values=sv, summary_bias=shared)
+    _C.paged_decode_attention(q, ks, vs, table, lens, None, None, None, H, scale, c, summary_keys=sk,
+                              summary_values=sv, summary_bias=shared.repeat_interleave(G, 1).contiguous())
+    torch.testing.assert_close(a, c, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="summary_bias"):
+        _C.paged_decode_attention(q, ks, vs, table, lens, None, None, None, H, scale, out, summary_keys=sk,
+                                  summary_values=sv, summary_bias=torch.zeros(B, Hq + 1, R))
+
+
 def test_page_summaries_bindings_reject_bad_input():
     B, H, D, R = 1, 1, 8, 3
     q, out = torch.randn(B, 2, D), torch.empty(B, 2, D)
@@ -548,7 +634,8 @@ def test_page_summaries_are_exact_at_full_budget_and_hold_device_mirrors(kind):
     _generate(model, ids, small, n=40)
     layer = small.layers[1]
     rows = layer.dev_summaries
-    keys, values, bias = rows.keys, rows.values, rows.bias
+    values, bias = rows.values, rows.bias  # (the default summary_mass "exact" keeps no keys on the device)
+    assert rows.keys is None and rows.mass == "exact"
     P = layer.index.num_pages()
     # one summary per page, log of its token count; nothing past the last page
     counts = torch.empty(layer.B * layer.H, P, dtype=torch.int32)
@@ -809,6 +896,47 @@ def test_summary_rows_stand_for_exactly_the_unselected_pages(pages):
     assert rows.keys.shape[2] == R + k + 1
 
 
+
+@pytest.mark.parametrize("pages", [5, 12, 37])
+def test_exact_mass_rows_carry_the_unselected_pages_exact_mass_per_query_head(pages):
+    """summary_mass="exact": per query head the live rows' biases (each row's whole score) add up, in
+    log-sum-exp, to exactly the unselected pages' masses; each live row is one group's unselected pages
+    (its bias their log-sum-exp); rows of groups holding a selected page are -inf; no keys."""
+    from scrimp.icecache.summaries import SummaryRows
+
+    torch.manual_seed(pages)
+    B, H, G, D, R, k = 1, 2, 3, 4, 8, 3
+    km, vm = torch.randn(B * H, pages, D), torch.randn(B * H, pages, D)
+    lens = torch.randint(1, 9, (B * H, pages), dtype=torch.int32)
+    rows = SummaryRows(B, H, D, R, k, torch.float32, "cpu", mass="exact")
+    rows.sync(_FakeIndex(km, vm, lens), 0)
+    g = rows.group
+    log_mass = torch.randn(B, H * G, pages + 3) * 4  # (columns past the layer's pages are ignored)
+    sel = torch.tensor([[[0, pages - 1, -1], [1, 2, 3]]], dtype=torch.int32)
+    args = rows.step(sel, log_mass)
+    assert args["summary_keys"] is None and args["summary_bias"].shape == (B, H * G, rows.cap + rows.extra)
+    bias = args["summary_bias"].double()
+    for h in range(H):
+        chosen = set(int(p) for p in sel[0, h] if p >= 0)
+        keep = torch.tensor([p not in chosen for p in range(pages)])
+        groups = {p // g for p in chosen}
+        for hq in range(h * G, (h + 1) * G):
+            want = torch.logsumexp(log_mass[0, hq, :pages][keep].double(), 0)
+            torch.testing.assert_close(torch.logsumexp(bias[0, hq], 0), want, atol=1e-5, rtol=1e-6)
+            for j in range(-(-pages // g)):  # group rows: their pages' mass, or -inf when one is selected
+                members = torch.arange(j * g, min((j + 1) * g, pages))
+                if j in groups:
+                    assert bias[0, hq, j] == float("-inf")
+                else:
+                    torch.testing.assert_close(bias[0, hq, j], torch.logsumexp(log_mass[0, hq, members].double(), 0),
+                                               atol=1e-5, rtol=1e-6)
+    with pytest.raises(ValueError, match="log_mass"):
+        rows.step(sel)
+    with pytest.raises(ValueError, match="log_mass"):
+        rows.step(sel, log_mass[:, :, :pages - 1])
+    with pytest.raises(ValueError, match="mass"):
+        SummaryRows(B, H, D, R, k, torch.float32, "cpu", mass="max")
+
 def test_few_summary_rows_are_exact_at_full_budget_and_attend_grouped_rows():
     model = _tiny()
     ids = torch.randint(1, 96, (2, 230))
@@ -818,7 +946,7 @@ def test_few_summary_rows_are_exact_at_full_budget_and_attend_grouped_rows():
     small = scrimp.IceCache(model.config, budget=64, dense_layers=1, max_context=1024, summary_rows=4)
     _generate(model, ids, small, n=40)
     rows = small.layers[1].dev_summaries
-    assert rows.group > 1 and rows.keys.shape[2] == 4 + small.selected_pages
+    assert rows.group > 1 and rows.values.shape[2] == 4 + small.selected_pages
     with pytest.raises(ValueError, match="summary_rows"):
         scrimp.IceCache(model.config, summary_rows=0)
 

@@ -41,10 +41,11 @@ def test_paged_attention_cuda_matches_cpu(dtype, B, Hq, H, D, P, T):
     torch.testing.assert_close(out.cpu().float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("per_query_head", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,H,D,P,T,R", [(1, 4, 2, 64, 7, 40, 37), (3, 32, 8, 128, 20, 64, 1000),
                                             (2, 8, 8, 64, 0, 0, 5)])
-def test_paged_attention_with_summaries_cuda_matches_cpu(dtype, B, Hq, H, D, P, T, R):
+def test_paged_attention_with_summaries_cuda_matches_cpu(dtype, B, Hq, H, D, P, T, R, per_query_head):
     g = torch.Generator().manual_seed(R + D)
     ps, S = 16, 3 * B * H + 1
     q = torch.randn(B, Hq, D, generator=g).to(dtype)
@@ -56,8 +57,9 @@ def test_paged_attention_with_summaries_cuda_matches_cpu(dtype, B, Hq, H, D, P, 
     lens = torch.where(table >= 0, torch.randint(1, ps + 1, (B, H, P), generator=g, dtype=torch.int32), 0).int()
     sk = torch.randn(B, H, R, D, generator=g).to(dtype)
     sv = torch.randn(B, H, R, D, generator=g).to(dtype)
-    bias = torch.rand(B, H, R, generator=g) * 3
-    bias[torch.rand(B, H, R, generator=g) < 0.3] = float("-inf")
+    Hb = Hq if per_query_head else H  # summary_bias [B, Hq, R]: one bias per query head and row
+    bias = torch.rand(B, Hb, R, generator=g) * 3
+    bias[torch.rand(B, Hb, R, generator=g) < 0.3] = float("-inf")
     bias[0, 0, 0] = 12.0  # one dominant summary
     tt, ll = (table, lens) if P else (None, None)
     ref = torch.empty_like(q)

@@ -163,6 +163,13 @@ class ClusteredCache {
   void rerank(const TensorView& query, Span<const int32_t> candidates, int64_t kc, int64_t k,
               Span<int32_t> out_pages) const;
 
+  // Exact attention mass of every page per query head: out[b, hq, p] = log sum_t exp(scale * q[b, hq] .
+  // k_t) over the keys of page p of stream (b, hq / G), read from the host pool; -inf where the stream
+  // has fewer than p + 1 pages. query [B, Hq, D] (CPU, float32, contiguous); out [B, Hq, P] float32
+  // with P >= num_pages(). Each key is read once for the G heads of its group. Cost: every indexed
+  // token's key times G dot products per stream, a full-context q.K on the host.
+  void page_log_mass(const TensorView& query, float scale, int64_t P, Span<float> out) const;
+
   // Makes the pages in `pages` [B, Hkv, k] (from select; -1 entries ignored) resident in the device
   // page cache k_store / v_store, each [B * Hkv * cache_pages, page_size, D] of cfg.dtype (CPU or
   // CUDA, contiguous), and writes out_slots [B, Hkv, k] (store row of each page, -1 for padding) and
@@ -253,9 +260,11 @@ struct PagedAttentionArgs {
   // attended exactly, as one key/value pair scored q . key_r * scale + bias_r; with the page's mean key
   // and value and bias = log(tokens in the page) it approximates the page's n * exp(q . k) * v terms,
   // so the softmax keeps the mass of unselected pages. bias -inf skips a row (e.g. a selected page).
+  // summary_keys may be left out (nullptr): each row is then scored by its bias alone (exact row masses).
   const TensorView* summary_keys = nullptr;    // [B, Hkv, R, D], the query's dtype and device
   const TensorView* summary_values = nullptr;  // [B, Hkv, R, D]
-  Span<const float> summary_bias;              // [B, Hkv, R] float32 (device memory)
+  Span<const float> summary_bias;              // [B, Hkv, R] float32 (device memory), or [B, Hq, R]:
+  bool summary_bias_per_query_head = false;    // one bias per query head and row (e.g. exact row masses)
   int64_t kv_heads = 0;                 // Hkv (Hq must be a multiple)
   float scale = 0.0f;                   // softmax scale (0: 1/sqrt(D))
   TensorView out;                       // [B, Hq, D] same dtype as query

@@ -502,7 +502,7 @@ class IceCacheLayer(CacheLayerMixin):
         if self.dev_summaries is None:
             o = self.owner
             self.dev_summaries = SummaryRows(self.B, self.H, self.D, o.summary_rows, min(o.selected_pages, self.slots),
-                                             self.dtype, self.device)
+                                             self.dtype, self.device, mass=o.summary_mass)
         self.dev_summaries.sync(self.index, first)
 
     def select_on_device(self, q, k):
@@ -569,10 +569,14 @@ class IceCacheLayer(CacheLayerMixin):
         out = torch.empty_like(q)
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
         summaries = {}
+        scale = float(scaling if scaling is not None else 1.0 / math.sqrt(D))
         if self.dev_summaries is not None and self.index.num_pages() > 0:
-            summaries = self.dev_summaries.step(pages)
-        _C.paged_decode_attention(q, k_store, v_store, table, tlens, k_dense, v_dense, mask, H,
-                                  float(scaling if scaling is not None else 1.0 / math.sqrt(D)), out, stream,
+            log_mass = None
+            if o.summary_mass == "exact":  # every page's exact mass this step, on the host
+                log_mass = torch.empty((B, Hq, self.index.num_pages()), dtype=torch.float32)
+                self.index.page_log_mass(q.float().cpu().contiguous(), scale, log_mass)
+            summaries = self.dev_summaries.step(pages, log_mass)
+        _C.paged_decode_attention(q, k_store, v_store, table, tlens, k_dense, v_dense, mask, H, scale, out, stream,
                                   **summaries)
         self.stats["steps"] += 1
         if o.measure:

@@ -11,6 +11,9 @@ METHODS = ("icecache", "quest", "random", "oracle", "streaming", "full")
 #: candidates per selected page that the default ``rerank`` re-scores (method "icecache")
 DEFAULT_RERANK = 8
 
+#: how much attention a summary row takes (``IceCacheOptions.summary_mass``)
+SUMMARY_MASSES = ("exact", "mean")
+
 #: summary rows per layer and KV head by default (see ``IceCacheOptions.summary_rows``)
 DEFAULT_SUMMARY_ROWS = 512
 
@@ -70,6 +73,11 @@ class IceCacheOptions:
     summaries : scrimp's extension (None: on for "icecache", off for the baselines): every page not
         selected still takes part in the softmax through a summary row (mean key scored with a
         log(token count) bias, mean value) of its group of pages.
+    summary_mass : how much attention a summary row takes (None: ``"exact"`` when summaries are on):
+        ``"exact"``, its pages' true mass per query head, ``log sum_t exp(scale q.k_t)``, computed each
+        step on the host from every indexed key (a full-context q.K on the CPU; the device holds no
+        summary keys); ``"mean"``, its mean key scored with a log(token count) bias (a lower bound of
+        that mass, no host work).
     summary_rows : most summary rows per layer and KV head (512). While a layer holds no more pages,
         one row per page; beyond, each row stands for ceil(pages / summary_rows) neighbouring pages,
         so the device memory of the summaries stays fixed as the context grows.
@@ -97,6 +105,7 @@ class IceCacheOptions:
     prefetch: Optional[bool] = None
     summaries: Optional[bool] = None
     summary_rows: int = DEFAULT_SUMMARY_ROWS
+    summary_mass: Optional[str] = None
     rerank: Optional[int] = None
     prefill_chunk: Optional[int] = None
 
@@ -157,4 +166,12 @@ class IceCacheOptions:
             raise ValueError(f"rerank re-scores bound candidates: it needs method 'icecache' or 'quest', not "
                              f"{self.method!r}")
         summaries = self.summaries if self.summaries is not None else self.method == "icecache"
-        return dataclasses.replace(self, rerank=rerank, summaries=summaries)
+        mass = self.summary_mass
+        if mass is not None and mass not in SUMMARY_MASSES:
+            raise ValueError(f"summary_mass must be one of {SUMMARY_MASSES} or None, got {mass!r}")
+        if mass is not None and not summaries:
+            raise ValueError(f"summary_mass={mass!r} needs summaries=True (it says how much attention a summary "
+                             f"row takes)")
+        if mass is None and summaries:
+            mass = "exact"
+        return dataclasses.replace(self, rerank=rerank, summaries=summaries, summary_mass=mass)
