@@ -48,7 +48,7 @@ def accuracy_table(model, tok, n, context, budgets, dense_layers, page_size=TEST
                    reuse_selection=0, methods=METHODS, summaries=False, rerank=0):
     """With ``reuse_selection`` > 0 a row ``icecache+reuseN`` is added per budget: IceCache whose
     selecting layers hand their pages to the next N sparse layers. With ``summaries`` a row
-    ``icecache+summaries``: the unselected pages take part through their mean key and value. With
+    ``icecache+summaries``: the unselected pages take part through their summary rows (exact masses). With
     ``rerank`` > 0 a row ``icecache+rerankN`` (bound candidates re-scored by their exact max q.k),
     and with both, ``icecache+summaries+rerankN``."""
     rows = []

@@ -75,7 +75,8 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     seeds = ", ".join(f"{s} ({c})" for s, c in chunks)
     mem_factor = full["device_bytes"] / at["device_bytes"]
     notes = [
-        "IceCache defaults = scrimp.IceCache() as shipped (8-token pages, sink 1 + window 1 page, page summaries, "
+        "IceCache defaults = scrimp.IceCache() as shipped (8-token pages, sink 1 + window 1 page, page summaries "
+        "with exact masses, "
         f"rerank 8) with dense_layers={DENSE_LAYERS}: the recall model has 4 layers, and with the default 2 dense "
         "layers the look-up happens in a full-cache layer, so the budget would not be tested.",
         "paper configuration = scrimp.icecache.PAPER (16-token pages, sink 2 + window 2 pages, no summaries, no "

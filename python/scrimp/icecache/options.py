@@ -71,8 +71,8 @@ class IceCacheOptions:
     reuse_selection : each selecting sparse layer's pages are reused by the next this many layers.
     prefetch : with reuse_selection, copy followers' pages ahead on the copy stream (None: on for CUDA).
     summaries : scrimp's extension (None: on for "icecache", off for the baselines): every page not
-        selected still takes part in the softmax through a summary row (mean key scored with a
-        log(token count) bias, mean value) of its group of pages.
+        selected still takes part in the softmax through a summary row of its group of pages (its mean
+        value, weighted by the group's attention mass: see ``summary_mass``).
     summary_mass : how much attention a summary row takes (None: ``"exact"`` when summaries are on):
         ``"exact"``, its pages' true mass per query head, ``log sum_t exp(scale q.k_t)``, computed each
         step on the host from every indexed key (a full-context q.K on the CPU; the device holds no

@@ -1,9 +1,8 @@
 """Stand-ins for the pages a decode step does not attend: a fixed number of summary rows per KV head.
 
 Each row stands for a *group* of ``g`` consecutive page ids (neighbouring leaves of the page tree, or
-pages evicted from the window one after another) by its mean key, scored with a bias of log(tokens
-in the group), and its mean value: the group's ``sum_t exp(q.k_t) v_t`` is approximated by
-``n exp(q.mean_k) mean_v``. While a layer holds at most ``rows`` pages, ``g = 1`` (one row per page);
+pages evicted from the window one after another) by its mean value, weighted by the group's attention
+mass (below): the group's ``sum_t exp(q.k_t) v_t`` is approximated by ``mass * mean_v``. While a layer holds at most ``rows`` pages, ``g = 1`` (one row per page);
 when it holds more, ``g = ceil(pages / rows)`` (the rows are regrouped whenever ``g`` grows), so the
 device memory of the rows does not grow with the context.
 
