@@ -21,6 +21,9 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill the prompt this many tokens at a time (default: one pass)")
     p.add_argument("--summaries", action=argparse.BooleanOptionalAction, default=True,
                    help="page summaries for unselected pages (scrimp's extension; default on, --no-summaries: off)")
+    p.add_argument("--summary-mass", choices=["exact", "mean"], default="exact",
+                   help="how much attention a summary row takes: 'exact' (its pages' true mass, scored on the "
+                        "host every step; default) or 'mean' (mean key + log count, no host scan)")
     p.add_argument("--rerank", type=int, default=8,
                    help="re-score N bound candidates per selected page by their exact max q.k (default 8; 0 = off)")
     p.add_argument("--paper", action="store_true",
@@ -59,12 +62,13 @@ def run_eval(args) -> int:
             setattr(args, key, PAPER[key])
     geo = dict(page_size=args.page_size, sink_pages=args.sink_pages, window_pages=args.window_pages,
                dense_layers=args.dense_layers, prefill_chunk=args.prefill_chunk, summaries=args.summaries,
-               rerank=args.rerank)
+               summary_mass=args.summary_mass if args.summaries else None, rerank=args.rerank)
     res = evaluate(model, tok, examples, budgets=args.budgets, max_new_tokens=args.max_new_tokens,
                    progress=not args.quiet, **geo)
     print(f"IceCache eval: {args.model} on {source}; prompts {res['prompt_tokens']['mean']:.0f} tokens on average; "
           f"page {args.page_size}, sink {args.sink_pages} + window {args.window_pages} pages, "
-          f"dense layers {args.dense_layers}, summaries {'on' if args.summaries else 'off'}, "
+          f"dense layers {args.dense_layers}, "
+          f"summaries {args.summary_mass + ' masses' if args.summaries else 'off'}, "
           f"rerank {args.rerank or 'off'}, prefill chunk {args.prefill_chunk or 'none'}")
     print(format_rows(res))
     write_json(args.json, {"model": args.model, "data": args.data, "source": source, "seed": args.seed,

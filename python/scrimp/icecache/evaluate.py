@@ -112,7 +112,8 @@ def evaluate(model, tokenizer, examples: Iterable[dict], budgets: Sequence[int] 
     prompts = [torch.tensor([_prompt_ids(tokenizer, ex)], dtype=torch.long, device=device) for ex in examples]
     lengths = [max_new_tokens or len(tokenizer(ex["answer"], add_special_tokens=False).input_ids) + 1
                for ex in examples]
-    variants = [("full", None, dict(method="full", budget=max(budgets, default=256), summaries=False, rerank=0))] + [("icecache", b, dict(budget=b)) for b in budgets]
+    full = dict(method="full", budget=max(budgets, default=256), summaries=False, summary_mass=None, rerank=0)
+    variants = [("full", None, full)] + [("icecache", b, dict(budget=b)) for b in budgets]
     rows, outputs = [], {}
     for name, budget, kw in variants:
         label = name if budget is None else f"{name}@{budget}"
