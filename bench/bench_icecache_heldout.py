@@ -155,7 +155,8 @@ def main(argv=None):
         full, full_bytes = run(model, tok, exs, dict(method="full"), max_context)
         full_ok = [answer_matches(o, a) for o, (_, a, _) in zip(full, exs)]
         if args.dump_prompts:
-            dump_prompts(args.dump_prompts, seed, exs, full, full_ok, testbed.path(args.model), append=seed != args.seeds[0])
+            dump_prompts(args.dump_prompts, seed, exs, full, full_ok, testbed.path(args.model),
+                         append=seed != args.seeds[0])
         result["rows"].append({"seed": seed, "config": "full", "correct": sum(full_ok), "n": len(exs),
                                "same_as_full": len(exs), "device_bytes": full_bytes,
                                "seconds": time.perf_counter() - t0})

@@ -19,8 +19,9 @@ pages (the library's clustering and index) but interchangeable parts:
   ``ratiorand`` (mean key + log count, every row shifted per query head by one constant c, the log
   ratio of exact to estimated mass over a sample of the unselected pages: all of them, the rerank
   candidates, or as many random ones as there are candidates; ``ratioallkv``: all of them, c averaged
-  over the query heads of each KV head, one shift per row as the library's rows hold), ``cov`` (mean key + log count +
-  1/2 Var_t(q . k_t) over the page: the Gaussian correction with the page's full covariance).
+  over the query heads of each KV head, one shift per row as the library's rows hold), ``cov`` (mean
+  key + log count + 1/2 Var_t(q . k_t) over the page: the Gaussian correction with the page's full
+  covariance).
 
 ``--runs SELECT:SUMMARY ...`` are evaluated end to end (greedy accuracy; the generation follows that
 run's attention in every layer). ``--oracle-layers L ...`` switches the selection to ``exact`` in
@@ -53,7 +54,8 @@ from scrimp.icecache import make_generate_fn
 from scrimp.icecache.cache import IceCacheLayer
 
 SELECTIONS = ("bound", "rerank", "exact", "centroid", "mass")
-SUMMARIES = ("none", "mean", "lse", "var", "candlse", "pcal", "pcalkv", "ratioall", "ratioallkv", "ratiocand", "ratiorand", "cov")
+SUMMARIES = ("none", "mean", "lse", "var", "candlse", "pcal", "pcalkv", "ratioall", "ratioallkv", "ratiocand",
+             "ratiorand", "cov")
 #: the (selection, summary) pairs whose output error and attended mass are recorded per layer and head
 PROBES = [(sel, summ) for sel in ("bound", "rerank", "exact") for summ in ("none", "mean")] + [("exact", "lse")]
 
@@ -80,23 +82,26 @@ class Analysis:
             pr, vr, cr = pos[rest], valid[rest][..., None], cnt[rest][:, None]
             mk = (k[pr] * vr).sum(1) / cr  # [R, D]
             mv = (v[pr] * vr).sum(1) / cr
+
+            def page_lse(scores):  # [G, R]: each unselected page's exact log mass under `scores` [G, L]
+                return torch.logsumexp(scores[:, pr].masked_fill(~valid[rest], float("-inf")), -1)
+
             if summary == "lse":
-                lg = torch.logsumexp(s[:, pr].masked_fill(~valid[rest], float("-inf")), -1)  # [G, R]
+                lg = page_lse(s)
             else:
                 lg = (qh @ mk.T) * scale + torch.log(cr.T.float())
                 if summary == "var":
                     var = (((k[pr] - mk[:, None]) ** 2) * vr).sum(1) / cr
                     lg = lg + 0.5 * scale ** 2 * ((qh ** 2) @ var.T)
                 if summary == "candlse":
-                    exact = torch.logsumexp(s[:, pr].masked_fill(~valid[rest], float("-inf")), -1)
-                    lg = torch.where(cand[rest][None, :], exact, lg)
+                    lg = torch.where(cand[rest][None, :], page_lse(s), lg)
                 if summary == "cov":  # second order with the page's full covariance: 1/2 Var_t(s_t)
                     sp = s[:, pr]  # [G, R, ps]
                     w = valid[rest].float()
                     mu = (sp * w).sum(-1) / cr.T
                     lg = lg + 0.5 * (((sp - mu[..., None]) ** 2) * w).sum(-1) / cr.T
                 if summary.startswith("ratio"):
-                    exact = torch.logsumexp(s[:, pr].masked_fill(~valid[rest], float("-inf")), -1)  # [G, R]
+                    exact = page_lse(s)
                     if summary in ("ratioall", "ratioallkv"):
                         pick = torch.ones(exact.shape[1], dtype=torch.bool)
                     elif summary == "ratiocand":
@@ -111,8 +116,7 @@ class Analysis:
                         lg = lg + (c.mean() if summary == "ratioallkv" else c[:, None])
                 if summary in ("pcal", "pcalkv"):
                     s0 = q0 @ k.T * scale  # [G, L]: the calibration query's scores
-                    lse0 = torch.logsumexp(s0[:, pr].masked_fill(~valid[rest], float("-inf")), -1)
-                    delta = lse0 - ((q0 @ mk.T) * scale + torch.log(cr.T.float()))  # [G, R] >= 0 (Jensen)
+                    delta = page_lse(s0) - ((q0 @ mk.T) * scale + torch.log(cr.T.float()))  # [G, R] >= 0 (Jensen)
                     lg = lg + (delta.mean(0, keepdim=True) if summary == "pcalkv" else delta)
             logits.append(lg)
             values.append(mv)

@@ -536,7 +536,7 @@ class IceCacheLayer(CacheLayerMixin):
         dev = self.device
         q = query[:, :, -1, :].to(dev).contiguous()
         k_dense, v_dense, mask = self.dense_k, self.dense_v, self.dense_mask
-        pages = None
+        pages = q_host = None  # q_host: the query on the host, float32 [B, Hq, D] (copied once per step)
         if self.index is not None and k_sel > 0 and self.index.num_pages() > 0:
             if self.leader is not None:
                 pages = self.leader.shared_pages  # reuse_selection: the leader's pages, this step
@@ -573,8 +573,10 @@ class IceCacheLayer(CacheLayerMixin):
         if self.dev_summaries is not None and self.index.num_pages() > 0:
             log_mass = None
             if o.summary_mass == "exact":  # every page's exact mass this step, on the host
+                if q_host is None:
+                    q_host = q.float().cpu().contiguous()
                 log_mass = torch.empty((B, Hq, self.index.num_pages()), dtype=torch.float32)
-                self.index.page_log_mass(q.float().cpu().contiguous(), scale, log_mass)
+                self.index.page_log_mass(q_host, scale, log_mass)
             summaries = self.dev_summaries.step(pages, log_mass)
         _C.paged_decode_attention(q, k_store, v_store, table, tlens, k_dense, v_dense, mask, H, scale, out, stream,
                                   **summaries)

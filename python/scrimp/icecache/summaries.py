@@ -2,9 +2,10 @@
 
 Each row stands for a *group* of ``g`` consecutive page ids (neighbouring leaves of the page tree, or
 pages evicted from the window one after another) by its mean value, weighted by the group's attention
-mass (below): the group's ``sum_t exp(q.k_t) v_t`` is approximated by ``mass * mean_v``. While a layer holds at most ``rows`` pages, ``g = 1`` (one row per page);
-when it holds more, ``g = ceil(pages / rows)`` (the rows are regrouped whenever ``g`` grows), so the
-device memory of the rows does not grow with the context.
+mass (below): the group's ``sum_t exp(q.k_t) v_t`` is approximated by ``mass * mean_v``. While a layer
+holds at most ``rows`` pages, ``g = 1`` (one row per page); when it holds more, ``g = ceil(pages /
+rows)`` (the rows are regrouped whenever ``g`` grows), so the device memory of the rows does not grow
+with the context.
 
 A step's selected pages are attended exactly and must leave their group's row: the rows of groups
 holding a selected page are masked, and per selected page one extra row carries its group's summary
