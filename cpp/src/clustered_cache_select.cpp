@@ -129,32 +129,39 @@ void ClusteredCache::page_log_mass(const TensorView& query, float scale, int64_t
   const float* q = static_cast<const float*>(query.data);
   float* out = out_in.data;
   const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(cfg_.dtype));
-#pragma omp parallel for schedule(static) if (B * H > 1 && num_pages() * cfg_.page_size * G * D > 65536)
-  for (int64_t s = 0; s < B * H; ++s) {
-    const Stream& st = streams_[static_cast<std::size_t>(s)];
-    const int64_t n_pages = static_cast<int64_t>(st.len.size());
-    const int64_t b = s / H, h = s % H;
-    const float* qs = q + (b * Hq + h * G) * D;  // the group's G query rows
-    float* os = out + (b * Hq + h * G) * P;      // its G output rows of P
+  // One work item per (stream, page), so batch-1 decoding with few KV heads still spreads the scan
+  // over every thread; each item writes its own G entries of out. Columns past the longest stream
+  // (up to P) are -inf.
+  const int64_t n_max = num_pages();
+  for (int64_t r = 0; r < B * Hq; ++r)
+    for (int64_t p = n_max; p < P; ++p) out[r * P + p] = -std::numeric_limits<float>::infinity();
+#pragma omp parallel if (n_max * cfg_.page_size * B * Hq * D > 65536)
+  {
     std::vector<float> kr(static_cast<std::size_t>(D)), sc(static_cast<std::size_t>(cfg_.page_size * G));
-    for (int64_t p = 0; p < n_pages; ++p) {
-      const int64_t n = st.len[static_cast<std::size_t>(p)];
-      const char* kp = pool_->keys(s * cfg_.max_pages + p);
-      for (int64_t i = 0; i < n; ++i) {
-        dtype::load_row(kp + i * row_bytes, cfg_.dtype, D, kr.data());
-        for (int64_t g = 0; g < G; ++g) sc[static_cast<std::size_t>(g * n + i)] = scale * ice::dot(qs + g * D, kr.data(), D);
-      }
-      for (int64_t g = 0; g < G; ++g) {  // log-sum-exp, shifted by the max (float64 sum)
-        const float* x = sc.data() + g * n;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-        double acc = 0;
-        for (int64_t i = 0; i < n; ++i) acc += std::exp(static_cast<double>(x[i] - m));
-        os[g * P + p] = n == 0 ? -std::numeric_limits<float>::infinity() : m + static_cast<float>(std::log(acc));
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t s = 0; s < B * H; ++s) {
+      for (int64_t p = 0; p < n_max; ++p) {
+        const Stream& st = streams_[static_cast<std::size_t>(s)];
+        const int64_t b = s / H, h = s % H;
+        const float* qs = q + (b * Hq + h * G) * D;  // the group's G query rows
+        float* os = out + (b * Hq + h * G) * P;      // its G output rows of P
+        const int64_t n = p < static_cast<int64_t>(st.len.size()) ? st.len[static_cast<std::size_t>(p)] : 0;
+        const char* kp = n > 0 ? pool_->keys(s * cfg_.max_pages + p) : nullptr;
+        for (int64_t i = 0; i < n; ++i) {
+          dtype::load_row(kp + i * row_bytes, cfg_.dtype, D, kr.data());
+          for (int64_t g = 0; g < G; ++g)
+            sc[static_cast<std::size_t>(g * n + i)] = scale * ice::dot(qs + g * D, kr.data(), D);
+        }
+        for (int64_t g = 0; g < G; ++g) {  // log-sum-exp, shifted by the max (float64 sum); no keys: -inf
+          const float* x = sc.data() + g * n;
+          float m = -std::numeric_limits<float>::infinity();
+          for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+          double acc = 0;
+          for (int64_t i = 0; i < n; ++i) acc += std::exp(static_cast<double>(x[i] - m));
+          os[g * P + p] = n == 0 ? -std::numeric_limits<float>::infinity() : m + static_cast<float>(std::log(acc));
+        }
       }
     }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t p = n_pages; p < P; ++p) os[g * P + p] = -std::numeric_limits<float>::infinity();
   }
 }
 

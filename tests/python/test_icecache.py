@@ -516,23 +516,33 @@ def test_page_summaries_are_exact_when_every_page_holds_one_key():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("B,H,G,D,ps", [(1, 1, 1, 8, 8), (2, 3, 3, 20, 5)])
-def test_page_log_mass_matches_float64(dtype, B, H, G, D, ps):
+@pytest.mark.parametrize("B,H,G,D,ps,pages", [(1, 1, 1, 8, 8, 7), (2, 3, 3, 20, 5, 7), (2, 2, 2, 32, 8, 300)])
+def test_page_log_mass_matches_float64(dtype, B, H, G, D, ps, pages):
     """page_log_mass: per query head and page, log sum_t exp(scale q . k_t) over the page's keys as the
     host pool holds them (the index's dtype), against float64 on the same keys; -inf past a stream's
-    pages."""
+    pages. The 300-page case is large enough for the threaded scan, with batch row 1 holding half
+    the pages of row 0 (streams of different lengths)."""
     g = torch.Generator().manual_seed(B * 31 + D)
     tdt = getattr(torch, dtype)
-    N = 7 * ps + 3  # a short last page
-    idx = _C.ClusteredCache(B, H, H * G, D, ps, 32, 4, dtype, True, "bounds")
+    N = pages * ps + 3  # a short last page
+    idx = _C.ClusteredCache(B, H, H * G, D, ps, pages + 25, 4, dtype, True, "bounds")
     k = (torch.randn(B, H, N, D, generator=g) * 3).to(tdt)  # large scores: the shifted sum matters
-    idx.build(k, k, torch.arange(N))
+    if pages > 100:
+        idx.build(k[:1], k[:1], torch.arange(N), batch_row=0)
+        k[1, :, N // 2:] = 0  # row 1 holds only the first N // 2 tokens (zero keys are never read)
+        half = k[1:, :, :N // 2].contiguous()
+        idx.build(half, half, torch.arange(N // 2), batch_row=1)
+    else:
+        idx.build(k, k, torch.arange(N))
     P = idx.num_pages()
     q = torch.randn(B, H * G, D, generator=g)
     scale = 0.7 / math.sqrt(D)
     out = torch.empty(B, H * G, P + 2)
     idx.page_log_mass(q, scale, out)
     every = torch.arange(P, dtype=torch.int32).expand(B, H, P).contiguous()
+    for b in range(B):  # -1: no page (past the stream's pages)
+        for h in range(H):
+            every[b, h, idx.num_pages(b * H + h):] = -1
     pos = torch.empty(B, H, P, ps, dtype=torch.long)
     idx.page_positions(every, P, pos)
     k64, q64 = k.double(), q.double()
@@ -541,6 +551,9 @@ def test_page_log_mass_matches_float64(dtype, B, H, G, D, ps):
             h = hq // G
             for p in range(P):
                 t = pos[b, h, p][pos[b, h, p] >= 0]
+                if len(t) == 0:  # past this stream's pages
+                    assert math.isinf(float(out[b, hq, p])) and float(out[b, hq, p]) < 0
+                    continue
                 ref = torch.logsumexp(scale * (k64[b, h, t] @ q64[b, hq]), 0)
                 assert abs(float(out[b, hq, p]) - float(ref)) <= 1e-4 * max(1.0, abs(float(ref)))
     assert torch.isneginf(out[..., P:]).all()
