@@ -42,7 +42,9 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
 
     student0, tok = testbed.load("arith-student-teacher-style")
     teacher, _ = testbed.load("arith-teacher")
-    base = arith_accuracy(student0, tok, n=n, seed=EVAL_SEED)["accuracy"]
+    base_eval = arith_accuracy(student0, tok, n=n, seed=EVAL_SEED)
+    base = base_eval["accuracy"]
+    base_correct = [bool(r["correct"]) for r in base_eval["results"]]
     bar.update()
     torch.manual_seed(0)
     runs = []
@@ -51,9 +53,12 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
                               max_new_tokens=96, lr=lr, seed=0, progress=False)
         hist = d.train(steps, arith_prompts(tok))
         bar.update()
-        acc = arith_accuracy(d.student, tok, n=n, seed=EVAL_SEED)["accuracy"]
+        ev = arith_accuracy(d.student, tok, n=n, seed=EVAL_SEED)
         bar.update()
-        runs.append({"rule": rule, "ratio": ratio, "name": _rule_name(rule, ratio), "accuracy": acc,
+        correct = [bool(r["correct"]) for r in ev["results"]]
+        runs.append({"rule": rule, "ratio": ratio, "name": _rule_name(rule, ratio), "accuracy": ev["accuracy"],
+                     "correct": correct, "ci": report.wilson(sum(correct), n),
+                     "vs_before": report.paired_diff(correct, base_correct),
                      "kept": statistics.mean(r["kept_fraction"] for r in hist), "loss_last": hist[-1]["loss"],
                      "q3_kept": statistics.mean(r["q3_kept"] for r in hist),
                      "q3_all": statistics.mean(r["q3_all"] for r in hist),
@@ -68,6 +73,9 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
     plain_all = next(m["peak_step_bytes"] for m in mem if m["mode"] == "plain" and m["ratio"] == 1.0)
     lean_50 = next(m["peak_step_bytes"] for m in mem if m["mode"] == "lean" and m["ratio"] == 0.5)
     acc = {r["name"]: r["accuracy"] for r in runs}
+    every = next(r for r in runs if r["rule"] == "all")
+    for r in runs:  # paired on the same problems: each rule against training on every token
+        r["vs_all"] = report.paired_diff(r["correct"], every["correct"]) if r is not every else None
     mem_label = {"plain": "plain fp32 log-softmax step (random subset)", "lean": "scrimp lean step (Soft-OR)"}
 
     def mem_name(m):
@@ -91,10 +99,13 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
                     f"{shape['batch']}x{shape['response']} response tokens, bf16, CPU peak RSS in a fresh process"),
         "tables": [
             report.table("distillation by selection rule",
-                         [("selection", "text"), ("kept", "pct"), ("accuracy after", "pct"), ("loss (last step)", "num"),
+                         [("selection", "text"), ("kept", "pct"), ("accuracy after", "pct"), ("95% interval", "ci"),
+                          ("points vs before", "pts"), ("95% interval", "ci"), ("points vs all tokens", "pts"),
+                          ("95% interval", "ci"), ("loss (last step)", "num"),
                           ("Q3 share kept", "pct"), ("Q3 share all", "pct"), ("response tok/s", "int")],
-                         [[r["name"], r["kept"], r["accuracy"], r["loss_last"], r["q3_kept"], r["q3_all"],
-                           r["tokens_per_s"]] for r in runs]),
+                         [[r["name"], r["kept"], r["accuracy"], r["ci"], r["vs_before"][0], r["vs_before"][1:],
+                           r["vs_all"][0] if r["vs_all"] else None, r["vs_all"][1:] if r["vs_all"] else None,
+                           r["loss_last"], r["q3_kept"], r["q3_all"], r["tokens_per_s"]] for r in runs]),
             report.table("one training step's peak memory",
                          [("step", "text"), ("kept", "pct"), ("peak step memory", "mib"), ("x plain, all tokens", "x")],
                          [[mem_name(m), m["ratio"], m["peak_step_bytes"], m["peak_step_bytes"] / plain_all]
@@ -107,7 +118,10 @@ def demo_report(quick: bool = True, n: Optional[int] = None, progress: bool = Tr
              "ylabel": f"accuracy (n={n})", "ypct": True,
              "series": [{"label": None, "y": [base] + [r["accuracy"] for r in runs]}]}]}],
         "notes": [f"One seed of a {steps}-step run: differences of a few points between rules are within the "
-                  "seed spread; the seed-averaged table with its command is in docs/tip.md."],
+                  "seed spread; the seed-averaged table with its command is in docs/tip.md.",
+                  "Every accuracy has its 95% Wilson interval; 'points vs before' and 'points vs all tokens' are "
+                  "paired on the same problems, with the 95% interval of a paired difference (Newcombe). These "
+                  "intervals cover the evaluation sample only, not the training seed."],
         "summary": {
             "method": "TIP", "saves": "distillation step memory",
             "factor": plain_all / lean_50,
