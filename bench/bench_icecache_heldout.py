@@ -54,14 +54,15 @@ CONFIGS = {
     "paper8+summaries+rerank4+sink1win1@256": dict(budget=256, page_size=8, sink_pages=1, window_pages=1,
                                                    summaries=True, rerank=4),
 }
-#: the defaults with fewer summary rows per KV head (the fixed stand-ins' size; default 512): the frontier
-for _rows in (64, 128, 256):
+#: the defaults with another number of summary rows per KV head (the fixed stand-ins' size; default 64),
+#: named by the count so that they do not follow the library default: the frontier
+for _rows in (16, 32, 64, 128, 256, 512):
     for _budget in (256, 64):
         CONFIGS[f"rows{_rows}@{_budget}"] = dict(budget=_budget, summary_rows=_rows)
 #: the defaults with the mean-key estimate of each summary row's mass (``summary_mass="mean"``)
 for _budget in (256, 64):
     CONFIGS[f"mean@{_budget}"] = dict(budget=_budget, summary_mass="mean")
-    for _rows in (64, 2**20):
+    for _rows in (64, 512, 2**20):
         CONFIGS[f"rows{'-per-page' if _rows == 2**20 else _rows}+mean@{_budget}"] = dict(
             budget=_budget, summary_rows=_rows, summary_mass="mean")
 #: one summary row per page at any length up to 8M tokens (the unbounded reference of the frontier)

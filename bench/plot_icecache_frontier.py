@@ -11,8 +11,8 @@ import json
 import re
 
 #: the frontier's configurations: label -> config name prefix (the budget follows after "@")
-SETTINGS = {"64 rows": "rows64", "128 rows": "rows128", "256 rows": "rows256", "512 rows (default)": "default",
-            "one row per page": "rows-per-page"}
+SETTINGS = {"16 rows": "rows16", "32 rows": "rows32", "64 rows (default)": "rows64", "128 rows": "rows128",
+            "256 rows": "rows256", "512 rows": "rows512", "one row per page": "rows-per-page"}
 
 
 def pooled(paths):

@@ -15,7 +15,7 @@ DEFAULT_RERANK = 8
 SUMMARY_MASSES = ("exact", "mean")
 
 #: summary rows per layer and KV head by default (see ``IceCacheOptions.summary_rows``)
-DEFAULT_SUMMARY_ROWS = 512
+DEFAULT_SUMMARY_ROWS = 64
 
 #: the IceCache paper's configuration (arXiv 2604.10539): 16-token pages, sink 2 + window 2 pages, the
 #: first 2 layers dense, pages chosen by their bounds alone, unselected pages left out of the softmax.
@@ -67,7 +67,9 @@ class IceCacheOptions:
     coarse_tokens : above this many new middle tokens, a coarse spherical k-means on the device into
         ceil(n / coarse_tokens) groups before the page tree (0: tree only).
     recluster_pages : every this many pages evicted from the window are re-clustered together.
-    select_on_device : score page bounds on the device (None: on for CUDA, for icecache / quest).
+    select_on_device : score page bounds on the device (None: on for CUDA, for icecache / quest, while a
+        layer holds at most ``summary_rows`` pages; past that the host selects, so the device keeps no
+        bounds mirror that grows with the context; True keeps the mirror at any length).
     reuse_selection : each selecting sparse layer's pages are reused by the next this many layers.
     prefetch : with reuse_selection, copy followers' pages ahead on the copy stream (None: on for CUDA).
     summaries : scrimp's extension (None: on for "icecache", off for the baselines): every page not
@@ -78,7 +80,7 @@ class IceCacheOptions:
         step on the host from every indexed key (a full-context q.K on the CPU; the device holds no
         summary keys); ``"mean"``, its mean key scored with a log(token count) bias (a lower bound of
         that mass, no host work).
-    summary_rows : most summary rows per layer and KV head (512). While a layer holds no more pages,
+    summary_rows : most summary rows per layer and KV head (64). While a layer holds no more pages,
         one row per page; beyond, each row stands for ceil(pages / summary_rows) neighbouring pages,
         so the device memory of the summaries stays fixed as the context grows.
     rerank : scrimp's extension (None: :data:`DEFAULT_RERANK` for "icecache", 0 for the baselines): the
