@@ -184,10 +184,12 @@ def test_cli_eval_runs_end_to_end_on_jsonl(ckpt, tmp_path, capsys):
     data = _write_jsonl(tmp_path / "d.jsonl", rows + [""])
     out = tmp_path / "r.json"
     rc = cli.main(["icecache", "eval", "--model", ckpt("qwen2"), "--data", data, "--budgets", "64", "1024",
-                   "--dense-layers", "0", "--prefill-chunk", "64", "--max-new-tokens", "3", "--json", str(out),
+                   "--dense-layers", "0", "--prefill-chunk", "64", "--summary-rows", "16", "--max-new-tokens", "3",
+                   "--json", str(out),
                    "--quiet", "--device", "cpu", "--dtype", "float32", "--seed", "1"])
     assert rc == 0
     res = json.loads(out.read_text())
+    assert res["settings"]["summary_rows"] == 16
     full, small, big = res["rows"]
     assert (full["method"], small["budget"], big["budget"]) == ("full", 64, 1024)
     assert big["same_as_full"] == 3 and big["accuracy"] == full["accuracy"]

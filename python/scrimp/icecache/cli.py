@@ -7,6 +7,8 @@ import argparse
 from scrimp.cli import add_common_arguments, register_command, write_json
 from scrimp.models import add_model_arguments
 
+from .options import DEFAULT_SUMMARY_ROWS
+
 DEFAULT_MODEL = "testbed:recall"
 
 
@@ -24,6 +26,9 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary-mass", choices=["exact", "mean"], default="exact",
                    help="how much attention a summary row takes: 'exact' (its pages' true mass, scored on the "
                         "host every step; default) or 'mean' (mean key + log count, no host scan)")
+    p.add_argument("--summary-rows", type=int, default=DEFAULT_SUMMARY_ROWS,
+                   help=f"most summary rows per layer and KV head (default {DEFAULT_SUMMARY_ROWS}): one per page up "
+                        "to that many pages, then rows for groups of neighbouring pages")
     p.add_argument("--rerank", type=int, default=8,
                    help="re-score N bound candidates per selected page by their exact max q.k (default 8; 0 = off)")
     p.add_argument("--paper", action="store_true",
@@ -62,13 +67,14 @@ def run_eval(args) -> int:
             setattr(args, key, PAPER[key])
     geo = dict(page_size=args.page_size, sink_pages=args.sink_pages, window_pages=args.window_pages,
                dense_layers=args.dense_layers, prefill_chunk=args.prefill_chunk, summaries=args.summaries,
-               summary_mass=args.summary_mass if args.summaries else None, rerank=args.rerank)
+               summary_mass=args.summary_mass if args.summaries else None, summary_rows=args.summary_rows,
+               rerank=args.rerank)
     res = evaluate(model, tok, examples, budgets=args.budgets, max_new_tokens=args.max_new_tokens,
                    progress=not args.quiet, **geo)
     print(f"IceCache eval: {args.model} on {source}; prompts {res['prompt_tokens']['mean']:.0f} tokens on average; "
           f"page {args.page_size}, sink {args.sink_pages} + window {args.window_pages} pages, "
           f"dense layers {args.dense_layers}, "
-          f"summaries {args.summary_mass + ' masses' if args.summaries else 'off'}, "
+          f"summaries {args.summary_mass + ' masses, ' + str(args.summary_rows) + ' rows' if args.summaries else 'off'}, "
           f"rerank {args.rerank or 'off'}, prefill chunk {args.prefill_chunk or 'none'}")
     print(format_rows(res))
     write_json(args.json, {"model": args.model, "data": args.data, "source": source, "seed": args.seed,
